@@ -1,0 +1,332 @@
+"""
+A Qwen2 / Qwen2.5 decoder in one file, nanoGPT style.
+
+    embed -> N x [ x + Attn(RMSNorm(x)) ; x + MLP(RMSNorm(x)) ] -> RMSNorm -> lm_head
+
+Attention is GQA with q/k/v biases and rotary position embeddings (RoPE). The attention *computation* is a seam:
+each layer computes q, k, v (after RoPE) and hands them to an attention backend passed in explicitly,
+
+    backend(q, k, v, layer_idx) -> out        q, out: [B, T, n_heads, D]    k, v: [B, T, n_kv_heads, D]
+
+so chunked, paged, offloaded or sparse attention (chunk_train.py and friends) plug in without touching the math here.
+The default backend, `DenseAttention`, is causal full-sequence attention through PyTorch's SDPA.
+
+`Model.from_pretrained(dir)` reads a Hugging Face checkpoint directory (config.json + model.safetensors, or a sharded
+model.safetensors.index.json) without needing transformers; parameter names match HF's so state dicts map 1:1.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclass
+class ModelConfig:
+    # Field names follow HF's Qwen2 config.json so a checkpoint's config maps field-for-field.
+    vocab_size: int = 256
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 32768  # informational: RoPE itself works at any position
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads} (GQA needs whole groups)")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
+            raise ValueError(f"rope_theta ({self.rope_theta}) and rms_norm_eps ({self.rms_norm_eps}) must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        """Build from a parsed HF config.json. Unknown keys are ignored; unsupported features are refused."""
+        if d.get("model_type", "qwen2") != "qwen2":
+            raise ValueError(f"model_type {d.get('model_type')!r} is not supported (only 'qwen2')")
+        if d.get("use_sliding_window", False):
+            raise ValueError("use_sliding_window=true is not supported (Qwen2.5 checkpoints have it false)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d.get('hidden_act')!r} is not supported (only 'silu')")
+        d = dict(d)
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"rope scaling {rope} is not supported (only plain RoPE)")
+        if "rope_theta" not in d and "rope_theta" in rope:  # transformers >= 5 nests it
+            d["rope_theta"] = rope["rope_theta"]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_hf_dict(self) -> dict:
+        return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", **asdict(self)}
+
+
+# Real Qwen2.5 shapes (from their config.json files) plus small byte-level models for the embedded corpus.
+PRESETS = {
+    # byte-level (vocab 256) models for the embedded corpus
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),  # CPU tests; head_dim 16
+    "small": dict(vocab_size=256, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2),  # the default: ~22M params, head_dim 64
+    # Qwen2.5 family
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                        num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
+                        rms_norm_eps=1e-5),
+}
+for _name, _cfg in PRESETS.items():
+    if _name.startswith("qwen2.5"):
+        _cfg.setdefault("max_position_embeddings", 32768 if _name == "qwen2.5-0.5b" else 131072)
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return ModelConfig(**PRESETS[name])
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32 whatever the compute dtype (as HF does), scale in the input dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """positions: [T] int -> cos, sin: [T, head_dim] fp32 (the half-split layout HF's Qwen2 uses)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [T, D]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, T, heads, D]; cos/sin: [T, D]. Rotates pairs (i, i + D/2)."""
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class DenseAttention:
+    """The default attention backend: causal attention over the q/k/v given, via SDPA (GQA handled natively)."""
+
+    def __call__(self, q, k, v, layer_idx):
+        # SDPA wants [B, heads, T, D]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
+        return o.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def qkv(self, x, cos, sin):
+        """x: [B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D]; q and k rotated."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, backend, layer_idx):
+        q, k, v = self.qkv(x, cos, sin)
+        o = backend(q, k, v, layer_idx)  # [B, T, H, D]
+        return self.o_proj(o.reshape(x.shape[0], x.shape[1], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def qkv(self, x, cos, sin):
+        """The layer's q, k, v for residual stream x: what a KV-cache fill needs, without the rest of the layer."""
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def forward(self, x, cos, sin, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, self.layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        # HF's parameter names ("model.*", "lm_head.*") so that checkpoints load without renaming
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def rope(self, start_pos: int, length: int, device):
+        """cos, sin for absolute positions [start_pos, start_pos + length)."""
+        positions = torch.arange(start_pos, start_pos + length, device=device)
+        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+
+    def embed(self, idx):
+        return self.model.embed_tokens(idx)
+
+    def head(self, x):
+        """Final norm + LM head: hidden states [B, T, hidden] -> logits [B, T, vocab]."""
+        return self.lm_head(self.model.norm(x))
+
+    def forward(self, idx, attn=None, start_pos: int = 0, checkpoint: bool = False):
+        """idx: [B, T] token ids at positions [start_pos, start_pos + T) -> logits [B, T, vocab].
+
+        attn: the attention backend (default: DenseAttention, causal over this call's tokens alone).
+        checkpoint: recompute each block in backward instead of storing its activations (full-sequence baseline)."""
+        attn = attn if attn is not None else DenseAttention()
+        x = self.embed(idx)
+        cos, sin = self.rope(start_pos, idx.shape[1], idx.device)
+        for block in self.layers:
+            if checkpoint and torch.is_grad_enabled():
+                x = activation_checkpoint(block, x, cos, sin, attn, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn)
+        return self.head(x)
+
+    # -------------------------------------------------------------------------------------------- HF checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device="cpu") -> "Model":
+        """Load a HF Qwen2 checkpoint directory: config.json + model.safetensors or model.safetensors.index.json."""
+        from safetensors.torch import load_file
+
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
+        try:
+            with open(config_path) as f:
+                cfg = ModelConfig.from_hf_dict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+
+        index_path = os.path.join(path, "model.safetensors.index.json")
+        single_path = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(path, s) for s in shards]
+        elif os.path.isfile(single_path):
+            files = [single_path]
+        else:
+            raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+        state = {}
+        for file in files:
+            try:
+                state.update(load_file(file, device="cpu"))
+            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+                raise ValueError(f"{file}: cannot read safetensors ({e})") from None
+
+        with torch.device("meta"):
+            model = cls(cfg)
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # saved by some exporters; it is the embedding anyway
+        expected = {k: v for k, v in model.state_dict(keep_vars=True).items()
+                    if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not match its config: missing {missing[:5]}"
+                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                             f"{'...' if len(unexpected) > 5 else ''}")
+        for k, p in expected.items():
+            if tuple(state[k].shape) != tuple(p.shape):
+                raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, config implies {tuple(p.shape)}")
+        model = model.to_empty(device=device)
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # to_empty breaks the tie; restore it
+        return model.to(dtype)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (fwd + bwd = 3x fwd): 6 * matmul params + causal attention (12 * L * d * T / 2)."""
+        cfg = self.config
+        n_matmul = sum(p.numel() for n, p in self.layers.named_parameters() if "norm" not in n)
+        n_matmul += cfg.vocab_size * cfg.hidden_size  # the LM head (a matmul even when tied to the embedding)
+        attn = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len / 2
+        return 6 * n_matmul + attn

@@ -1,0 +1,137 @@
+"""model.py against naive references and against transformers' Qwen2ForCausalLM (logit parity)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from model import DenseAttention, Model, ModelConfig, apply_rope, preset, rope_cos_sin
+
+
+def naive_rope(x, positions, theta):
+    """Rotate each pair (x[i], x[i + D/2]) by angle position * theta^(-2i/D), one pair at a time, in float64."""
+    B, T, H, D = x.shape
+    out = x.double().clone()
+    for i in range(D // 2):
+        angle = positions.double() * theta ** (-2 * i / D)  # [T]
+        c, s = torch.cos(angle)[None, :, None], torch.sin(angle)[None, :, None]
+        a, b = x[..., i].double(), x[..., i + D // 2].double()
+        out[..., i], out[..., i + D // 2] = a * c - b * s, a * s + b * c
+    return out
+
+
+@pytest.mark.parametrize("start", [0, 1000, 123456])
+def test_rope_matches_pairwise_rotation(start):
+    torch.manual_seed(start)
+    x = torch.randn(2, 11, 3, 32)
+    positions = torch.arange(start, start + 11)
+    cos, sin = rope_cos_sin(positions, 32, 1e6)
+    # fp32 angles (as in HF) carry up to ~position * 2^-24 rad of error; an element moves by that times |pair| (< 6)
+    tol = 1e-5 + 6 * 2 * (start + 11) * 2**-24
+    torch.testing.assert_close(apply_rope(x, cos, sin).double(), naive_rope(x, positions, 1e6), atol=tol, rtol=0)
+
+
+def naive_causal_attention(q, k, v):
+    """q: [B, T, H, D], k/v: [B, T, Hkv, D] -> [B, T, H, D], float64, explicit mask and softmax, kv heads repeated."""
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2).double(), v.repeat_interleave(group, dim=2).double()
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k) / math.sqrt(q.shape[-1])
+    T = q.shape[1]
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_dense_attention_gqa_matches_naive(heads, kv_heads):
+    torch.manual_seed(heads * 10 + kv_heads)
+    q = torch.randn(2, 13, heads, 16, requires_grad=True)
+    k = torch.randn(2, 13, kv_heads, 16, requires_grad=True)
+    v = torch.randn(2, 13, kv_heads, 16, requires_grad=True)
+    out = DenseAttention()(q, k, v, layer_idx=0)
+    ref = naive_causal_attention(q, k, v)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g.double())
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_checkpointed_forward_gives_same_gradients():
+    torch.manual_seed(0)
+    model = Model(preset("tiny"))
+    idx = torch.randint(0, 256, (2, 40))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model(idx, checkpoint=ckpt).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
+        ModelConfig(hidden_size=100, num_attention_heads=8)
+    with pytest.raises(ValueError, match="not a multiple of num_key_value_heads"):
+        ModelConfig(hidden_size=96, num_attention_heads=6, num_key_value_heads=4)
+    with pytest.raises(ValueError, match="positive integer"):
+        ModelConfig(num_hidden_layers=0)
+    with pytest.raises(ValueError, match="unknown model preset 'qwen9'"):
+        preset("qwen9")
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-14b"])
+def test_presets_have_published_parameter_counts(name):
+    # published sizes: 0.49B, 7.62B, 14.7B
+    expected = {"qwen2.5-0.5b": 0.494e9, "qwen2.5-7b": 7.616e9, "qwen2.5-14b": 14.77e9}[name]
+    with torch.device("meta"):
+        n = Model(preset(name)).num_params()
+    assert abs(n - expected) / expected < 0.01, n
+
+
+# ------------------------------------------------------------------------------------------------ HF parity
+
+
+def make_hf_checkpoint(path, tied: bool, shard: bool, seed=0):
+    """A small random transformers Qwen2ForCausalLM saved with save_pretrained (safetensors)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                   tie_word_embeddings=tied, rope_theta=1e6, rms_norm_eps=1e-6)
+    hf = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initialises biases and norms to constants: randomise them so parity means something
+        for name, p in hf.named_parameters():
+            if "bias" in name or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(path, max_shard_size="60KB" if shard else "1GB")
+    return hf
+
+
+@pytest.mark.parametrize("tied,shard", [(True, False), (False, False), (True, True), (False, True)])
+def test_logits_match_transformers(tmp_path, tied, shard):
+    hf = make_hf_checkpoint(tmp_path, tied, shard)
+    assert (tmp_path / "model.safetensors.index.json").exists() == shard
+    model = Model.from_pretrained(str(tmp_path)).eval()
+    assert model.config.tie_word_embeddings == tied
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    idx = torch.randint(0, 300, (2, 50))
+    with torch.no_grad():
+        err = (model(idx) - hf(idx).logits).abs().max().item()
+    assert err <= 1e-4, err
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Model.from_pretrained(str(tmp_path))
+    make_hf_checkpoint(tmp_path, tied=False, shard=False)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(ValueError, match="mlp.*has shape"):
+        Model.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="cannot read safetensors"):
+        Model.from_pretrained(str(tmp_path))

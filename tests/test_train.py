@@ -1,0 +1,129 @@
+"""train.py end to end on the CPU: falling loss, exact resume, Ctrl-C, and one clear line for each bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--device", "cpu", "--seq", "64", "--batch", "4", "--eval-iters", "2"]
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_smoke_loss_decreases(tmp_path):
+    out = str(tmp_path / "run")
+    assert train.main(TINY + ["--steps", "60", "--lr", "3e-3", "--out", out]) == 0
+    curve = losses(out)
+    assert len(curve) == 60
+    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 0.5, curve  # bytes start at ln(256) = 5.5
+    assert os.path.isfile(os.path.join(out, "ckpt.pt")) and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch, optimizer):
+    args = TINY + ["--steps", "8", "--eval-interval", "3", "--optimizer", optimizer]
+    full = str(tmp_path / "full")
+    assert train.main(args + ["--out", full]) == 0
+
+    class StopAfterFive(train.StopRequest):  # as if Ctrl-C came during step 5
+        reads = 0
+
+        @property
+        def requested(self):
+            StopAfterFive.reads += 1
+            return StopAfterFive.reads >= 5
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    part = str(tmp_path / "part")
+    monkeypatch.setattr(train, "StopRequest", StopAfterFive)
+    assert train.main(args + ["--out", part]) == 130
+    monkeypatch.undo()
+    assert torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["step"] == 5
+    assert train.main(args + ["--out", part, "--resume"]) == 0
+    assert losses(part) == losses(full)  # bit-identical on the CPU
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--steps", "100000", "--out", out],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "checkpoint saved" in stdout
+    step = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
+    assert step == len(losses(out)) >= 3
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "missing.txt")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr, proc.stderr
+
+
+def run_error(capsys, argv):
+    """In-process main(): returns (exit code, stderr); argparse errors exit via SystemExit."""
+    try:
+        code = train.main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return code, err
+
+
+def test_bad_inputs(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "o")]
+    code, err = run_error(capsys, TINY + out + ["--seq", "0"])
+    assert code == 2 and "--seq must be > 0" in err
+    code, err = run_error(capsys, ["--model", "qwen9"] + out)
+    assert code == 2 and "invalid choice: 'qwen9'" in err
+    code, err = run_error(capsys, TINY + out + ["--resume"])
+    assert code == 2 and "no checkpoint" in err
+    os.makedirs(tmp_path / "o", exist_ok=True)
+    (tmp_path / "o" / "ckpt.pt").write_bytes(b"garbage")
+    code, err = run_error(capsys, TINY + out + ["--resume"])
+    assert code == 2 and "cannot read" in err
+    bin_path = tmp_path / "t.bin"
+    bin_path.write_bytes(b"\x00\x01" * 100)
+    code, err = run_error(capsys, TINY + out + ["--data", str(bin_path)])
+    assert code == 2 and "sidecar" in err
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * 1000)
+    code, err = run_error(capsys, TINY + out + ["--data", str(big), "--seq", "5000"])
+    assert code == 2 and "longer than the training split" in err
+    code, err = run_error(capsys, TINY[:-4] + out + ["--seq", "20000000", "--batch", "64", "--steps", "1"])
+    assert code == 2 and "the longest --seq that fits" in err
+    if not torch.cuda.is_available():
+        code, err = run_error(capsys, ["--device", "cuda"] + out)
+        assert code == 2 and "CUDA is not available" in err
+
+
+def test_mismatched_checkpoint_shapes(tmp_path, capsys):
+    from test_model import make_hf_checkpoint
+
+    make_hf_checkpoint(tmp_path / "hf", tied=True, shard=False)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 128}))
+    capsys.readouterr()  # drop save_pretrained's progress output
+    code, err = run_error(capsys, ["--init-from", str(tmp_path / "hf"), "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 2 and "--init-from" in err and "shape" in err

@@ -1,0 +1,341 @@
+"""
+Train a Qwen2-style model on long sequences.
+
+    python train.py                                   # default byte-level model on the embedded corpus
+    python train.py --model qwen2.5-0.5b --init-from /path/to/Qwen2.5-0.5B --data tokens.bin --seq 32768
+
+Every step's batch is drawn from (seed, step) alone and the LR schedule is a function of the step, so --resume
+continues with exactly the losses an uninterrupted run would have printed. Ctrl-C finishes the current step, saves
+a checkpoint and exits; a second Ctrl-C aborts at once.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import TokenData
+from model import PRESETS, Model, ModelConfig, preset
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class UserError(Exception):
+    """Bad input: reported as one line and a non-zero exit, never a traceback."""
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default prints the whole usage block first
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 1024 on GPU, 256 on CPU)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 16 on GPU, 4 on CPU)")
+    p.add_argument("--model", default=None, choices=list(PRESETS),
+                   help="model preset (default: 'small' on GPU, 'tiny' on CPU); ignored with --init-from/--resume")
+    p.add_argument("--init-from", default=None, help="Hugging Face checkpoint directory to start from")
+    p.add_argument("--data", default=None, help="FILE.txt (bytes) or FILE.bin (+FILE.bin.json); default: embedded")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1000 on GPU, 150 on CPU)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: steps / 20)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"],
+                   help="adamw, or adafactor: factored second moments, no first moment (memory-lean)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="compute dtype (default bfloat16 on GPU); weights and gradients stay fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--eval-interval", type=int, default=None, help="evaluate/save every N steps (default steps/10)")
+    p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
+    return p.parse_args(argv)
+
+
+def resolve_defaults(args):
+    """Fill device-dependent defaults and validate, raising UserError with one clear line."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} asked for, but CUDA is not available on this machine")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    gpu = args.device.startswith("cuda")
+    args.model = args.model or ("small" if gpu else "tiny")
+    args.seq = args.seq if args.seq is not None else (1024 if gpu else 256)
+    args.batch = args.batch if args.batch is not None else (16 if gpu else 4)
+    args.steps = args.steps if args.steps is not None else (1000 if gpu else 150)
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    for name in ("seq", "batch", "steps"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    args.min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+    args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    args.eval_interval = args.eval_interval or max(1, args.steps // 10)
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def available_memory(device) -> int:
+    """Bytes the run may use: free GPU memory, or the host's MemAvailable on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def estimate_bytes(cfg: ModelConfig, seq: int, batch: int, compute_bytes: int, optimizer: str) -> tuple[int, int]:
+    """(fixed, per_token) bytes of a full-sequence training step: a deliberately rough upper estimate.
+    fixed: fp32 weights + fp32 grads + optimizer state. per_token: activations saved for backward, per layer about
+    28*hidden + 8*kv_dim + 8*intermediate bytes in bf16 (norms kept in fp32), plus the logits and their fp32 loss."""
+    n = sum(math.prod(v) for v in param_shapes(cfg))
+    state = {"adamw": 2 * 4 * n, "adafactor": 4 * n // 64}[optimizer]  # adafactor's row/col factors are tiny
+    fixed = 4 * n + 4 * n + state
+    scale = compute_bytes / 2
+    kv_dim = cfg.num_key_value_heads * cfg.head_dim
+    layer = (20 * scale + 8) * cfg.hidden_size + 8 * scale * kv_dim + 8 * scale * cfg.intermediate_size
+    per_token = cfg.num_hidden_layers * layer + cfg.vocab_size * (compute_bytes + 12)
+    return int(fixed), int(per_token * batch)
+
+
+def param_shapes(cfg: ModelConfig):
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in Model(cfg).parameters()]
+
+
+def peak_memory_gib(device) -> float:
+    """Peak GPU memory allocated by tensors since the last reset, or on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def check_fits(cfg, args, device):
+    fixed, per_token = estimate_bytes(cfg, args.seq, args.batch, DTYPES[args.dtype].itemsize, args.optimizer)
+    need, have = fixed + per_token * args.seq, int(0.9 * available_memory(device))
+    if need > have:
+        longest = max(0, (have - fixed) // per_token)
+        raise UserError(f"--seq {args.seq} x --batch {args.batch} needs ~{need / 2**30:.1f} GiB on {device} for the "
+                        f"full-sequence path, {have / 2**30:.1f} GiB is available: the longest --seq that fits "
+                        f"is ~{longest}")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(path, model, optimizer, step, args):
+    """Atomic: write a temp file in the same directory, then rename over the old checkpoint."""
+    tmp = path + ".tmp"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "config": asdict(model.config), "args": vars(args)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--resume: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def build_model(args, ckpt, device) -> Model:
+    if ckpt is not None:
+        cfg = ModelConfig(**ckpt["config"])
+        model = Model(cfg)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint does not match its own config: {str(e).splitlines()[1].strip()}") from None
+    elif args.init_from:
+        try:
+            model = Model.from_pretrained(args.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"--init-from: {e}") from None
+    else:
+        torch.manual_seed(args.seed)
+        model = Model(preset(args.model))
+    return model.to(device)
+
+
+def build_optimizer(args, model, device):
+    # no weight decay on biases and norm weights
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    return torch.optim.Adafactor(groups, lr=args.lr)
+
+
+def lr_at(step, args):
+    """Linear warm-up, then cosine decay from lr to min_lr at the last step."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def autocast(args, device):
+    enabled = DTYPES[args.dtype] != torch.float32
+    return torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=enabled)
+
+
+def train_step(model, x, y, args, device) -> float:
+    """Forward + backward of one batch; leaves the gradient of the mean token loss in param.grad."""
+    with autocast(args, device):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    loss.backward()
+    return loss.item()
+
+
+@torch.no_grad()
+def evaluate(model, data, args, device) -> float:
+    seq = min(args.seq, data.max_window("val"))
+    losses = []
+    for i in range(args.eval_iters):
+        x, y = data.batch("val", args.batch, seq, seed=[args.seed, 1, i])
+        with autocast(args, device):
+            logits = model(x.to(device))
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
+    return float(np.mean(losses))
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+class StopRequest:
+    """First Ctrl-C asks the loop to save and stop after the current step; a second one aborts immediately."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signal.SIGINT, self.previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort without saving)")
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def run(args):
+    args = resolve_defaults(args)
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    try:
+        data = TokenData(args.data)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise UserError(f"--data: {e}") from None
+    model = build_model(args, ckpt, device)
+    cfg = model.config
+    if data.vocab_size > cfg.vocab_size:
+        raise UserError(f"data {data.path} has vocab_size {data.vocab_size}, the model only {cfg.vocab_size}")
+    if args.seq > data.max_window("train"):
+        raise UserError(f"--seq {args.seq} is longer than the training split of {data.path} "
+                        f"({data.max_window('train')} tokens); use a shorter --seq or a larger --data")
+    check_fits(cfg, args, device)
+
+    optimizer = build_optimizer(args, model, device)
+    start = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = ckpt["step"]
+        del ckpt
+    tqdm.write(f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {model.num_params() / 1e6:.1f}M "
+               f"params | data: {data.path}, {len(data.splits['train']):,} train tokens | seq {args.seq} x batch "
+               f"{args.batch} | {args.optimizer}, {args.dtype} on {device}" + (f" | resuming at step {start}" if start else ""))
+
+    stop = StopRequest()
+    log = open(log_path, "a")
+    tokens_per_step, step, rates, loss, val_loss = args.seq * args.batch, start, [], float("nan"), None
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", dynamic_ncols=True)
+    try:
+        for step in bar:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            x, y = data.batch("train", args.batch, args.seq, seed=[args.seed, 0, step])
+            loss = train_step(model, x.to(device), y.to(device), args, device)
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            rates.append(tokens_per_step / dt)
+            peak = peak_memory_gib(device)
+            record = {"step": step + 1, "loss": loss, "lr": lr_at(step, args), "tokens_per_s": rates[-1],
+                      "peak_mem_gib": peak}
+            if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
+                val_loss = record["val_loss"] = evaluate(model, data, args, device)
+                save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rates[-1]:,.0f}", mem=f"{peak:.1f}G")
+            if stop.requested:
+                save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
+                bar.close()
+                print(f"stopped after step {step + 1}; checkpoint saved to {ckpt_path} (continue with --resume)")
+                return 130
+    finally:
+        stop.restore()
+        log.close()
+    bar.close()
+    median_rate = float(np.median(rates)) if rates else float("nan")
+    print(f"done: {args.steps} steps | final loss {loss:.4f} | val loss {val_loss if val_loss is None else round(val_loss, 4)} "
+          f"| {median_rate:,.0f} tok/s (median) | checkpoint {ckpt_path}")
+    return 0
+
+
+def main(argv=None):
+    try:
+        return run(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:
+        print(f"error: out of memory ({str(e).splitlines()[0]}); try a shorter --seq or a smaller --batch",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
