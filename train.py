@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from chunk_train import chunked_loss, chunked_step
 from data import TokenData
+from paged_kv import PagedKVStore
 from model import PRESETS, Model, ModelConfig, preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,6 +49,9 @@ def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 1024 on GPU, 256 on CPU)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 16 on GPU, 4 on CPU)")
+    p.add_argument("--chunk", type=int, default=4096,
+                   help="a --seq longer than this trains chunk-recurrently (chunk_train.py) in chunks of this size")
+    p.add_argument("--page-size", type=int, default=64, help="tokens per KV page of the chunked path")
     p.add_argument("--model", default=None, choices=list(PRESETS),
                    help="model preset (default: 'small' on GPU, 'tiny' on CPU); ignored with --init-from/--resume")
     p.add_argument("--init-from", default=None, help="Hugging Face checkpoint directory to start from")
@@ -84,9 +89,11 @@ def resolve_defaults(args):
     args.batch = args.batch if args.batch is not None else (16 if gpu else 4)
     args.steps = args.steps if args.steps is not None else (1000 if gpu else 150)
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    for name in ("seq", "batch", "steps"):
+    for name in ("seq", "batch", "steps", "chunk", "page_size"):
         if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.seq > args.chunk and args.chunk % args.page_size:
+        raise UserError(f"--chunk {args.chunk} must be a multiple of --page-size {args.page_size}")
     if args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     args.min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
@@ -133,14 +140,27 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+def chunked(args) -> bool:
+    return args.seq > args.chunk
+
+
 def check_fits(cfg, args, device):
-    fixed, per_token = estimate_bytes(cfg, args.seq, args.batch, DTYPES[args.dtype].itemsize, args.optimizer)
-    need, have = fixed + per_token * args.seq, int(0.9 * available_memory(device))
+    """Refuse a run whose estimated memory exceeds what the device has, naming the longest --seq that would fit.
+    Full-sequence path: activations grow with seq. Chunked path: one chunk's activations + the KV/dKV pool."""
+    compute_bytes = DTYPES[args.dtype].itemsize
+    fixed, per_token = estimate_bytes(cfg, args.seq, args.batch, compute_bytes, args.optimizer)
+    have = int(0.9 * available_memory(device))
+    if chunked(args):
+        fixed += per_token * args.chunk
+        per_token = PagedKVStore.bytes_per_token(cfg, DTYPES[args.dtype]) * args.batch
+        path = f"chunked path (chunk {args.chunk})"
+    else:
+        path = "full-sequence path"
+    need = fixed + per_token * args.seq
     if need > have:
         longest = max(0, (have - fixed) // per_token)
         raise UserError(f"--seq {args.seq} x --batch {args.batch} needs ~{need / 2**30:.1f} GiB on {device} for the "
-                        f"full-sequence path, {have / 2**30:.1f} GiB is available: the longest --seq that fits "
-                        f"is ~{longest}")
+                        f"{path}, {have / 2**30:.1f} GiB is available: the longest --seq that fits is ~{longest}")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -208,8 +228,11 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=enabled)
 
 
-def train_step(model, x, y, args, device) -> float:
+def train_step(model, x, y, args, device, store) -> float:
     """Forward + backward of one batch; leaves the gradient of the mean token loss in param.grad."""
+    if chunked(args):
+        return chunked_step(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store,
+                            progress=args.seq >= 8 * args.chunk)
     with autocast(args, device):
         logits = model(x)
     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -218,14 +241,18 @@ def train_step(model, x, y, args, device) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, data, args, device) -> float:
+def evaluate(model, data, args, device, store) -> float:
     seq = min(args.seq, data.max_window("val"))
     losses = []
     for i in range(args.eval_iters):
         x, y = data.batch("val", args.batch, seq, seed=[args.seed, 1, i])
+        x, y = x.to(device), y.to(device)
+        if seq > args.chunk:
+            losses.append(chunked_loss(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store))
+            continue
         with autocast(args, device):
-            logits = model(x.to(device))
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
+            logits = model(x)
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
     return float(np.mean(losses))
 
 
@@ -271,14 +298,19 @@ def run(args):
     check_fits(cfg, args, device)
 
     optimizer = build_optimizer(args, model, device)
+    # the chunked path's KV/dKV page pool, allocated once and reused by every step
+    store = (PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, DTYPES[args.dtype], device)
+             if chunked(args) else None)
     start = 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
         del ckpt
+    path = f"chunked: {args.chunk}-token chunks, {args.page_size}-token pages" if store else "full-sequence"
     tqdm.write(f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {model.num_params() / 1e6:.1f}M "
                f"params | data: {data.path}, {len(data.splits['train']):,} train tokens | seq {args.seq} x batch "
-               f"{args.batch} | {args.optimizer}, {args.dtype} on {device}" + (f" | resuming at step {start}" if start else ""))
+               f"{args.batch} | {path} | {args.optimizer}, {args.dtype} on {device}"
+               + (f" | resuming at step {start}" if start else ""))
 
     stop = StopRequest()
     log = open(log_path, "a")
@@ -292,7 +324,7 @@ def run(args):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
             x, y = data.batch("train", args.batch, args.seq, seed=[args.seed, 0, step])
-            loss = train_step(model, x.to(device), y.to(device), args, device)
+            loss = train_step(model, x.to(device), y.to(device), args, device, store)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
@@ -305,7 +337,7 @@ def run(args):
             record = {"step": step + 1, "loss": loss, "lr": lr_at(step, args), "tokens_per_s": rates[-1],
                       "peak_mem_gib": peak}
             if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
-                val_loss = record["val_loss"] = evaluate(model, data, args, device)
+                val_loss = record["val_loss"] = evaluate(model, data, args, device, store)
                 save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
             log.write(json.dumps(record) + "\n")
             log.flush()

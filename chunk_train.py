@@ -1,0 +1,153 @@
+"""
+Chunk-recurrent training: the exact full-sequence gradient with the activation memory of one chunk.
+
+A sequence of T tokens is cut into chunks of C tokens. Chunk c influences later chunks only through its keys and
+values at every layer, so backprop can run chunk by chunk if those K/V, and the gradients later chunks send back to
+them, are kept in a store (paged_kv.py):
+
+  stage 1 (no grad, chunks left to right): run each chunk through the layers, appending every layer's K/V to the
+          store. Only what the cache needs runs: the last layer stops after its K/V projection - no attention, MLP,
+          LM head or loss there.
+  stage 2 (chunks right to left): recompute the chunk's forward with grad, attending over the stored history plus
+          itself; loss = (sum of the chunk's token losses) / (tokens in the whole batch); backward. The attention
+          backward adds dL/dK, dL/dV of history positions into the store's fp32 gradient pages and hands the chunk's
+          own K/V the gradient accumulated for them by all later chunks plus its own. Then the chunk's pages are
+          released (LIFO) and the previous chunk goes next.
+
+After the step, the parameters' gradients are those of the mean token loss of the whole batch, as full-sequence
+backprop would compute them, accumulated in fp32 across chunks in either of two set-ups:
+  - fp32 parameters, compute under autocast (`compute_dtype`): gradients accumulate in param.grad (fp32).
+  - bf16 parameters (half the weight memory, for large models): each chunk's bf16 gradient is folded into an fp32
+    `param.main_grad` as soon as backward produces it (post-accumulate-grad hook), so param.grad stays None and
+    no sum over chunks is ever rounded to bf16. Gradients accumulate into existing main_grad across steps, like
+    param.grad does; set it to None (or zero it) to start over.
+K/V are stored in the compute dtype, their gradients in fp32.
+"""
+
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from paged_kv import PagedKVStore
+
+
+class ChunkAttention:
+    """The attention backend model.py calls for one chunk: optionally store the chunk's K/V, then attend over the
+    store (history + chunk). Stage 1 appends; stage 2 finds the chunk's K/V already stored (same values: the
+    recomputation is deterministic) and only attends."""
+
+    def __init__(self, store, append: bool):
+        self.store, self.append = store, append
+
+    def __call__(self, q, k, v, layer_idx):
+        if self.append:
+            self.store.append(layer_idx, k.detach(), v.detach())
+        return self.store.attend(layer_idx, q, k, v)
+
+
+def _chunks(seq_len, chunk_size):
+    return [(s, min(s + chunk_size, seq_len)) for s in range(0, seq_len, chunk_size)]
+
+
+def _autocast(model, device, compute_dtype):
+    # no weight cache: each weight is used once per chunk, and the cache would pin a bf16 copy of every weight for
+    # the whole chunk (15 GB for a 7B model), defeating per-layer recomputation
+    enabled = compute_dtype != next(model.parameters()).dtype
+    return torch.autocast(device.type, dtype=compute_dtype, enabled=enabled, cache_enabled=False)
+
+
+def _fold_into_main_grad(param):
+    """Post-accumulate-grad hook for low-precision parameters: param.main_grad (fp32) += param.grad; drop grad."""
+    if getattr(param, "main_grad", None) is None:
+        param.main_grad = torch.zeros_like(param, dtype=torch.float32)
+    param.main_grad.add_(param.grad)
+    param.grad = None
+
+
+def _check(model, idx, chunk_size, store):
+    if idx.dim() != 2:
+        raise ValueError(f"idx must be [batch, seq_len], got shape {tuple(idx.shape)}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    page_size = getattr(store, "page_size", None)
+    if page_size and chunk_size % page_size:
+        raise ValueError(f"chunk_size {chunk_size} must be a multiple of page_size {page_size}, so that a chunk's "
+                         f"pages are its own and stage 2 can release them")
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) != 1:
+        raise ValueError(f"all parameters must share one dtype, found {sorted(map(str, dtypes))}")
+
+
+@torch.no_grad()
+def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=None, progress=False):
+    """Stage 1: append every layer's K/V of idx [B, T] to `store`, chunk by chunk, left to right.
+    With `targets`, also run the head and return the summed token loss (evaluation); without, the last layer stops
+    at its K/V projection and None is returned."""
+    B, T = idx.shape
+    last = model.config.num_hidden_layers - 1
+    backend = ChunkAttention(store, append=True)
+    loss_sum = torch.zeros((), device=idx.device)
+    for s, e in tqdm(_chunks(T, chunk_size), desc="stage 1", leave=False, disable=not progress):
+        with _autocast(model, idx.device, compute_dtype):
+            x = model.embed(idx[:, s:e])
+            cos, sin = model.rope(s, e - s, idx.device)
+            for i, block in enumerate(model.layers):
+                if i == last and targets is None:
+                    _, k, v = block.qkv(x, cos, sin)
+                    store.append(i, k, v)
+                else:
+                    x = block(x, cos, sin, backend)
+            if targets is not None:
+                logits = model.head(x)
+                loss_sum += F.cross_entropy(logits.float().flatten(0, 1), targets[:, s:e].flatten(), reduction="sum")
+    return loss_sum if targets is not None else None
+
+
+def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dtype=torch.float32, store=None,
+                 checkpoint=False, progress=False) -> float:
+    """Forward + backward of the mean token loss over idx/targets [B, T]; gradients accumulate into param.grad.
+
+    store: a PagedKVStore (or ReferenceKVStore) with room for B x T tokens in every layer; default: a fresh one.
+    checkpoint: also recompute each layer inside the chunk (less activation memory, one more forward).
+    Returns the loss (a float)."""
+    B, T = idx.shape
+    if store is None:
+        store = PagedKVStore.for_sequence(model, B, T, page_size, compute_dtype, idx.device)
+    _check(model, idx, chunk_size, store)
+    store.reset()  # a step interrupted earlier may have left pages allocated
+    fill_kv(model, idx, store, chunk_size, compute_dtype, progress=progress)
+
+    low_precision = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
+    hooks = [p.register_post_accumulate_grad_hook(_fold_into_main_grad) for p in low_precision]
+    backend = ChunkAttention(store, append=False)
+    total = torch.zeros((), device=idx.device)
+    try:
+        for s, e in tqdm(_chunks(T, chunk_size)[::-1], desc="stage 2", leave=False, disable=not progress):
+            with _autocast(model, idx.device, compute_dtype):
+                logits = model(idx[:, s:e], attn=backend, start_pos=s, checkpoint=checkpoint)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, s:e].flatten(), reduction="sum")
+            loss = loss / (B * T)
+            del logits
+            loss.backward()
+            total += loss.detach()
+            for layer in range(model.config.num_hidden_layers):
+                store.truncate(layer, s)  # the chunk is retired: its K/V and gradient pages go back to the pool
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total.item()
+
+
+@torch.no_grad()
+def chunked_loss(model, idx, targets, chunk_size=4096, page_size=64, compute_dtype=torch.float32, store=None,
+                 progress=False) -> float:
+    """The mean token loss of idx/targets [B, T] without gradients, chunk by chunk (evaluation at any length)."""
+    B, T = idx.shape
+    if store is None:
+        store = PagedKVStore.for_sequence(model, B, T, page_size, compute_dtype, idx.device)
+    _check(model, idx, chunk_size, store)
+    store.reset()
+    loss_sum = fill_kv(model, idx, store, chunk_size, compute_dtype, targets=targets, progress=progress)
+    store.reset()
+    return loss_sum.item() / (B * T)

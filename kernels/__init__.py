@@ -1,0 +1,1 @@
+"""Triton kernels for nano-oomb (paged causal attention forward/backward)."""

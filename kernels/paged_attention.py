@@ -1,0 +1,465 @@
+"""Causal attention of a query chunk over a paged KV cache, forward and backward (Triton).
+
+Chunk-recurrent training processes a long sequence chunk by chunk. The K/V of every position
+seen so far live in a pool of fixed-size pages:
+
+    k_pages, v_pages   [num_pages, page_size, n_kv_heads, head_dim]   model dtype (fp32/bf16/fp16)
+    dk_pages, dv_pages [num_pages, page_size, n_kv_heads, head_dim]   always fp32 (grad accumulators)
+    page_table         [B, n_table] int32: logical page j of batch row b is physical page
+                       page_table[b, j]; position t lives at pages[page_table[b, t // ps], t % ps]
+
+The queries q [B, C, n_heads, head_dim] of the current chunk sit at absolute positions
+q_start .. q_start + C - 1 and their own K/V are already in the pages, so query position p
+attends causally to kv positions 0..p (kv_len = q_start + C). GQA: query head h reads kv head
+h // (n_heads // n_kv_heads).
+
+The backward adds (+=) dL/dK and dL/dV of every position 0..kv_len-1 into dk_pages/dv_pages.
+It is deterministic and uses no atomics: each program owns one kv tile of one (batch row, kv
+head), loops over the query heads of its GQA group and over query tiles, and then does a
+read-modify-write of its own slice of the gradient pages. This assumes no physical page is
+referenced twice within 0..kv_len-1 of the page tables (no shared prefixes).
+
+lse convention: the forward returns the NATURAL-log log-sum-exp of the scaled scores,
+lse = log(sum_j exp(scale * q.k_j)), fp32 [B, n_heads, C]. Kernels work in base 2 internally
+(exp2 is cheaper) and convert at the boundary.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e)
+# Kernels may only read globals that are tl.constexpr (the interpreter does not enforce this).
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+_HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting():
+    """True if the kernels below were built for Triton's interpreter, i.e. TRITON_INTERPRET=1
+    was set when this module was imported (later changes of the variable have no effect)."""
+    return type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _launch_config(kind, head_dim, page_size, dtype, device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kind in {"fwd", "dq", "dkdv"}.
+
+    BLOCK_M = query rows per tile, BLOCK_N = kv positions per tile. Both are powers of two and
+    BLOCK_N is capped at page_size so that it divides it: a kv tile never straddles a page and
+    needs exactly one page-table lookup.
+    """
+    if _interpreting() or device.type != "cuda":
+        # Interpreter (CPU tests): small tiles so tests cover several tiles per page and per
+        # chunk; BLOCK_M != BLOCK_N so mixed-up row/column bookkeeping cannot hide.
+        bm, bn, warps, stages = (16, 32, 4, 1) if kind == "dkdv" else (32, 16, 4, 1)
+    elif kind == "fwd":
+        # A program keeps its [BLOCK_M, D] q tile and fp32 accumulator in registers and streams
+        # [BLOCK_N, D] K/V tiles. Measured on H100, bf16, 16k context: ~350 TFLOP/s.
+        bm, bn, warps, stages = (128, 64, 8, 3) if head_dim <= 64 else (128, 64, 4, 3)
+    elif kind == "dq":
+        # q, do and the dq accumulator stay resident while K/V tiles stream.
+        bm, bn, warps, stages = (128, 64, 8, 2) if head_dim <= 64 else (128, 32, 4, 2)
+    else:
+        # dkdv: k, v and two fp32 [BLOCK_N, D] accumulators stay resident, q/do tiles stream.
+        # 8 warps or BLOCK_N=32 measured 1.4-1.7x slower. Whole backward: ~300 TFLOP/s on H100.
+        bm, bn, warps, stages = 64, 64, 4, 2
+    if dtype == torch.float32 and not _interpreting() and device.type == "cuda":
+        bm, bn = max(bm // 2, 16), max(bn // 2, 16)  # fp32 tiles take twice the registers/smem
+    return bm, min(bn, page_size), warps, stages
+
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. DOT_PREC is "ieee" for fp32 inputs (no silent tf32).
+    UPCAST: the Triton interpreter multiplies bf16 tiles as raw uint16 bits, so under
+    TRITON_INTERPRET bf16 operands are widened first (exact: same products, fp32 sums)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _page_rows(pt_row, n0, stride_page, stride_tok, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int64 element offsets [BLOCK_N] of kv positions n0..n0+BLOCK_N-1 in a page pool.
+    n0 % BLOCK_N == 0 and BLOCK_N | PAGE_SIZE, so the tile is inside one page: one lookup."""
+    page = tl.load(pt_row + n0 // PAGE_SIZE).to(tl.int64)
+    slot = (n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return page * stride_page + slot * stride_tok
+
+
+@triton.jit
+def _load_kv(K, V, pt_row, n0, kv_len, offs_d, stride_page, stride_tok,
+             PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """K/V tiles [BLOCK_N, D] of positions n0.. (K, V already offset to the kv head).
+    Positions >= kv_len hold garbage (maybe NaN) and are zeroed: a NaN v times p=0 is NaN."""
+    offs = _page_rows(pt_row, n0, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)[:, None] + offs_d[None, :]
+    if MASKED:
+        ok = (n0 + tl.arange(0, BLOCK_N) < kv_len)[:, None]
+        return tl.load(K + offs, mask=ok, other=0.0), tl.load(V + offs, mask=ok, other=0.0)
+    return tl.load(K + offs), tl.load(V + offs)
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk_scale,
+               stride_page, stride_tok, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over kv tiles lo..hi. m_i, l_i: running max / sum in base 2 [BLOCK_M]."""
+    for n0 in range(lo, hi, BLOCK_N):
+        k, v = _load_kv(K, V, pt_row, n0, kv_len, offs_d, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, MASKED)
+        s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        if MASKED:  # only tiles that cross the diagonal (or kv_len) pay for the mask
+            s = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: kv position 0 is visible to every row
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_PREC, UPCAST)  # p in bf16 like FA
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, PT, q_start, C, kv_len, qk_scale,
+                stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb,
+                N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # grid: (cdiv(C, BLOCK_M), B * N_HEADS); one program = one query tile of one (b, h)
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // N_HEADS, bh % N_HEADS
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < C
+    q_offs = b.to(tl.int64) * stride_qb + offs_m[:, None] * stride_qm + h * stride_qh + offs_d[None, :]
+    q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    q_pos = q_start + offs_m
+    kv_off = (h // GROUP) * stride_kvh
+    pt_row = PT + b * stride_ptb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # kv tiles [0, n_full) lie entirely at or before the tile's first query: no mask needed.
+    # Tiles [n_full, hi) cross the diagonal; hi = one past the tile's last visible position.
+    n_full = (q_start + m0 + 1) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(kv_len, q_start + m0 + BLOCK_M)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, 0, n_full,
+                               kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, n_full, hi,
+                               kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True, DOT_PREC, UPCAST)
+    tl.store(O + q_offs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh * C + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=row_ok)  # natural log
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk_scale,
+              stride_page, stride_tok, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dq += dS @ K over kv tiles lo..hi, with P recomputed from the saved lse (base 2)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        k, v = _load_kv(K, V, pt_row, n0, kv_len, offs_d, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, MASKED)
+        p = tl.exp2(_mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            p = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] <= q_pos[:, None], p, 0.0)
+        dp = _mm(do, tl.trans(v), DOT_PREC, UPCAST)  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])  # softmax backward: dS = P * (dP - rowsum(dO * O))
+        dq += _mm(ds.to(k.dtype), k, DOT_PREC, UPCAST)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, DO, DQ, LSE, DELTA, K, V, PT, q_start, C, kv_len, qk_scale, sm_scale,
+               stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb,
+               N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+               PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # grid: (cdiv(C, BLOCK_M), B * N_HEADS); same tiling and kv loop bounds as _fwd_kernel
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // N_HEADS, bh % N_HEADS
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < C
+    q_offs = b.to(tl.int64) * stride_qb + offs_m[:, None] * stride_qm + h * stride_qh + offs_d[None, :]
+    q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    do = tl.load(DO + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    lse2 = tl.load(LSE + bh * C + offs_m, mask=row_ok, other=0.0) * _LOG2E  # [BLOCK_M]
+    delta = tl.load(DELTA + bh * C + offs_m, mask=row_ok, other=0.0)  # [BLOCK_M]
+    q_pos = q_start + offs_m
+    kv_off = (h // GROUP) * stride_kvh
+    pt_row = PT + b * stride_ptb
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    n_full = (q_start + m0 + 1) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(kv_len, q_start + m0 + BLOCK_M)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, 0, n_full, kv_len,
+                   qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, n_full, hi, kv_len,
+                   qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True, DOT_PREC, UPCAST)
+    tl.store(DQ + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, lo, hi, q_start, C, qk_scale, stride_qm, offs_d,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One query head's contribution to a resident kv tile, over query tiles lo..hi.
+    Q, DO point at (b, h) of [B, C, H, D]; LSE, DELTA at row (b, h) of [B, H, C].
+    Works on transposed scores sT [BLOCK_N, BLOCK_M] so dk/dv come out as [BLOCK_N, D]."""
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < C
+        q_offs = offs_m[:, None] * stride_qm + offs_d[None, :]
+        q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        do = tl.load(DO + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        # padded rows (>= C) get lse = +inf, so their P, and hence dS, are exactly 0
+        lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * _LOG2E
+        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        pT = tl.exp2(_mm(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
+        if MASKED:
+            pT = tl.where(kv_pos[:, None] <= (q_start + offs_m)[None, :], pT, 0.0)
+        dv += _mm(pT.to(do.dtype), do, DOT_PREC, UPCAST)
+        dsT = pT * (_mm(v, tl.trans(do), DOT_PREC, UPCAST) - delta[None, :])
+        dk += _mm(dsT.to(q.dtype), q, DOT_PREC, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, q_start, C, kv_len, qk_scale, sm_scale,
+                 stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh,
+                 stride_gpage, stride_gtok, stride_gkvh, stride_ptb,
+                 N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # grid: (cdiv(kv_len, BLOCK_N), B * N_KV_HEADS); one program = one kv tile of one (b, kv head).
+    # It is the only writer of its rows of dk/dv pages, so no atomics and a fixed summation order.
+    n0 = tl.program_id(0) * BLOCK_N
+    bk = tl.program_id(1)
+    b, kvh = bk // N_KV_HEADS, bk % N_KV_HEADS
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_pos = n0 + tl.arange(0, BLOCK_N)
+    pt_row = PT + b * stride_ptb
+    k, v = _load_kv(K + kvh * stride_kvh, V + kvh * stride_kvh, pt_row, n0, kv_len, offs_d,
+                    stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True)  # [BLOCK_N, D]
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # Query tiles ending before position n0 see none of this tile: start at m_lo. Tiles in
+    # [m_lo, m_mid) cross the diagonal; from m_mid on, every query sees the whole kv tile.
+    m_lo = tl.maximum(n0 - q_start, 0) // BLOCK_M * BLOCK_M
+    m_mid = tl.minimum((tl.maximum(n0 + BLOCK_N - 1 - q_start, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, C)
+    for g in range(GROUP):  # the query heads sharing this kv head, in a fixed order
+        h = kvh * GROUP + g
+        q_base = b.to(tl.int64) * stride_qb + h * stride_qh
+        row = (b * (N_KV_HEADS * GROUP) + h) * C
+        dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m_lo, m_mid,
+                             q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST)
+        dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m_mid, C,
+                             q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, False, DOT_PREC, UPCAST)
+    # read-modify-write (+=) of this tile's rows of the fp32 gradient pages
+    offs = _page_rows(pt_row, n0, stride_gpage, stride_gtok, PAGE_SIZE, BLOCK_N)[:, None] \
+        + kvh * stride_gkvh + offs_d[None, :]
+    ok = (kv_pos < kv_len)[:, None]
+    tl.store(DK + offs, tl.load(DK + offs, mask=ok, other=0.0) + dk * sm_scale, mask=ok)
+    tl.store(DV + offs, tl.load(DV + offs, mask=ok, other=0.0) + dv, mask=ok)
+
+
+# --------------------------------------------------------------------------------- launchers
+
+
+def _check_inputs(q, k_pages, v_pages, page_table, q_start):
+    """Validate the shared arguments; returns (q_start as int, kv_len)."""
+    for name, t in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t))}")
+    B, C, H, D = q.shape
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages {tuple(k_pages.shape)} and v_pages {tuple(v_pages.shape)} differ in shape")
+    _, page_size, n_kv_heads, d_kv = k_pages.shape
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q dtype must be one of {_DTYPES}, got {q.dtype}")
+    if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
+        raise ValueError(f"q, k_pages, v_pages must share a dtype, got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+    if d_kv != D:
+        raise ValueError(f"head_dim of q ({D}) and of the pages ({d_kv}) differ")
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {_HEAD_DIMS}, got {D}")
+    if page_size < 16 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
+    if n_kv_heads < 1 or H % n_kv_heads:
+        raise ValueError(f"n_heads ({H}) must be a multiple of n_kv_heads ({n_kv_heads})")
+    if C < 1 or B < 1:
+        raise ValueError(f"q must have B >= 1 and C >= 1, got shape {tuple(q.shape)}")
+    try:
+        q_start = int(q_start)
+    except (TypeError, ValueError):
+        raise ValueError(f"q_start must be an int, got {q_start!r}") from None
+    if q_start < 0:
+        raise ValueError(f"q_start must be >= 0, got {q_start}")
+    kv_len = q_start + C
+    if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32 or page_table.dim() != 2:
+        raise ValueError(f"page_table must be a 2-D int32 tensor, got {getattr(page_table, 'dtype', type(page_table))}")
+    if page_table.shape[0] != B:
+        raise ValueError(f"page_table has {page_table.shape[0]} rows for batch size {B}")
+    if page_table.shape[1] * page_size < kv_len:
+        raise ValueError(f"page_table too short: {page_table.shape[1]} pages x {page_size} positions "
+                         f"< kv_len = q_start + C = {kv_len}")
+    for name, t in (("k_pages", k_pages), ("v_pages", v_pages), ("page_table", page_table)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"tensors on {q.device} need Triton's interpreter: set TRITON_INTERPRET=1 before import")
+    if k_pages.stride(-1) != 1 or k_pages.stride() != v_pages.stride():
+        raise ValueError("k_pages/v_pages need unit stride in head_dim and identical strides (they are not copied)")
+    return q_start, kv_len
+
+
+def _dot_flags(dtype):
+    """DOT_PREC: exact fp32 products for fp32 inputs (tf32 otherwise; ignored for 16-bit).
+    UPCAST: work around the interpreter's bf16 tl.dot (see _mm)."""
+    return ("ieee" if dtype == torch.float32 else "tf32"), (_interpreting() and dtype == torch.bfloat16)
+
+
+def paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale=None):
+    """Causal attention of q [B, C, H, D] (positions q_start..) over the paged K/V.
+    Returns o [B, C, H, D] in q.dtype and lse [B, H, C] fp32 (natural log)."""
+    q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start)
+    B, C, H, D = q.shape
+    page_size, n_kv_heads = k_pages.shape[1], k_pages.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, page_table = q.contiguous(), page_table.contiguous()
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, C), device=q.device, dtype=torch.float32)
+    bm, bn, warps, stages = _launch_config("fwd", D, page_size, q.dtype, q.device)
+    prec, upcast = _dot_flags(q.dtype)
+    _fwd_kernel[(triton.cdiv(C, bm), B * H)](
+        q, k_pages, v_pages, o, lse, page_table, q_start, C, kv_len, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        page_table.stride(0), N_HEADS=H, GROUP=H // n_kv_heads, HEAD_DIM=D, PAGE_SIZE=page_size,
+        BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages,
+                             scale=None):
+    """Backward of paged_attention_forward. Returns dq (q.dtype, q's shape) and ADDS the
+    gradients of kv positions 0..kv_len-1 into the fp32 dk_pages / dv_pages in place."""
+    q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start)
+    B, C, H, D = q.shape
+    page_size, n_kv_heads = k_pages.shape[1], k_pages.shape[2]
+    for name, t, shape, dtype in (("do", do, q.shape, None), ("o", o, q.shape, None),
+                                  ("lse", lse, (B, H, C), torch.float32),
+                                  ("dk_pages", dk_pages, k_pages.shape, torch.float32),
+                                  ("dv_pages", dv_pages, k_pages.shape, torch.float32)):
+        if not isinstance(t, torch.Tensor) or t.shape != shape or (dtype is not None and t.dtype != dtype):
+            raise ValueError(f"{name} must be a {str(dtype) + ' ' if dtype else ''}tensor of shape {tuple(shape)}, "
+                             f"got {getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if dk_pages.stride(-1) != 1 or dk_pages.stride() != dv_pages.stride():
+        raise ValueError("dk_pages/dv_pages need unit stride in head_dim and identical strides")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, page_table, lse = q.contiguous(), page_table.contiguous(), lse.contiguous()
+    do = do.to(q.dtype).contiguous()  # same layout as q, so the kernels share q's strides
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, C] fp32
+    dq = torch.empty_like(q)
+    prec, upcast = _dot_flags(q.dtype)
+    common = dict(HEAD_DIM=D, PAGE_SIZE=page_size, DOT_PREC=prec, UPCAST=upcast)
+
+    bm, bn, warps, stages = _launch_config("dq", D, page_size, q.dtype, q.device)
+    _dq_kernel[(triton.cdiv(C, bm), B * H)](
+        q, do, dq, lse, delta, k_pages, v_pages, page_table, q_start, C, kv_len, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        page_table.stride(0), N_HEADS=H, GROUP=H // n_kv_heads, BLOCK_M=bm, BLOCK_N=bn, **common,
+        num_warps=warps, num_stages=stages)
+
+    bm, bn, warps, stages = _launch_config("dkdv", D, page_size, q.dtype, q.device)
+    _dkdv_kernel[(triton.cdiv(kv_len, bn), B * n_kv_heads)](
+        q, do, lse, delta, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, C, kv_len,
+        scale * LOG2E, scale, q.stride(0), q.stride(1), q.stride(2),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        dk_pages.stride(0), dk_pages.stride(1), dk_pages.stride(2), page_table.stride(0),
+        N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads, BLOCK_M=bm, BLOCK_N=bn, **common,
+        num_warps=warps, num_stages=stages)
+    return dq
+
+
+# ------------------------------------------------------------------------------------ autograd
+
+
+class PagedAttention(torch.autograd.Function):
+    """o = attention(q, pages); k/v are the chunk's own K/V (already in the pages at positions
+    q_start..q_start+C-1), taken as inputs only so autograd can route their gradient.
+
+    The pages are held by reference, not via save_for_backward: the caller writes into the pool
+    between forward and backward (bumping version counters) and must guarantee that positions
+    0..kv_len-1 still hold the same K/V when backward runs.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None):
+        want = (q.shape[0], q.shape[1], k_pages.shape[2], q.shape[3])
+        if k.shape != want or v.shape != want:
+            raise ValueError(f"k/v must be the chunk's [B, C, n_kv_heads, D] = {want}, "
+                             f"got {tuple(k.shape)} / {tuple(v.shape)}")
+        o, lse = paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale)
+        # (under torch.no_grad autograd drops saved tensors and ctx itself right away)
+        ctx.save_for_backward(q, o, lse)
+        ctx.pages = (k_pages, v_pages, dk_pages, dv_pages, page_table)
+        ctx.q_start, ctx.scale, ctx.kv_dtypes = int(q_start), scale, (k.dtype, v.dtype)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, o, lse = ctx.saved_tensors
+        k_pages, v_pages, dk_pages, dv_pages, page_table = ctx.pages
+        dq = paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, ctx.q_start,
+                                      dk_pages, dv_pages, ctx.scale)
+        # The chunk's rows now hold everything: what later chunks added earlier + this chunk.
+        C = q.shape[1]
+        dk = gather_pages(dk_pages, page_table, ctx.q_start, C).to(ctx.kv_dtypes[0])
+        dv = gather_pages(dv_pages, page_table, ctx.q_start, C).to(ctx.kv_dtypes[1])
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def paged_attention(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None):
+    """Autograd entry point; see PagedAttention. Without grad (torch.no_grad, stage-1 pass) it
+    is just the forward kernel, nothing is saved, and dk_pages/dv_pages may be None."""
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale)[0]
+    if dk_pages is None or dv_pages is None:
+        raise ValueError("dk_pages/dv_pages are required when gradients are needed")
+    return PagedAttention.apply(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale)
+
+
+# ----------------------------------------------------------------------------------- reference
+
+
+def gather_pages(pages, page_table, start, length):
+    """Rows of positions start..start+length-1 of every batch row -> [B, length, Hkv, D].
+    Differentiable w.r.t. pages (plain advanced indexing)."""
+    page_size = pages.shape[1]
+    pos = torch.arange(start, start + length, device=pages.device)
+    phys = page_table.to(device=pages.device, dtype=torch.long)[:, pos // page_size]  # [B, length]
+    return pages[phys, pos % page_size]
+
+
+def paged_attention_reference(q, k_pages, v_pages, page_table, q_start, scale=None, return_lse=False):
+    """Plain-PyTorch fp32 reference: o [B, C, H, D] fp32 (and natural-log lse [B, H, C])."""
+    B, C, H, D = q.shape
+    kv_len = q_start + C
+    group = H // k_pages.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    k = gather_pages(k_pages, page_table, 0, kv_len).float().repeat_interleave(group, dim=2)  # [B, L, H, D]
+    v = gather_pages(v_pages, page_table, 0, kv_len).float().repeat_interleave(group, dim=2)
+    s = torch.einsum("bchd,blhd->bhcl", q.float(), k) * scale  # [B, H, C, L]
+    q_pos = torch.arange(q_start, kv_len, device=q.device)
+    kv_pos = torch.arange(kv_len, device=q.device)
+    s = s.masked_fill(kv_pos[None, :] > q_pos[:, None], float("-inf"))
+    o = torch.einsum("bhcl,blhd->bchd", torch.softmax(s, dim=-1), v)
+    return (o, torch.logsumexp(s, dim=-1)) if return_lse else o

@@ -1,0 +1,195 @@
+"""
+The KV / KV-gradient store of chunk-recurrent training, in three layers:
+
+1. `PageAllocator` - bookkeeping in plain Python: a free list of page indices. Pages are handed out as chunks are
+   appended (stage 1) and returned last-in-first-out as stage 2 retires chunks right to left.
+2. `PagedKVStore` - storage: four preallocated pool tensors shaped [num_pages, page_size, n_kv_heads, head_dim],
+   K and V in the model's compute dtype, dK and dV in fp32 (gradients of a long sequence are sums of many chunk
+   contributions; bf16 accumulation would lose them). Each (layer, batch element) has a page table of int32 indices;
+   the Triton kernel reads K/V through it and adds gradients into dK/dV through it. Gradient pages are zeroed when
+   allocated, so nothing from an earlier step can leak into a gradient.
+3. `ReferenceKVStore` - the same interface over contiguous per-layer tensors and plain-PyTorch attention, for tests.
+
+The interface chunk_train.py uses:
+    store.reset()                          forget everything (start of a step)
+    store.append(layer, k, v)              k, v: [B, T, Hkv, D] -> stored at positions [length, length + T)
+    store.length(layer)                    tokens stored for that layer
+    store.attend(layer, q, k, v)           causal attention of the chunk's q over all stored positions; k, v are
+                                           the chunk's own keys/values (the last T stored) as autograd tensors.
+                                           Backward adds history gradients into the store and returns the chunk's
+                                           dk/dv *including* what later chunks accumulated for it.
+    store.truncate(layer, length)          drop positions >= length (frees their pages)
+"""
+
+import math
+
+import torch
+
+from kernels.paged_attention import paged_attention, paged_attention_reference
+
+
+class OutOfPages(RuntimeError):
+    pass
+
+
+class PageAllocator:
+    """A free list of page indices [0, num_pages)."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self.free = list(range(num_pages - 1, -1, -1))  # pop() hands out 0, 1, 2, ... on a fresh pool
+
+    def alloc(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise OutOfPages(f"KV page pool exhausted: {n} pages needed, {len(self.free)} of {self.num_pages} free")
+        return [self.free.pop() for _ in range(n)]
+
+    def release(self, pages: list[int]):
+        self.free.extend(reversed(pages))  # LIFO: the pages released last are reused first
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+
+class PagedKVStore:
+    def __init__(self, num_layers, batch, n_kv_heads, head_dim, page_size, num_pages, dtype, device):
+        if page_size < 16 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
+        self.num_layers, self.batch, self.page_size = num_layers, batch, page_size
+        shape = (num_pages, page_size, n_kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.dk = torch.empty(shape, dtype=torch.float32, device=device)
+        self.dv = torch.empty(shape, dtype=torch.float32, device=device)
+        self.allocator = PageAllocator(num_pages)
+        self.tables = [[[] for _ in range(batch)] for _ in range(num_layers)]  # tables[layer][b] = [page, ...]
+        self.lengths = [0] * num_layers
+        self._table_cache = {}  # layer -> int32 [B, n_pages] device tensor, rebuilt when the table changes
+
+    @classmethod
+    def for_sequence(cls, model, batch, seq_len, page_size, dtype, device):
+        """A pool exactly large enough for every layer's K/V of `batch` sequences of `seq_len` tokens."""
+        cfg = model.config
+        num_pages = cfg.num_hidden_layers * batch * math.ceil(seq_len / page_size)
+        return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, page_size, num_pages,
+                   dtype, device)
+
+    @staticmethod
+    def bytes_per_token(cfg, dtype) -> int:
+        """Pool bytes per token per sequence: K and V in `dtype`, dK and dV in fp32, over all layers."""
+        per_layer = cfg.num_key_value_heads * cfg.head_dim * 2 * (torch.finfo(dtype).bits // 8 + 4)
+        return cfg.num_hidden_layers * per_layer
+
+    def length(self, layer) -> int:
+        return self.lengths[layer]
+
+    def page_table(self, layer) -> torch.Tensor:
+        if layer not in self._table_cache:
+            self._table_cache[layer] = torch.tensor(self.tables[layer], dtype=torch.int32, device=self.k.device)
+        return self._table_cache[layer]
+
+    def reset(self):
+        for layer in range(self.num_layers):
+            self.truncate(layer, 0)
+
+    def append(self, layer, k, v):
+        """k, v: [B, T, Hkv, D] written at positions [length, length + T) of every batch element."""
+        B, T = k.shape[:2]
+        start, end = self.lengths[layer], self.lengths[layer] + T
+        n_new = math.ceil(end / self.page_size) - math.ceil(start / self.page_size)
+        if n_new:
+            new = self.allocator.alloc(n_new * B)
+            for b in range(B):
+                self.tables[layer][b].extend(new[b * n_new:(b + 1) * n_new])
+            new = torch.tensor(new, device=self.k.device)
+            self.dk.index_fill_(0, new, 0.0)  # gradient pages start at zero, whatever they held before
+            self.dv.index_fill_(0, new, 0.0)
+            self._table_cache.pop(layer, None)
+        rows = self._rows(layer, start, end)  # [B * T] flat row indices into [num_pages * page_size]
+        self.k.view(-1, *self.k.shape[2:]).index_copy_(0, rows, k.reshape(B * T, *k.shape[2:]).to(self.k.dtype))
+        self.v.view(-1, *self.v.shape[2:]).index_copy_(0, rows, v.reshape(B * T, *v.shape[2:]).to(self.v.dtype))
+        self.lengths[layer] = end
+
+    def _rows(self, layer, start, end):
+        positions = torch.arange(start, end, device=self.k.device)
+        pages = self.page_table(layer)[:, positions // self.page_size].long()  # [B, T]
+        return (pages * self.page_size + positions % self.page_size).flatten()
+
+    def truncate(self, layer, length):
+        keep = math.ceil(length / self.page_size)
+        for table in reversed(self.tables[layer]):
+            self.allocator.release(table[keep:])
+            del table[keep:]
+        self.lengths[layer] = min(self.lengths[layer], length)
+        self._table_cache.pop(layer, None)
+
+    def attend(self, layer, q, k, v):
+        q_start = self.lengths[layer] - q.shape[1]
+        return paged_attention(q, k, v, self.k, self.v, self.dk, self.dv, self.page_table(layer), q_start)
+
+
+class _AddStoredGrad(torch.autograd.Function):
+    """Identity in forward; backward adds `stored` (what later chunks accumulated for these K/V) to the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, stored):
+        ctx.stored = stored  # by reference: read at backward time (save_for_backward would trip on the history
+        return x.view_as(x)  # hooks' in-place adds, which share the buffer's version counter)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad + ctx.stored.to(grad.dtype), None
+
+
+class ReferenceKVStore:
+    """Contiguous fp32-gradient buffers per layer and plain-PyTorch attention: the readable reference."""
+
+    def __init__(self, num_layers, batch, n_kv_heads, head_dim, max_len, dtype, device):
+        shape = (batch, max_len, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.dk = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(num_layers)]
+        self.dv = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(num_layers)]
+        self.lengths = [0] * num_layers
+
+    @classmethod
+    def for_sequence(cls, model, batch, seq_len, page_size, dtype, device):
+        cfg = model.config
+        return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, seq_len, dtype, device)
+
+    def length(self, layer):
+        return self.lengths[layer]
+
+    def reset(self):
+        for layer in range(len(self.lengths)):
+            self.truncate(layer, 0)
+
+    def append(self, layer, k, v):
+        start, end = self.lengths[layer], self.lengths[layer] + k.shape[1]
+        self.k[layer][:, start:end] = k
+        self.v[layer][:, start:end] = v
+        self.dk[layer][:, start:end] = 0
+        self.dv[layer][:, start:end] = 0
+        self.lengths[layer] = end
+
+    def truncate(self, layer, length):
+        self.lengths[layer] = min(self.lengths[layer], length)
+
+    def attend(self, layer, q, k, v):
+        end = self.lengths[layer]
+        start = end - q.shape[1]
+        # history: constants whose gradient is routed into the fp32 buffers by a hook
+        k_hist = self.k[layer][:, :start].detach().float().requires_grad_(torch.is_grad_enabled())
+        v_hist = self.v[layer][:, :start].detach().float().requires_grad_(torch.is_grad_enabled())
+        if torch.is_grad_enabled():
+            k_hist.register_hook(lambda g: self.dk[layer][:, :start].add_(g))
+            v_hist.register_hook(lambda g: self.dv[layer][:, :start].add_(g))
+            k = _AddStoredGrad.apply(k, self.dk[layer][:, start:end])
+            v = _AddStoredGrad.apply(v, self.dv[layer][:, start:end])
+        k_all = torch.cat([k_hist, k.float()], dim=1)  # [B, end, Hkv, D]
+        v_all = torch.cat([v_hist, v.float()], dim=1)
+        # the reference kernel takes pages: view the contiguous buffer as one page per batch element
+        table = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)[:, None]
+        o = paged_attention_reference(q.float(), k_all, v_all, table, start)
+        return o.to(q.dtype)
