@@ -7,7 +7,7 @@ them, are kept in a store (paged_kv.py):
 
   stage 1 (no grad, chunks left to right): run each chunk through the layers, appending every layer's K/V to the
           store. Only what the cache needs runs: the last layer stops after its K/V projection - no attention, MLP,
-          LM head or loss there.
+          LM head or loss there - and the last chunk is skipped, since stage 2 starts with it and stores its K/V.
   stage 2 (chunks right to left): recompute the chunk's forward with grad, attending over the stored history plus
           itself; loss = (sum of the chunk's token losses) / (tokens in the whole batch); backward. The attention
           backward adds dL/dK, dL/dV of history positions into the store's fp32 gradient pages and hands the chunk's
@@ -33,16 +33,21 @@ from paged_kv import PagedKVStore
 
 
 class ChunkAttention:
-    """The attention backend model.py calls for one chunk: optionally store the chunk's K/V, then attend over the
-    store (history + chunk). Stage 1 appends; stage 2 finds the chunk's K/V already stored (same values: the
-    recomputation is deterministic) and only attends."""
+    """The attention backend model.py calls for the chunk at positions [start, start + T): store the chunk's K/V
+    unless the store already holds them, then attend over the store (history + chunk). Stage 1 stores every chunk
+    but the last; stage 2 finds them stored (same values: recomputation is deterministic) and stores the last
+    itself. Idempotent, so recomputing a layer (activation checkpointing) never stores twice."""
 
-    def __init__(self, store, append: bool):
-        self.store, self.append = store, append
+    def __init__(self, store, start: int):
+        self.store, self.start = store, start
 
     def __call__(self, q, k, v, layer_idx):
-        if self.append:
+        stored = self.store.length(layer_idx)
+        if stored == self.start:
             self.store.append(layer_idx, k.detach(), v.detach())
+        elif stored != self.start + q.shape[1]:
+            raise RuntimeError(f"layer {layer_idx} holds {stored} tokens; chunk [{self.start}, "
+                               f"{self.start + q.shape[1]}) needs {self.start} (to store) or its end (stored)")
         return self.store.attend(layer_idx, q, k, v)
 
 
@@ -86,9 +91,9 @@ def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=
     at its K/V projection and None is returned."""
     B, T = idx.shape
     last = model.config.num_hidden_layers - 1
-    backend = ChunkAttention(store, append=True)
     loss_sum = torch.zeros((), device=idx.device)
     for s, e in tqdm(_chunks(T, chunk_size), desc="stage 1", leave=False, disable=not progress):
+        backend = ChunkAttention(store, s)
         with _autocast(model, idx.device, compute_dtype):
             x = model.embed(idx[:, s:e])
             cos, sin = model.rope(s, e - s, idx.device)
@@ -116,16 +121,17 @@ def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dty
         store = PagedKVStore.for_sequence(model, B, T, page_size, compute_dtype, idx.device)
     _check(model, idx, chunk_size, store)
     store.reset()  # a step interrupted earlier may have left pages allocated
-    fill_kv(model, idx, store, chunk_size, compute_dtype, progress=progress)
+    chunks = _chunks(T, chunk_size)
+    # stage 1 skips the last chunk: nothing after it needs its K/V before stage 2 recomputes (and stores) them
+    fill_kv(model, idx[:, :chunks[-1][0]], store, chunk_size, compute_dtype, progress=progress)
 
     low_precision = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
     hooks = [p.register_post_accumulate_grad_hook(_fold_into_main_grad) for p in low_precision]
-    backend = ChunkAttention(store, append=False)
     total = torch.zeros((), device=idx.device)
     try:
-        for s, e in tqdm(_chunks(T, chunk_size)[::-1], desc="stage 2", leave=False, disable=not progress):
+        for s, e in tqdm(chunks[::-1], desc="stage 2", leave=False, disable=not progress):
             with _autocast(model, idx.device, compute_dtype):
-                logits = model(idx[:, s:e], attn=backend, start_pos=s, checkpoint=checkpoint)
+                logits = model(idx[:, s:e], attn=ChunkAttention(store, s), start_pos=s, checkpoint=checkpoint)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, s:e].flatten(), reduction="sum")
             loss = loss / (B * T)
             del logits

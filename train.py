@@ -48,7 +48,8 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 1024 on GPU, 256 on CPU)")
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 16 on GPU, 4 on CPU)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="sequences per step (default: 16K tokens per step on GPU, 1K on CPU, at least 1 sequence)")
     p.add_argument("--chunk", type=int, default=4096,
                    help="a --seq longer than this trains chunk-recurrently (chunk_train.py) in chunks of this size")
     p.add_argument("--page-size", type=int, default=64, help="tokens per KV page of the chunked path")
@@ -71,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--eval-interval", type=int, default=None, help="evaluate/save every N steps (default steps/10)")
-    p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
+    p.add_argument("--eval-iters", type=int, default=None,
+                   help="validation batches per evaluation (default: 10, fewer for very long sequences)")
     return p.parse_args(argv)
 
 
@@ -86,7 +88,9 @@ def resolve_defaults(args):
     gpu = args.device.startswith("cuda")
     args.model = args.model or ("small" if gpu else "tiny")
     args.seq = args.seq if args.seq is not None else (1024 if gpu else 256)
-    args.batch = args.batch if args.batch is not None else (16 if gpu else 4)
+    if args.seq <= 0:
+        raise UserError(f"--seq must be > 0, got {args.seq}")
+    args.batch = args.batch if args.batch is not None else max(1, (16384 if gpu else 1024) // args.seq)
     args.steps = args.steps if args.steps is not None else (1000 if gpu else 150)
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     for name in ("seq", "batch", "steps", "chunk", "page_size"):
@@ -99,6 +103,8 @@ def resolve_defaults(args):
     args.min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
     args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     args.eval_interval = args.eval_interval or max(1, args.steps // 10)
+    # an evaluation costs about a quarter of a training step per batch: keep it to ~1M tokens at long lengths
+    args.eval_iters = args.eval_iters or max(1, min(10, 2**20 // (args.seq * args.batch)))
     return args
 
 

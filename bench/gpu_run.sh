@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, from the repo root, in one or more device calls of < 10 minutes each:
+#
+#     OUT=/some/dir bash bench/gpu_run.sh [STAGE ...]     # default: every stage (more than one call's worth)
+#
+# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b hf-baseline
+#
+# Stages, most important first, each under its own `timeout` (the limits add up to 535 s, so a hang in one stage
+# cannot eat the budget of the call): versions, GPU tests, gradient exactness, training-step benchmark (0.5B, 7B),
+# the HF-transformers anchors (if shared/bench/hf_baseline.py was copied into the repo), kernel benchmark, a default
+# train.py run. Stage output goes to $OUT/log.txt; stdout gets one status line per stage and a summary at the end.
+#
+# Files under $OUT: bench.jsonl (bench.py, one JSON object per point), anchors.jsonl (hf_baseline.py), log.txt,
+# pytest.txt, train.txt, train_log.jsonl.
+set -u
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export OUT PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0  # compiled kernels (tests/test_paged_attention.py defaults to the interpreter otherwise)
+PY=${PYTHON:-python3}
+LOG=$OUT/log.txt
+START=$SECONDS
+STATUS=()
+
+# stage NAME LIMIT_S COMMAND...: run COMMAND under `timeout`, its output appended to log.txt
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS rc
+    echo "=== [$name] $(date -u +%H:%M:%S) limit ${limit}s: $*" >>"$LOG"
+    timeout -k 3 "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    local note=""
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then note=" TIMEOUT"; fi
+    echo "=== [$name] rc=$rc$note ($((SECONDS - t0)) s)" >>"$LOG"
+    STATUS+=("$(printf '%-14s rc=%-3s %4s s%s' "$name" "$rc" "$((SECONDS - t0))" "$note")")
+    echo "[$name] rc=$rc$note ($((SECONDS - t0)) s, total $((SECONDS - START)) s)"
+}
+
+
+want() {  # is stage $1 selected on the command line (or are all)?
+    [ ${#SELECTED[@]} -eq 0 ] && return 0
+    local s
+    for s in "${SELECTED[@]}"; do [ "$s" = "$1" ] && return 0; done
+    return 1
+}
+SELECTED=("$@")
+
+want versions && stage versions 15 bash -c "nvidia-smi; $PY -c '
+import importlib, torch, triton
+print(\"torch\", torch.__version__, \"| triton\", triton.__version__, \"| cuda\", torch.version.cuda,
+      \"|\", torch.cuda.get_device_name() if torch.cuda.is_available() else \"NO CUDA\")
+for m in (\"numpy\", \"tqdm\", \"safetensors\", \"pytest\", \"transformers\"):
+    try:
+        importlib.import_module(m)
+    except Exception as e:
+        print(\"missing:\", m, e)
+'"
+
+# GPU tests: the compiled kernels against their references, and chunked training against full-sequence autograd
+want pytest && stage pytest 200 bash -c "$PY -m pytest -q tests/test_paged_attention.py tests/test_paged_kv.py \
+    tests/test_chunk_train.py >'$OUT/pytest.txt' 2>&1; rc=\$?; tail -30 '$OUT/pytest.txt'; exit \$rc"
+
+# exactness: chunked bf16 gradients vs an fp32 full-sequence reference, head_dim 64 and 128
+want exact && stage exact 90 "$PY" bench.py exact --model small,small-d128 --seq 4096 --chunk 1024 --page-size 64 \
+    --time-budget 80
+
+# kernel: paged attention vs SDPA, Qwen2.5-7B heads, page sizes 64 and 128
+want kernel && stage kernel 100 "$PY" bench.py kernel --lengths 16384,32768,65536 --page-size 64,128 --chunk 4096 \
+    --heads 28 --kv-heads 4 --head-dim 128 --warmup 1 --repeats 5 --time-budget 90
+
+# the default training run on the GPU (small preset)
+if want train; then
+    rm -rf /tmp/run
+    stage train 120 bash -c "$PY train.py --steps 300 --out /tmp/run >'$OUT/train.txt' 2>&1; rc=\$?; tail -c 3000 '$OUT/train.txt' | tr '\r' '\n' | tail -4; exit \$rc"
+    [ -f /tmp/run/log.jsonl ] && cp /tmp/run/log.jsonl "$OUT/train_log.jsonl"
+fi
+
+# training step: chunked vs the full-sequence baseline (expandable segments: the pools vary in size per point)
+want step-0.5b && stage step-0.5b 140 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-0.5b --lengths 16384,32768,65536,131072,262144 --chunk 4096 \
+    --page-size 64 --warmup 1 --repeats 2 --point-budget 30 --time-budget 130
+want step-7b && stage step-7b 100 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 16384,32768 \
+    --chunk 2048 --page-size 64 --warmup 1 --repeats 2 --point-budget 20 --time-budget 90
+# longer 7B: layers recomputed inside each chunk, so activations stay ~1 GiB and the pool gets the memory
+want step-7b-long && stage step-7b-long 170 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 65536,131072 --checkpoint \
+    --chunk 2048 --page-size 64 --warmup 1 --repeats 1 --point-budget 20 --time-budget 160 --no-baseline
+
+# where a 7B step's GPU time goes (one chunked and one baseline step at 16K, profiled)
+want profile-7b && stage profile-7b 120 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 16384 --chunk 2048 --page-size 64 \
+    --warmup 1 --repeats 2 --profile 30 --time-budget 110
+# exactness over several seeds: is chunked bf16 vs full bf16 (ratio of errors to fp32) above 1 beyond noise?
+want exact-seeds && stage exact-seeds 120 bash -c 'for seed in 1 2 3 4; do '"$PY"' bench.py exact \
+    --model small-d128 --seq 4096 --chunk 1024 --page-size 64 --seed $seed || exit 1; done'
+
+# the headline command: the default model on a million-token sequence (dense exact attention), one step
+if want train-1m; then
+    rm -rf /tmp/run1m
+    stage train-1m 250 bash -c "$PY train.py --seq 1000000 --steps 1 --out /tmp/run1m >'$OUT/train1m.txt' 2>&1; rc=\$?; tail -c 3000 '$OUT/train1m.txt' | tr '\r' '\n' | grep -v '^ *$' | tail -4; exit \$rc"
+    [ -f /tmp/run1m/log.jsonl ] && cp /tmp/run1m/log.jsonl "$OUT/train1m_log.jsonl"
+fi
+# the longest lengths measured on the GPU alone (one step each, kernels already compiled by earlier points)
+want long-7b && stage long-7b 110 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 131072 --checkpoint --chunk 2048 \
+    --page-size 64 --warmup 0 --repeats 1 --no-baseline
+want long-0.5b && stage long-0.5b 210 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-0.5b --lengths 524288 --chunk 4096 --page-size 64 --warmup 0 --repeats 1 \
+    --no-baseline
+
+# HF transformers anchors (GPU ceilings + Qwen2.5-7B with gradient checkpointing until OOM)
+if want hf-baseline; then
+    if [ -f shared/bench/hf_baseline.py ] && "$PY" -c "import transformers" 2>/dev/null; then
+        stage hf-baseline 120 "$PY" shared/bench/hf_baseline.py qwen2.5-7b
+    else
+        echo "[hf-baseline] skipped: shared/bench/hf_baseline.py missing or transformers not importable"
+    fi
+fi
+
+# --- summary (the device call returns only the last 12,000 characters of output)
+echo
+echo "==================== SUMMARY ($((SECONDS - START)) s; details in \$OUT/log.txt)"
+printf '%s\n' "${STATUS[@]}"
+[ -f "$OUT/pytest.txt" ] && { echo "--- pytest"; tail -n 4 "$OUT/pytest.txt"; }
+[ -f "$OUT/train.txt" ] && { echo "--- train"; tr '\r' '\n' <"$OUT/train.txt" | grep -E "^(model:|done:|error)" | cut -c1-300; }
+[ -f /tmp/run/log.jsonl ] && "$PY" - <<'EOF2'
+import json, statistics
+rows = [json.loads(line) for line in open("/tmp/run/log.jsonl")]
+rates = [r["tokens_per_s"] for r in rows[1:]] or [rows[0]["tokens_per_s"]]  # step 1 includes warm-up
+print(f"train: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
+      f"val {rows[-1].get('val_loss')}, median {statistics.median(rates):,.0f} tok/s, "
+      f"peak {max(r['peak_mem_gib'] for r in rows):.2f} GiB")
+EOF2
+[ -f "$OUT/anchors.jsonl" ] && { echo "--- anchors"; cut -c1-200 "$OUT/anchors.jsonl"; }
+echo "--- bench"
+"$PY" bench.py summary --out "$OUT"
