@@ -3,7 +3,7 @@
 #
 #     OUT=/some/dir bash bench/gpu_run.sh [STAGE ...]     # default: every stage (more than one call's worth)
 #
-# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b hf-baseline
+# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck hf-baseline
 #
 # Stages, most important first, each under its own `timeout` (the limits add up to 535 s, so a hang in one stage
 # cannot eat the budget of the call): versions, GPU tests, gradient exactness, training-step benchmark (0.5B, 7B),
@@ -19,7 +19,7 @@ OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # compiled kernels (tests/test_paged_attention.py defaults to the interpreter otherwise)
-PY=${PYTHON:-python3}
+export PY=${PYTHON:-python3}
 LOG=$OUT/log.txt
 START=$SECONDS
 STATUS=()
@@ -111,6 +111,12 @@ want long-7b && stage long-7b 110 env PYTORCH_CUDA_ALLOC_CONF=expandable_segment
 want long-0.5b && stage long-0.5b 210 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     "$PY" bench.py step --model qwen2.5-0.5b --lengths 524288 --chunk 4096 --page-size 64 --warmup 0 --repeats 1 \
     --no-baseline
+
+# after a kernel change: the kernel (page 64), exactness at head_dim 128, and the 7B step at 16K/32K
+want recheck && stage recheck 240 bash -c '"$PY" bench.py kernel --lengths 16384,32768,65536 --page-size 64 \
+    --chunk 4096 && "$PY" bench.py exact --model small-d128 --seq 4096 --chunk 1024 --page-size 64 && \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 \
+    --lengths 16384,32768 --chunk 2048 --page-size 64 --repeats 2'
 
 # HF transformers anchors (GPU ceilings + Qwen2.5-7B with gradient checkpointing until OOM)
 if want hf-baseline; then

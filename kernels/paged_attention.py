@@ -56,11 +56,13 @@ def _launch_config(kind, head_dim, page_size, dtype, device):
         bm, bn, warps, stages = (16, 32, 4, 1) if kind == "dkdv" else (32, 16, 4, 1)
     elif kind == "fwd":
         # A program keeps its [BLOCK_M, D] q tile and fp32 accumulator in registers and streams
-        # [BLOCK_N, D] K/V tiles. Measured on H100, bf16, 16k context: ~350 TFLOP/s.
-        bm, bn, warps, stages = (128, 64, 8, 3) if head_dim <= 64 else (128, 64, 4, 3)
+        # [BLOCK_N, D] K/V tiles. D=128: (64, 32, 4, 2) beat (128, 64, 4, 3) by 5-13% in a sweep on
+        # H100 (28/4 heads, page 64, 2K-16K query chunks; bench/RESULTS.md).
+        bm, bn, warps, stages = (128, 64, 8, 3) if head_dim <= 64 else (64, 32, 4, 2)
     elif kind == "dq":
-        # q, do and the dq accumulator stay resident while K/V tiles stream.
-        bm, bn, warps, stages = (128, 64, 8, 2) if head_dim <= 64 else (128, 32, 4, 2)
+        # q, do and the dq accumulator stay resident while K/V tiles stream (D=128: same sweep, 4-7%
+        # faster than (128, 32, 4, 2)).
+        bm, bn, warps, stages = (128, 64, 8, 2)
     else:
         # dkdv: k, v and two fp32 [BLOCK_N, D] accumulators stay resident, q/do tiles stream.
         # 8 warps or BLOCK_N=32 measured 1.4-1.7x slower. Whole backward: ~300 TFLOP/s on H100.
