@@ -65,7 +65,11 @@ class PagedKVStore:
         self.allocator = PageAllocator(num_pages)
         self.tables = [[[] for _ in range(batch)] for _ in range(num_layers)]  # tables[layer][b] = [page, ...]
         self.lengths = [0] * num_layers
-        self._table_cache = {}  # layer -> int32 [B, n_pages] device tensor, rebuilt when the table changes
+        # the same tables on the device, int32 [B, n_pages] per layer. They grow by concatenation (new ids travel
+        # through pinned memory, non-blocking) and shrink by slicing: nothing in a step waits for the GPU, which
+        # a pageable host-to-device copy of the whole table per layer and chunk would make it do.
+        empty = torch.empty(batch, 0, dtype=torch.int32, device=device)
+        self._device_tables = [empty] * num_layers
 
     @classmethod
     def for_sequence(cls, model, batch, seq_len, page_size, dtype, device):
@@ -85,9 +89,7 @@ class PagedKVStore:
         return self.lengths[layer]
 
     def page_table(self, layer) -> torch.Tensor:
-        if layer not in self._table_cache:
-            self._table_cache[layer] = torch.tensor(self.tables[layer], dtype=torch.int32, device=self.k.device)
-        return self._table_cache[layer]
+        return self._device_tables[layer]
 
     def reset(self):
         for layer in range(self.num_layers):
@@ -102,10 +104,14 @@ class PagedKVStore:
             new = self.allocator.alloc(n_new * B)
             for b in range(B):
                 self.tables[layer][b].extend(new[b * n_new:(b + 1) * n_new])
-            new = torch.tensor(new, device=self.k.device)
+            new = torch.tensor(new, dtype=torch.int32).view(B, n_new)
+            if self.k.is_cuda:
+                new = new.pin_memory()  # the caching host allocator keeps it alive until the copy has run
+            new = new.to(self.k.device, non_blocking=True)
+            self._device_tables[layer] = torch.cat([self._device_tables[layer], new], dim=1)
+            new = new.flatten().long()
             self.dk.index_fill_(0, new, 0.0)  # gradient pages start at zero, whatever they held before
             self.dv.index_fill_(0, new, 0.0)
-            self._table_cache.pop(layer, None)
         rows = self._rows(layer, start, end)  # [B * T] flat row indices into [num_pages * page_size]
         self.k.view(-1, *self.k.shape[2:]).index_copy_(0, rows, k.reshape(B * T, *k.shape[2:]).to(self.k.dtype))
         self.v.view(-1, *self.v.shape[2:]).index_copy_(0, rows, v.reshape(B * T, *v.shape[2:]).to(self.v.dtype))
@@ -122,7 +128,7 @@ class PagedKVStore:
             self.allocator.release(table[keep:])
             del table[keep:]
         self.lengths[layer] = min(self.lengths[layer], length)
-        self._table_cache.pop(layer, None)
+        self._device_tables[layer] = self._device_tables[layer][:, :keep]  # a prefix: no copy
 
     def attend(self, layer, q, k, v):
         q_start = self.lengths[layer] - q.shape[1]

@@ -3,7 +3,7 @@
 #
 #     OUT=/some/dir bash bench/gpu_run.sh [STAGE ...]     # default: every stage (more than one call's worth)
 #
-# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck hf-baseline
+# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step hf-baseline
 #
 # Stages, most important first, each under its own `timeout` (the limits add up to 535 s, so a hang in one stage
 # cannot eat the budget of the call): versions, GPU tests, gradient exactness, training-step benchmark (0.5B, 7B),
@@ -117,6 +117,13 @@ want recheck && stage recheck 240 bash -c '"$PY" bench.py kernel --lengths 16384
     --chunk 4096 && "$PY" bench.py exact --model small-d128 --seq 4096 --chunk 1024 --page-size 64 && \
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 \
     --lengths 16384,32768 --chunk 2048 --page-size 64 --repeats 2'
+
+# after a change to the chunked step: its GPU tests, then 0.5B and 7B steps at 16K/32K
+want recheck-step && stage recheck-step 280 bash -c '"$PY" -m pytest -q -x tests/test_paged_kv.py \
+    tests/test_chunk_train.py && export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True && \
+    "$PY" bench.py step --model qwen2.5-0.5b --lengths 16384,32768 --chunk 4096 --page-size 64 --no-baseline && \
+    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 16384,32768 --chunk 2048 \
+    --page-size 64 --no-baseline'
 
 # HF transformers anchors (GPU ceilings + Qwen2.5-7B with gradient checkpointing until OOM)
 if want hf-baseline; then

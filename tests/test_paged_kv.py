@@ -50,8 +50,10 @@ def test_gradient_pages_are_zero_when_allocated_and_truncate_frees():
     assert store.allocator.num_free == 40 - 6
     store.truncate(0, 16)  # keeps exactly the first page of each sequence
     assert store.length(0) == 16 and store.allocator.num_free == 40 - 2
+    assert store.page_table(0).tolist() == store.tables[0]  # the device table follows the bookkeeping
     store.dk.fill_(7.0)
     store.append(0, torch.randn(2, 20, 2, 16), torch.randn(2, 20, 2, 16))
+    assert store.page_table(0).tolist() == store.tables[0]
     new_pages = store.page_table(0)[:, 1:].flatten().long()
     assert (store.dk[new_pages] == 0).all()
     store.reset()
