@@ -70,9 +70,11 @@ def _fold_into_main_grad(param):
     param.grad = None
 
 
-def _check(model, idx, chunk_size, store):
+def _check(model, idx, targets, chunk_size, store):
     if idx.dim() != 2:
         raise ValueError(f"idx must be [batch, seq_len], got shape {tuple(idx.shape)}")
+    if targets.shape != idx.shape:
+        raise ValueError(f"targets {tuple(targets.shape)} must have idx's shape {tuple(idx.shape)}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     page_size = getattr(store, "page_size", None)
@@ -111,7 +113,8 @@ def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=
 
 def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dtype=torch.float32, store=None,
                  checkpoint=False, progress=False) -> float:
-    """Forward + backward of the mean token loss over idx/targets [B, T]; gradients accumulate into param.grad.
+    """Forward + backward of the mean token loss over idx/targets [B, T]; gradients accumulate into param.grad
+    (fp32 parameters) or param.main_grad (bf16 parameters), in fp32 either way.
 
     store: a PagedKVStore (or ReferenceKVStore) with room for B x T tokens in every layer; default: a fresh one.
     checkpoint: also recompute each layer inside the chunk (less activation memory, one more forward).
@@ -119,7 +122,7 @@ def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dty
     B, T = idx.shape
     if store is None:
         store = PagedKVStore.for_sequence(model, B, T, page_size, compute_dtype, idx.device)
-    _check(model, idx, chunk_size, store)
+    _check(model, idx, targets, chunk_size, store)
     store.reset()  # a step interrupted earlier may have left pages allocated
     chunks = _chunks(T, chunk_size)
     # stage 1 skips the last chunk: nothing after it needs its K/V before stage 2 recomputes (and stores) them
@@ -152,7 +155,7 @@ def chunked_loss(model, idx, targets, chunk_size=4096, page_size=64, compute_dty
     B, T = idx.shape
     if store is None:
         store = PagedKVStore.for_sequence(model, B, T, page_size, compute_dtype, idx.device)
-    _check(model, idx, chunk_size, store)
+    _check(model, idx, targets, chunk_size, store)
     store.reset()
     loss_sum = fill_kv(model, idx, store, chunk_size, compute_dtype, targets=targets, progress=progress)
     store.reset()

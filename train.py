@@ -120,7 +120,7 @@ def available_memory(device) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def estimate_bytes(cfg: ModelConfig, seq: int, batch: int, compute_bytes: int, optimizer: str) -> tuple[int, int]:
+def estimate_bytes(cfg: ModelConfig, batch: int, compute_bytes: int, optimizer: str) -> tuple[int, int]:
     """(fixed, per_token) bytes of a full-sequence training step: a deliberately rough upper estimate.
     fixed: fp32 weights + fp32 grads + optimizer state. per_token: activations saved for backward, per layer about
     28*hidden + 8*kv_dim + 8*intermediate bytes in bf16 (norms kept in fp32), plus the logits and their fp32 loss."""
@@ -154,7 +154,7 @@ def check_fits(cfg, args, device):
     """Refuse a run whose estimated memory exceeds what the device has, naming the longest --seq that would fit.
     Full-sequence path: activations grow with seq. Chunked path: one chunk's activations + the KV/dKV pool."""
     compute_bytes = DTYPES[args.dtype].itemsize
-    fixed, per_token = estimate_bytes(cfg, args.seq, args.batch, compute_bytes, args.optimizer)
+    fixed, per_token = estimate_bytes(cfg, args.batch, compute_bytes, args.optimizer)
     have = int(0.9 * available_memory(device))
     if chunked(args):
         fixed += per_token * args.chunk

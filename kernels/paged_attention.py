@@ -127,12 +127,14 @@ def _fwd_inner(acc, m_i, l_i, q, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, PT, q_start, C, kv_len, qk_scale,
-                stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb,
+def _query_tile(q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb,
                 N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # grid: (cdiv(C, BLOCK_M), B * N_HEADS); one program = one query tile of one (b, h)
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a program of the query-tiled kernels (forward, dq) works on: row bh = b * N_HEADS + h
+    of [B, H, C]; query rows offs_m, their mask and element offsets in [B, C, H, D]; absolute
+    positions; the kv head's offset in the pages; the batch row's page table; and the kv loop
+    bounds. Tiles [0, n_full) lie entirely at or before the tile's first query (no mask needed);
+    tiles [n_full, hi) cross the diagonal; hi is one past the tile's last visible position."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = bh // N_HEADS, bh % N_HEADS
@@ -140,18 +142,27 @@ def _fwd_kernel(Q, K, V, O, LSE, PT, q_start, C, kv_len, qk_scale,
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < C
     q_offs = b.to(tl.int64) * stride_qb + offs_m[:, None] * stride_qm + h * stride_qh + offs_d[None, :]
+    n_full = (q_start + m0 + 1) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(kv_len, q_start + m0 + BLOCK_M)
+    return bh, offs_m, offs_d, row_ok, q_offs, q_start + offs_m, (h // GROUP) * stride_kvh, PT + b * stride_ptb, \
+        n_full, hi
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, PT, q_start, C, kv_len, qk_scale,
+                stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb,
+                N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # grid: (cdiv(C, BLOCK_M), B * N_HEADS); one program = one query tile of one (b, h)
+    bh, offs_m, offs_d, row_ok, q_offs, q_pos, kv_off, pt_row, n_full, hi = _query_tile(
+        q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb,
+        N_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N)
     q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-    q_pos = q_start + offs_m
-    kv_off = (h // GROUP) * stride_kvh
-    pt_row = PT + b * stride_ptb
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # kv tiles [0, n_full) lie entirely at or before the tile's first query: no mask needed.
-    # Tiles [n_full, hi) cross the diagonal; hi = one past the tile's last visible position.
-    n_full = (q_start + m0 + 1) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(kv_len, q_start + m0 + BLOCK_M)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, 0, n_full,
                                kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, n_full, hi,
@@ -183,24 +194,15 @@ def _dq_kernel(Q, DO, DQ, LSE, DELTA, K, V, PT, q_start, C, kv_len, qk_scale, sm
                PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     # grid: (cdiv(C, BLOCK_M), B * N_HEADS); same tiling and kv loop bounds as _fwd_kernel
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = bh // N_HEADS, bh % N_HEADS
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < C
-    q_offs = b.to(tl.int64) * stride_qb + offs_m[:, None] * stride_qm + h * stride_qh + offs_d[None, :]
+    bh, offs_m, offs_d, row_ok, q_offs, q_pos, kv_off, pt_row, n_full, hi = _query_tile(
+        q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb,
+        N_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N)
     q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
     do = tl.load(DO + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
     lse2 = tl.load(LSE + bh * C + offs_m, mask=row_ok, other=0.0) * _LOG2E  # [BLOCK_M]
     delta = tl.load(DELTA + bh * C + offs_m, mask=row_ok, other=0.0)  # [BLOCK_M]
-    q_pos = q_start + offs_m
-    kv_off = (h // GROUP) * stride_kvh
-    pt_row = PT + b * stride_ptb
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_full = (q_start + m0 + 1) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(kv_len, q_start + m0 + BLOCK_M)
     dq = _dq_inner(dq, q, do, lse2, delta, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, 0, n_full, kv_len,
                    qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST)
     dq = _dq_inner(dq, q, do, lse2, delta, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, n_full, hi, kv_len,

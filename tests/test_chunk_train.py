@@ -108,6 +108,8 @@ def test_stage_one_stops_at_the_last_layers_kv(monkeypatch):
 def test_bad_arguments():
     model = tiny_model()
     idx = torch.randint(0, 256, (1, 64), device=DEVICE)
+    with pytest.raises(ValueError, match="must have idx's shape"):
+        chunked_step(model, idx, idx[:, :10], chunk_size=32, page_size=16)
     with pytest.raises(ValueError, match="multiple of page_size"):
         chunked_step(model, idx, idx, chunk_size=24, page_size=16)
     small_pool = PagedKVStore(2, 1, 2, 16, page_size=16, num_pages=3, dtype=torch.float32, device=DEVICE)
