@@ -3,7 +3,7 @@
 #
 #     OUT=/some/dir bash bench/gpu_run.sh [STAGE ...]     # default: every stage (more than one call's worth)
 #
-# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step hf-baseline
+# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel hf-baseline
 #
 # Stages, most important first, each under its own `timeout` (the limits add up to 535 s, so a hang in one stage
 # cannot eat the budget of the call): versions, GPU tests, gradient exactness, training-step benchmark (0.5B, 7B),
@@ -124,6 +124,11 @@ want recheck-step && stage recheck-step 280 bash -c '"$PY" -m pytest -q -x tests
     "$PY" bench.py step --model qwen2.5-0.5b --lengths 16384,32768 --chunk 4096 --page-size 64 --no-baseline && \
     "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 16384,32768 --chunk 2048 \
     --page-size 64 --no-baseline'
+
+# after a kernel refactor: compiled-kernel tests and the kernel benchmark (page 64)
+want recheck-kernel && stage recheck-kernel 280 bash -c '"$PY" -m pytest -q -x tests/test_paged_attention.py \
+    tests/test_paged_kv.py tests/test_chunk_train.py && "$PY" bench.py kernel --lengths 16384,32768 --page-size 64 \
+    --chunk 4096'
 
 # HF transformers anchors (GPU ceilings + Qwen2.5-7B with gradient checkpointing until OOM)
 if want hf-baseline; then
