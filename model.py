@@ -83,6 +83,18 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ModelConfig":
+        """The config.json of a HF checkpoint directory."""
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
+        try:
+            with open(config_path) as f:
+                return cls.from_hf_dict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+
     def to_hf_dict(self) -> dict:
         return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", **asdict(self)}
 
@@ -275,15 +287,7 @@ class Model(nn.Module):
         """Load a HF Qwen2 checkpoint directory: config.json + model.safetensors or model.safetensors.index.json."""
         from safetensors.torch import load_file
 
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
-        try:
-            with open(config_path) as f:
-                cfg = ModelConfig.from_hf_dict(json.load(f))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-
+        cfg = ModelConfig.from_pretrained(path)
         index_path = os.path.join(path, "model.safetensors.index.json")
         single_path = os.path.join(path, "model.safetensors")
         if os.path.isfile(index_path):

@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--plan", action="store_true", help="print the memory plan of the run and exit")
     p.add_argument("--eval-interval", type=int, default=None, help="evaluate/save every N steps (default steps/10)")
     p.add_argument("--eval-iters", type=int, default=None,
                    help="validation batches per evaluation (default: 10, fewer for very long sequences)")
@@ -120,23 +121,9 @@ def available_memory(device) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def estimate_bytes(cfg: ModelConfig, batch: int, compute_bytes: int, optimizer: str) -> tuple[int, int]:
-    """(fixed, per_token) bytes of a full-sequence training step: a deliberately rough upper estimate.
-    fixed: fp32 weights + fp32 grads + optimizer state. per_token: activations saved for backward, per layer about
-    28*hidden + 8*kv_dim + 8*intermediate bytes in bf16 (norms kept in fp32), plus the logits and their fp32 loss."""
-    n = sum(math.prod(v) for v in param_shapes(cfg))
-    state = {"adamw": 2 * 4 * n, "adafactor": 4 * n // 64}[optimizer]  # adafactor's row/col factors are tiny
-    fixed = 4 * n + 4 * n + state
-    scale = compute_bytes / 2
-    kv_dim = cfg.num_key_value_heads * cfg.head_dim
-    layer = (20 * scale + 8) * cfg.hidden_size + 8 * scale * kv_dim + 8 * scale * cfg.intermediate_size
-    per_token = cfg.num_hidden_layers * layer + cfg.vocab_size * (compute_bytes + 12)
-    return int(fixed), int(per_token * batch)
-
-
-def param_shapes(cfg: ModelConfig):
+def param_count(cfg: ModelConfig) -> int:
     with torch.device("meta"):
-        return [tuple(p.shape) for p in Model(cfg).parameters()]
+        return Model(cfg).num_params()
 
 
 def peak_memory_gib(device) -> float:
@@ -150,23 +137,45 @@ def chunked(args) -> bool:
     return args.seq > args.chunk
 
 
-def check_fits(cfg, args, device):
-    """Refuse a run whose estimated memory exceeds what the device has, naming the longest --seq that would fit.
-    Full-sequence path: activations grow with seq. Chunked path: one chunk's activations + the KV/dKV pool."""
-    compute_bytes = DTYPES[args.dtype].itemsize
-    fixed, per_token = estimate_bytes(cfg, args.batch, compute_bytes, args.optimizer)
-    have = int(0.9 * available_memory(device))
+def memory_plan(cfg: ModelConfig, args):
+    """-> ({part: bytes}, bytes each extra token of --seq adds): an estimate made before anything is allocated.
+    Activations saved for backward are taken as, per token and layer, 28*hidden + 8*kv_dim + 8*intermediate bytes
+    at bf16 (norms in fp32), plus the logits and their fp32 loss. Against H100 peaks it came out 0-8% high
+    (bench/RESULTS.md). Full-sequence path: activations grow with --seq. Chunked path: one chunk's activations,
+    and the KV/dKV pool grows with --seq."""
+    n, compute_bytes = param_count(cfg), DTYPES[args.dtype].itemsize
+    scale = compute_bytes / 2
+    kv_dim = cfg.num_key_value_heads * cfg.head_dim
+    layer = (20 * scale + 8) * cfg.hidden_size + 8 * scale * kv_dim + 8 * scale * cfg.intermediate_size
+    activations_per_token = int(cfg.num_hidden_layers * layer + cfg.vocab_size * (compute_bytes + 12)) * args.batch
+    plan = {"weights (fp32)": 4 * n, "gradients (fp32)": 4 * n,
+            # adafactor keeps row/column factors only: tiny next to AdamW's two fp32 moments
+            f"optimizer ({args.optimizer})": {"adamw": 8 * n, "adafactor": 4 * n // 64}[args.optimizer]}
     if chunked(args):
-        fixed += per_token * args.chunk
-        per_token = PagedKVStore.bytes_per_token(cfg, DTYPES[args.dtype]) * args.batch
-        path = f"chunked path (chunk {args.chunk})"
-    else:
-        path = "full-sequence path"
-    need = fixed + per_token * args.seq
+        pool_per_token = PagedKVStore.bytes_per_token(cfg, DTYPES[args.dtype]) * args.batch
+        plan[f"activations (one {args.chunk}-token chunk)"] = activations_per_token * args.chunk
+        plan["KV/dKV page pool"] = pool_per_token * args.seq
+        return plan, pool_per_token
+    plan[f"activations ({args.seq} tokens)"] = activations_per_token * args.seq
+    return plan, activations_per_token
+
+
+def check_fits(plan, per_token, args, device):
+    """Refuse a run whose planned memory exceeds 90% of what the device has, naming the longest --seq that fits."""
+    need, have = sum(plan.values()), int(0.9 * available_memory(device))
     if need > have:
-        longest = max(0, (have - fixed) // per_token)
+        longest = max(0, (have - (need - per_token * args.seq)) // per_token)
+        path = f"chunked path (chunk {args.chunk})" if chunked(args) else "full-sequence path"
         raise UserError(f"--seq {args.seq} x --batch {args.batch} needs ~{need / 2**30:.1f} GiB on {device} for the "
                         f"{path}, {have / 2**30:.1f} GiB is available: the longest --seq that fits is ~{longest}")
+
+
+def print_plan(plan, device):
+    width = max(map(len, plan))
+    for part, size in plan.items():
+        print(f"  {part:<{width}}  {size / 2**30:8.2f} GiB")
+    print(f"  {'total':<{width}}  {sum(plan.values()) / 2**30:8.2f} GiB of {available_memory(device) / 2**30:.1f} "
+          f"GiB available on {device}")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -187,6 +196,18 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"--resume: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def model_config(args, ckpt) -> ModelConfig:
+    """The run's model shape: the checkpoint's, the HF directory's, or the preset's."""
+    if ckpt is not None:
+        return ModelConfig(**ckpt["config"])
+    if args.init_from:
+        try:
+            return ModelConfig.from_pretrained(args.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"--init-from: {e}") from None
+    return preset(args.model)
 
 
 def build_model(args, ckpt, device) -> Model:
@@ -286,7 +307,6 @@ class StopRequest:
 def run(args):
     args = resolve_defaults(args)
     device = torch.device(args.device)
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
 
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
@@ -294,15 +314,20 @@ def run(args):
         data = TokenData(args.data)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise UserError(f"--data: {e}") from None
-    model = build_model(args, ckpt, device)
-    cfg = model.config
+    cfg = model_config(args, ckpt)
     if data.vocab_size > cfg.vocab_size:
         raise UserError(f"data {data.path} has vocab_size {data.vocab_size}, the model only {cfg.vocab_size}")
     if args.seq > data.max_window("train"):
         raise UserError(f"--seq {args.seq} is longer than the training split of {data.path} "
                         f"({data.max_window('train')} tokens); use a shorter --seq or a larger --data")
-    check_fits(cfg, args, device)
+    plan, per_token = memory_plan(cfg, args)  # before anything is allocated on the device
+    if args.plan:
+        print_plan(plan, device)
+        return 0
+    check_fits(plan, per_token, args, device)
+    model = build_model(args, ckpt, device)
 
+    os.makedirs(args.out, exist_ok=True)
     optimizer = build_optimizer(args, model, device)
     # the chunked path's KV/dKV page pool, allocated once and reused by every step
     store = (PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, DTYPES[args.dtype], device)
@@ -315,7 +340,8 @@ def run(args):
     path = f"chunked: {args.chunk}-token chunks, {args.page_size}-token pages" if store else "full-sequence"
     tqdm.write(f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {model.num_params() / 1e6:.1f}M "
                f"params | data: {data.path}, {len(data.splits['train']):,} train tokens | seq {args.seq} x batch "
-               f"{args.batch} | {path} | {args.optimizer}, {args.dtype} on {device}"
+               f"{args.batch} | {path} | {args.optimizer}, {args.dtype} on {device} | planned memory "
+               f"{sum(plan.values()) / 2**30:.1f} GiB (--plan for the parts)"
                + (f" | resuming at step {start}" if start else ""))
 
     stop = StopRequest()

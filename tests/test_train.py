@@ -118,6 +118,26 @@ def test_bad_inputs(tmp_path, capsys):
         assert code == 2 and "CUDA is not available" in err
 
 
+def test_plan_prints_the_parts_and_allocates_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert train.main(TINY + ["--seq", "4096", "--chunk", "1024", "--plan", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for part in ("weights (fp32)", "gradients (fp32)", "optimizer (adamw)", "activations (one 1024-token chunk)",
+                 "KV/dKV page pool", "total"):
+        assert part in text, text
+    assert not out.exists()  # nothing written, nothing trained
+
+
+def test_plan_matches_the_pool_and_parameter_sizes():
+    """The exactly known parts of the plan: parameter bytes and the KV/dKV pool (bf16 K/V + fp32 dK/dV)."""
+    args = train.resolve_defaults(train.parse_args(["--model", "qwen2.5-7b", "--device", "cpu", "--seq", "1000000",
+                                                    "--dtype", "bfloat16", "--optimizer", "adafactor"]))
+    plan, per_token = train.memory_plan(train.preset("qwen2.5-7b"), args)
+    assert plan["weights (fp32)"] == 4 * 7_615_616_512
+    assert per_token == 28 * 4 * 128 * 2 * (2 + 4) == 172_032  # 172 KB per token, as the offload issue says
+    assert plan["KV/dKV page pool"] == 172_032 * 1_000_000
+
+
 def test_mismatched_checkpoint_shapes(tmp_path, capsys):
     from test_model import make_hf_checkpoint
 
