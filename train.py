@@ -140,8 +140,8 @@ def chunked(args) -> bool:
 def memory_plan(cfg: ModelConfig, args):
     """-> ({part: bytes}, bytes each extra token of --seq adds): an estimate made before anything is allocated.
     Activations saved for backward are taken as, per token and layer, 28*hidden + 8*kv_dim + 8*intermediate bytes
-    at bf16 (norms in fp32), plus the logits and their fp32 loss. Against H100 peaks it came out 0-8% high
-    (bench/RESULTS.md). Full-sequence path: activations grow with --seq. Chunked path: one chunk's activations,
+    at bf16 (norms in fp32), plus the logits and their fp32 loss. Against H100 peaks it came within 7%
+    (bench/RESULTS.md); check_fits keeps a 10% margin. Full-sequence path: activations grow with --seq. Chunked path: one chunk's activations,
     and the KV/dKV pool grows with --seq."""
     n, compute_bytes = param_count(cfg), DTYPES[args.dtype].itemsize
     scale = compute_bytes / 2
