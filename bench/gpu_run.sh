@@ -3,7 +3,7 @@
 #
 #     OUT=/some/dir bash bench/gpu_run.sh [STAGE ...]     # default: every stage (more than one call's worth)
 #
-# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel hf-baseline
+# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m hf-baseline
 #
 # Stages, most important first, each under its own `timeout` (the limits add up to 535 s, so a hang in one stage
 # cannot eat the budget of the call): versions, GPU tests, gradient exactness, training-step benchmark (0.5B, 7B),
@@ -129,6 +129,13 @@ want recheck-step && stage recheck-step 280 bash -c '"$PY" -m pytest -q -x tests
 want recheck-kernel && stage recheck-kernel 280 bash -c '"$PY" -m pytest -q -x tests/test_paged_attention.py \
     tests/test_paged_kv.py tests/test_chunk_train.py && "$PY" bench.py kernel --lengths 16384,32768 --page-size 64 \
     --chunk 4096'
+
+# after a kernel config change for head_dim 64: compiled-kernel tests, then the 1M-token default run
+if want recheck-1m; then
+    stage recheck-1m-tests 150 "$PY" -m pytest -q -x tests/test_paged_attention.py tests/test_chunk_train.py
+    rm -rf /tmp/run1m
+    stage train-1m 250 bash -c "$PY train.py --seq 1000000 --steps 1 --out /tmp/run1m >'$OUT/train1m.txt' 2>&1; rc=\$?; tail -c 3000 '$OUT/train1m.txt' | tr '\r' '\n' | grep -v '^ *$' | tail -3; exit \$rc"
+fi
 
 # HF transformers anchors (GPU ceilings + Qwen2.5-7B with gradient checkpointing until OOM)
 if want hf-baseline; then
