@@ -52,7 +52,7 @@ import triton  # noqa: E402
 
 from chunk_train import chunked_step  # noqa: E402
 from kernels.paged_attention import gather_pages, paged_attention_backward, paged_attention_forward  # noqa: E402
-from model import PRESETS, Model, ModelConfig  # noqa: E402
+from model import PRESETS, Model, ModelConfig, preset  # noqa: E402
 from paged_kv import PagedKVStore  # noqa: E402
 
 GiB = 2**30
@@ -69,11 +69,23 @@ T0 = time.perf_counter()  # for --time-budget
 
 
 def model_config(name) -> ModelConfig:
-    if name in PRESETS:
-        return ModelConfig(**PRESETS[name])
     if name in BENCH_PRESETS:
         return ModelConfig(**BENCH_PRESETS[name])
-    raise SystemExit(f"error: unknown model {name!r}; choose one of: {', '.join([*PRESETS, *BENCH_PRESETS])}")
+    try:
+        return preset(name)
+    except ValueError:
+        raise SystemExit(f"error: unknown model {name!r}; choose one of: {', '.join([*PRESETS, *BENCH_PRESETS])}")
+
+
+def full_sequence_step(model, idx, tgt, compute_dtype, checkpoint=False) -> float:
+    """The baseline: model.py's full-sequence path, forward + backward of the mean token loss (autocast unless
+    compute_dtype is fp32; `checkpoint` recomputes each block in backward)."""
+    with torch.autocast(idx.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        logits = model(idx, checkpoint=checkpoint)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+    del logits
+    loss.backward()
+    return loss.item()
 
 
 def build_model(name, device, seed) -> Model:
@@ -290,12 +302,7 @@ def bench_step(args, device, rec):
                                         checkpoint=args.checkpoint)
             else:
                 def step():
-                    with torch.autocast(device.type, dtype=bf16):
-                        logits = model(idx, checkpoint=True)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
-                    del logits
-                    loss.backward()
-                    return loss.item()
+                    return full_sequence_step(model, idx, tgt, bf16, checkpoint=True)
 
             times, loss = timed(step, device, args.warmup, args.repeats, setup=zero_grads,
                                 budget_s=args.point_budget)
@@ -483,16 +490,9 @@ def _check_exact_one(args, device, rec, name, page_size):
     named = list(model.named_parameters())  # a tied weight once
     idx, tgt = random_tokens(cfg.vocab_size, args.batch, args.seq, device, args.seed)
 
-    def full_step(dtype):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(idx)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
-        loss.backward()
-        return loss.item()
-
     variants = {
-        "full_fp32": lambda: full_step(torch.float32),  # the reference
-        "full_bf16": lambda: full_step(torch.bfloat16),
+        "full_fp32": lambda: full_sequence_step(model, idx, tgt, torch.float32),  # the reference
+        "full_bf16": lambda: full_sequence_step(model, idx, tgt, torch.bfloat16),
         "chunked_bf16": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, torch.bfloat16),
         "chunked_fp32": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, torch.float32),
     }

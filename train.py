@@ -89,12 +89,12 @@ def resolve_defaults(args):
     gpu = args.device.startswith("cuda")
     args.model = args.model or ("small" if gpu else "tiny")
     args.seq = args.seq if args.seq is not None else (1024 if gpu else 256)
-    if args.seq <= 0:
+    if args.seq <= 0:  # before the batch default divides by it
         raise UserError(f"--seq must be > 0, got {args.seq}")
     args.batch = args.batch if args.batch is not None else max(1, (16384 if gpu else 1024) // args.seq)
     args.steps = args.steps if args.steps is not None else (1000 if gpu else 150)
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    for name in ("seq", "batch", "steps", "chunk", "page_size"):
+    for name in ("batch", "steps", "chunk", "page_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.seq > args.chunk and args.chunk % args.page_size:
@@ -141,8 +141,8 @@ def memory_plan(cfg: ModelConfig, args):
     """-> ({part: bytes}, bytes each extra token of --seq adds): an estimate made before anything is allocated.
     Activations saved for backward are taken as, per token and layer, 28*hidden + 8*kv_dim + 8*intermediate bytes
     at bf16 (norms in fp32), plus the logits and their fp32 loss. Against H100 peaks it came within 7%
-    (bench/RESULTS.md); check_fits keeps a 10% margin. Full-sequence path: activations grow with --seq. Chunked path: one chunk's activations,
-    and the KV/dKV pool grows with --seq."""
+    (bench/RESULTS.md); check_fits keeps a 10% margin. Full-sequence path: activations grow with --seq.
+    Chunked path: one chunk's activations, and the KV/dKV pool grows with --seq."""
     n, compute_bytes = param_count(cfg), DTYPES[args.dtype].itemsize
     scale = compute_bytes / 2
     kv_dim = cfg.num_key_value_heads * cfg.head_dim
@@ -210,22 +210,21 @@ def model_config(args, ckpt) -> ModelConfig:
     return preset(args.model)
 
 
-def build_model(args, ckpt, device) -> Model:
+def build_model(args, cfg, ckpt, device) -> Model:
+    """The model of shape `cfg` (from model_config) with its weights: the checkpoint's, the HF directory's, or a
+    seeded random init."""
+    if args.init_from and ckpt is None:
+        try:
+            return Model.from_pretrained(args.init_from).to(device)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"--init-from: {e}") from None
+    torch.manual_seed(args.seed)
+    model = Model(cfg)
     if ckpt is not None:
-        cfg = ModelConfig(**ckpt["config"])
-        model = Model(cfg)
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             raise UserError(f"checkpoint does not match its own config: {str(e).splitlines()[1].strip()}") from None
-    elif args.init_from:
-        try:
-            model = Model.from_pretrained(args.init_from)
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"--init-from: {e}") from None
-    else:
-        torch.manual_seed(args.seed)
-        model = Model(preset(args.model))
     return model.to(device)
 
 
@@ -325,7 +324,7 @@ def run(args):
         print_plan(plan, device)
         return 0
     check_fits(plan, per_token, args, device)
-    model = build_model(args, ckpt, device)
+    model = build_model(args, cfg, ckpt, device)
 
     os.makedirs(args.out, exist_ok=True)
     optimizer = build_optimizer(args, model, device)
