@@ -109,6 +109,13 @@ def _load_kv(K, V, pt_row, n0, kv_len, offs_d, stride_page, stride_tok,
 
 
 @triton.jit
+def _visible(n0, q_pos, kv_len, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] mask: kv position n0 + j exists (< kv_len) and is causal for query row i."""
+    n = (n0 + tl.arange(0, BLOCK_N))[None, :]
+    return (n <= q_pos[:, None]) & (n < kv_len)
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk_scale,
                stride_page, stride_tok, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -117,7 +124,7 @@ def _fwd_inner(acc, m_i, l_i, q, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk
         k, v = _load_kv(K, V, pt_row, n0, kv_len, offs_d, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, MASKED)
         s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:  # only tiles that cross the diagonal (or kv_len) pay for the mask
-            s = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] <= q_pos[:, None], s, float("-inf"))
+            s = tl.where(_visible(n0, q_pos, kv_len, BLOCK_N), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: kv position 0 is visible to every row
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -134,7 +141,8 @@ def _query_tile(q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh,
     """What a program of the query-tiled kernels (forward, dq) works on: row bh = b * N_HEADS + h
     of [B, H, C]; query rows offs_m, their mask and element offsets in [B, C, H, D]; absolute
     positions; the kv head's offset in the pages; the batch row's page table; and the kv loop
-    bounds. Tiles [0, n_full) lie entirely at or before the tile's first query (no mask needed);
+    bounds. Tiles [0, n_full) lie entirely at or before the tile's first query and below kv_len
+    (no mask needed);
     tiles [n_full, hi) cross the diagonal; hi is one past the tile's last visible position."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -143,7 +151,7 @@ def _query_tile(q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh,
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < C
     q_offs = b.to(tl.int64) * stride_qb + offs_m[:, None] * stride_qm + h * stride_qh + offs_d[None, :]
-    n_full = (q_start + m0 + 1) // BLOCK_N * BLOCK_N
+    n_full = tl.minimum((q_start + m0 + 1) // BLOCK_N, kv_len // BLOCK_N) * BLOCK_N
     hi = tl.minimum(kv_len, q_start + m0 + BLOCK_M)
     return bh, offs_m, offs_d, row_ok, q_offs, q_start + offs_m, (h // GROUP) * stride_kvh, PT + b * stride_ptb, \
         n_full, hi
@@ -154,8 +162,10 @@ def _fwd_kernel(Q, K, V, O, LSE, PT, q_start, C, kv_len, qk_scale,
                 stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb,
                 N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                 PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # grid: (cdiv(C, BLOCK_M), B * N_HEADS); one program = one query tile of one (b, h)
+                DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, MERGE: tl.constexpr):
+    # grid: (cdiv(C, BLOCK_M), B * N_HEADS); one program = one query tile of one (b, h).
+    # MERGE: O/LSE already hold the attention over other kv positions (a disjoint part of the
+    # history); combine: o = (o_old * 2^lse_old + o_new * 2^lse_new) / 2^lse, lse = log2-sum.
     bh, offs_m, offs_d, row_ok, q_offs, q_pos, kv_off, pt_row, n_full, hi = _query_tile(
         q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb,
         N_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N)
@@ -168,8 +178,17 @@ def _fwd_kernel(Q, K, V, O, LSE, PT, q_start, C, kv_len, qk_scale,
                                kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, n_full, hi,
                                kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True, DOT_PREC, UPCAST)
-    tl.store(O + q_offs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + bh * C + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=row_ok)  # natural log
+    o = acc / l_i[:, None]
+    lse2 = m_i + tl.log2(l_i)
+    if MERGE:
+        lse2_old = tl.load(LSE + bh * C + offs_m, mask=row_ok, other=0.0) * _LOG2E
+        o_old = tl.load(O + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        m = tl.maximum(lse2, lse2_old)
+        w_new, w_old = tl.exp2(lse2 - m), tl.exp2(lse2_old - m)
+        o = (o * w_new[:, None] + o_old * w_old[:, None]) / (w_new + w_old)[:, None]
+        lse2 = m + tl.log2(w_new + w_old)
+    tl.store(O + q_offs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh * C + offs_m, lse2 * _LN2, mask=row_ok)  # natural log
 
 
 @triton.jit
@@ -181,7 +200,7 @@ def _dq_inner(dq, q, do, lse2, delta, q_pos, K, V, pt_row, offs_d, lo, hi, kv_le
         k, v = _load_kv(K, V, pt_row, n0, kv_len, offs_d, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, MASKED)
         p = tl.exp2(_mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         if MASKED:
-            p = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] <= q_pos[:, None], p, 0.0)
+            p = tl.where(_visible(n0, q_pos, kv_len, BLOCK_N), p, 0.0)
         dp = _mm(do, tl.trans(v), DOT_PREC, UPCAST)  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])  # softmax backward: dS = P * (dP - rowsum(dO * O))
         dq += _mm(ds.to(k.dtype), k, DOT_PREC, UPCAST)
@@ -193,8 +212,9 @@ def _dq_kernel(Q, DO, DQ, LSE, DELTA, K, V, PT, q_start, C, kv_len, qk_scale, sm
                stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb,
                N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # grid: (cdiv(C, BLOCK_M), B * N_HEADS); same tiling and kv loop bounds as _fwd_kernel
+               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr):
+    # grid: (cdiv(C, BLOCK_M), B * N_HEADS); same tiling and kv loop bounds as _fwd_kernel.
+    # ACCUMULATE: DQ (fp32) += this part's dq, for attention split over disjoint kv parts.
     bh, offs_m, offs_d, row_ok, q_offs, q_pos, kv_off, pt_row, n_full, hi = _query_tile(
         q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb,
         N_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N)
@@ -208,7 +228,10 @@ def _dq_kernel(Q, DO, DQ, LSE, DELTA, K, V, PT, q_start, C, kv_len, qk_scale, sm
                    qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST)
     dq = _dq_inner(dq, q, do, lse2, delta, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, n_full, hi, kv_len,
                    qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True, DOT_PREC, UPCAST)
-    tl.store(DQ + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    dq = dq * sm_scale
+    if ACCUMULATE:
+        dq += tl.load(DQ + q_offs, mask=row_ok[:, None], other=0.0)
+    tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -266,19 +289,21 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, q_start, C, kv_len, qk_sca
                              q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST)
         dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m_mid, C,
                              q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, False, DOT_PREC, UPCAST)
-    # read-modify-write (+=) of this tile's rows of the fp32 gradient pages
+    # read-modify-write (+=) of this tile's rows of the gradient pages, summed in fp32
     offs = _page_rows(pt_row, n0, stride_gpage, stride_gtok, PAGE_SIZE, BLOCK_N)[:, None] \
         + kvh * stride_gkvh + offs_d[None, :]
     ok = (kv_pos < kv_len)[:, None]
-    tl.store(DK + offs, tl.load(DK + offs, mask=ok, other=0.0) + dk * sm_scale, mask=ok)
-    tl.store(DV + offs, tl.load(DV + offs, mask=ok, other=0.0) + dv, mask=ok)
+    dk = dk * sm_scale + tl.load(DK + offs, mask=ok, other=0.0).to(tl.float32)
+    dv += tl.load(DV + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------- launchers
 
 
-def _check_inputs(q, k_pages, v_pages, page_table, q_start):
-    """Validate the shared arguments; returns (q_start as int, kv_len)."""
+def _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len):
+    """Validate the shared arguments; returns (q_start, kv_len) as ints (kv_len defaults to q_start + C)."""
     for name, t in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t))}")
@@ -306,14 +331,17 @@ def _check_inputs(q, k_pages, v_pages, page_table, q_start):
         raise ValueError(f"q_start must be an int, got {q_start!r}") from None
     if q_start < 0:
         raise ValueError(f"q_start must be >= 0, got {q_start}")
-    kv_len = q_start + C
+    if kv_len is None:
+        kv_len = q_start + C
+    elif not isinstance(kv_len, int) or not 1 <= kv_len <= q_start + C:
+        raise ValueError(f"kv_len must be an int in [1, q_start + C = {q_start + C}], got {kv_len!r}")
     if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32 or page_table.dim() != 2:
         raise ValueError(f"page_table must be a 2-D int32 tensor, got {getattr(page_table, 'dtype', type(page_table))}")
     if page_table.shape[0] != B:
         raise ValueError(f"page_table has {page_table.shape[0]} rows for batch size {B}")
     if page_table.shape[1] * page_size < kv_len:
         raise ValueError(f"page_table too short: {page_table.shape[1]} pages x {page_size} positions "
-                         f"< kv_len = q_start + C = {kv_len}")
+                         f"< kv_len = {kv_len}")
     for name, t in (("k_pages", k_pages), ("v_pages", v_pages), ("page_table", page_table)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
@@ -330,49 +358,80 @@ def _dot_flags(dtype):
     return ("ieee" if dtype == torch.float32 else "tf32"), (_interpreting() and dtype == torch.bfloat16)
 
 
-def paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale=None):
-    """Causal attention of q [B, C, H, D] (positions q_start..) over the paged K/V.
-    Returns o [B, C, H, D] in q.dtype and lse [B, H, C] fp32 (natural log)."""
-    q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start)
+def _check_out(name, t, shape, dtypes, device):
+    if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype not in dtypes or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {'/'.join(map(str, dtypes))} tensor of shape {tuple(shape)}, "
+                         f"got {getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+
+def paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale=None, kv_len=None, out=None,
+                            merge=False):
+    """Causal attention of q [B, C, H, D] (positions q_start..) over kv positions 0..kv_len-1
+    of the paged K/V (default kv_len = q_start + C: the chunk's own K/V are the last C).
+    Returns o [B, C, H, D] (q.dtype) and lse [B, H, C] fp32 (natural log).
+
+    Attention over a long history can be split into disjoint parts, each a call with its own
+    page table: out=(o, lse) writes into given tensors (o in fp32 for a split), and merge=True
+    combines this part with what they hold (the previous parts) by their log-sum-exps."""
+    q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len)
     B, C, H, D = q.shape
     page_size, n_kv_heads = k_pages.shape[1], k_pages.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q, page_table = q.contiguous(), page_table.contiguous()
-    o = torch.empty_like(q)
-    lse = torch.empty((B, H, C), device=q.device, dtype=torch.float32)
+    if out is None:
+        if merge:
+            raise ValueError("merge=True needs out=(o, lse) holding the parts to merge with")
+        o, lse = torch.empty_like(q), torch.empty((B, H, C), device=q.device, dtype=torch.float32)
+    else:
+        o, lse = out
+        _check_out("out[0] (o)", o, q.shape, _DTYPES, q.device)
+        _check_out("out[1] (lse)", lse, (B, H, C), (torch.float32,), q.device)
     bm, bn, warps, stages = _launch_config("fwd", D, page_size, q.dtype, q.device)
     prec, upcast = _dot_flags(q.dtype)
     _fwd_kernel[(triton.cdiv(C, bm), B * H)](
         q, k_pages, v_pages, o, lse, page_table, q_start, C, kv_len, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         page_table.stride(0), N_HEADS=H, GROUP=H // n_kv_heads, HEAD_DIM=D, PAGE_SIZE=page_size,
-        BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, UPCAST=upcast, MERGE=bool(merge), num_warps=warps,
+        num_stages=stages)
     return o, lse
 
 
 def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages,
-                             scale=None):
+                             scale=None, kv_len=None, delta=None, dq=None):
     """Backward of paged_attention_forward. Returns dq (q.dtype, q's shape) and ADDS the
-    gradients of kv positions 0..kv_len-1 into the fp32 dk_pages / dv_pages in place."""
-    q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start)
+    gradients of kv positions 0..kv_len-1 into dk_pages / dv_pages in place (fp32, or bf16
+    pages with the sum formed in fp32).
+
+    For attention split into parts (see the forward): lse is the merged one, delta
+    ([B, H, C] fp32, rowsum(do * o) of the merged o; computed from o if None) is shared by the
+    parts, and a given fp32 dq is accumulated into (+=) and returned."""
+    q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len)
     B, C, H, D = q.shape
     page_size, n_kv_heads = k_pages.shape[1], k_pages.shape[2]
-    for name, t, shape, dtype in (("do", do, q.shape, None), ("o", o, q.shape, None),
-                                  ("lse", lse, (B, H, C), torch.float32),
-                                  ("dk_pages", dk_pages, k_pages.shape, torch.float32),
-                                  ("dv_pages", dv_pages, k_pages.shape, torch.float32)):
-        if not isinstance(t, torch.Tensor) or t.shape != shape or (dtype is not None and t.dtype != dtype):
-            raise ValueError(f"{name} must be a {str(dtype) + ' ' if dtype else ''}tensor of shape {tuple(shape)}, "
+    grad_dtypes = (torch.float32, torch.bfloat16)
+    checks = [("do", do, q.shape, _DTYPES), ("lse", lse, (B, H, C), (torch.float32,)),
+              ("dk_pages", dk_pages, k_pages.shape, grad_dtypes), ("dv_pages", dv_pages, k_pages.shape, grad_dtypes),
+              ("o", o, q.shape, _DTYPES) if delta is None else ("delta", delta, (B, H, C), (torch.float32,))]
+    for name, t, shape, dtypes in checks:
+        if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype not in dtypes:
+            raise ValueError(f"{name} must be a {'/'.join(map(str, dtypes))} tensor of shape {tuple(shape)}, "
                              f"got {getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if dk_pages.stride(-1) != 1 or dk_pages.stride() != dv_pages.stride():
-        raise ValueError("dk_pages/dv_pages need unit stride in head_dim and identical strides")
+    if dk_pages.stride(-1) != 1 or dk_pages.stride() != dv_pages.stride() or dk_pages.dtype != dv_pages.dtype:
+        raise ValueError("dk_pages/dv_pages need one dtype, unit stride in head_dim and identical strides")
+    if dq is not None:
+        _check_out("dq", dq, q.shape, (torch.float32,), q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q, page_table, lse = q.contiguous(), page_table.contiguous(), lse.contiguous()
     do = do.to(q.dtype).contiguous()  # same layout as q, so the kernels share q's strides
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, C] fp32
-    dq = torch.empty_like(q)
+    if delta is None:
+        delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, C] fp32
+    accumulate = dq is not None
+    dq = dq if accumulate else torch.empty_like(q)
     prec, upcast = _dot_flags(q.dtype)
     common = dict(HEAD_DIM=D, PAGE_SIZE=page_size, DOT_PREC=prec, UPCAST=upcast)
 
@@ -381,7 +440,7 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
         q, do, dq, lse, delta, k_pages, v_pages, page_table, q_start, C, kv_len, scale * LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         page_table.stride(0), N_HEADS=H, GROUP=H // n_kv_heads, BLOCK_M=bm, BLOCK_N=bn, **common,
-        num_warps=warps, num_stages=stages)
+        ACCUMULATE=accumulate, num_warps=warps, num_stages=stages)
 
     bm, bn, warps, stages = _launch_config("dkdv", D, page_size, q.dtype, q.device)
     _dkdv_kernel[(triton.cdiv(kv_len, bn), B * n_kv_heads)](

@@ -208,6 +208,50 @@ def test_chunk_recurrent_matches_full_sequence():
         assert_close(a, b, torch.float32, name)
 
 
+@pytest.mark.parametrize("dtype, page_size, grad_dtype", [(torch.float32, 16, torch.float32),
+                                                         (torch.bfloat16, 32, torch.float32),
+                                                         (torch.bfloat16, 16, torch.bfloat16)])
+def test_split_over_kv_parts_matches_whole(dtype, page_size, grad_dtype):
+    """Attention split the way offload.py streams it: history parts [0, a), [a, hist) and the
+    chunk itself, each a call over its own slice of the page table with kv_len and a shifted
+    q_start; forward merged by lse, backward with shared lse/delta accumulating dq. Equals the
+    single call and the reference. bf16 grad pages: the kernel sums in fp32, rounds once."""
+    B, C, H, Hkv, D = 2, 37, 4, 2, 16
+    hist = 5 * page_size
+    p = make_problem(B, C, hist, H, Hkv, D, page_size, dtype, seed=seed_of("split", dtype, page_size, grad_dtype))
+    ref_o, ref_lse, ref_dq, ref_dk, ref_dv = reference_grads(p)
+    q, table = p["q"], p["table"]
+    parts = [(0, 2 * page_size), (2 * page_size, hist), (hist, hist + C)]  # kv position ranges
+
+    o = torch.empty(q.shape, dtype=torch.float32, device=DEVICE)
+    lse = torch.empty(B, H, C, device=DEVICE)
+    for i, (lo, hi) in enumerate(parts):
+        cols = table[:, lo // page_size:-(-hi // page_size)]
+        paged_attention_forward(q, p["k_pages"], p["v_pages"], cols, hist - lo, kv_len=hi - lo,
+                                out=(o, lse), merge=i > 0)
+    assert_close(o, ref_o, dtype, "merged o")
+    assert_close(lse, ref_lse, torch.float32, "merged lse")
+    whole_o, whole_lse = paged_attention_forward(q, p["k_pages"], p["v_pages"], table, hist)
+    assert_close(o, whole_o.float(), dtype, "merged o vs single call")
+
+    o = o.to(dtype)
+    delta = (p["do"].float() * o.float()).sum(-1).transpose(1, 2).contiguous()
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=DEVICE)
+    dk_pages, dv_pages = (t.to(grad_dtype, copy=True) for t in p["prefill"])
+    for lo, hi in parts[::-1]:
+        cols = table[:, lo // page_size:-(-hi // page_size)]
+        out = paged_attention_backward(p["do"], q, None, lse, p["k_pages"], p["v_pages"], cols, hist - lo,
+                                       dk_pages, dv_pages, kv_len=hi - lo, delta=delta, dq=dq)
+        assert out is dq
+    assert_close(dq, ref_dq, dtype, "accumulated dq")
+    t = p["touched"]
+    gtol = dtype if grad_dtype == torch.float32 else torch.bfloat16
+    for name, got, pre, ref in (("dk", dk_pages, p["prefill"][0], ref_dk), ("dv", dv_pages, p["prefill"][1], ref_dv)):
+        assert got.dtype == grad_dtype
+        assert_close(got[t].float(), pre.to(grad_dtype)[t].float() + ref[t], gtol, f"{name}_pages")
+        assert torch.equal(got[~t], pre.to(grad_dtype)[~t]), f"{name}_pages written outside the kv parts"
+
+
 def _bad(**changes):
     """A valid small problem with one argument broken; returns (forward args, backward extras)."""
     D = changes.pop("D", 16)
@@ -224,7 +268,8 @@ def _bad(**changes):
     (dict(D=24), "head_dim"),
     (dict(page_size=24), "page_size"),
     (dict(page_size=8), "page_size"),
-    (dict(dk_pages=lambda a: a["dk_pages"].bfloat16()), "dk_pages"),
+    (dict(dk_pages=lambda a: a["dk_pages"].half()), "dk_pages"),
+    (dict(dv_pages=lambda a: a["dv_pages"].bfloat16()), "one dtype"),
     (dict(dv_pages=lambda a: a["dv_pages"][:, :, :, :8]), "dv_pages"),
     (dict(page_table=lambda a: a["page_table"][:, :1]), "page_table too short"),
     (dict(q_start=30), "page_table too short"),

@@ -1,0 +1,368 @@
+"""
+The KV / KV-gradient store with its pages in host memory: the GPU keeps a fixed-size page cache, whatever the length.
+
+Chunked training (chunk_train.py) needs every layer's K/V of the whole sequence and, in stage 2, their fp32
+gradients: 172 KB per token for Qwen2.5-7B, far more than a GPU holds at a million tokens. `OffloadedKVStore` has
+PagedKVStore's interface (reset / append / length / attend / truncate, see paged_kv.py) but keeps the pages in
+pinned host memory and streams them through two GPU buffers of `cache_tokens` tokens each:
+
+    host (pinned)   k, v [num_pages, page_size, Hkv, D] model dtype; dk, dv the same shape in grad_dtype (fp32)
+    GPU cache       2 buffers, each room for cache_tokens / page_size pages of every batch row
+
+attend(layer, q, k, v) computes attention over the chunk itself (its k, v are on the GPU already) plus the history
+[0, start) in parts of at most one buffer, merged by log-sum-exp in the kernel (kernels/paged_attention.py). Its
+backward walks the same parts: dq accumulates over them, each part's dK/dV is added into the buffer (loaded from
+the host first) and written back. The chunk's own dK/dV - what later chunks accumulated for it plus its own part -
+goes to autograd, as in PagedKVStore.
+
+Asynchrony. Copies run on two CUDA streams, host-to-device (h2d) and device-to-host (d2h), ordered by events only:
+  - compute waits on a buffer's "loaded" event before reading it;
+  - h2d waits until the compute that read a buffer, and the write-back from it, are done before overwriting it;
+  - h2d waits on the layer's last K/V append (d2h) before reading its K/V pages, and on the layer's last gradient
+    write-back before reading its gradient pages;
+  - d2h waits on compute before copying out a freshly appended chunk or a buffer's updated gradients; the appended
+    tensor is tied to the d2h stream (record_stream) so its memory is not reused before the copy is done.
+While one part computes, the next is loading into the other buffer; after a layer's last part the first part of the
+call expected next (learned from the order of previous calls: layer l+1 in a forward, l-1 in a backward) is
+prefetched. A wrong guess costs a wasted copy, never a wrong result: a buffer is used only if it holds exactly the
+pages asked for.
+
+Only what is needed moves: K/V go to the host once (append) and come back read-only; a gradient page goes back
+only after a kernel wrote it ("dirty"), and a page that was never written back this step is zero-filled on the
+GPU instead of copied (so gradients start at zero every step, whatever the pinned memory held before).
+
+On a CPU-only machine the same code runs with every tensor on the CPU and no streams: the bookkeeping is tested
+there, the asynchrony on the GPU (bench/gpu_run.sh).
+"""
+
+import contextlib
+import math
+import weakref
+
+import numpy as np
+import torch
+
+from kernels.paged_attention import paged_attention_backward, paged_attention_forward
+from paged_kv import PageAllocator
+
+
+def pinned_empty(shape, dtype):
+    """A host tensor page-locked in place (cudaHostRegister): exactly its size, unlike pin_memory(), whose caching
+    allocator rounds every block up to a power of two (+60% for a 40 GB pool in the worst case)."""
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes:
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({err}): not enough lockable "
+                               f"host memory")
+        weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
+    return t
+
+
+def _runs(pages, flags=None):
+    """Maximal runs of consecutive page ids (and equal flags): [(first index, first page, count, flag)]."""
+    p = np.asarray(pages, dtype=np.int64)
+    if len(p) == 0:
+        return []
+    brk = np.diff(p) != 1
+    if flags is not None:
+        brk |= flags[1:] != flags[:-1]
+    starts = np.concatenate([[0], np.flatnonzero(brk) + 1])
+    counts = np.diff(np.append(starts, len(p)))
+    f = flags[starts] if flags is not None else np.zeros(len(starts), bool)
+    return list(zip(starts.tolist(), p[starts].tolist(), counts.tolist(), f.tolist()))
+
+
+class _Buffer:
+    """One GPU cache buffer: K, V, dK, dV slots for `pages` pages of each of `batch` rows; row b's i-th page sits in
+    slot b * pages + i, so one constant table [batch, pages] serves every part."""
+
+    def __init__(self, batch, pages, page_shape, dtype, grad_dtype, device):
+        shape = (batch * pages, *page_shape)
+        self.k, self.v = (torch.empty(shape, dtype=dtype, device=device) for _ in range(2))
+        self.dk, self.dv = (torch.empty(shape, dtype=grad_dtype, device=device) for _ in range(2))
+        self.table = torch.arange(batch * pages, dtype=torch.int32, device=device).view(batch, pages)
+        self.key = None  # (layer, what, first page, n pages, version) while it holds loaded, unused pages
+        self.loaded = None  # event: the copies into it are done
+        self.busy = []  # events: its readers (compute, write-back) are done
+
+
+class OffloadedKVStore:
+    def __init__(self, num_layers, batch, n_kv_heads, head_dim, page_size, num_pages, dtype, device,
+                 cache_tokens=65536, grad_dtype=torch.float32):
+        if page_size < 16 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
+        if cache_tokens < page_size:
+            raise ValueError(f"cache_tokens ({cache_tokens}) must hold at least one page of {page_size} tokens")
+        if grad_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"grad_dtype must be float32 or bfloat16, got {grad_dtype}")
+        device = torch.device(device)
+        self.num_layers, self.batch, self.page_size, self.device = num_layers, batch, page_size, device
+        self.cuda = device.type == "cuda"
+        shape = (num_pages, page_size, n_kv_heads, head_dim)
+        host = pinned_empty if self.cuda else (lambda s, d: torch.empty(s, dtype=d))
+        self.k, self.v = host(shape, dtype), host(shape, dtype)
+        self.dk, self.dv = host(shape, grad_dtype), host(shape, grad_dtype)
+        self.allocator = PageAllocator(num_pages)
+        self.tables = [[[] for _ in range(batch)] for _ in range(num_layers)]  # tables[layer][b] = [page, ...]
+        self.lengths = [0] * num_layers
+        self.versions = [0] * num_layers  # see _parts
+        self.dirty = np.zeros(num_pages, dtype=bool)  # gradient page written back since it was allocated
+
+        self.cache_pages = cache_tokens // page_size
+        self.buffers = [_Buffer(batch, self.cache_pages, shape[1:], dtype, grad_dtype, device) for _ in range(2)]
+        self.h2d = torch.cuda.Stream(device) if self.cuda else None
+        self.d2h = torch.cuda.Stream(device) if self.cuda else None
+        self.kv_written = [None] * num_layers  # event: the layer's last K/V append reached the host
+        self.grad_written = [None] * num_layers  # event: the layer's last gradient write-back reached the host
+        self.next_call = {}  # (layer, backward) -> the call that followed it last time, for prefetching
+        self.last_call = None
+        self.bytes_moved = {"h2d": 0, "d2h": 0}  # counters for benchmarks
+
+    @classmethod
+    def for_sequence(cls, model, batch, seq_len, page_size, dtype, device, cache_tokens=65536,
+                     grad_dtype=torch.float32):
+        """A host pool exactly large enough for every layer's K/V of `batch` sequences of `seq_len` tokens."""
+        cfg = model.config
+        num_pages = cfg.num_hidden_layers * batch * math.ceil(seq_len / page_size)
+        return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, page_size, num_pages,
+                   dtype, device, cache_tokens, grad_dtype)
+
+    @staticmethod
+    def cache_bytes(cfg, batch, page_size, cache_tokens, dtype, grad_dtype=torch.float32) -> int:
+        """GPU bytes of the page cache (two buffers), independent of the sequence length."""
+        per_token = cfg.num_key_value_heads * cfg.head_dim * 2 * (dtype.itemsize + grad_dtype.itemsize)
+        return 2 * batch * (cache_tokens // page_size) * page_size * per_token
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+
+    def length(self, layer) -> int:
+        return self.lengths[layer]
+
+    def reset(self):
+        for layer in range(self.num_layers):
+            self.truncate(layer, 0)
+
+    def truncate(self, layer, length):
+        if length < self.lengths[layer] and length % self.page_size:
+            raise ValueError(f"the offloaded store truncates at page boundaries, got {length} "
+                             f"(page_size {self.page_size})")
+        keep = math.ceil(length / self.page_size)
+        for table in reversed(self.tables[layer]):
+            self.allocator.release(table[keep:])
+            del table[keep:]
+        self.lengths[layer] = min(self.lengths[layer], length)
+        self.versions[layer] += 1
+
+    def append(self, layer, k, v):
+        """k, v: [B, T, Hkv, D] on the GPU -> new host pages at positions [length, length + T), copied on d2h."""
+        B, T = k.shape[:2]
+        start = self.lengths[layer]
+        if start % self.page_size:
+            raise ValueError(f"the offloaded store appends at page boundaries: layer {layer} holds {start} tokens, "
+                             f"not a multiple of page_size {self.page_size}")
+        n = math.ceil(T / self.page_size)
+        new = self.allocator.alloc(n * B)
+        self.dirty[new] = False  # its gradient is zero until a kernel writes it back
+        k, v = (t.detach().to(self.k.dtype).contiguous() for t in (k, v))
+        self._wait(self.d2h, self._record(None))
+        with self._on(self.d2h):
+            for b in range(B):
+                pages = new[b * n:(b + 1) * n]
+                self.tables[layer][b].extend(pages)
+                for i, page, count, _ in _runs(pages):
+                    t0, t1 = i * self.page_size, min((i + count) * self.page_size, T)
+                    for src, dst in ((k, self.k), (v, self.v)):
+                        dst.view(-1, *dst.shape[2:])[page * self.page_size:][:t1 - t0].copy_(src[b, t0:t1],
+                                                                                          non_blocking=True)
+                        self.bytes_moved["d2h"] += src[b, t0:t1].nbytes
+        if self.cuda:
+            k.record_stream(self.d2h)
+            v.record_stream(self.d2h)
+        self.kv_written[layer] = self._record(self.d2h)
+        self.lengths[layer] = start + T
+
+    # ------------------------------------------------------------------------------------------ streams
+
+    def _on(self, stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _record(self, stream):
+        """An event at the current end of `stream` (None: the compute stream); None on the CPU."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        return event
+
+    def _wait(self, stream, *events):
+        """Make `stream` (None: the compute stream) wait for the events; no-op on the CPU."""
+        if not self.cuda:
+            return
+        stream = stream if stream is not None else torch.cuda.current_stream(self.device)
+        for event in events:
+            if event is not None:
+                stream.wait_event(event)
+
+    # ------------------------------------------------------------------------------------------ the cache
+
+    def _parts(self, layer, backward, start, end):
+        """The parts a call streams, as buffer keys (layer, what, first page, n pages, version): in a backward
+        first the chunk's own gradient pages ("grad"), then the history [0, start) in buffer-sized parts ("kv"
+        forward, "kvgrad" backward). The layer's version changes whenever its host pages may have: a truncation
+        (pages released and maybe reused) or a finished backward (gradients written back); a buffer loaded
+        under an older version is never used."""
+        ps, cap, version = self.page_size, self.cache_pages, self.versions[layer]
+        parts = [(layer, "grad", start // ps, math.ceil(end / ps) - start // ps, version)] if backward else []
+        history = start // ps
+        what = "kvgrad" if backward else "kv"
+        return parts + [(layer, what, a, min(cap, history - a), version) for a in range(0, history, cap)]
+
+    def _fetch(self, key, avoid=None):
+        """A buffer holding `key`'s pages: the one prefetched for it, or the other buffer, loaded now."""
+        for buf in self.buffers:
+            if buf.key == key:
+                return buf
+        free = [b for b in self.buffers if b is not avoid]
+        buf = next((b for b in free if b.key is None), free[0])  # rather not overwrite a prefetched one
+        self._load(buf, key)
+        return buf
+
+    def _load(self, buf, key):
+        layer, what, first, n, _ = key
+        cap = self.cache_pages
+        self._wait(self.h2d, *buf.busy)
+        if what != "grad":
+            self._wait(self.h2d, self.kv_written[layer])
+        if what != "kv":
+            self._wait(self.h2d, self.grad_written[layer])
+        with self._on(self.h2d):
+            for b in range(self.batch):
+                pages = self.tables[layer][b][first:first + n]
+                if what != "grad":
+                    for i, page, count, _ in _runs(pages):
+                        for src, dst in ((self.k, buf.k), (self.v, buf.v)):
+                            dst[b * cap + i:][:count].copy_(src[page:page + count], non_blocking=True)
+                            self.bytes_moved["h2d"] += dst[:count].nbytes
+                if what != "kv":
+                    for i, page, count, dirty in _runs(pages, self.dirty[pages]):
+                        for src, dst in ((self.dk, buf.dk), (self.dv, buf.dv)):
+                            if dirty:
+                                dst[b * cap + i:][:count].copy_(src[page:page + count], non_blocking=True)
+                                self.bytes_moved["h2d"] += dst[:count].nbytes
+                            else:  # never written back this step: zero, without a copy
+                                dst[b * cap + i:][:count].zero_()
+        buf.key, buf.loaded, buf.busy = key, self._record(self.h2d), []
+
+    def _write_back(self, buf):
+        """Copy the buffer's gradient pages (updated by the compute stream) back to their host pages."""
+        layer, _, first, n, _ = buf.key
+        cap = self.cache_pages
+        self._wait(self.d2h, self._record(None))
+        with self._on(self.d2h):
+            for b in range(self.batch):
+                pages = self.tables[layer][b][first:first + n]
+                self.dirty[pages] = True
+                for i, page, count, _ in _runs(pages):
+                    for src, dst in ((buf.dk, self.dk), (buf.dv, self.dv)):
+                        dst[page:page + count].copy_(src[b * cap + i:][:count], non_blocking=True)
+                        self.bytes_moved["d2h"] += dst[:count].nbytes
+        self.grad_written[layer] = self._record(self.d2h)
+        buf.busy.append(self.grad_written[layer])
+
+    def _stream(self, layer, backward, start, end):
+        """Yield (key, buffer) for each part of a call, loaded and ready for the compute stream; the next part
+        loads while the caller computes on this one. Gradient parts of the history are written back after use."""
+        call = (layer, backward)
+        if self.last_call is not None:
+            self.next_call[self.last_call] = call
+        self.last_call = call
+        guess = self.next_call.get(call) or (
+            ((layer - 1, True) if layer > 0 else None) if backward else
+            ((layer + 1, False) if layer + 1 < self.num_layers else (layer, True)))
+        following = self._parts(*guess, start, end)[:1] if guess else []
+        parts = self._parts(layer, backward, start, end)
+        todo = parts + following  # the guessed part is only loaded, not yielded
+        buf = self._fetch(todo[0]) if todo else None
+        for j, key in enumerate(parts):
+            nxt = self._fetch(todo[j + 1], avoid=buf) if j + 1 < len(todo) else None
+            self._wait(None, buf.loaded)
+            yield key, buf
+            buf.busy = [self._record(None)]
+            if key[1] == "kvgrad":
+                self._write_back(buf)
+            buf.key = None
+            buf = nxt
+        if backward:
+            self.versions[layer] += 1
+
+    # ------------------------------------------------------------------------------------------ attention
+
+    def _local_pages(self, k, v):
+        """The chunk's own k, v [B, C, Hkv, D] as pages [B * n, page_size, Hkv, D] + table [B, n] (padded)."""
+        B, C = k.shape[:2]
+        n = math.ceil(C / self.page_size)
+        pad = n * self.page_size - C
+        if pad:
+            k, v = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (k, v))
+        table = torch.arange(B * n, dtype=torch.int32, device=k.device).view(B, n)
+        return k.reshape(B * n, self.page_size, *k.shape[2:]), v.reshape(B * n, self.page_size, *v.shape[2:]), table
+
+    def forward(self, layer, q, k, v):
+        """o [B, C, H, D] (q.dtype), lse [B, H, C]: the chunk's queries over history + chunk."""
+        B, C = q.shape[:2]
+        if math.ceil(C / self.page_size) > self.cache_pages:  # the backward loads the chunk's pages in one buffer
+            raise ValueError(f"a chunk of {C} tokens does not fit the page cache's buffers of "
+                             f"{self.cache_pages * self.page_size} tokens: raise cache_tokens or lower the chunk")
+        start = self.lengths[layer] - C
+        o = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # fp32 while parts are merged
+        lse = torch.empty(B, q.shape[2], C, dtype=torch.float32, device=q.device)
+        k_loc, v_loc, table = self._local_pages(k.to(self.k.dtype), v.to(self.k.dtype))
+        paged_attention_forward(q, k_loc, v_loc, table, 0, out=(o, lse))
+        for (_, _, first, n, _), buf in self._stream(layer, False, start, start + C):
+            paged_attention_forward(q, buf.k, buf.v, buf.table[:, :n], start - first * self.page_size,
+                                    kv_len=n * self.page_size, out=(o, lse), merge=True)
+        return o.to(q.dtype), lse
+
+    def backward(self, layer, start, q, k, v, o, lse, do):
+        """dq, dk, dv of the chunk at [start, start + C); history gradients go to the host pages."""
+        B, C = q.shape[:2]
+        delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, C]
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        k_loc, v_loc, _ = self._local_pages(k.to(self.k.dtype), v.to(self.k.dtype))
+        n_loc = k_loc.shape[0] // B
+        for (_, what, first, n, _), buf in self._stream(layer, True, start, start + C):
+            table = buf.table[:, :n]
+            if what == "grad":  # the chunk itself: its K/V into the buffer, next to its accumulated gradient
+                for src, dst in ((k_loc, buf.k), (v_loc, buf.v)):
+                    dst.view(B, self.cache_pages, *dst.shape[1:])[:, :n_loc] = src.view(B, n_loc, *src.shape[1:])
+                paged_attention_backward(do, q, None, lse, buf.k, buf.v, table, 0, buf.dk, buf.dv, kv_len=C,
+                                         delta=delta, dq=dq)
+                dk, dv = (g.view(B, self.cache_pages * self.page_size, *g.shape[2:])[:, :C].to(t.dtype, copy=True)
+                          for g, t in ((buf.dk, k), (buf.dv, v)))
+            else:
+                paged_attention_backward(do, q, None, lse, buf.k, buf.v, table, start - first * self.page_size,
+                                         buf.dk, buf.dv, kv_len=n * self.page_size, delta=delta, dq=dq)
+        return dq.to(q.dtype), dk, dv
+
+    def attend(self, layer, q, k, v):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _OffloadedAttention.apply(q, k, v, self, layer)
+        return self.forward(layer, q, k, v)[0]
+
+
+class _OffloadedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, store, layer):
+        o, lse = store.forward(layer, q, k, v)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.store, ctx.layer, ctx.start = store, layer, store.lengths[layer] - q.shape[1]
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.store.backward(ctx.layer, ctx.start, q, k, v, o, lse, do)
+        return dq, dk, dv, None, None
