@@ -50,9 +50,10 @@ if not torch.cuda.is_available() or any(a in ("--device=cpu", "cpu") for a in sy
 
 import triton  # noqa: E402
 
-from chunk_train import chunked_step  # noqa: E402
+from chunk_train import backward_chunk, chunked_step, fp32_gradients  # noqa: E402
 from kernels.paged_attention import gather_pages, paged_attention_backward, paged_attention_forward  # noqa: E402
 from model import PRESETS, Model, ModelConfig, preset  # noqa: E402
+from offload import OffloadedKVStore  # noqa: E402
 from paged_kv import PagedKVStore  # noqa: E402
 
 GiB = 2**30
@@ -219,6 +220,28 @@ def r(x, digits=4):
 # ------------------------------------------------------------------------------------------------ 1. step
 
 
+def partial_step(model, idx, tgt, chunk, store, last_chunks, compute_dtype, checkpoint):
+    """A probe for lengths whose whole step takes longer than a benchmark can wait (a dense 7B step at 1M tokens is
+    ~45 min): stage 1's result, every layer's K/V of all but the last chunk, is written as random values - the
+    memory of a real step, not its compute - and then the last `last_chunks` chunks of stage 2 run for real over
+    that history. Peak memory (GPU and host) is the whole step's; the time is that of its most expensive chunks."""
+    B, T = idx.shape
+    cfg = model.config
+    store.reset()
+    chunks = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
+    g = torch.Generator(device=idx.device).manual_seed(0)
+    for s, e in chunks[:-1]:
+        for layer in range(cfg.num_hidden_layers):
+            kv = torch.randn(B, e - s, cfg.num_key_value_heads, cfg.head_dim, device=idx.device, dtype=compute_dtype,
+                             generator=g)
+            store.append(layer, kv, kv)
+    total = torch.zeros((), device=idx.device)
+    with fp32_gradients(model):
+        for s, e in chunks[::-1][:last_chunks]:
+            total += backward_chunk(model, idx, tgt, s, e, store, compute_dtype, checkpoint)
+    return total.item()
+
+
 def bench_step(args, device, rec):
     """Chunked training step vs the full-sequence baseline, one model, lengths in increasing order."""
     bf16 = torch.bfloat16
@@ -261,26 +284,34 @@ def bench_step(args, device, rec):
     chunked_loss = {}
 
     # per length: the chunked step at every page size, then the full-sequence baseline (it has no pages)
+    # "chunked": pages on the GPU (PagedKVStore); "offload": in pinned host memory (OffloadedKVStore)
+    stores = [{"paged": "chunked", "offload": "offload"}[name] for name in args.stores]
     points = [(length, path, ps) for length in sorted(args.lengths)
-              for path, ps in [("chunked", ps) for ps in args.page_size] + [("full", None)]
-              if not (path == "full" and args.no_baseline)]
+              for path, ps in [(store, ps) for ps in args.page_size for store in stores] + [("full", None)]
+              if not (path == "full" and (args.no_baseline or args.last_chunks))]
+    grad_dtype = {"float32": torch.float32, "bfloat16": bf16}[args.grad_pages]
     for length, path, page_size in points:
         tokens = args.batch * length
         idx, tgt = random_tokens(cfg.vocab_size, args.batch, length, device, args.seed + length)
         record = dict(base, path=path, length=length, page_size=page_size,
-                      checkpoint=args.checkpoint if path == "chunked" else True)
+                      checkpoint=args.checkpoint if path != "full" else True)
+        if path != "full":
+            record.update(grad_pages=args.grad_pages, last_chunks=args.last_chunks or None)
         # --- skip early: baseline already out of memory, time budget, or a pool larger than the free memory
         if path == "full" and baseline_oom_at is not None:
             rec.emit(dict(record, status="OOM", skipped=True, error=f"OOM at length {baseline_oom_at}"))
             continue
-        if path in last_time:
+        if path in last_time and not args.last_chunks:
             l0, t0 = last_time[path]  # scale the last step time by model FLOPs (linear + quadratic attention)
             scale = model.flops_per_token(length) * length / (model.flops_per_token(l0) * l0)
             estimate = t0 * scale * (args.warmup + 1)  # warm-up + at least one timed step
             if over_budget(args, estimate):
                 rec.emit(dict(record, status="skipped", error=f"time budget: ~{estimate:.0f} s predicted"))
                 continue
-        pool_bytes = PagedKVStore.bytes_per_token(cfg, bf16) * tokens if path == "chunked" else 0
+        pool_bytes = PagedKVStore.bytes_per_token(cfg, bf16, grad_dtype) * tokens if path != "full" else 0
+        if path == "offload":  # the pages live on the host; the GPU holds the fixed-size cache
+            record.update(host_gib=r(pool_bytes / GiB), cache_tokens=args.cache_tokens)
+            pool_bytes = OffloadedKVStore.cache_bytes(cfg, args.batch, page_size, args.cache_tokens, bf16, grad_dtype)
         record.update(pool_gib=r(pool_bytes / GiB))
         if device.type == "cuda" and pool_bytes:
             free_memory(device)
@@ -291,13 +322,21 @@ def bench_step(args, device, rec):
                 continue
 
         def body():
+            store = None
             if path == "full" and low_precision:
                 drop_grads()
-            if path == "chunked":
+            if path != "full":
                 # the pool is allocated once per point, outside the timing, and reused by every step
-                store = PagedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device)
+                if path == "chunked":
+                    store = PagedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device, grad_dtype)
+                else:
+                    store = OffloadedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device,
+                                                          args.cache_tokens, grad_dtype)
 
                 def step():
+                    if args.last_chunks:
+                        return partial_step(model, idx, tgt, args.chunk, store, args.last_chunks, bf16,
+                                            args.checkpoint)
                     return chunked_step(model, idx, tgt, args.chunk, page_size, bf16, store=store,
                                         checkpoint=args.checkpoint)
             else:
@@ -309,9 +348,15 @@ def bench_step(args, device, rec):
             if args.profile and device.type == "cuda":
                 profile_once(step, device, args.profile, f"{path} T {length}")
             step_s = statistics.median(times)
-            out = dict(step_s=r(step_s), step_s_all=[r(t) for t in times], tokens_per_s=r(tokens / step_s, 1),
+            moved = getattr(store, "bytes_moved", None)
+            out = {} if moved is None else dict(  # per step, averaged over all calls (warm-up included)
+                h2d_gib_per_step=r(moved["h2d"] / GiB / (args.warmup + len(times))),
+                d2h_gib_per_step=r(moved["d2h"] / GiB / (args.warmup + len(times))))
+            out.update(step_s=r(step_s), step_s_all=[r(t) for t in times], tokens_per_s=r(tokens / step_s, 1),
                        # model FLOPs (6N + causal attention; recomputation not counted) per second
                        tflops=r(model.flops_per_token(length) * tokens / step_s / 1e12, 1), loss=r(loss, 5))
+            if args.last_chunks:  # a partial step: tokens/s and TFLOP/s of a whole step do not apply
+                out.update(tokens_per_s=None, tflops=None)
             peak = peak_gib(device)
             if peak is not None:
                 fixed = param_bytes + (param_bytes if path == "full" and low_precision else grad_bytes)
@@ -327,7 +372,7 @@ def bench_step(args, device, rec):
             last_time[path] = (length, record["step_s"])
             if path == "chunked":
                 chunked_loss[length] = record["loss"]
-            elif length in chunked_loss:  # same tokens: the two losses should agree to bf16 precision
+            elif length in chunked_loss:  # offload or full: same tokens, the losses should agree to bf16 precision
                 record["loss_diff_vs_chunked"] = r(record["loss"] - chunked_loss[length], 6)
         elif path == "full" and record["status"] == "OOM":
             baseline_oom_at = length
@@ -490,11 +535,22 @@ def _check_exact_one(args, device, rec, name, page_size):
     named = list(model.named_parameters())  # a tied weight once
     idx, tgt = random_tokens(cfg.vocab_size, args.batch, args.seq, device, args.seed)
 
+    B, T, bf16 = args.batch, args.seq, torch.bfloat16
+
+    def offloaded(grad_dtype):
+        return OffloadedKVStore.for_sequence(model, B, T, page_size, bf16, device, cache_tokens=max(args.chunk, 8192),
+                                             grad_dtype=grad_dtype)
+
     variants = {
         "full_fp32": lambda: full_sequence_step(model, idx, tgt, torch.float32),  # the reference
-        "full_bf16": lambda: full_sequence_step(model, idx, tgt, torch.bfloat16),
-        "chunked_bf16": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, torch.bfloat16),
+        "full_bf16": lambda: full_sequence_step(model, idx, tgt, bf16),
+        "chunked_bf16": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, bf16),
         "chunked_fp32": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, torch.float32),
+        # offloaded pages (host memory, copy streams, history in parts of 8K tokens): dK/dV pages fp32, then bf16
+        "offload_bf16": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, bf16,
+                                             store=offloaded(torch.float32)),
+        "offload_bf16_grad_pages_bf16": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, bf16,
+                                                             store=offloaded(bf16)),
     }
     ref_grads, ref_loss, errs = None, None, {}
     base = dict(mode="exact", model=name, head_dim=cfg.head_dim, batch=args.batch, length=args.seq,
@@ -531,8 +587,8 @@ def _check_exact_one(args, device, rec, name, page_size):
             ref_grads, ref_loss = record.pop("_grads"), record["loss"]
         else:
             errs[variant] = record.get("grad_rel_err")
-        if variant == "chunked_bf16" and errs.get("full_bf16") and errs.get("chunked_bf16") is not None:
-            ratio = errs["chunked_bf16"] / errs["full_bf16"]
+        if "_bf16" in variant and variant != "full_bf16" and errs.get("full_bf16") and errs.get(variant) is not None:
+            ratio = errs[variant] / errs["full_bf16"]
             record.update(ratio_vs_full_bf16=r(ratio), passes=ratio <= 1.0)
         rec.emit(record)
     del model, named, ref_grads
@@ -634,6 +690,13 @@ def parse_args(argv=None):
     s.add_argument("--point-budget", type=float, default=60,
                    help="seconds: stop timing a point's repeats once they add up to this (after at least one)")
     s.add_argument("--no-baseline", action="store_true", help="skip the full-sequence baseline")
+    s.add_argument("--stores", type=lambda t: t.split(","), default=["paged"],
+                   help="chunked-path stores to run, comma-separated: paged (pages on the GPU), offload (host)")
+    s.add_argument("--cache-tokens", type=int, default=65536, help="offload: tokens per GPU cache buffer")
+    s.add_argument("--grad-pages", default="float32", choices=["float32", "bfloat16"], help="dK/dV page dtype")
+    s.add_argument("--last-chunks", type=int, default=0, metavar="N",
+                   help="probe: random history instead of stage 1, then only the last N chunks of stage 2 "
+                        "(peak memory of the whole step; for lengths whose whole step takes too long)")
     s.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing each point, profile one more step and print the top ROWS GPU ops")
 

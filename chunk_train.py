@@ -24,6 +24,7 @@ backprop would compute them, accumulated in fp32 across chunks in either of two 
 K/V are stored in the compute dtype, their gradients in fp32.
 """
 
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -128,24 +129,38 @@ def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dty
     # stage 1 skips the last chunk: nothing after it needs its K/V before stage 2 recomputes (and stores) them
     fill_kv(model, idx[:, :chunks[-1][0]], store, chunk_size, compute_dtype, progress=progress)
 
+    total = torch.zeros((), device=idx.device)
+    with fp32_gradients(model):
+        for s, e in tqdm(chunks[::-1], desc="stage 2", leave=False, disable=not progress):
+            total += backward_chunk(model, idx, targets, s, e, store, compute_dtype, checkpoint)
+    return total.item()
+
+
+def backward_chunk(model, idx, targets, s, e, store, compute_dtype=torch.float32, checkpoint=False):
+    """Stage 2 for the chunk [s, e) of idx/targets [B, T], the store holding every layer's K/V of [0, s) (or of
+    [0, e)): recompute with grad, backward (sum of the chunk's token losses / (B * T)), then release the chunk's
+    pages. Returns the chunk's share of the loss (a detached tensor)."""
+    B, T = idx.shape
+    with _autocast(model, idx.device, compute_dtype):
+        logits = model(idx[:, s:e], attn=ChunkAttention(store, s), start_pos=s, checkpoint=checkpoint)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, s:e].flatten(), reduction="sum") / (B * T)
+    del logits
+    loss.backward()
+    for layer in range(model.config.num_hidden_layers):
+        store.truncate(layer, s)  # the chunk is retired: its K/V and gradient pages go back to the pool
+    return loss.detach()
+
+
+@contextlib.contextmanager
+def fp32_gradients(model):
+    """While active, low-precision parameters fold each backward's gradient into fp32 param.main_grad."""
     low_precision = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
     hooks = [p.register_post_accumulate_grad_hook(_fold_into_main_grad) for p in low_precision]
-    total = torch.zeros((), device=idx.device)
     try:
-        for s, e in tqdm(chunks[::-1], desc="stage 2", leave=False, disable=not progress):
-            with _autocast(model, idx.device, compute_dtype):
-                logits = model(idx[:, s:e], attn=ChunkAttention(store, s), start_pos=s, checkpoint=checkpoint)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, s:e].flatten(), reduction="sum")
-            loss = loss / (B * T)
-            del logits
-            loss.backward()
-            total += loss.detach()
-            for layer in range(model.config.num_hidden_layers):
-                store.truncate(layer, s)  # the chunk is retired: its K/V and gradient pages go back to the pool
+        yield
     finally:
         for hook in hooks:
             hook.remove()
-    return total.item()
 
 
 @torch.no_grad()

@@ -4,10 +4,10 @@ The KV / KV-gradient store with its pages in host memory: the GPU keeps a fixed-
 Chunked training (chunk_train.py) needs every layer's K/V of the whole sequence and, in stage 2, their fp32
 gradients: 172 KB per token for Qwen2.5-7B, far more than a GPU holds at a million tokens. `OffloadedKVStore` has
 PagedKVStore's interface (reset / append / length / attend / truncate, see paged_kv.py) but keeps the pages in
-pinned host memory and streams them through two GPU buffers of `cache_tokens` tokens each:
+pinned host memory and streams them through three GPU buffers of `cache_tokens` tokens each:
 
     host (pinned)   k, v [num_pages, page_size, Hkv, D] model dtype; dk, dv the same shape in grad_dtype (fp32)
-    GPU cache       2 buffers, each room for cache_tokens / page_size pages of every batch row
+    GPU cache       3 buffers, each room for cache_tokens / page_size pages of every batch row
 
 attend(layer, q, k, v) computes attention over the chunk itself (its k, v are on the GPU already) plus the history
 [0, start) in parts of at most one buffer, merged by log-sum-exp in the kernel (kernels/paged_attention.py). Its
@@ -22,10 +22,10 @@ Asynchrony. Copies run on two CUDA streams, host-to-device (h2d) and device-to-h
     write-back before reading its gradient pages;
   - d2h waits on compute before copying out a freshly appended chunk or a buffer's updated gradients; the appended
     tensor is tied to the d2h stream (record_stream) so its memory is not reused before the copy is done.
-While one part computes, the next is loading into the other buffer; after a layer's last part the first part of the
-call expected next (learned from the order of previous calls: layer l+1 in a forward, l-1 in a backward) is
-prefetched. A wrong guess costs a wasted copy, never a wrong result: a buffer is used only if it holds exactly the
-pages asked for.
+While one part computes, the next loads into another buffer and the previous one's gradients go back from the
+third; during a layer's last part, the first part of the call expected next (learned from the order of previous
+calls: layer l+1 in a forward, l-1 in a backward) is prefetched. A wrong guess costs a wasted copy, never a wrong
+result: a buffer is used only if it holds exactly the pages asked for.
 
 Only what is needed moves: K/V go to the host once (append) and come back read-only; a gradient page goes back
 only after a kernel wrote it ("dirty"), and a page that was never written back this step is zero-filled on the
@@ -44,6 +44,8 @@ import torch
 
 from kernels.paged_attention import paged_attention_backward, paged_attention_forward
 from paged_kv import PageAllocator
+
+NUM_BUFFERS = 3  # GPU cache buffers: one computing, one loading, one writing back
 
 
 def pinned_empty(shape, dtype):
@@ -87,6 +89,7 @@ class _Buffer:
         self.key = None  # (layer, what, first page, n pages, version) while it holds loaded, unused pages
         self.loaded = None  # event: the copies into it are done
         self.busy = []  # events: its readers (compute, write-back) are done
+        self.used = 0  # when it was last handed out (for least-recently-used reuse)
 
 
 class OffloadedKVStore:
@@ -105,14 +108,23 @@ class OffloadedKVStore:
         host = pinned_empty if self.cuda else (lambda s, d: torch.empty(s, dtype=d))
         self.k, self.v = host(shape, dtype), host(shape, dtype)
         self.dk, self.dv = host(shape, grad_dtype), host(shape, grad_dtype)
-        self.allocator = PageAllocator(num_pages)
+        # one free list per (layer, batch row), each over its own contiguous range of the pool: a row's pages of a
+        # layer come out consecutive, so a part of the history moves in one copy per tensor, not one per chunk
+        per_row = num_pages // (num_layers * batch)
+        if per_row < 1:
+            raise ValueError(f"num_pages {num_pages} < num_layers x batch = {num_layers * batch}")
+        self.num_pages = per_row * num_layers * batch
+        self.allocators = [[PageAllocator(per_row, (layer * batch + b) * per_row) for b in range(batch)]
+                           for layer in range(num_layers)]
         self.tables = [[[] for _ in range(batch)] for _ in range(num_layers)]  # tables[layer][b] = [page, ...]
         self.lengths = [0] * num_layers
         self.versions = [0] * num_layers  # see _parts
         self.dirty = np.zeros(num_pages, dtype=bool)  # gradient page written back since it was allocated
 
         self.cache_pages = cache_tokens // page_size
-        self.buffers = [_Buffer(batch, self.cache_pages, shape[1:], dtype, grad_dtype, device) for _ in range(2)]
+        self.buffers = [_Buffer(batch, self.cache_pages, shape[1:], dtype, grad_dtype, device)
+                        for _ in range(NUM_BUFFERS)]
+        self.clock = 0
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
         self.kv_written = [None] * num_layers  # event: the layer's last K/V append reached the host
@@ -132,9 +144,9 @@ class OffloadedKVStore:
 
     @staticmethod
     def cache_bytes(cfg, batch, page_size, cache_tokens, dtype, grad_dtype=torch.float32) -> int:
-        """GPU bytes of the page cache (two buffers), independent of the sequence length."""
+        """GPU bytes of the page cache (NUM_BUFFERS buffers), independent of the sequence length."""
         per_token = cfg.num_key_value_heads * cfg.head_dim * 2 * (dtype.itemsize + grad_dtype.itemsize)
-        return 2 * batch * (cache_tokens // page_size) * page_size * per_token
+        return NUM_BUFFERS * batch * (cache_tokens // page_size) * page_size * per_token
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 
@@ -150,11 +162,14 @@ class OffloadedKVStore:
             raise ValueError(f"the offloaded store truncates at page boundaries, got {length} "
                              f"(page_size {self.page_size})")
         keep = math.ceil(length / self.page_size)
-        for table in reversed(self.tables[layer]):
-            self.allocator.release(table[keep:])
+        for allocator, table in zip(self.allocators[layer], self.tables[layer]):
+            allocator.release(table[keep:])
             del table[keep:]
         self.lengths[layer] = min(self.lengths[layer], length)
         self.versions[layer] += 1
+
+    def num_free_pages(self) -> int:
+        return sum(a.num_free for row in self.allocators for a in row)
 
     def append(self, layer, k, v):
         """k, v: [B, T, Hkv, D] on the GPU -> new host pages at positions [length, length + T), copied on d2h."""
@@ -164,7 +179,7 @@ class OffloadedKVStore:
             raise ValueError(f"the offloaded store appends at page boundaries: layer {layer} holds {start} tokens, "
                              f"not a multiple of page_size {self.page_size}")
         n = math.ceil(T / self.page_size)
-        new = self.allocator.alloc(n * B)
+        new = [page for allocator in self.allocators[layer] for page in allocator.alloc(n)]  # row by row
         self.dirty[new] = False  # its gradient is zero until a kernel writes it back
         k, v = (t.detach().to(self.k.dtype).contiguous() for t in (k, v))
         self._wait(self.d2h, self._record(None))
@@ -209,24 +224,31 @@ class OffloadedKVStore:
     # ------------------------------------------------------------------------------------------ the cache
 
     def _parts(self, layer, backward, start, end):
-        """The parts a call streams, as buffer keys (layer, what, first page, n pages, version): in a backward
-        first the chunk's own gradient pages ("grad"), then the history [0, start) in buffer-sized parts ("kv"
-        forward, "kvgrad" backward). The layer's version changes whenever its host pages may have: a truncation
+        """The parts a call streams, as buffer keys (layer, what, first page, n pages, version): the history
+        [0, start) in buffer-sized parts ("kv" forward, "kvgrad" backward), and in a backward then the chunk's own
+        gradient pages ("grad"). The layer's version changes whenever its host pages may have: a truncation
         (pages released and maybe reused) or a finished backward (gradients written back); a buffer loaded
         under an older version is never used."""
         ps, cap, version = self.page_size, self.cache_pages, self.versions[layer]
-        parts = [(layer, "grad", start // ps, math.ceil(end / ps) - start // ps, version)] if backward else []
         history = start // ps
         what = "kvgrad" if backward else "kv"
-        return parts + [(layer, what, a, min(cap, history - a), version) for a in range(0, history, cap)]
+        parts = [(layer, what, a, min(cap, history - a), version) for a in range(0, history, cap)]
+        # the chunk's own part last: the first part of a call, prefetched during the previous one, is then a
+        # large history part, and the small own part loads while the last history part computes
+        return parts + ([(layer, "grad", start // ps, math.ceil(end / ps) - start // ps, version)] if backward else [])
 
     def _fetch(self, key, avoid=None):
-        """A buffer holding `key`'s pages: the one prefetched for it, or the other buffer, loaded now."""
+        """A buffer holding `key`'s pages: the one prefetched for it, or another one, loaded now. Of the others,
+        the least recently used: with three buffers, loading part j + 1 waits neither for part j (computing)
+        nor for part j - 1's write-back (in flight), only for part j - 2's, long done."""
+        self.clock += 1
         for buf in self.buffers:
             if buf.key == key:
+                buf.used = self.clock
                 return buf
         free = [b for b in self.buffers if b is not avoid]
-        buf = next((b for b in free if b.key is None), free[0])  # rather not overwrite a prefetched one
+        buf = min(free, key=lambda b: (b.key is not None, b.used))  # rather not overwrite a prefetched one
+        buf.used = self.clock
         self._load(buf, key)
         return buf
 

@@ -5,7 +5,8 @@ The KV / KV-gradient store of chunk-recurrent training, in three layers:
    appended (stage 1) and returned last-in-first-out as stage 2 retires chunks right to left.
 2. `PagedKVStore` - storage: four preallocated pool tensors shaped [num_pages, page_size, n_kv_heads, head_dim],
    K and V in the model's compute dtype, dK and dV in fp32 (gradients of a long sequence are sums of many chunk
-   contributions; bf16 accumulation would lose them). Each (layer, batch element) has a page table of int32 indices;
+   contributions; bf16 accumulation would lose them; bf16 gradient pages are an option where memory decides, each
+   chunk's contribution then being summed in fp32 and rounded once). Each (layer, batch element) has a page table of int32 indices;
    the Triton kernel reads K/V through it and adds gradients into dK/dV through it. Gradient pages are zeroed when
    allocated, so nothing from an earlier step can leak into a gradient.
 3. `ReferenceKVStore` - the same interface over contiguous per-layer tensors and plain-PyTorch attention, for tests.
@@ -33,11 +34,11 @@ class OutOfPages(RuntimeError):
 
 
 class PageAllocator:
-    """A free list of page indices [0, num_pages)."""
+    """A free list of page indices [first, first + num_pages)."""
 
-    def __init__(self, num_pages: int):
+    def __init__(self, num_pages: int, first: int = 0):
         self.num_pages = num_pages
-        self.free = list(range(num_pages - 1, -1, -1))  # pop() hands out 0, 1, 2, ... on a fresh pool
+        self.free = list(range(first + num_pages - 1, first - 1, -1))  # pop() hands out first, first + 1, ...
 
     def alloc(self, n: int) -> list[int]:
         if n > len(self.free):
@@ -53,15 +54,18 @@ class PageAllocator:
 
 
 class PagedKVStore:
-    def __init__(self, num_layers, batch, n_kv_heads, head_dim, page_size, num_pages, dtype, device):
+    def __init__(self, num_layers, batch, n_kv_heads, head_dim, page_size, num_pages, dtype, device,
+                 grad_dtype=torch.float32):
         if page_size < 16 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
+        if grad_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"grad_dtype must be float32 or bfloat16, got {grad_dtype}")
         self.num_layers, self.batch, self.page_size = num_layers, batch, page_size
         shape = (num_pages, page_size, n_kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.dk = torch.empty(shape, dtype=torch.float32, device=device)
-        self.dv = torch.empty(shape, dtype=torch.float32, device=device)
+        self.dk = torch.empty(shape, dtype=grad_dtype, device=device)
+        self.dv = torch.empty(shape, dtype=grad_dtype, device=device)
         self.allocator = PageAllocator(num_pages)
         self.tables = [[[] for _ in range(batch)] for _ in range(num_layers)]  # tables[layer][b] = [page, ...]
         self.lengths = [0] * num_layers
@@ -72,17 +76,17 @@ class PagedKVStore:
         self._device_tables = [empty] * num_layers
 
     @classmethod
-    def for_sequence(cls, model, batch, seq_len, page_size, dtype, device):
+    def for_sequence(cls, model, batch, seq_len, page_size, dtype, device, grad_dtype=torch.float32):
         """A pool exactly large enough for every layer's K/V of `batch` sequences of `seq_len` tokens."""
         cfg = model.config
         num_pages = cfg.num_hidden_layers * batch * math.ceil(seq_len / page_size)
         return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, page_size, num_pages,
-                   dtype, device)
+                   dtype, device, grad_dtype=grad_dtype)
 
     @staticmethod
-    def bytes_per_token(cfg, dtype) -> int:
-        """Pool bytes per token per sequence: K and V in `dtype`, dK and dV in fp32, over all layers."""
-        per_layer = cfg.num_key_value_heads * cfg.head_dim * 2 * (torch.finfo(dtype).bits // 8 + 4)
+    def bytes_per_token(cfg, dtype, grad_dtype=torch.float32) -> int:
+        """Pool bytes per token per sequence: K and V in `dtype`, dK and dV in grad_dtype, over all layers."""
+        per_layer = cfg.num_key_value_heads * cfg.head_dim * 2 * (dtype.itemsize + grad_dtype.itemsize)
         return cfg.num_hidden_layers * per_layer
 
     def length(self, layer) -> int:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from chunk_train import chunked_loss, chunked_step
 from data import TokenData
+from offload import OffloadedKVStore
 from paged_kv import PagedKVStore
 from model import PRESETS, Model, ModelConfig, preset
 
@@ -53,6 +54,15 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=4096,
                    help="a --seq longer than this trains chunk-recurrently (chunk_train.py) in chunks of this size")
     p.add_argument("--page-size", type=int, default=64, help="tokens per KV page of the chunked path")
+    p.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
+                   help="keep the chunked path's KV/dKV pages in pinned host memory (offload.py); auto: only when "
+                        "they do not fit on the GPU")
+    p.add_argument("--cache-tokens", type=int, default=65536,
+                   help="with offload: tokens per GPU cache buffer (three buffers; history streams through them)")
+    p.add_argument("--grad-pages", default="float32", choices=list(DTYPES),
+                   help="dtype of the dK/dV pages (bfloat16 halves them; each chunk's sum is still formed in fp32)")
+    p.add_argument("--host-memory", type=float, default=None,
+                   help="GiB of host memory the run may pin (default: MemAvailable)")
     p.add_argument("--model", default=None, choices=list(PRESETS),
                    help="model preset (default: 'small' on GPU, 'tiny' on CPU); ignored with --init-from/--resume")
     p.add_argument("--init-from", default=None, help="Hugging Face checkpoint directory to start from")
@@ -94,11 +104,16 @@ def resolve_defaults(args):
     args.batch = args.batch if args.batch is not None else max(1, (16384 if gpu else 1024) // args.seq)
     args.steps = args.steps if args.steps is not None else (1000 if gpu else 150)
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    for name in ("batch", "steps", "chunk", "page_size"):
+    for name in ("batch", "steps", "chunk", "page_size", "cache_tokens"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.seq > args.chunk and args.chunk % args.page_size:
         raise UserError(f"--chunk {args.chunk} must be a multiple of --page-size {args.page_size}")
+    if args.seq > args.chunk and args.offload != "off" and args.cache_tokens < args.chunk:
+        raise UserError(f"--cache-tokens {args.cache_tokens} must be >= --chunk {args.chunk} (the backward loads a "
+                        f"chunk's gradient pages into one cache buffer)")
+    if args.host_memory is not None and args.host_memory <= 0:
+        raise UserError(f"--host-memory must be > 0 GiB, got {args.host_memory}")
     if args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     args.min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
@@ -121,6 +136,14 @@ def available_memory(device) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
+def host_memory(args) -> int:
+    """Bytes of host memory the run may pin: --host-memory, or MemAvailable. (On machines whose memory grows as it
+    is used, MemAvailable starts low: pass --host-memory there.)"""
+    if args.host_memory is not None:
+        return int(args.host_memory * 2**30)
+    return available_memory(torch.device("cpu"))
+
+
 def param_count(cfg: ModelConfig) -> int:
     with torch.device("meta"):
         return Model(cfg).num_params()
@@ -137,45 +160,81 @@ def chunked(args) -> bool:
     return args.seq > args.chunk
 
 
-def memory_plan(cfg: ModelConfig, args):
-    """-> ({part: bytes}, bytes each extra token of --seq adds): an estimate made before anything is allocated.
+def memory_plan(cfg: ModelConfig, args, offload=False):
+    """-> (plan, per_token): plan = {"gpu": {part: bytes}, "host": {part: bytes}}, an estimate made before anything is
+    allocated; per_token = {"gpu": bytes, "host": bytes} each extra token of --seq adds there.
     Activations saved for backward are taken as, per token and layer, 28*hidden + 8*kv_dim + 8*intermediate bytes
     at bf16 (norms in fp32), plus the logits and their fp32 loss. Against H100 peaks it came within 7%
     (bench/RESULTS.md); check_fits keeps a 10% margin. Full-sequence path: activations grow with --seq.
-    Chunked path: one chunk's activations, and the KV/dKV pool grows with --seq."""
+    Chunked path: one chunk's activations, and the KV/dKV pages grow with --seq: on the GPU, or with offload in
+    pinned host memory behind a fixed GPU page cache."""
     n, compute_bytes = param_count(cfg), DTYPES[args.dtype].itemsize
     scale = compute_bytes / 2
     kv_dim = cfg.num_key_value_heads * cfg.head_dim
     layer = (20 * scale + 8) * cfg.hidden_size + 8 * scale * kv_dim + 8 * scale * cfg.intermediate_size
     activations_per_token = int(cfg.num_hidden_layers * layer + cfg.vocab_size * (compute_bytes + 12)) * args.batch
-    plan = {"weights (fp32)": 4 * n, "gradients (fp32)": 4 * n,
-            # adafactor keeps row/column factors only: tiny next to AdamW's two fp32 moments
-            f"optimizer ({args.optimizer})": {"adamw": 8 * n, "adafactor": 4 * n // 64}[args.optimizer]}
-    if chunked(args):
-        pool_per_token = PagedKVStore.bytes_per_token(cfg, DTYPES[args.dtype]) * args.batch
-        plan[f"activations (one {args.chunk}-token chunk)"] = activations_per_token * args.chunk
-        plan["KV/dKV page pool"] = pool_per_token * args.seq
-        return plan, pool_per_token
-    plan[f"activations ({args.seq} tokens)"] = activations_per_token * args.seq
-    return plan, activations_per_token
+    gpu = {"weights (fp32)": 4 * n, "gradients (fp32)": 4 * n,
+           # adafactor keeps row/column factors only: tiny next to AdamW's two fp32 moments
+           f"optimizer ({args.optimizer})": {"adamw": 8 * n, "adafactor": 4 * n // 64}[args.optimizer]}
+    host = {}
+    if not chunked(args):
+        gpu[f"activations ({args.seq} tokens)"] = activations_per_token * args.seq
+        return {"gpu": gpu, "host": host}, {"gpu": activations_per_token, "host": 0}
+    kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
+    pool_per_token = PagedKVStore.bytes_per_token(cfg, kv_dtype, grad_dtype) * args.batch
+    gpu[f"activations (one {args.chunk}-token chunk)"] = activations_per_token * args.chunk
+    if not offload:
+        gpu["KV/dKV page pool"] = pool_per_token * args.seq
+        return {"gpu": gpu, "host": host}, {"gpu": pool_per_token, "host": 0}
+    gpu[f"KV/dKV page cache (3 x {args.cache_tokens} tokens)"] = OffloadedKVStore.cache_bytes(
+        cfg, args.batch, args.page_size, args.cache_tokens, kv_dtype, grad_dtype)
+    host["KV/dKV pages (pinned)"] = pool_per_token * args.seq
+    return {"gpu": gpu, "host": host}, {"gpu": 0, "host": pool_per_token}
+
+
+def shortfall(plan, per_token, args, device):
+    """None if the plan fits in 90% of what the GPU (device) and the host have, else a one-line reason naming the
+    longest --seq that would fit."""
+    for where, have in (("gpu", available_memory(device)), ("host", host_memory(args))):
+        need, have = sum(plan[where].values()), int(0.9 * have)
+        if need > have:
+            grows = per_token[where]
+            longest = max(0, (have - (need - grows * args.seq)) // grows) if grows else 0
+            name = str(device) if where == "gpu" else "the host"
+            return (f"--seq {args.seq} x --batch {args.batch} needs ~{need / 2**30:.1f} GiB on {name}, "
+                    f"{have / 2**30:.1f} GiB is available: the longest --seq that fits is ~{longest}")
+    return None
+
+
+def plan_run(cfg, args, device):
+    """-> (plan, per_token, offload). --offload auto offloads the chunked path's pages only when the in-GPU pool
+    does not fit."""
+    offload = chunked(args) and args.offload == "on"
+    if chunked(args) and args.offload == "auto":
+        offload = shortfall(*memory_plan(cfg, args, False), args, device) is not None
+    return *memory_plan(cfg, args, offload), offload
 
 
 def check_fits(plan, per_token, args, device):
-    """Refuse a run whose planned memory exceeds 90% of what the device has, naming the longest --seq that fits."""
-    need, have = sum(plan.values()), int(0.9 * available_memory(device))
-    if need > have:
-        longest = max(0, (have - (need - per_token * args.seq)) // per_token)
+    """Refuse a run whose planned memory exceeds 90% of what the GPU or the host has."""
+    reason = shortfall(plan, per_token, args, device)
+    if reason:
         path = f"chunked path (chunk {args.chunk})" if chunked(args) else "full-sequence path"
-        raise UserError(f"--seq {args.seq} x --batch {args.batch} needs ~{need / 2**30:.1f} GiB on {device} for the "
-                        f"{path}, {have / 2**30:.1f} GiB is available: the longest --seq that fits is ~{longest}")
+        raise UserError(f"{reason} ({path})")
 
 
-def print_plan(plan, device):
-    width = max(map(len, plan))
-    for part, size in plan.items():
-        print(f"  {part:<{width}}  {size / 2**30:8.2f} GiB")
-    print(f"  {'total':<{width}}  {sum(plan.values()) / 2**30:8.2f} GiB of {available_memory(device) / 2**30:.1f} "
-          f"GiB available on {device}")
+def print_plan(plan, args, device, offload):
+    rows = [(f"{part} [{where}]", size) for where in ("gpu", "host") for part, size in plan[where].items()]
+    width = max(len(name) for name, _ in rows)
+    for name, size in rows:
+        print(f"  {name:<{width}}  {size / 2**30:8.2f} GiB")
+    print(f"  {'total on ' + str(device):<{width}}  {sum(plan['gpu'].values()) / 2**30:8.2f} GiB of "
+          f"{available_memory(device) / 2**30:.1f} GiB available")
+    if plan["host"]:
+        print(f"  {'total pinned on the host':<{width}}  {sum(plan['host'].values()) / 2**30:8.2f} GiB of "
+              f"{host_memory(args) / 2**30:.1f} GiB available")
+    if chunked(args):
+        print(f"  KV/dKV pages: {'offloaded to host memory' if offload else 'on the GPU'} (--offload {args.offload})")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -319,28 +378,38 @@ def run(args):
     if args.seq > data.max_window("train"):
         raise UserError(f"--seq {args.seq} is longer than the training split of {data.path} "
                         f"({data.max_window('train')} tokens); use a shorter --seq or a larger --data")
-    plan, per_token = memory_plan(cfg, args)  # before anything is allocated on the device
+    plan, per_token, offload = plan_run(cfg, args, device)  # before anything is allocated on the device
     if args.plan:
-        print_plan(plan, device)
+        print_plan(plan, args, device, offload)
         return 0
     check_fits(plan, per_token, args, device)
     model = build_model(args, cfg, ckpt, device)
 
     os.makedirs(args.out, exist_ok=True)
     optimizer = build_optimizer(args, model, device)
-    # the chunked path's KV/dKV page pool, allocated once and reused by every step
-    store = (PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, DTYPES[args.dtype], device)
-             if chunked(args) else None)
+    # the chunked path's KV/dKV pages, allocated once and reused by every step
+    store = None
+    if chunked(args):
+        kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
+        if offload:
+            store = OffloadedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
+                                                  args.cache_tokens, grad_dtype)
+        else:
+            store = PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
+                                              grad_dtype)
     start = 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
         del ckpt
-    path = f"chunked: {args.chunk}-token chunks, {args.page_size}-token pages" if store else "full-sequence"
+    path = (f"chunked: {args.chunk}-token chunks, {args.page_size}-token pages "
+            f"{'offloaded to host memory' if offload else 'on the GPU'}" if store else "full-sequence")
     tqdm.write(f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {model.num_params() / 1e6:.1f}M "
                f"params | data: {data.path}, {len(data.splits['train']):,} train tokens | seq {args.seq} x batch "
                f"{args.batch} | {path} | {args.optimizer}, {args.dtype} on {device} | planned memory "
-               f"{sum(plan.values()) / 2**30:.1f} GiB (--plan for the parts)"
+               f"{sum(plan['gpu'].values()) / 2**30:.1f} GiB"
+               + (f" + {sum(plan['host'].values()) / 2**30:.1f} GiB pinned" if plan["host"] else "")
+               + " (--plan for the parts)"
                + (f" | resuming at step {start}" if start else ""))
 
     stop = StopRequest()

@@ -3,7 +3,7 @@
 #
 #     OUT=/some/dir bash bench/gpu_run.sh [STAGE ...]     # default: every stage (more than one call's worth)
 #
-# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m hf-baseline
+# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m offload-tests exact-offload offload-speed offload-speed-7b offload-growth plan-check offload-4m offload-7b-1m hf-baseline
 #
 # Stages, most important first, each under its own `timeout` (the limits add up to 535 s, so a hang in one stage
 # cannot eat the budget of the call): versions, GPU tests, gradient exactness, training-step benchmark (0.5B, 7B),
@@ -137,6 +137,38 @@ if want recheck-1m; then
     stage train-1m 250 bash -c "$PY train.py --seq 1000000 --steps 1 --out /tmp/run1m >'$OUT/train1m.txt' 2>&1; rc=\$?; tail -c 3000 '$OUT/train1m.txt' | tr '\r' '\n' | grep -v '^ *$' | tail -3; exit \$rc"
 fi
 
+# --- offload (offload.py): GPU tests on real copy streams, exactness, speed vs in-GPU pages, memory vs length
+want offload-tests && stage offload-tests 70 bash -c "$PY -m pytest -q tests/test_offload.py \
+    tests/test_paged_attention.py -k 'offload or split' >'$OUT/pytest_offload.txt' 2>&1; rc=\$?; \
+    tail -5 '$OUT/pytest_offload.txt'; exit \$rc"
+want exact-offload && stage exact-offload 90 "$PY" bench.py exact --model small,small-d128 --seq 16384 \
+    --chunk 1024 --page-size 64 --batch 1
+want offload-speed && stage offload-speed 120 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-0.5b --lengths 32768,131072 --chunk 4096 --page-size 64 \
+    --stores paged,offload --warmup 1 --repeats 2 --no-baseline
+want offload-speed-7b && stage offload-speed-7b 120 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 32768 --chunk 4096 --checkpoint \
+    --page-size 64 --stores paged,offload --warmup 1 --repeats 1 --no-baseline
+# peak GPU memory vs length with offload: whole steps up to 128K, then probes (random history + the last chunk)
+want offload-growth && stage offload-growth 150 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-0.5b --lengths 65536,262144,524288,1048576 --chunk 4096 --page-size 64 \
+    --stores offload --last-chunks 1 --warmup 0 --repeats 1
+# the planner against train.py's measured peak (0.5B, AdamW, 128K tokens, pages offloaded)
+if want plan-check; then
+    rm -rf /tmp/runplan
+    stage plan-check 100 bash -c "$PY train.py --model qwen2.5-0.5b --seq 131072 --offload on --steps 1 \
+        --eval-iters 1 --host-memory 100 --out /tmp/runplan --plan && $PY train.py --model qwen2.5-0.5b \
+        --seq 131072 --offload on --steps 1 --eval-iters 1 --host-memory 100 --out /tmp/runplan 2>&1 | \
+        tr '\r' '\n' | grep -E '^(model|done|error)'; cat /tmp/runplan/log.jsonl"
+fi
+# capacity: the longest lengths, as probes (a whole dense step at these lengths takes 30-60 min)
+want offload-4m && stage offload-4m 280 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-0.5b --lengths 4194304 --chunk 4096 --page-size 64 --stores offload \
+    --grad-pages bfloat16 --last-chunks 1 --warmup 0 --repeats 1
+want offload-7b-1m && stage offload-7b-1m 250 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 1048576 --chunk 4096 --checkpoint \
+    --page-size 64 --stores offload --grad-pages bfloat16 --last-chunks 1 --warmup 0 --repeats 1
+
 # HF transformers anchors (GPU ceilings + Qwen2.5-7B with gradient checkpointing until OOM)
 if want hf-baseline; then
     if [ -f shared/bench/hf_baseline.py ] && "$PY" -c "import transformers" 2>/dev/null; then
@@ -151,6 +183,7 @@ echo
 echo "==================== SUMMARY ($((SECONDS - START)) s; details in \$OUT/log.txt)"
 printf '%s\n' "${STATUS[@]}"
 [ -f "$OUT/pytest.txt" ] && { echo "--- pytest"; tail -n 4 "$OUT/pytest.txt"; }
+[ -f "$OUT/pytest_offload.txt" ] && { echo "--- pytest offload"; tail -n 4 "$OUT/pytest_offload.txt"; }
 [ -f "$OUT/train.txt" ] && { echo "--- train"; tr '\r' '\n' <"$OUT/train.txt" | grep -E "^(model:|done:|error)" | cut -c1-300; }
 [ -f /tmp/run/log.jsonl ] && "$PY" - <<'EOF2'
 import json, statistics

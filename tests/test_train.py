@@ -132,10 +132,33 @@ def test_plan_matches_the_pool_and_parameter_sizes():
     """The exactly known parts of the plan: parameter bytes and the KV/dKV pool (bf16 K/V + fp32 dK/dV)."""
     args = train.resolve_defaults(train.parse_args(["--model", "qwen2.5-7b", "--device", "cpu", "--seq", "1000000",
                                                     "--dtype", "bfloat16", "--optimizer", "adafactor"]))
-    plan, per_token = train.memory_plan(train.preset("qwen2.5-7b"), args)
-    assert plan["weights (fp32)"] == 4 * 7_615_616_512
-    assert per_token == 28 * 4 * 128 * 2 * (2 + 4) == 172_032  # 172 KB per token, as the offload issue says
-    assert plan["KV/dKV page pool"] == 172_032 * 1_000_000
+    cfg = train.preset("qwen2.5-7b")
+    plan, per_token = train.memory_plan(cfg, args)
+    assert plan["gpu"]["weights (fp32)"] == 4 * 7_615_616_512
+    assert per_token == {"gpu": 28 * 4 * 128 * 2 * (2 + 4), "host": 0} and per_token["gpu"] == 172_032  # 172 KB
+    assert plan["gpu"]["KV/dKV page pool"] == 172_032 * 1_000_000
+    # offloaded: the pages move to pinned host memory, the GPU keeps three 64K-token buffers whatever the length
+    plan, per_token = train.memory_plan(cfg, args, offload=True)
+    assert plan["host"] == {"KV/dKV pages (pinned)": 172_032 * 1_000_000} and per_token == {"gpu": 0, "host": 172_032}
+    assert plan["gpu"]["KV/dKV page cache (3 x 65536 tokens)"] == 3 * 65536 * 4 * 128 * 2 * (2 + 4)
+    args.grad_pages = "bfloat16"  # bf16 dK/dV pages: 115 KB per token
+    assert train.memory_plan(cfg, args, offload=True)[1]["host"] == 28 * 4 * 128 * 2 * (2 + 2) == 114_688
+
+
+def test_planner_offloads_only_when_the_pool_does_not_fit(monkeypatch):
+    args = train.resolve_defaults(train.parse_args(["--model", "qwen2.5-0.5b", "--device", "cpu", "--seq", "262144",
+                                                    "--dtype", "bfloat16", "--host-memory", "64"]))
+    cfg, device = train.preset("qwen2.5-0.5b"), torch.device("cpu")
+    monkeypatch.setattr(train, "available_memory", lambda d: 40 * 2**30)  # a GPU with 40 GiB free
+    assert train.plan_run(cfg, args, device)[2] is False  # 9 GiB of pages fit next to the model
+    args.seq = 2**21  # 72 GiB of pages: offloaded, 64 GiB of host is not enough either
+    plan, per_token, offload = train.plan_run(cfg, args, device)
+    assert offload and sum(plan["host"].values()) == 36_864 * 2**21
+    with pytest.raises(train.UserError, match="on the host.*longest --seq that fits is ~1677721"):
+        train.check_fits(plan, per_token, args, device)
+    args.offload = "off"
+    with pytest.raises(train.UserError, match="on cpu.*longest --seq that fits is"):
+        train.check_fits(*train.plan_run(cfg, args, device)[:2], args, device)
 
 
 def test_mismatched_checkpoint_shapes(tmp_path, capsys):
@@ -153,6 +176,8 @@ def test_chunked_path_follows_the_full_sequence_path(tmp_path):
     """--seq > --chunk trains chunk-recurrently; its gradients are exact, so two steps give the same losses."""
     args = ["--model", "tiny", "--device", "cpu", "--seq", "96", "--batch", "1", "--steps", "2", "--eval-iters", "1"]
     assert train.main(args + ["--out", str(tmp_path / "full")]) == 0
-    assert train.main(args + ["--chunk", "32", "--page-size", "16", "--out", str(tmp_path / "chunked")]) == 0
-    for a, b in zip(losses(tmp_path / "full"), losses(tmp_path / "chunked")):
-        assert abs(a - b) <= 1e-5 * a
+    chunked = args + ["--chunk", "32", "--page-size", "16"]
+    assert train.main(chunked + ["--out", str(tmp_path / "chunked")]) == 0
+    assert train.main(chunked + ["--offload", "on", "--cache-tokens", "32", "--out", str(tmp_path / "offload")]) == 0
+    for a, b, c in zip(losses(tmp_path / "full"), losses(tmp_path / "chunked"), losses(tmp_path / "offload")):
+        assert abs(a - b) <= 1e-5 * a and abs(a - c) <= 1e-5 * a
