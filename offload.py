@@ -42,7 +42,7 @@ import weakref
 import numpy as np
 import torch
 
-from kernels.paged_attention import paged_attention_backward, paged_attention_forward
+from kernels.paged_attention import paged_attention_backward, paged_attention_forward, softmax_delta
 from paged_kv import PageAllocator
 
 NUM_BUFFERS = 3  # GPU cache buffers: one computing, one loading, one writing back
@@ -351,7 +351,7 @@ class OffloadedKVStore:
     def backward(self, layer, start, q, k, v, o, lse, do):
         """dq, dk, dv of the chunk at [start, start + C); history gradients go to the host pages."""
         B, C = q.shape[:2]
-        delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, C]
+        delta = softmax_delta(do, o)  # [B, H, C], one for all parts
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         k_loc, v_loc, _ = self._local_pages(k.to(self.k.dtype), v.to(self.k.dtype))
         n_loc = k_loc.shape[0] // B

@@ -399,6 +399,12 @@ def paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale=None
     return o, lse
 
 
+def softmax_delta(do, o):
+    """rowsum(dO * O) per query and head, [B, H, C] fp32: the softmax backward's correction term, shared by every
+    kv part of a split attention (do, o: [B, C, H, D], o the merged output)."""
+    return (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
+
+
 def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages,
                              scale=None, kv_len=None, delta=None, dq=None):
     """Backward of paged_attention_forward. Returns dq (q.dtype, q's shape) and ADDS the
@@ -429,7 +435,7 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
     q, page_table, lse = q.contiguous(), page_table.contiguous(), lse.contiguous()
     do = do.to(q.dtype).contiguous()  # same layout as q, so the kernels share q's strides
     if delta is None:
-        delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, C] fp32
+        delta = softmax_delta(do, o)
     accumulate = dq is not None
     dq = dq if accumulate else torch.empty_like(q)
     prec, upcast = _dot_flags(q.dtype)

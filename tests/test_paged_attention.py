@@ -23,6 +23,7 @@ from kernels.paged_attention import (  # noqa: E402
     paged_attention_backward,
     paged_attention_forward,
     paged_attention_reference,
+    softmax_delta,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -235,7 +236,7 @@ def test_split_over_kv_parts_matches_whole(dtype, page_size, grad_dtype):
     assert_close(o, whole_o.float(), dtype, "merged o vs single call")
 
     o = o.to(dtype)
-    delta = (p["do"].float() * o.float()).sum(-1).transpose(1, 2).contiguous()
+    delta = softmax_delta(p["do"], o)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=DEVICE)
     dk_pages, dv_pages = (t.to(grad_dtype, copy=True) for t in p["prefill"])
     for lo, hi in parts[::-1]:
