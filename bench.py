@@ -51,6 +51,7 @@ if not torch.cuda.is_available() or any(a in ("--device=cpu", "cpu") for a in sy
 import triton  # noqa: E402
 
 from chunk_train import backward_chunk, chunked_step, fp32_gradients  # noqa: E402
+from data import TokenData  # noqa: E402
 from kernels.paged_attention import gather_pages, paged_attention_backward, paged_attention_forward  # noqa: E402
 from model import PRESETS, Model, ModelConfig, preset  # noqa: E402
 from offload import OffloadedKVStore  # noqa: E402
@@ -284,8 +285,9 @@ def bench_step(args, device, rec):
     chunked_loss = {}
 
     # per length: the chunked step at every page size, then the full-sequence baseline (it has no pages)
-    # "chunked": pages on the GPU (PagedKVStore); "offload": in pinned host memory (OffloadedKVStore)
-    stores = [{"paged": "chunked", "offload": "offload"}[name] for name in args.stores]
+    # "chunked": pages on the GPU (PagedKVStore); "offload": in pinned host memory (OffloadedKVStore); "sparse": on
+    # the GPU, page-level sparse attention with --budget history tokens per query block (sparse_attn.py)
+    stores = [{"paged": "chunked", "offload": "offload", "sparse": "sparse"}[name] for name in args.stores]
     points = [(length, path, ps) for length in sorted(args.lengths)
               for path, ps in [(store, ps) for ps in args.page_size for store in stores] + [("full", None)]
               if not (path == "full" and (args.no_baseline or args.last_chunks))]
@@ -297,6 +299,8 @@ def bench_step(args, device, rec):
                       checkpoint=args.checkpoint if path != "full" else True)
         if path != "full":
             record.update(grad_pages=args.grad_pages, last_chunks=args.last_chunks or None)
+        if path == "sparse":
+            record.update(budget=args.budget)
         # --- skip early: baseline already out of memory, time budget, or a pool larger than the free memory
         if path == "full" and baseline_oom_at is not None:
             rec.emit(dict(record, status="OOM", skipped=True, error=f"OOM at length {baseline_oom_at}"))
@@ -304,6 +308,8 @@ def bench_step(args, device, rec):
         if path in last_time and not args.last_chunks:
             l0, t0 = last_time[path]  # scale the last step time by model FLOPs (linear + quadratic attention)
             scale = model.flops_per_token(length) * length / (model.flops_per_token(l0) * l0)
+            if path == "sparse":  # attention per chunk is bounded: linear in the length
+                scale = length / l0
             estimate = t0 * scale * (args.warmup + 1)  # warm-up + at least one timed step
             if over_budget(args, estimate):
                 rec.emit(dict(record, status="skipped", error=f"time budget: ~{estimate:.0f} s predicted"))
@@ -327,8 +333,10 @@ def bench_step(args, device, rec):
                 drop_grads()
             if path != "full":
                 # the pool is allocated once per point, outside the timing, and reused by every step
-                if path == "chunked":
-                    store = PagedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device, grad_dtype)
+                if path in ("chunked", "sparse"):
+                    sparse = dict(budget=args.budget) if path == "sparse" else None
+                    store = PagedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device, grad_dtype,
+                                                      sparse=sparse)
                 else:
                     store = OffloadedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device,
                                                           args.cache_tokens, grad_dtype)
@@ -595,6 +603,59 @@ def _check_exact_one(args, device, rec, name, page_size):
     free_memory(device)
 
 
+def sparse_fidelity(args, device, rec):
+    """Gradient fidelity of sparse attention: on a trained model (random weights attend almost uniformly, which would
+    flatter no summary and mislead), the chunked sparse gradient for each budget vs the dense chunked one (exact),
+    both with bf16 compute: cosine similarity and relative error of all parameters as one vector, the worst
+    parameter, and the loss. Batches come from the validation split."""
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    model = Model(ModelConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    named = list(model.named_parameters())
+    data = TokenData(args.data)
+    base = dict(mode="fidelity", ckpt=args.ckpt, trained_steps=ckpt["step"], seq=args.seq, chunk=args.chunk,
+                page_size=args.page_size, batch=args.batch)
+    print(f"fidelity: {model.num_params() / 1e6:.1f}M params trained {ckpt['step']} steps, seq {args.seq}, "
+          f"chunk {args.chunk}, budgets {args.budgets}", flush=True)
+
+    def grads_of(budget):
+        """[per batch: (loss, flat fp32 gradient)] of the chunked step, dense if budget is None."""
+        out = []
+        for i in range(args.batches):
+            x, y = (t.to(device) for t in data.batch("val", args.batch, args.seq, seed=10_000 + i))
+            store = PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, torch.bfloat16, device,
+                                              sparse=dict(budget=budget) if budget else None)
+            model.zero_grad(set_to_none=True)
+            loss = chunked_step(model, x, y, args.chunk, args.page_size, torch.bfloat16, store=store)
+            out.append((loss, [p.grad.detach().clone() for _, p in named]))
+            del store
+        return out
+
+    dense = grads_of(None)
+    for budget in args.budgets:
+        def body():
+            sparse = grads_of(budget)
+            cos, rel, loss_diff, worst = [], [], [], (-1.0, "")
+            for (l_d, g_d), (l_s, g_s) in zip(dense, sparse):
+                dot = sum((a.double() * b.double()).sum().item() for a, b in zip(g_d, g_s))
+                n_d = math.sqrt(sum(a.double().pow(2).sum().item() for a in g_d))
+                n_s = math.sqrt(sum(b.double().pow(2).sum().item() for b in g_s))
+                diff = math.sqrt(sum((a.double() - b.double()).pow(2).sum().item() for a, b in zip(g_d, g_s)))
+                cos.append(dot / (n_d * n_s))
+                rel.append(diff / n_d)
+                loss_diff.append(l_s - l_d)
+                for (name, _), a, b in zip(named, g_d, g_s):
+                    e = ((a - b).norm() / a.norm()).item() if a.norm() > 0 else 0.0
+                    worst = max(worst, (e, name))
+            return dict(grad_cosine=r(statistics.mean(cos), 6), grad_rel_err=r(statistics.mean(rel)),
+                        loss_dense=r(statistics.mean(l for l, _ in dense), 5),
+                        loss_diff=r(statistics.mean(loss_diff), 6), worst_param=worst[1], worst_param_rel_err=r(worst[0]))
+        rec.emit(run_point(dict(base, budget=budget, history_fraction=r(budget / args.seq)), body, device))
+    del model, named, dense
+    free_memory(device)
+
+
 # ------------------------------------------------------------------------------------------------ output
 
 
@@ -690,6 +751,7 @@ def parse_args(argv=None):
     s.add_argument("--point-budget", type=float, default=60,
                    help="seconds: stop timing a point's repeats once they add up to this (after at least one)")
     s.add_argument("--no-baseline", action="store_true", help="skip the full-sequence baseline")
+    s.add_argument("--budget", type=int, default=4096, help="sparse store: history tokens per query block")
     s.add_argument("--stores", type=lambda t: t.split(","), default=["paged"],
                    help="chunked-path stores to run, comma-separated: paged (pages on the GPU), offload (host)")
     s.add_argument("--cache-tokens", type=int, default=65536, help="offload: tokens per GPU cache buffer")
@@ -719,6 +781,17 @@ def parse_args(argv=None):
     e.add_argument("--page-size", type=int_list, default=[64])
     e.add_argument("--batch", type=int, default=2)
 
+    f = sub.add_parser("fidelity", parents=[common],
+                       help="sparse vs dense chunked gradients of a model trained by train.py (cosine, rel. error)")
+    f.add_argument("--ckpt", required=True, help="a train.py checkpoint (OUT/ckpt.pt)")
+    f.add_argument("--data", default=None, help="as train.py --data (default: the embedded corpus)")
+    f.add_argument("--seq", type=int, default=16384)
+    f.add_argument("--chunk", type=int, default=1024)
+    f.add_argument("--page-size", type=int, default=64)
+    f.add_argument("--budgets", type=int_list, default=int_list("256,512,1024,2048,4096"))
+    f.add_argument("--batch", type=int, default=1)
+    f.add_argument("--batches", type=int, default=2, help="validation batches averaged over")
+
     sub.add_parser("summary", parents=[common], help="print the tables of OUT/bench.jsonl")
     return p.parse_args(argv)
 
@@ -739,7 +812,8 @@ def main(argv=None):
     rec = Recorder(args.out, env_info(device))
     print(f"bench {args.what}: {rec.env['device']}, torch {rec.env['torch']}, triton {rec.env['triton']} "
           f"-> {rec.path}", flush=True)
-    {"step": bench_step, "kernel": bench_kernel, "exact": check_exact}[args.what](args, device, rec)
+    {"step": bench_step, "kernel": bench_kernel, "exact": check_exact, "fidelity": sparse_fidelity}[args.what](
+        args, device, rec)
     print(f"\n== {args.what}: {len(rec.rows)} points ({time.perf_counter() - T0:.0f} s)")
     for d in rec.rows:
         print(format_row(d))

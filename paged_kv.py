@@ -20,6 +20,9 @@ The interface chunk_train.py uses:
                                            Backward adds history gradients into the store and returns the chunk's
                                            dk/dv *including* what later chunks accumulated for it.
     store.truncate(layer, length)          drop positions >= length (frees their pages)
+
+With sparse=dict(budget=...) attention is page-level sparse (sparse_attn.py): each block of queries reads only
+its selected history pages and its own chunk.
 """
 
 import math
@@ -27,6 +30,7 @@ import math
 import torch
 
 from kernels.paged_attention import paged_attention, paged_attention_reference
+from sparse_attn import PageSelector
 
 
 class OutOfPages(RuntimeError):
@@ -55,7 +59,7 @@ class PageAllocator:
 
 class PagedKVStore:
     def __init__(self, num_layers, batch, n_kv_heads, head_dim, page_size, num_pages, dtype, device,
-                 grad_dtype=torch.float32):
+                 grad_dtype=torch.float32, sparse=None):
         if page_size < 16 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
         if grad_dtype not in (torch.float32, torch.bfloat16):
@@ -74,14 +78,17 @@ class PagedKVStore:
         # a pageable host-to-device copy of the whole table per layer and chunk would make it do.
         empty = torch.empty(batch, 0, dtype=torch.int32, device=device)
         self._device_tables = [empty] * num_layers
+        # sparse attention (sparse_attn.py): sparse=dict(budget=tokens, ...) keeps page summaries and selections
+        self.selector = PageSelector(num_pages, n_kv_heads, head_dim, page_size, dtype=dtype, device=device,
+                                     **sparse) if sparse else None
 
     @classmethod
-    def for_sequence(cls, model, batch, seq_len, page_size, dtype, device, grad_dtype=torch.float32):
+    def for_sequence(cls, model, batch, seq_len, page_size, dtype, device, grad_dtype=torch.float32, sparse=None):
         """A pool exactly large enough for every layer's K/V of `batch` sequences of `seq_len` tokens."""
         cfg = model.config
         num_pages = cfg.num_hidden_layers * batch * math.ceil(seq_len / page_size)
         return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, page_size, num_pages,
-                   dtype, device, grad_dtype=grad_dtype)
+                   dtype, device, grad_dtype=grad_dtype, sparse=sparse)
 
     @staticmethod
     def bytes_per_token(cfg, dtype, grad_dtype=torch.float32) -> int:
@@ -116,6 +123,10 @@ class PagedKVStore:
             new = new.flatten().long()
             self.dk.index_fill_(0, new, 0.0)  # gradient pages start at zero, whatever they held before
             self.dv.index_fill_(0, new, 0.0)
+        if self.selector is not None:
+            if start % self.page_size:
+                raise ValueError(f"sparse attention appends at page boundaries: layer {layer} holds {start} tokens")
+            self.selector.write(self._device_tables[layer][:, start // self.page_size:], k)
         rows = self._rows(layer, start, end)  # [B * T] flat row indices into [num_pages * page_size]
         self.k.view(-1, *self.k.shape[2:]).index_copy_(0, rows, k.reshape(B * T, *k.shape[2:]).to(self.k.dtype))
         self.v.view(-1, *self.v.shape[2:]).index_copy_(0, rows, v.reshape(B * T, *v.shape[2:]).to(self.v.dtype))
@@ -133,10 +144,17 @@ class PagedKVStore:
             del table[keep:]
         self.lengths[layer] = min(self.lengths[layer], length)
         self._device_tables[layer] = self._device_tables[layer][:, :keep]  # a prefix: no copy
+        if self.selector is not None:
+            self.selector.truncate(layer, length)
 
     def attend(self, layer, q, k, v):
         q_start = self.lengths[layer] - q.shape[1]
-        return paged_attention(q, k, v, self.k, self.v, self.dk, self.dv, self.page_table(layer), q_start)
+        table = self.page_table(layer)
+        if self.selector is None:
+            return paged_attention(q, k, v, self.k, self.v, self.dk, self.dv, table, q_start)
+        table, q_start = self.selector.page_table(layer, q, table, q_start)  # per kv head and query block
+        return paged_attention(q, k, v, self.k, self.v, self.dk, self.dv, table, q_start,
+                               q_block=self.selector.q_block)
 
 
 class _AddStoredGrad(torch.autograd.Function):

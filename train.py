@@ -28,6 +28,7 @@ from chunk_train import chunked_loss, chunked_step
 from data import TokenData
 from offload import OffloadedKVStore
 from paged_kv import PagedKVStore
+from sparse_attn import PageSelector
 from model import PRESETS, Model, ModelConfig, preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -61,13 +62,21 @@ def parse_args(argv=None):
                    help="with offload: tokens per GPU cache buffer (three buffers; history streams through them)")
     p.add_argument("--grad-pages", default="float32", choices=list(DTYPES),
                    help="dtype of the dK/dV pages (bfloat16 halves them; each chunk's sum is still formed in fp32)")
+    p.add_argument("--attn", default="auto", choices=["auto", "dense", "sparse"],
+                   help="attention of the chunked path: dense (exact) or page-level sparse (sparse_attn.py: each "
+                        "128-query block reads --budget history tokens + its chunk); auto: sparse when --seq > 16 x "
+                        "--budget")
+    p.add_argument("--budget", type=int, default=4096,
+                   help="sparse attention: history tokens per query block (sink, recent and top-scoring pages)")
     p.add_argument("--host-memory", type=float, default=None,
                    help="GiB of host memory the run may pin (default: MemAvailable)")
     p.add_argument("--model", default=None, choices=list(PRESETS),
                    help="model preset (default: 'small' on GPU, 'tiny' on CPU); ignored with --init-from/--resume")
     p.add_argument("--init-from", default=None, help="Hugging Face checkpoint directory to start from")
     p.add_argument("--data", default=None, help="FILE.txt (bytes) or FILE.bin (+FILE.bin.json); default: embedded")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1000 on GPU, 150 on CPU)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: 1000 on GPU, 150 on CPU, fewer for long sequences: ~16M tokens "
+                        "on GPU, at least 10 steps)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: steps / 20)")
@@ -102,9 +111,11 @@ def resolve_defaults(args):
     if args.seq <= 0:  # before the batch default divides by it
         raise UserError(f"--seq must be > 0, got {args.seq}")
     args.batch = args.batch if args.batch is not None else max(1, (16384 if gpu else 1024) // args.seq)
-    args.steps = args.steps if args.steps is not None else (1000 if gpu else 150)
+    # long sequences: about as many tokens as the short default run, so that it finishes in minutes
+    default_steps = max(10, min(1000 if gpu else 150, (2**24 if gpu else 2**18) // (args.seq * args.batch)))
+    args.steps = args.steps if args.steps is not None else default_steps
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    for name in ("batch", "steps", "chunk", "page_size", "cache_tokens"):
+    for name in ("batch", "steps", "chunk", "page_size", "cache_tokens", "budget"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.seq > args.chunk and args.chunk % args.page_size:
@@ -112,6 +123,16 @@ def resolve_defaults(args):
     if args.seq > args.chunk and args.offload != "off" and args.cache_tokens < args.chunk:
         raise UserError(f"--cache-tokens {args.cache_tokens} must be >= --chunk {args.chunk} (the backward loads a "
                         f"chunk's gradient pages into one cache buffer)")
+    args.sparse = chunked(args) and (args.attn == "sparse" or (args.attn == "auto" and args.seq > 16 * args.budget))
+    if args.attn == "sparse" and not chunked(args):
+        raise UserError(f"--attn sparse works on the chunked path: --seq ({args.seq}) must exceed --chunk "
+                        f"({args.chunk})")
+    if args.sparse and (args.budget % args.page_size or args.budget < 2 * args.page_size):
+        raise UserError(f"--budget {args.budget} must be a multiple of --page-size {args.page_size}, at least two "
+                        f"pages (the sink and the most recent page)")
+    if args.sparse and args.offload == "on":
+        raise UserError("--attn sparse keeps its pages on the GPU: offloading them is not implemented yet "
+                        "(use --offload off/auto, or --attn dense)")
     if args.host_memory is not None and args.host_memory <= 0:
         raise UserError(f"--host-memory must be > 0 GiB, got {args.host_memory}")
     if args.lr <= 0:
@@ -183,9 +204,14 @@ def memory_plan(cfg: ModelConfig, args, offload=False):
     kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
     pool_per_token = PagedKVStore.bytes_per_token(cfg, kv_dtype, grad_dtype) * args.batch
     gpu[f"activations (one {args.chunk}-token chunk)"] = activations_per_token * args.chunk
+    index_per_token = 0
+    if args.sparse:  # page summaries and stored selections, both proportional to the length
+        index = PageSelector.gpu_bytes(cfg, args.batch, args.seq, args.chunk, args.page_size, args.budget, kv_dtype)
+        gpu["sparse attention index"] = index
+        index_per_token = math.ceil(index / args.seq)
     if not offload:
         gpu["KV/dKV page pool"] = pool_per_token * args.seq
-        return {"gpu": gpu, "host": host}, {"gpu": pool_per_token, "host": 0}
+        return {"gpu": gpu, "host": host}, {"gpu": pool_per_token + index_per_token, "host": 0}
     gpu[f"KV/dKV page cache (3 x {args.cache_tokens} tokens)"] = OffloadedKVStore.cache_bytes(
         cfg, args.batch, args.page_size, args.cache_tokens, kv_dtype, grad_dtype)
     host["KV/dKV pages (pinned)"] = pool_per_token * args.seq
@@ -210,7 +236,7 @@ def plan_run(cfg, args, device):
     """-> (plan, per_token, offload). --offload auto offloads the chunked path's pages only when the in-GPU pool
     does not fit."""
     offload = chunked(args) and args.offload == "on"
-    if chunked(args) and args.offload == "auto":
+    if chunked(args) and args.offload == "auto" and not args.sparse:
         offload = shortfall(*memory_plan(cfg, args, False), args, device) is not None
     return *memory_plan(cfg, args, offload), offload
 
@@ -234,7 +260,8 @@ def print_plan(plan, args, device, offload):
         print(f"  {'total pinned on the host':<{width}}  {sum(plan['host'].values()) / 2**30:8.2f} GiB of "
               f"{host_memory(args) / 2**30:.1f} GiB available")
     if chunked(args):
-        print(f"  KV/dKV pages: {'offloaded to host memory' if offload else 'on the GPU'} (--offload {args.offload})")
+        print(f"  KV/dKV pages: {'offloaded to host memory' if offload else 'on the GPU'} (--offload {args.offload}); "
+              f"attention: {'sparse' if args.sparse else 'dense'} (--attn {args.attn})")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -395,15 +422,19 @@ def run(args):
             store = OffloadedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
                                                   args.cache_tokens, grad_dtype)
         else:
+            sparse = dict(budget=args.budget) if args.sparse else None
             store = PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
-                                              grad_dtype)
+                                              grad_dtype, sparse=sparse)
     start = 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
         del ckpt
+    attention = (f"sparse attention, {args.budget} history tokens per query block" if args.sparse
+                 else "dense exact attention")
     path = (f"chunked: {args.chunk}-token chunks, {args.page_size}-token pages "
-            f"{'offloaded to host memory' if offload else 'on the GPU'}" if store else "full-sequence")
+            f"{'offloaded to host memory' if offload else 'on the GPU'}, {attention} (--attn {args.attn})"
+            if store else "full-sequence")
     tqdm.write(f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {model.num_params() / 1e6:.1f}M "
                f"params | data: {data.path}, {len(data.splits['train']):,} train tokens | seq {args.seq} x batch "
                f"{args.batch} | {path} | {args.optimizer}, {args.dtype} on {device} | planned memory "

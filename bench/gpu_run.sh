@@ -3,7 +3,7 @@
 #
 #     OUT=/some/dir bash bench/gpu_run.sh [STAGE ...]     # default: every stage (more than one call's worth)
 #
-# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m offload-tests exact-offload offload-speed offload-speed-7b offload-growth plan-check offload-4m offload-7b-1m hf-baseline
+# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m offload-tests exact-offload offload-speed offload-speed-7b offload-growth plan-check offload-4m offload-7b-1m sparse-tests sparse-fid-train sparse-fidelity sparse-curves sparse-speed sparse-profile sparse-7b sparse-train-1m hf-baseline
 #
 # Stages, most important first, each under its own `timeout` (the limits add up to 535 s, so a hang in one stage
 # cannot eat the budget of the call): versions, GPU tests, gradient exactness, training-step benchmark (0.5B, 7B),
@@ -169,6 +169,48 @@ want offload-7b-1m && stage offload-7b-1m 250 env PYTORCH_CUDA_ALLOC_CONF=expand
     "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 1048576 --chunk 4096 --checkpoint \
     --page-size 64 --stores offload --grad-pages bfloat16 --last-chunks 1 --warmup 0 --repeats 1
 
+# --- sparse attention (sparse_attn.py): compiled-kernel tests, fidelity on a trained model, loss curves, speed
+want sparse-tests && stage sparse-tests 300 bash -c "$PY -m pytest -q tests/test_sparse_attn.py \
+    tests/test_paged_attention.py >'$OUT/pytest_sparse.txt' 2>&1; rc=\$?; tail -5 '$OUT/pytest_sparse.txt'; exit \$rc"
+# fidelity needs a trained model (random weights attend almost uniformly): the default model trained at 16K tokens
+# with dense exact attention, then sparse vs dense chunked gradients on validation batches for several budgets
+if want sparse-fid-train || { want sparse-fidelity && [ ! -f /tmp/fid/ckpt.pt ]; }; then
+    rm -rf /tmp/fid
+    stage fid-train 240 bash -c "$PY train.py --seq 16384 --chunk 4096 --attn dense --steps 300 --eval-iters 1 \
+        --out /tmp/fid 2>&1 | tr '\r' '\n' | grep -E '^(model|done|error)'; cp /tmp/fid/log.jsonl '$OUT/fid_train.jsonl'"
+fi
+if want sparse-fidelity; then
+    stage sparse-fidelity 200 "$PY" bench.py fidelity --ckpt /tmp/fid/ckpt.pt --seq 16384 --chunk 1024 \
+        --budgets 256,512,1024,2048,4096 --batches 2
+fi
+# loss curves: the same short run from scratch, dense vs sparse (1024-token chunks and budget: mostly sparse)
+for attn in ${CURVES:-dense sparse}; do
+    want sparse-curves || break
+    rm -rf /tmp/curve_$attn
+    stage curve-$attn 400 bash -c "timeout 380 $PY train.py --seq 16384 --chunk 1024 --attn $attn --budget 1024 \
+        --steps 150 --eval-iters 1 --out /tmp/curve_$attn >/tmp/curve_$attn.txt 2>&1; rc=\$?; \
+        tr '\r' '\n' </tmp/curve_$attn.txt | grep -E '^(model|done|error)'; \
+        cp /tmp/curve_$attn/log.jsonl '$OUT/curve_$attn.jsonl'; exit \$rc"
+done
+# speed: tokens/s at 32K (dense and sparse) and at 1M (sparse), 0.5B, pages on the GPU
+want sparse-speed && stage sparse-speed 330 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bash -c "\
+    $PY bench.py step --model qwen2.5-0.5b --lengths 32768 --chunk 4096 --page-size 64 --stores paged,sparse \
+    --budget 4096 --warmup 1 --repeats 2 --no-baseline && $PY bench.py step --model qwen2.5-0.5b \
+    --lengths 1048576 --chunk 4096 --page-size 64 --stores sparse --budget 4096 --warmup 1 --repeats 1 --no-baseline"
+# where a sparse step's time goes vs a dense one (small model, 1K chunks: per-call overheads show)
+want sparse-profile && stage sparse-profile 200 "$PY" bench.py step --model small --lengths 16384 --chunk 1024 \
+    --page-size 64 --stores paged,sparse --budget 1024 --warmup 1 --repeats 2 --no-baseline --profile 30
+want sparse-7b && stage sparse-7b 250 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 131072 --chunk 4096 --checkpoint \
+    --page-size 64 --stores sparse --budget 4096 --warmup 1 --repeats 2 --no-baseline
+# the default long run: python train.py --seq 1000000 (sparse by default), whole run timed
+if want sparse-train-1m; then
+    rm -rf /tmp/run1m
+    stage sparse-train-1m 560 bash -c "t0=\$(date +%s); $PY train.py --seq 1000000 --out /tmp/run1m 2>&1 | \
+        tr '\r' '\n' | grep -E '^(model|done|error)'; echo \"wall \$((\$(date +%s) - t0)) s\"; \
+        cp /tmp/run1m/log.jsonl '$OUT/train_1m.jsonl'"
+fi
+
 # HF transformers anchors (GPU ceilings + Qwen2.5-7B with gradient checkpointing until OOM)
 if want hf-baseline; then
     if [ -f shared/bench/hf_baseline.py ] && "$PY" -c "import transformers" 2>/dev/null; then
@@ -184,6 +226,7 @@ echo "==================== SUMMARY ($((SECONDS - START)) s; details in \$OUT/log
 printf '%s\n' "${STATUS[@]}"
 [ -f "$OUT/pytest.txt" ] && { echo "--- pytest"; tail -n 4 "$OUT/pytest.txt"; }
 [ -f "$OUT/pytest_offload.txt" ] && { echo "--- pytest offload"; tail -n 4 "$OUT/pytest_offload.txt"; }
+[ -f "$OUT/pytest_sparse.txt" ] && { echo "--- pytest sparse"; tail -n 4 "$OUT/pytest_sparse.txt"; }
 [ -f "$OUT/train.txt" ] && { echo "--- train"; tr '\r' '\n' <"$OUT/train.txt" | grep -E "^(model:|done:|error)" | cut -c1-300; }
 [ -f /tmp/run/log.jsonl ] && "$PY" - <<'EOF2'
 import json, statistics

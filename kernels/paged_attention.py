@@ -97,11 +97,10 @@ def _page_rows(pt_row, n0, stride_page, stride_tok, PAGE_SIZE: tl.constexpr, BLO
 
 
 @triton.jit
-def _load_kv(K, V, pt_row, n0, kv_len, offs_d, stride_page, stride_tok,
-             PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """K/V tiles [BLOCK_N, D] of positions n0.. (K, V already offset to the kv head).
-    Positions >= kv_len hold garbage (maybe NaN) and are zeroed: a NaN v times p=0 is NaN."""
-    offs = _page_rows(pt_row, n0, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)[:, None] + offs_d[None, :]
+def _load_kv(K, V, rows, n0, kv_len, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """K/V tiles [BLOCK_N, D] of positions n0.. at element offsets rows [BLOCK_N] (K, V already offset to the kv
+    head). Positions >= kv_len hold garbage (maybe NaN) and are zeroed: a NaN v times p=0 is NaN."""
+    offs = rows[:, None] + offs_d[None, :]
     if MASKED:
         ok = (n0 + tl.arange(0, BLOCK_N) < kv_len)[:, None]
         return tl.load(K + offs, mask=ok, other=0.0), tl.load(V + offs, mask=ok, other=0.0)
@@ -121,7 +120,8 @@ def _fwd_inner(acc, m_i, l_i, q, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk
                MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over kv tiles lo..hi. m_i, l_i: running max / sum in base 2 [BLOCK_M]."""
     for n0 in range(lo, hi, BLOCK_N):
-        k, v = _load_kv(K, V, pt_row, n0, kv_len, offs_d, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, MASKED)
+        rows = _page_rows(pt_row, n0, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
+        k, v = _load_kv(K, V, rows, n0, kv_len, offs_d, BLOCK_N, MASKED)
         s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:  # only tiles that cross the diagonal (or kv_len) pay for the mask
             s = tl.where(_visible(n0, q_pos, kv_len, BLOCK_N), s, float("-inf"))
@@ -135,12 +135,13 @@ def _fwd_inner(acc, m_i, l_i, q, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk
 
 
 @triton.jit
-def _query_tile(q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb,
-                N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _query_tile(q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb, stride_pth,
+                stride_ptq, N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """What a program of the query-tiled kernels (forward, dq) works on: row bh = b * N_HEADS + h
     of [B, H, C]; query rows offs_m, their mask and element offsets in [B, C, H, D]; absolute
-    positions; the kv head's offset in the pages; the batch row's page table; and the kv loop
+    positions; the kv head's offset in the pages; the page table row of (batch row, kv head,
+    block of Q_BLOCK queries) - strides 0 for the kv head and block when all share one -; and the kv loop
     bounds. Tiles [0, n_full) lie entirely at or before the tile's first query and below kv_len
     (no mask needed);
     tiles [n_full, hi) cross the diagonal; hi is one past the tile's last visible position."""
@@ -153,22 +154,22 @@ def _query_tile(q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh,
     q_offs = b.to(tl.int64) * stride_qb + offs_m[:, None] * stride_qm + h * stride_qh + offs_d[None, :]
     n_full = tl.minimum((q_start + m0 + 1) // BLOCK_N, kv_len // BLOCK_N) * BLOCK_N
     hi = tl.minimum(kv_len, q_start + m0 + BLOCK_M)
-    return bh, offs_m, offs_d, row_ok, q_offs, q_start + offs_m, (h // GROUP) * stride_kvh, PT + b * stride_ptb, \
-        n_full, hi
+    pt_row = PT + b * stride_ptb + (h // GROUP) * stride_pth + (m0 // Q_BLOCK) * stride_ptq
+    return bh, offs_m, offs_d, row_ok, q_offs, q_start + offs_m, (h // GROUP) * stride_kvh, pt_row, n_full, hi
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, PT, q_start, C, kv_len, qk_scale,
-                stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb,
-                N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb, stride_pth, stride_ptq,
+                N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, MERGE: tl.constexpr):
     # grid: (cdiv(C, BLOCK_M), B * N_HEADS); one program = one query tile of one (b, h).
     # MERGE: O/LSE already hold the attention over other kv positions (a disjoint part of the
     # history); combine: o = (o_old * 2^lse_old + o_new * 2^lse_new) / 2^lse, lse = log2-sum.
     bh, offs_m, offs_d, row_ok, q_offs, q_pos, kv_off, pt_row, n_full, hi = _query_tile(
-        q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb,
-        N_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N)
+        q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb, stride_pth, stride_ptq,
+        N_HEADS, GROUP, HEAD_DIM, Q_BLOCK, BLOCK_M, BLOCK_N)
     q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -197,7 +198,8 @@ def _dq_inner(dq, q, do, lse2, delta, q_pos, K, V, pt_row, offs_d, lo, hi, kv_le
               MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dq += dS @ K over kv tiles lo..hi, with P recomputed from the saved lse (base 2)."""
     for n0 in range(lo, hi, BLOCK_N):
-        k, v = _load_kv(K, V, pt_row, n0, kv_len, offs_d, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, MASKED)
+        rows = _page_rows(pt_row, n0, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
+        k, v = _load_kv(K, V, rows, n0, kv_len, offs_d, BLOCK_N, MASKED)
         p = tl.exp2(_mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         if MASKED:
             p = tl.where(_visible(n0, q_pos, kv_len, BLOCK_N), p, 0.0)
@@ -209,15 +211,15 @@ def _dq_inner(dq, q, do, lse2, delta, q_pos, K, V, pt_row, offs_d, lo, hi, kv_le
 
 @triton.jit
 def _dq_kernel(Q, DO, DQ, LSE, DELTA, K, V, PT, q_start, C, kv_len, qk_scale, sm_scale,
-               stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb,
-               N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-               PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb, stride_pth, stride_ptq,
+               N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+               Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr):
     # grid: (cdiv(C, BLOCK_M), B * N_HEADS); same tiling and kv loop bounds as _fwd_kernel.
     # ACCUMULATE: DQ (fp32) += this part's dq, for attention split over disjoint kv parts.
     bh, offs_m, offs_d, row_ok, q_offs, q_pos, kv_off, pt_row, n_full, hi = _query_tile(
-        q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb,
-        N_HEADS, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N)
+        q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb, stride_pth, stride_ptq,
+        N_HEADS, GROUP, HEAD_DIM, Q_BLOCK, BLOCK_M, BLOCK_N)
     q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
     do = tl.load(DO + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
     lse2 = tl.load(LSE + bh * C + offs_m, mask=row_ok, other=0.0) * _LOG2E  # [BLOCK_M]
@@ -259,25 +261,49 @@ def _dkdv_inner(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, lo, hi, q_start, C, qk_
 
 
 @triton.jit
-def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, q_start, C, kv_len, qk_scale, sm_scale,
-                 stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh,
+def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, q_start, C, kv_len, n_pool,
+                 qk_scale, sm_scale, stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh,
                  stride_gpage, stride_gtok, stride_gkvh, stride_ptb,
                  N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # grid: (cdiv(kv_len, BLOCK_N), B * N_KV_HEADS); one program = one kv tile of one (b, kv head).
-    # It is the only writer of its rows of dk/dv pages, so no atomics and a fixed summation order.
-    n0 = tl.program_id(0) * BLOCK_N
-    bk = tl.program_id(1)
-    b, kvh = bk // N_KV_HEADS, bk % N_KV_HEADS
+                 PAGE_SIZE: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPARSE: tl.constexpr):
+    # One program = one kv tile of one (b, kv head). It is the only writer of its rows of dk/dv pages, so no
+    # atomics and a fixed summation order.
+    # Dense (grid (cdiv(kv_len, BLOCK_N), B * N_KV_HEADS)): the tile at positions n0.. of the batch row's page
+    #   table; every query at or after it attends to it (causal).
+    # SPARSE (grid (len(KEYS), PAGE_SIZE // BLOCK_N)): history pages chosen per block of Q_BLOCK queries. KEYS
+    #   [n] int64 = (b * N_KV_HEADS + kv head) * n_pool + physical page, sorted, one entry per (block, page)
+    #   selection; QBLOCKS [n] the selecting block of each entry, RUN_END [n] one past the last entry with the same
+    #   key. The first entry of each run owns the page's tile and loops over the run's blocks, whose queries all
+    #   see the whole page; programs of the other entries do no work and write nothing.
     offs_d = tl.arange(0, HEAD_DIM)
+    if SPARSE:
+        i = tl.program_id(0)
+        n0 = tl.program_id(1) * BLOCK_N
+        key = tl.load(KEYS + i)
+        owner = (i == 0) | (tl.load(KEYS + tl.maximum(i - 1, 0)) != key)
+        run_end = tl.where(owner, tl.load(RUN_END + i).to(tl.int32), i)  # an empty loop for non-owners
+        bk = (key // n_pool).to(tl.int32)
+        slot = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rows = (key % n_pool) * stride_page + slot * stride_tok
+        grows = (key % n_pool) * stride_gpage + slot * stride_gtok
+        # history pages are full: all rows for the owner, none for the others (a [BLOCK_N] vector built by
+        # addition: the interpreter rejects masks made by and-ing a vector with a scalar)
+        ok = tl.zeros([BLOCK_N], tl.int32) + owner.to(tl.int32) > 0
+    else:
+        n0 = tl.program_id(0) * BLOCK_N
+        bk = tl.program_id(1)
+        pt_row = PT + bk // N_KV_HEADS * stride_ptb
+        rows = _page_rows(pt_row, n0, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
+        grows = _page_rows(pt_row, n0, stride_gpage, stride_gtok, PAGE_SIZE, BLOCK_N)
+        ok = n0 + tl.arange(0, BLOCK_N) < kv_len
+    b, kvh = bk // N_KV_HEADS, bk % N_KV_HEADS
     kv_pos = n0 + tl.arange(0, BLOCK_N)
-    pt_row = PT + b * stride_ptb
-    k, v = _load_kv(K + kvh * stride_kvh, V + kvh * stride_kvh, pt_row, n0, kv_len, offs_d,
-                    stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True)  # [BLOCK_N, D]
+    k, v = _load_kv(K + kvh * stride_kvh, V + kvh * stride_kvh, rows, n0, kv_len, offs_d, BLOCK_N,
+                    not SPARSE)  # [BLOCK_N, D]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # Query tiles ending before position n0 see none of this tile: start at m_lo. Tiles in
+    # Dense: query tiles ending before position n0 see none of this tile: start at m_lo. Tiles in
     # [m_lo, m_mid) cross the diagonal; from m_mid on, every query sees the whole kv tile.
     m_lo = tl.maximum(n0 - q_start, 0) // BLOCK_M * BLOCK_M
     m_mid = tl.minimum((tl.maximum(n0 + BLOCK_N - 1 - q_start, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, C)
@@ -285,14 +311,20 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, q_start, C, kv_len, qk_sca
         h = kvh * GROUP + g
         q_base = b.to(tl.int64) * stride_qb + h * stride_qh
         row = (b * (N_KV_HEADS * GROUP) + h) * C
-        dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m_lo, m_mid,
-                             q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m_mid, C,
-                             q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, False, DOT_PREC, UPCAST)
+        if SPARSE:
+            for j in range(i, run_end):  # the blocks that selected this page, in increasing order
+                m0 = tl.load(QBLOCKS + j) * Q_BLOCK
+                dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m0,
+                                     tl.minimum(m0 + Q_BLOCK, C), q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M,
+                                     False, DOT_PREC, UPCAST)
+        else:
+            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m_lo,
+                                 m_mid, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST)
+            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m_mid, C,
+                                 q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, False, DOT_PREC, UPCAST)
     # read-modify-write (+=) of this tile's rows of the gradient pages, summed in fp32
-    offs = _page_rows(pt_row, n0, stride_gpage, stride_gtok, PAGE_SIZE, BLOCK_N)[:, None] \
-        + kvh * stride_gkvh + offs_d[None, :]
-    ok = (kv_pos < kv_len)[:, None]
+    offs = grows[:, None] + kvh * stride_gkvh + offs_d[None, :]
+    ok = ok[:, None]
     dk = dk * sm_scale + tl.load(DK + offs, mask=ok, other=0.0).to(tl.float32)
     dv += tl.load(DV + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=ok)
@@ -302,7 +334,7 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, q_start, C, kv_len, qk_sca
 # --------------------------------------------------------------------------------- launchers
 
 
-def _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len):
+def _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len, q_block):
     """Validate the shared arguments; returns (q_start, kv_len) as ints (kv_len defaults to q_start + C)."""
     for name, t in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -335,13 +367,24 @@ def _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len):
         kv_len = q_start + C
     elif not isinstance(kv_len, int) or not 1 <= kv_len <= q_start + C:
         raise ValueError(f"kv_len must be an int in [1, q_start + C = {q_start + C}], got {kv_len!r}")
-    if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32 or page_table.dim() != 2:
-        raise ValueError(f"page_table must be a 2-D int32 tensor, got {getattr(page_table, 'dtype', type(page_table))}")
+    if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32 or page_table.dim() not in (2, 4):
+        raise ValueError(f"page_table must be a 2-D or 4-D int32 tensor, got "
+                         f"{getattr(page_table, 'dtype', type(page_table))} {tuple(getattr(page_table, 'shape', ()))}")
     if page_table.shape[0] != B:
         raise ValueError(f"page_table has {page_table.shape[0]} rows for batch size {B}")
-    if page_table.shape[1] * page_size < kv_len:
-        raise ValueError(f"page_table too short: {page_table.shape[1]} pages x {page_size} positions "
+    if page_table.shape[-1] * page_size < kv_len:
+        raise ValueError(f"page_table too short: {page_table.shape[-1]} pages x {page_size} positions "
                          f"< kv_len = {kv_len}")
+    if page_table.dim() == 4:
+        if not isinstance(q_block, int) or q_block < 16 or q_block & (q_block - 1):
+            raise ValueError(f"a 4-D page_table needs q_block, a power of two >= 16, got {q_block!r}")
+        want = (B, n_kv_heads, -(-C // q_block))
+        if tuple(page_table.shape[:3]) != want:
+            raise ValueError(f"a 4-D page_table must be [B, n_kv_heads, cdiv(C, q_block), n] with "
+                             f"[B, n_kv_heads, cdiv(C, q_block)] = {list(want)}, got {tuple(page_table.shape)}")
+        if q_start % page_size:
+            raise ValueError(f"with a 4-D page_table q_start ({q_start}) must be a multiple of page_size "
+                             f"({page_size}): the first q_start // page_size columns are the history pages")
     for name, t in (("k_pages", k_pages), ("v_pages", v_pages), ("page_table", page_table)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
@@ -350,6 +393,19 @@ def _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len):
     if k_pages.stride(-1) != 1 or k_pages.stride() != v_pages.stride():
         raise ValueError("k_pages/v_pages need unit stride in head_dim and identical strides (they are not copied)")
     return q_start, kv_len
+
+
+def _table_strides(page_table):
+    """(batch, kv head, query block) strides of a page table; a 2-D table is one row per batch element."""
+    if page_table.dim() == 2:
+        return page_table.stride(0), 0, 0
+    return page_table.stride(0), page_table.stride(1), page_table.stride(2)
+
+
+def _tiles(kind, D, page_size, dtype, device, q_block):
+    """_launch_config, with query tiles no larger than a query block (a tile reads one block's page table)."""
+    bm, bn, warps, stages = _launch_config(kind, D, page_size, dtype, device)
+    return (min(bm, q_block) if q_block else bm), bn, warps, stages
 
 
 def _dot_flags(dtype):
@@ -367,15 +423,20 @@ def _check_out(name, t, shape, dtypes, device):
 
 
 def paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale=None, kv_len=None, out=None,
-                            merge=False):
+                            merge=False, q_block=None):
     """Causal attention of q [B, C, H, D] (positions q_start..) over kv positions 0..kv_len-1
     of the paged K/V (default kv_len = q_start + C: the chunk's own K/V are the last C).
     Returns o [B, C, H, D] (q.dtype) and lse [B, H, C] fp32 (natural log).
 
+    page_table: [B, n] - one table per batch row, shared by every query head - or, for sparse attention,
+    [B, n_kv_heads, cdiv(C, q_block), n]: a table per (batch row, kv head, block of q_block queries), listing
+    the history pages that block attends to (positions < q_start, all visible) followed by the chunk's own pages
+    (the same in every row of a batch element).
+
     Attention over a long history can be split into disjoint parts, each a call with its own
     page table: out=(o, lse) writes into given tensors (o in fp32 for a split), and merge=True
     combines this part with what they hold (the previous parts) by their log-sum-exps."""
-    q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len)
+    q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len, q_block)
     B, C, H, D = q.shape
     page_size, n_kv_heads = k_pages.shape[1], k_pages.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -388,14 +449,15 @@ def paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale=None
         o, lse = out
         _check_out("out[0] (o)", o, q.shape, _DTYPES, q.device)
         _check_out("out[1] (lse)", lse, (B, H, C), (torch.float32,), q.device)
-    bm, bn, warps, stages = _launch_config("fwd", D, page_size, q.dtype, q.device)
+    q_block = q_block if page_table.dim() == 4 else None
+    bm, bn, warps, stages = _tiles("fwd", D, page_size, q.dtype, q.device, q_block)
     prec, upcast = _dot_flags(q.dtype)
     _fwd_kernel[(triton.cdiv(C, bm), B * H)](
         q, k_pages, v_pages, o, lse, page_table, q_start, C, kv_len, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        page_table.stride(0), N_HEADS=H, GROUP=H // n_kv_heads, HEAD_DIM=D, PAGE_SIZE=page_size,
-        BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, UPCAST=upcast, MERGE=bool(merge), num_warps=warps,
-        num_stages=stages)
+        *_table_strides(page_table), N_HEADS=H, GROUP=H // n_kv_heads, HEAD_DIM=D, PAGE_SIZE=page_size,
+        Q_BLOCK=q_block or bm, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, UPCAST=upcast, MERGE=bool(merge),
+        num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -405,16 +467,31 @@ def softmax_delta(do, o):
     return (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
 
 
+def selection_index(history_table, n_pool):
+    """The inverse of a sparse selection, for the dK/dV kernel: which query blocks read each history page.
+    history_table [B, n_kv_heads, n_blocks, n] int32 physical pages (no page twice in a row) ->
+    keys [B * n_kv_heads * n_blocks * n] int64 = (b * n_kv_heads + kv head) * n_pool + page, sorted; the block of
+    each entry; and one past the last entry with the same key. Built on the device without a host sync."""
+    B, Hkv, nb, n = history_table.shape
+    bk = torch.arange(B * Hkv, device=history_table.device).view(B, Hkv, 1, 1)
+    keys = (bk * n_pool + history_table.long()).flatten()
+    keys, order = torch.sort(keys, stable=True)  # stable: blocks in increasing order within a page's run
+    blocks = (order // n % nb).to(torch.int32)
+    run_end = torch.searchsorted(keys, keys, right=True)
+    return keys, blocks, run_end
+
+
 def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages,
-                             scale=None, kv_len=None, delta=None, dq=None):
+                             scale=None, kv_len=None, delta=None, dq=None, q_block=None):
     """Backward of paged_attention_forward. Returns dq (q.dtype, q's shape) and ADDS the
     gradients of kv positions 0..kv_len-1 into dk_pages / dv_pages in place (fp32, or bf16
-    pages with the sum formed in fp32).
+    pages with the sum formed in fp32). With a 4-D (sparse) page table, each history page gets the
+    gradient of the query blocks that selected it, and no other page is touched.
 
     For attention split into parts (see the forward): lse is the merged one, delta
     ([B, H, C] fp32, rowsum(do * o) of the merged o; computed from o if None) is shared by the
     parts, and a given fp32 dq is accumulated into (+=) and returned."""
-    q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len)
+    q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len, q_block)
     B, C, H, D = q.shape
     page_size, n_kv_heads = k_pages.shape[1], k_pages.shape[2]
     grad_dtypes = (torch.float32, torch.bfloat16)
@@ -438,24 +515,35 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
         delta = softmax_delta(do, o)
     accumulate = dq is not None
     dq = dq if accumulate else torch.empty_like(q)
+    sparse = page_table.dim() == 4
+    q_block = q_block if sparse else None
     prec, upcast = _dot_flags(q.dtype)
     common = dict(HEAD_DIM=D, PAGE_SIZE=page_size, DOT_PREC=prec, UPCAST=upcast)
 
-    bm, bn, warps, stages = _launch_config("dq", D, page_size, q.dtype, q.device)
+    bm, bn, warps, stages = _tiles("dq", D, page_size, q.dtype, q.device, q_block)
     _dq_kernel[(triton.cdiv(C, bm), B * H)](
         q, do, dq, lse, delta, k_pages, v_pages, page_table, q_start, C, kv_len, scale * LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        page_table.stride(0), N_HEADS=H, GROUP=H // n_kv_heads, BLOCK_M=bm, BLOCK_N=bn, **common,
-        ACCUMULATE=accumulate, num_warps=warps, num_stages=stages)
+        *_table_strides(page_table), N_HEADS=H, GROUP=H // n_kv_heads, Q_BLOCK=q_block or bm, BLOCK_M=bm,
+        BLOCK_N=bn, **common, ACCUMULATE=accumulate, num_warps=warps, num_stages=stages)
 
-    bm, bn, warps, stages = _launch_config("dkdv", D, page_size, q.dtype, q.device)
-    _dkdv_kernel[(triton.cdiv(kv_len, bn), B * n_kv_heads)](
-        q, do, lse, delta, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, C, kv_len,
-        scale * LOG2E, scale, q.stride(0), q.stride(1), q.stride(2),
-        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        dk_pages.stride(0), dk_pages.stride(1), dk_pages.stride(2), page_table.stride(0),
-        N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads, BLOCK_M=bm, BLOCK_N=bn, **common,
-        num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages = _tiles("dkdv", D, page_size, q.dtype, q.device, q_block)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+               dk_pages.stride(0), dk_pages.stride(1), dk_pages.stride(2))
+    kv_args = (q, do, lse, delta, k_pages, v_pages, dk_pages, dv_pages)
+    n_hist = q_start // page_size if sparse else 0
+    if n_hist:  # the selected history pages, each by the blocks that chose it
+        keys, blocks, run_end = selection_index(page_table[..., :n_hist], k_pages.shape[0])
+        _dkdv_kernel[(keys.numel(), page_size // bn)](
+            *kv_args, page_table, keys, blocks, run_end, q_start, C, kv_len, k_pages.shape[0], scale * LOG2E,
+            scale, *strides, 0, N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads, Q_BLOCK=q_block, BLOCK_M=bm,
+            BLOCK_N=bn, **common, SPARSE=True, num_warps=warps, num_stages=stages)
+    if kv_len > n_hist * page_size:  # dense: the whole table, or a sparse table's own chunk pages (causal)
+        table = page_table[:, 0, 0, n_hist:] if sparse else page_table
+        _dkdv_kernel[(triton.cdiv(kv_len - n_hist * page_size, bn), B * n_kv_heads)](
+            *kv_args, table, table, table, table, q_start - n_hist * page_size, C, kv_len - n_hist * page_size, 1,
+            scale * LOG2E, scale, *strides, table.stride(0), N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads,
+            Q_BLOCK=bm, BLOCK_M=bm, BLOCK_N=bn, **common, SPARSE=False, num_warps=warps, num_stages=stages)
     return dq
 
 
@@ -472,16 +560,16 @@ class PagedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None):
+    def forward(ctx, q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None, q_block=None):
         want = (q.shape[0], q.shape[1], k_pages.shape[2], q.shape[3])
         if k.shape != want or v.shape != want:
             raise ValueError(f"k/v must be the chunk's [B, C, n_kv_heads, D] = {want}, "
                              f"got {tuple(k.shape)} / {tuple(v.shape)}")
-        o, lse = paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale)
+        o, lse = paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale, q_block=q_block)
         # (under torch.no_grad autograd drops saved tensors and ctx itself right away)
         ctx.save_for_backward(q, o, lse)
         ctx.pages = (k_pages, v_pages, dk_pages, dv_pages, page_table)
-        ctx.q_start, ctx.scale, ctx.kv_dtypes = int(q_start), scale, (k.dtype, v.dtype)
+        ctx.q_start, ctx.scale, ctx.q_block, ctx.kv_dtypes = int(q_start), scale, q_block, (k.dtype, v.dtype)
         return o
 
     @staticmethod
@@ -489,22 +577,24 @@ class PagedAttention(torch.autograd.Function):
         q, o, lse = ctx.saved_tensors
         k_pages, v_pages, dk_pages, dv_pages, page_table = ctx.pages
         dq = paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, ctx.q_start,
-                                      dk_pages, dv_pages, ctx.scale)
+                                      dk_pages, dv_pages, ctx.scale, q_block=ctx.q_block)
         # The chunk's rows now hold everything: what later chunks added earlier + this chunk.
         C = q.shape[1]
-        dk = gather_pages(dk_pages, page_table, ctx.q_start, C).to(ctx.kv_dtypes[0])
-        dv = gather_pages(dv_pages, page_table, ctx.q_start, C).to(ctx.kv_dtypes[1])
-        return dq, dk, dv, None, None, None, None, None, None, None
+        table = page_table if page_table.dim() == 2 else page_table[:, 0, 0]  # own pages: the same in every row
+        dk = gather_pages(dk_pages, table, ctx.q_start, C).to(ctx.kv_dtypes[0])
+        dv = gather_pages(dv_pages, table, ctx.q_start, C).to(ctx.kv_dtypes[1])
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def paged_attention(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None):
-    """Autograd entry point; see PagedAttention. Without grad (torch.no_grad, stage-1 pass) it
-    is just the forward kernel, nothing is saved, and dk_pages/dv_pages may be None."""
+def paged_attention(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None, q_block=None):
+    """Autograd entry point; see PagedAttention (page_table 2-D, or 4-D per query block with q_block, as in
+    paged_attention_forward). Without grad (torch.no_grad, stage-1 pass) it is just the forward kernel, nothing is
+    saved, and dk_pages/dv_pages may be None."""
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale)[0]
+        return paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale, q_block=q_block)[0]
     if dk_pages is None or dv_pages is None:
         raise ValueError("dk_pages/dv_pages are required when gradients are needed")
-    return PagedAttention.apply(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale)
+    return PagedAttention.apply(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale, q_block)
 
 
 # ----------------------------------------------------------------------------------- reference
@@ -519,17 +609,31 @@ def gather_pages(pages, page_table, start, length):
     return pages[phys, pos % page_size]
 
 
-def paged_attention_reference(q, k_pages, v_pages, page_table, q_start, scale=None, return_lse=False):
-    """Plain-PyTorch fp32 reference: o [B, C, H, D] fp32 (and natural-log lse [B, H, C])."""
+def paged_attention_reference(q, k_pages, v_pages, page_table, q_start, scale=None, return_lse=False, kv_len=None,
+                              q_block=None):
+    """Plain-PyTorch fp32 reference: o [B, C, H, D] fp32 (and natural-log lse [B, H, C]), for 2-D page tables and
+    4-D ones (one per kv head and block of q_block queries; see paged_attention_forward). Query i of the chunk
+    (position q_start + i) sees the positions p < kv_len of its block's table with p <= q_start + i."""
     B, C, H, D = q.shape
-    kv_len = q_start + C
-    group = H // k_pages.shape[2]
+    kv_len = q_start + C if kv_len is None else kv_len
+    Hkv = k_pages.shape[2]
+    group = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    k = gather_pages(k_pages, page_table, 0, kv_len).float().repeat_interleave(group, dim=2)  # [B, L, H, D]
-    v = gather_pages(v_pages, page_table, 0, kv_len).float().repeat_interleave(group, dim=2)
-    s = torch.einsum("bchd,blhd->bhcl", q.float(), k) * scale  # [B, H, C, L]
-    q_pos = torch.arange(q_start, kv_len, device=q.device)
+    if page_table.dim() == 2:  # every head and block reads the same table
+        q_block = C
+        page_table = page_table[:, None, None].expand(B, Hkv, 1, page_table.shape[1])
+    nb = page_table.shape[2]
     kv_pos = torch.arange(kv_len, device=q.device)
-    s = s.masked_fill(kv_pos[None, :] > q_pos[:, None], float("-inf"))
-    o = torch.einsum("bhcl,blhd->bchd", torch.softmax(s, dim=-1), v)
-    return (o, torch.logsumexp(s, dim=-1)) if return_lse else o
+    phys = page_table.to(device=q.device, dtype=torch.long)[..., kv_pos // k_pages.shape[1]]  # [B, Hkv, nb, L]
+    slot = kv_pos % k_pages.shape[1]
+    kv_head = torch.arange(Hkv, device=q.device)[None, :, None, None]
+    k = k_pages[phys, slot, kv_head].float()  # [B, Hkv, nb, L, D]
+    v = v_pages[phys, slot, kv_head].float()
+    pad = nb * q_block - C
+    qb = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, pad)).view(B, nb, q_block, Hkv, group, D)
+    s = torch.einsum("bnikgd,bknld->bkgnil", qb, k) * scale  # [B, Hkv, group, nb, q_block, L]
+    q_pos = q_start + torch.arange(nb * q_block, device=q.device).view(nb, q_block)
+    s = s.masked_fill(kv_pos > q_pos[..., None], float("-inf"))
+    o = torch.einsum("bkgnil,bknld->bnikgd", torch.softmax(s, dim=-1), v).reshape(B, nb * q_block, H, D)[:, :C]
+    lse = torch.logsumexp(s, dim=-1).reshape(B, H, nb * q_block)[..., :C]
+    return (o, lse) if return_lse else o

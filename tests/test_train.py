@@ -1,6 +1,7 @@
 """train.py end to end on the CPU: falling loss, exact resume, Ctrl-C, and one clear line for each bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -133,7 +134,16 @@ def test_plan_matches_the_pool_and_parameter_sizes():
     args = train.resolve_defaults(train.parse_args(["--model", "qwen2.5-7b", "--device", "cpu", "--seq", "1000000",
                                                     "--dtype", "bfloat16", "--optimizer", "adafactor"]))
     cfg = train.preset("qwen2.5-7b")
+    # sparse attention (the default at 1M tokens) adds page summaries (bf16, per page and kv head) and, per layer,
+    # chunk, kv head and 128-query block, the stored selection (64 int32 pages) and page table (64 + 64 int32)
+    assert args.sparse
     plan, per_token = train.memory_plan(cfg, args)
+    summaries = 28 * math.ceil(1_000_000 / 64) * 4 * 128 * 2
+    selections = 28 * math.ceil(1_000_000 / 4096) * 4 * (4096 // 128) * 4 * (64 + 64 + 4096 // 64)
+    assert plan["gpu"]["sparse attention index"] == summaries + selections
+    args.sparse = False
+    plan, per_token = train.memory_plan(cfg, args)
+    assert "sparse attention index" not in plan["gpu"]
     assert plan["gpu"]["weights (fp32)"] == 4 * 7_615_616_512
     assert per_token == {"gpu": 28 * 4 * 128 * 2 * (2 + 4), "host": 0} and per_token["gpu"] == 172_032  # 172 KB
     assert plan["gpu"]["KV/dKV page pool"] == 172_032 * 1_000_000
@@ -147,7 +157,7 @@ def test_plan_matches_the_pool_and_parameter_sizes():
 
 def test_planner_offloads_only_when_the_pool_does_not_fit(monkeypatch):
     args = train.resolve_defaults(train.parse_args(["--model", "qwen2.5-0.5b", "--device", "cpu", "--seq", "262144",
-                                                    "--dtype", "bfloat16", "--host-memory", "64"]))
+                                                    "--dtype", "bfloat16", "--host-memory", "64", "--attn", "dense"]))
     cfg, device = train.preset("qwen2.5-0.5b"), torch.device("cpu")
     monkeypatch.setattr(train, "available_memory", lambda d: 40 * 2**30)  # a GPU with 40 GiB free
     assert train.plan_run(cfg, args, device)[2] is False  # 9 GiB of pages fit next to the model
@@ -159,6 +169,11 @@ def test_planner_offloads_only_when_the_pool_does_not_fit(monkeypatch):
     args.offload = "off"
     with pytest.raises(train.UserError, match="on cpu.*longest --seq that fits is"):
         train.check_fits(*train.plan_run(cfg, args, device)[:2], args, device)
+    args.offload, args.sparse = "auto", True  # sparse pages stay on the GPU (no sparse offload yet)
+    plan, per_token, offload = train.plan_run(cfg, args, device)
+    assert not offload and "sparse attention index" in plan["gpu"]
+    with pytest.raises(train.UserError, match="on cpu.*longest --seq that fits is"):
+        train.check_fits(plan, per_token, args, device)
 
 
 def test_mismatched_checkpoint_shapes(tmp_path, capsys):
