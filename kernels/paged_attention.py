@@ -13,11 +13,18 @@ q_start .. q_start + C - 1 and their own K/V are already in the pages, so query 
 attends causally to kv positions 0..p (kv_len = q_start + C). GQA: query head h reads kv head
 h // (n_heads // n_kv_heads).
 
+Sparse attention (sparse_attn.py) uses the same kernels with a page table per (batch row, kv head, block of
+q_block queries), page_table [B, n_kv_heads, cdiv(C, q_block), n]: the history pages that block selected, then
+the chunk's own pages. Seen through it, the block's history is q_start = n_selected * page_size contiguous
+positions, all visible, followed by the chunk (causal); the dense case is every block sharing one table.
+
 The backward adds (+=) dL/dK and dL/dV of every position 0..kv_len-1 into dk_pages/dv_pages.
 It is deterministic and uses no atomics: each program owns one kv tile of one (batch row, kv
 head), loops over the query heads of its GQA group and over query tiles, and then does a
 read-modify-write of its own slice of the gradient pages. This assumes no physical page is
-referenced twice within 0..kv_len-1 of the page tables (no shared prefixes).
+referenced twice within 0..kv_len-1 of the page tables (no shared prefixes). With per-block tables a
+history page's owner is found through an inverse index (which blocks selected the page, built on the
+device by a sort) and loops over those blocks only.
 
 lse convention: the forward returns the NATURAL-log log-sum-exp of the scaled scores,
 lse = log(sum_j exp(scale * q.k_j)), fp32 [B, n_heads, C]. Kernels work in base 2 internally
