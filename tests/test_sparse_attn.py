@@ -218,3 +218,17 @@ def test_selection_rule():
     assert not sel.selections[0]
     with pytest.raises(ValueError, match="multiple of the page size"):
         PageSelector(8, Hkv, D, ps, budget=40, dtype=torch.float32, device=DEVICE)
+
+
+def test_bad_page_tables():
+    B, C, H, Hkv, D, ps = 1, 40, 4, 2, 16, 16
+    p = make_sparse_problem(B, C, 3, 2, H, Hkv, D, ps, 16, torch.float32, seed_of("bad"))
+    args = (p["q"], p["k_pages"], p["v_pages"])
+    with pytest.raises(ValueError, match="needs q_block"):
+        paged_attention_forward(*args, p["table"], p["q_start"])
+    with pytest.raises(ValueError, match=r"cdiv\(C, q_block\)"):
+        paged_attention_forward(*args, p["table"], p["q_start"], q_block=32)  # 2 blocks of 32, the table has 3
+    with pytest.raises(ValueError, match="multiple of page_size"):
+        paged_attention_forward(*args, p["table"], p["q_start"] + 1, q_block=16)
+    with pytest.raises(ValueError, match="2-D or 4-D"):
+        paged_attention_forward(*args, p["table"][0], p["q_start"], q_block=16)
