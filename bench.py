@@ -573,18 +573,10 @@ def _check_exact_one(args, device, rec, name, page_size):
             if ref_grads is None:
                 out["_grads"] = grads
                 return out
-            # global: all parameters as one vector; worst: the parameter with the largest relative error
-            diff2 = sum((g.double() - gr.double()).pow(2).sum().item() for g, gr in zip(grads, ref_grads))
-            ref2 = sum(gr.double().pow(2).sum().item() for gr in ref_grads)
-            per = [((g.double() - gr.double()).norm() / gr.double().norm()).item()
-                   for g, gr in zip(grads, ref_grads) if gr.abs().max() > 0]
-            names = [n for (n, _), gr in zip(named, ref_grads) if gr.abs().max() > 0]
-            worst = max(range(len(per)), key=per.__getitem__)
-            # (k_proj.bias is usually the worst: softmax ignores a per-query constant, so its true gradient is
-            # tiny and its relative error is mostly rounding noise; hence also the median over parameters)
-            out.update(loss_diff=r(loss - ref_loss, 8), grad_rel_err=math.sqrt(diff2 / ref2),
-                       worst_param=names[worst], worst_param_rel_err=per[worst],
-                       median_param_rel_err=statistics.median(per))
+            cmp = compare_grads(grads, ref_grads, [n for n, _ in named])
+            out.update(loss_diff=r(loss - ref_loss, 8), grad_rel_err=cmp["rel_err"], worst_param=cmp["worst_param"],
+                       worst_param_rel_err=cmp["worst_param_rel_err"],
+                       median_param_rel_err=cmp["median_param_rel_err"])
             return out
 
         record = run_point(dict(base, variant=variant), body, device)
@@ -601,6 +593,22 @@ def _check_exact_one(args, device, rec, name, page_size):
         rec.emit(record)
     del model, named, ref_grads
     free_memory(device)
+
+
+def compare_grads(grads, ref_grads, names) -> dict:
+    """Gradients vs reference gradients (lists of tensors, one per parameter): relative error and cosine similarity
+    of all parameters as one vector; the parameter with the largest relative error and the median over parameters
+    (those whose reference gradient is not zero). k_proj.bias is usually the worst: softmax ignores a per-query
+    constant, so its true gradient is tiny and its relative error mostly noise; hence also the median."""
+    dot = sum((g.double() * gr.double()).sum().item() for g, gr in zip(grads, ref_grads))
+    norm2 = sum(g.double().pow(2).sum().item() for g in grads)
+    ref2 = sum(gr.double().pow(2).sum().item() for gr in ref_grads)
+    diff2 = sum((g.double() - gr.double()).pow(2).sum().item() for g, gr in zip(grads, ref_grads))
+    per = {n: ((g.double() - gr.double()).norm() / gr.double().norm()).item()
+           for n, g, gr in zip(names, grads, ref_grads) if gr.abs().max() > 0}
+    worst = max(per, key=per.get)
+    return dict(rel_err=math.sqrt(diff2 / ref2), cosine=dot / math.sqrt(norm2 * ref2), worst_param=worst,
+                worst_param_rel_err=per[worst], median_param_rel_err=statistics.median(per.values()))
 
 
 def sparse_fidelity(args, device, rec):
@@ -636,21 +644,13 @@ def sparse_fidelity(args, device, rec):
     for budget in args.budgets:
         def body():
             sparse = grads_of(budget)
-            cos, rel, loss_diff, worst = [], [], [], (-1.0, "")
-            for (l_d, g_d), (l_s, g_s) in zip(dense, sparse):
-                dot = sum((a.double() * b.double()).sum().item() for a, b in zip(g_d, g_s))
-                n_d = math.sqrt(sum(a.double().pow(2).sum().item() for a in g_d))
-                n_s = math.sqrt(sum(b.double().pow(2).sum().item() for b in g_s))
-                diff = math.sqrt(sum((a.double() - b.double()).pow(2).sum().item() for a, b in zip(g_d, g_s)))
-                cos.append(dot / (n_d * n_s))
-                rel.append(diff / n_d)
-                loss_diff.append(l_s - l_d)
-                for (name, _), a, b in zip(named, g_d, g_s):
-                    e = ((a - b).norm() / a.norm()).item() if a.norm() > 0 else 0.0
-                    worst = max(worst, (e, name))
-            return dict(grad_cosine=r(statistics.mean(cos), 6), grad_rel_err=r(statistics.mean(rel)),
+            cmps = [compare_grads(g_s, g_d, [n for n, _ in named]) for (_, g_d), (_, g_s) in zip(dense, sparse)]
+            worst = max(cmps, key=lambda c: c["worst_param_rel_err"])
+            return dict(grad_cosine=r(statistics.mean(c["cosine"] for c in cmps), 6),
+                        grad_rel_err=r(statistics.mean(c["rel_err"] for c in cmps)),
                         loss_dense=r(statistics.mean(l for l, _ in dense), 5),
-                        loss_diff=r(statistics.mean(loss_diff), 6), worst_param=worst[1], worst_param_rel_err=r(worst[0]))
+                        loss_diff=r(statistics.mean(l_s - l_d for (l_d, _), (l_s, _) in zip(dense, sparse)), 6),
+                        worst_param=worst["worst_param"], worst_param_rel_err=r(worst["worst_param_rel_err"]))
         rec.emit(run_point(dict(base, budget=budget, history_fraction=r(budget / args.seq)), body, device))
     del model, named, dense
     free_memory(device)
