@@ -282,12 +282,14 @@ def bench_step(args, device, rec):
                 params_dtype=args.params_dtype, params_gib=r(param_bytes / GiB), grads_gib=r(grad_bytes / GiB))
     last_time = {}  # path -> (length, median step seconds): predicts the next point's time for --time-budget
     baseline_oom_at = None
-    chunked_loss = {}
+    losses = {}  # (path, length) -> loss
 
     # per length: the chunked step at every page size, then the full-sequence baseline (it has no pages)
     # "chunked": pages on the GPU (PagedKVStore); "offload": in pinned host memory (OffloadedKVStore); "sparse": on
-    # the GPU, page-level sparse attention with --budget history tokens per query block (sparse_attn.py)
-    stores = [{"paged": "chunked", "offload": "offload", "sparse": "sparse"}[name] for name in args.stores]
+    # the GPU, page-level sparse attention with --budget history tokens per query block (sparse_attn.py);
+    # "sparse_offload": sparse attention over offloaded pages (only the selected pages move)
+    names = {"paged": "chunked", "offload": "offload", "sparse": "sparse", "sparse-offload": "sparse_offload"}
+    stores = [names[name] for name in args.stores]
     points = [(length, path, ps) for length in sorted(args.lengths)
               for path, ps in [(store, ps) for ps in args.page_size for store in stores] + [("full", None)]
               if not (path == "full" and (args.no_baseline or args.last_chunks))]
@@ -299,7 +301,7 @@ def bench_step(args, device, rec):
                       checkpoint=args.checkpoint if path != "full" else True)
         if path != "full":
             record.update(grad_pages=args.grad_pages, last_chunks=args.last_chunks or None)
-        if path == "sparse":
+        if path in ("sparse", "sparse_offload"):
             record.update(budget=args.budget)
         # --- skip early: baseline already out of memory, time budget, or a pool larger than the free memory
         if path == "full" and baseline_oom_at is not None:
@@ -308,14 +310,14 @@ def bench_step(args, device, rec):
         if path in last_time and not args.last_chunks:
             l0, t0 = last_time[path]  # scale the last step time by model FLOPs (linear + quadratic attention)
             scale = model.flops_per_token(length) * length / (model.flops_per_token(l0) * l0)
-            if path == "sparse":  # attention per chunk is bounded: linear in the length
+            if path in ("sparse", "sparse_offload"):  # attention per chunk is bounded: linear in the length
                 scale = length / l0
             estimate = t0 * scale * (args.warmup + 1)  # warm-up + at least one timed step
             if over_budget(args, estimate):
                 rec.emit(dict(record, status="skipped", error=f"time budget: ~{estimate:.0f} s predicted"))
                 continue
         pool_bytes = PagedKVStore.bytes_per_token(cfg, bf16, grad_dtype) * tokens if path != "full" else 0
-        if path == "offload":  # the pages live on the host; the GPU holds the fixed-size cache
+        if path in ("offload", "sparse_offload"):  # the pages live on the host; the GPU holds a fixed-size cache
             record.update(host_gib=r(pool_bytes / GiB), cache_tokens=args.cache_tokens)
             pool_bytes = OffloadedKVStore.cache_bytes(cfg, args.batch, page_size, args.cache_tokens, bf16, grad_dtype)
         record.update(pool_gib=r(pool_bytes / GiB))
@@ -333,13 +335,13 @@ def bench_step(args, device, rec):
                 drop_grads()
             if path != "full":
                 # the pool is allocated once per point, outside the timing, and reused by every step
+                sparse = dict(budget=args.budget) if path in ("sparse", "sparse_offload") else None
                 if path in ("chunked", "sparse"):
-                    sparse = dict(budget=args.budget) if path == "sparse" else None
                     store = PagedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device, grad_dtype,
                                                       sparse=sparse)
                 else:
                     store = OffloadedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device,
-                                                          args.cache_tokens, grad_dtype)
+                                                          args.cache_tokens, grad_dtype, sparse=sparse)
 
                 def step():
                     if args.last_chunks:
@@ -378,10 +380,10 @@ def bench_step(args, device, rec):
         zero_grads()  # an OOM mid-backward leaves partial gradients behind
         if record["status"] == "ok":
             last_time[path] = (length, record["step_s"])
-            if path == "chunked":
-                chunked_loss[length] = record["loss"]
-            elif length in chunked_loss:  # offload or full: same tokens, the losses should agree to bf16 precision
-                record["loss_diff_vs_chunked"] = r(record["loss"] - chunked_loss[length], 6)
+            losses[path, length] = record["loss"]
+            same = "sparse" if path == "sparse_offload" else "chunked"  # the same function on the same tokens:
+            if path != same and (same, length) in losses:  # the losses should agree to bf16 precision
+                record[f"loss_diff_vs_{same}"] = r(record["loss"] - losses[same, length], 6)
         elif path == "full" and record["status"] == "OOM":
             baseline_oom_at = length
         rec.emit(record)
@@ -753,7 +755,8 @@ def parse_args(argv=None):
     s.add_argument("--no-baseline", action="store_true", help="skip the full-sequence baseline")
     s.add_argument("--budget", type=int, default=4096, help="sparse store: history tokens per query block")
     s.add_argument("--stores", type=lambda t: t.split(","), default=["paged"],
-                   help="chunked-path stores to run, comma-separated: paged (pages on the GPU), offload (host)")
+                   help="chunked-path stores to run, comma-separated: paged (pages on the GPU), offload (host), "
+                        "sparse (sparse attention, pages on the GPU), sparse-offload (sparse, pages on the host)")
     s.add_argument("--cache-tokens", type=int, default=65536, help="offload: tokens per GPU cache buffer")
     s.add_argument("--grad-pages", default="float32", choices=["float32", "bfloat16"], help="dK/dV page dtype")
     s.add_argument("--last-chunks", type=int, default=0, metavar="N",

@@ -31,6 +31,16 @@ Only what is needed moves: K/V go to the host once (append) and come back read-o
 only after a kernel wrote it ("dirty"), and a page that was never written back this step is zero-filled on the
 GPU instead of copied (so gradients start at zero every step, whatever the pinned memory held before).
 
+Sparse attention (sparse=dict(budget=...), sparse_attn.py). Only the selected pages move. The page summaries stay
+on the GPU (they are what selection reads); each (layer, chunk) selection is copied to host memory when it is made
+- the one host sync per call, in stage 1 - and stage 2 reuses it. A part is then the union of the pages that a
+range of selection columns names (each block's selected pages are sorted, so column j of every block is its j-th
+page): all columns in one part when their union fits a buffer, else as many columns per part as fit. Each part
+comes with a 4-D page table mapping every block's selected pages in those columns to the buffer's slots, which
+the kernels read like PagedKVStore's (q_start = the part's columns x page_size: all of them visible). Parts of
+one call may share pages; in a backward the next part's gradient pages then load only after this part's
+write-back, so a page's gradient adds up across parts exactly as it would in one.
+
 On a CPU-only machine the same code runs with every tensor on the CPU and no streams: the bookkeeping is tested
 there, the asynchrony on the GPU (bench/gpu_run.sh).
 """
@@ -43,7 +53,8 @@ import numpy as np
 import torch
 
 from kernels.paged_attention import paged_attention_backward, paged_attention_forward, softmax_delta
-from paged_kv import PageAllocator
+from paged_kv import PageAllocator, to_device
+from sparse_attn import PageSelector
 
 NUM_BUFFERS = 3  # GPU cache buffers: one computing, one loading, one writing back
 
@@ -63,6 +74,15 @@ def pinned_empty(shape, dtype):
     return t
 
 
+def device_view(t, device):
+    """The GPU's view of a page-locked host tensor: a CUDA tensor at the same address (unified virtual addressing
+    maps registered host memory into the GPU's address space), which kernels read and write in place over PCIe."""
+    class Interface:
+        __cuda_array_interface__ = dict(shape=(t.numel() * t.element_size(),), typestr="|u1",
+                                        data=(t.data_ptr(), False), version=2)
+    return torch.as_tensor(Interface(), device=device).view(t.dtype).view(t.shape)
+
+
 def _runs(pages, flags=None):
     """Maximal runs of consecutive page ids (and equal flags): [(first index, first page, count, flag)]."""
     p = np.asarray(pages, dtype=np.int64)
@@ -77,6 +97,20 @@ def _runs(pages, flags=None):
     return list(zip(starts.tolist(), p[starts].tolist(), counts.tolist(), f.tolist()))
 
 
+class _Part:
+    """Pages of one layer that go through one buffer together: rows[b] = batch row b's logical page indices in slot
+    order (its i-th page in slot b * cap + i). what: "kv" (K/V, forward), "kvgrad" (K/V and dK/dV of the history,
+    backward) or "grad" (the chunk's own dK/dV, backward). Dense parts are ranges of pages; a sparse part also
+    has `table` [B, Hkv, n_blocks, n_cols] int32 on the device, the buffer slots of each block's selected pages in
+    its columns. `key` names the content: a buffer whose key equals a part's holds exactly its pages, loaded under
+    the layer's current version."""
+
+    def __init__(self, layer, what, version, rows, name, table=None, shares_next=False):
+        self.layer, self.what, self.rows, self.table = layer, what, rows, table
+        self.shares_next = shares_next  # a page of it is in the call's next part (sparse)
+        self.key = (layer, what, version, name)
+
+
 class _Buffer:
     """One GPU cache buffer: K, V, dK, dV slots for `pages` pages of each of `batch` rows; row b's i-th page sits in
     slot b * pages + i, so one constant table [batch, pages] serves every part."""
@@ -86,15 +120,16 @@ class _Buffer:
         self.k, self.v = (torch.empty(shape, dtype=dtype, device=device) for _ in range(2))
         self.dk, self.dv = (torch.empty(shape, dtype=grad_dtype, device=device) for _ in range(2))
         self.table = torch.arange(batch * pages, dtype=torch.int32, device=device).view(batch, pages)
-        self.key = None  # (layer, what, first page, n pages, version) while it holds loaded, unused pages
+        self.part = None  # the _Part it holds, while loaded and not yet used
         self.loaded = None  # event: the copies into it are done
         self.busy = []  # events: its readers (compute, write-back) are done
         self.used = 0  # when it was last handed out (for least-recently-used reuse)
 
 
 class OffloadedKVStore:
+    max_copies = 8  # per tensor and batch row: pages in more runs than this move by a gather/scatter kernel instead
     def __init__(self, num_layers, batch, n_kv_heads, head_dim, page_size, num_pages, dtype, device,
-                 cache_tokens=65536, grad_dtype=torch.float32):
+                 cache_tokens=65536, grad_dtype=torch.float32, sparse=None):
         if page_size < 16 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
         if cache_tokens < page_size:
@@ -108,6 +143,9 @@ class OffloadedKVStore:
         host = pinned_empty if self.cuda else (lambda s, d: torch.empty(s, dtype=d))
         self.k, self.v = host(shape, dtype), host(shape, dtype)
         self.dk, self.dv = host(shape, grad_dtype), host(shape, grad_dtype)
+        # the same pools as the GPU addresses them (on the CPU: themselves), for gathers of scattered pages
+        self.device_views = {name: device_view(getattr(self, name), device) if self.cuda else getattr(self, name)
+                             for name in ("k", "v", "dk", "dv")}
         # one free list per (layer, batch row), each over its own contiguous range of the pool: a row's pages of a
         # layer come out consecutive, so a part of the history moves in one copy per tensor, not one per chunk
         per_row = num_pages // (num_layers * batch)
@@ -116,7 +154,8 @@ class OffloadedKVStore:
         self.num_pages = per_row * num_layers * batch
         self.allocators = [[PageAllocator(per_row, (layer * batch + b) * per_row) for b in range(batch)]
                            for layer in range(num_layers)]
-        self.tables = [[[] for _ in range(batch)] for _ in range(num_layers)]  # tables[layer][b] = [page, ...]
+        empty = np.zeros(0, dtype=np.int64)
+        self.tables = [[empty] * batch for _ in range(num_layers)]  # tables[layer][b] = physical pages, in order
         self.lengths = [0] * num_layers
         self.versions = [0] * num_layers  # see _parts
         self.dirty = np.zeros(num_pages, dtype=bool)  # gradient page written back since it was allocated
@@ -132,15 +171,21 @@ class OffloadedKVStore:
         self.next_call = {}  # (layer, backward) -> the call that followed it last time, for prefetching
         self.last_call = None
         self.bytes_moved = {"h2d": 0, "d2h": 0}  # counters for benchmarks
+        # sparse attention: summaries indexed by physical page (on the GPU), selections kept in host memory, and the
+        # layers' page tables on the GPU too (selection gathers the history's summaries through them)
+        self.selector = PageSelector(num_pages, n_kv_heads, head_dim, page_size, dtype=dtype, device=device,
+                                     host=True, **sparse) if sparse else None
+        self.device_tables = [torch.empty(batch, 0, dtype=torch.int32, device=device)] * num_layers
+        self.sparse_parts = {}  # (layer, start) -> the column split of its selection (_split), recent calls only
 
     @classmethod
     def for_sequence(cls, model, batch, seq_len, page_size, dtype, device, cache_tokens=65536,
-                     grad_dtype=torch.float32):
+                     grad_dtype=torch.float32, sparse=None):
         """A host pool exactly large enough for every layer's K/V of `batch` sequences of `seq_len` tokens."""
         cfg = model.config
         num_pages = cfg.num_hidden_layers * batch * math.ceil(seq_len / page_size)
         return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, page_size, num_pages,
-                   dtype, device, cache_tokens, grad_dtype)
+                   dtype, device, cache_tokens, grad_dtype, sparse)
 
     @staticmethod
     def cache_bytes(cfg, batch, page_size, cache_tokens, dtype, grad_dtype=torch.float32) -> int:
@@ -163,10 +208,15 @@ class OffloadedKVStore:
                              f"(page_size {self.page_size})")
         keep = math.ceil(length / self.page_size)
         for allocator, table in zip(self.allocators[layer], self.tables[layer]):
-            allocator.release(table[keep:])
-            del table[keep:]
+            allocator.release(table[keep:].tolist())
+        self.tables[layer] = [table[:keep] for table in self.tables[layer]]
+        self.device_tables[layer] = self.device_tables[layer][:, :keep]
         self.lengths[layer] = min(self.lengths[layer], length)
         self.versions[layer] += 1
+        if self.selector is not None:
+            self.selector.truncate(layer, length)
+            for key in [key for key in self.sparse_parts if key[0] == layer and key[1] >= length]:
+                del self.sparse_parts[key]
 
     def num_free_pages(self) -> int:
         return sum(a.num_free for row in self.allocators for a in row)
@@ -179,15 +229,18 @@ class OffloadedKVStore:
             raise ValueError(f"the offloaded store appends at page boundaries: layer {layer} holds {start} tokens, "
                              f"not a multiple of page_size {self.page_size}")
         n = math.ceil(T / self.page_size)
-        new = [page for allocator in self.allocators[layer] for page in allocator.alloc(n)]  # row by row
+        new = np.array([allocator.alloc(n) for allocator in self.allocators[layer]], dtype=np.int64)  # [B, n]
         self.dirty[new] = False  # its gradient is zero until a kernel writes it back
+        self.tables[layer] = [np.concatenate([table, pages]) for table, pages in zip(self.tables[layer], new)]
+        if self.selector is not None:
+            new_ids = to_device(torch.from_numpy(new).to(torch.int32), self.device)
+            self.device_tables[layer] = torch.cat([self.device_tables[layer], new_ids], dim=1)
+            self.selector.write(new_ids, k)
         k, v = (t.detach().to(self.k.dtype).contiguous() for t in (k, v))
         self._wait(self.d2h, self._record(None))
         with self._on(self.d2h):
             for b in range(B):
-                pages = new[b * n:(b + 1) * n]
-                self.tables[layer][b].extend(pages)
-                for i, page, count, _ in _runs(pages):
+                for i, page, count, _ in _runs(new[b]):
                     t0, t1 = i * self.page_size, min((i + count) * self.page_size, T)
                     for src, dst in ((k, self.k), (v, self.v)):
                         dst.view(-1, *dst.shape[2:])[page * self.page_size:][:t1 - t0].copy_(src[b, t0:t1],
@@ -224,79 +277,158 @@ class OffloadedKVStore:
     # ------------------------------------------------------------------------------------------ the cache
 
     def _parts(self, layer, backward, start, end):
-        """The parts a call streams, as buffer keys (layer, what, first page, n pages, version): the history
-        [0, start) in buffer-sized parts ("kv" forward, "kvgrad" backward), and in a backward then the chunk's own
-        gradient pages ("grad"). The layer's version changes whenever its host pages may have: a truncation
-        (pages released and maybe reused) or a finished backward (gradients written back); a buffer loaded
-        under an older version is never used."""
+        """The parts a call streams: the history [0, start) - in buffer-sized ranges of pages ("kv" forward,
+        "kvgrad" backward), or with sparse attention in column ranges of the chunk's selection - and in a backward
+        then the chunk's own gradient pages ("grad"). None if the call's selection is not made yet (a guess of the
+        next call in stage 1: nothing to prefetch). The layer's version changes whenever its host pages may have:
+        a truncation (pages released and maybe reused) or a finished backward (gradients written back); a buffer
+        loaded under an older version is never used."""
         ps, cap, version = self.page_size, self.cache_pages, self.versions[layer]
         history = start // ps
         what = "kvgrad" if backward else "kv"
-        parts = [(layer, what, a, min(cap, history - a), version) for a in range(0, history, cap)]
+        if self.selector is not None and history:
+            split = self._split(layer, start)
+            if split is None:
+                return None
+            parts = [_Part(layer, what, version, rows, (start, cols), table, shares)
+                     for cols, rows, table, shares in split]
+        else:
+            parts = [_Part(layer, what, version, [np.arange(a, min(a + cap, history))] * self.batch,
+                           (a, min(cap, history - a))) for a in range(0, history, cap)]
         # the chunk's own part last: the first part of a call, prefetched during the previous one, is then a
-        # large history part, and the small own part loads while the last history part computes
-        return parts + ([(layer, "grad", start // ps, math.ceil(end / ps) - start // ps, version)] if backward else [])
+        # history part, and the small own part loads while the last history part computes
+        if backward:
+            own = np.arange(start // ps, math.ceil(end / ps))
+            parts.append(_Part(layer, "grad", version, [own] * self.batch, (start // ps, len(own))))
+        return parts
 
-    def _fetch(self, key, avoid=None):
-        """A buffer holding `key`'s pages: the one prefetched for it, or another one, loaded now. Of the others,
+    def _split(self, layer, start):
+        """The column split of a stored selection, as [(columns, rows, table, shares_next)] (see _Part), kept for
+        the next few calls (stage 2's forward and backward of a chunk split it once)."""
+        key = (layer, start)
+        if key in self.sparse_parts:
+            return self.sparse_parts[key]
+        sel = self.selector.selections.get(layer, {}).get(start)
+        if sel is None:
+            return None
+        B, Hkv, nb, n = sel.shape
+        cap = self.cache_pages
+        if Hkv * nb > cap:
+            raise ValueError(f"sparse attention needs one page per kv head and query block in a cache buffer "
+                             f"({Hkv} x {nb} = {Hkv * nb} pages) but a buffer holds {cap}: raise cache_tokens")
+        sel = sel.numpy().reshape(B, Hkv * nb, n)
+
+        def union(c0, c1):  # per batch row, the sorted pages that columns [c0, c1) name
+            return [np.unique(sel[b, :, c0:c1]) for b in range(B)]
+
+        split, c0 = [], 0
+        while c0 < n:
+            lo, hi = c0 + 1, n  # one column always fits (checked above); find the most that do
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if max(map(len, union(c0, mid))) <= cap else (lo, mid - 1)
+            rows = union(c0, lo)
+            slots = np.stack([np.searchsorted(rows[b], sel[b, :, c0:lo]) + b * cap for b in range(B)])
+            table = to_device(torch.from_numpy(slots.reshape(B, Hkv, nb, lo - c0).astype(np.int32)), self.device)
+            split.append([(c0, lo), rows, table, False])
+            c0 = lo
+        for prev, nxt in zip(split, split[1:]):
+            prev[3] = any(np.intersect1d(a, b).size for a, b in zip(prev[1], nxt[1]))
+        self.sparse_parts[key] = split
+        while len(self.sparse_parts) > 2 * self.num_layers + 2:  # forget the oldest
+            del self.sparse_parts[next(iter(self.sparse_parts))]
+        return split
+
+    def _fetch(self, part, avoid=None):
+        """A buffer holding `part`'s pages: the one prefetched for it, or another one, loaded now. Of the others,
         the least recently used: with three buffers, loading part j + 1 waits neither for part j (computing)
         nor for part j - 1's write-back (in flight), only for part j - 2's, long done."""
         self.clock += 1
         for buf in self.buffers:
-            if buf.key == key:
+            if buf.part is not None and buf.part.key == part.key:
                 buf.used = self.clock
                 return buf
         free = [b for b in self.buffers if b is not avoid]
-        buf = min(free, key=lambda b: (b.key is not None, b.used))  # rather not overwrite a prefetched one
+        buf = min(free, key=lambda b: (b.part is not None, b.used))  # rather not overwrite a prefetched one
         buf.used = self.clock
-        self._load(buf, key)
+        self._load(buf, part)
         return buf
 
-    def _load(self, buf, key):
-        layer, what, first, n, _ = key
+    def _load(self, buf, part):
         cap = self.cache_pages
         self._wait(self.h2d, *buf.busy)
-        if what != "grad":
-            self._wait(self.h2d, self.kv_written[layer])
-        if what != "kv":
-            self._wait(self.h2d, self.grad_written[layer])
+        if part.what != "grad":
+            self._wait(self.h2d, self.kv_written[part.layer])
+        if part.what != "kv":
+            self._wait(self.h2d, self.grad_written[part.layer])
         with self._on(self.h2d):
             for b in range(self.batch):
-                pages = self.tables[layer][b][first:first + n]
-                if what != "grad":
-                    for i, page, count, _ in _runs(pages):
-                        for src, dst in ((self.k, buf.k), (self.v, buf.v)):
-                            dst[b * cap + i:][:count].copy_(src[page:page + count], non_blocking=True)
-                            self.bytes_moved["h2d"] += dst[:count].nbytes
-                if what != "kv":
-                    for i, page, count, dirty in _runs(pages, self.dirty[pages]):
-                        for src, dst in ((self.dk, buf.dk), (self.dv, buf.dv)):
-                            if dirty:
-                                dst[b * cap + i:][:count].copy_(src[page:page + count], non_blocking=True)
-                                self.bytes_moved["h2d"] += dst[:count].nbytes
-                            else:  # never written back this step: zero, without a copy
-                                dst[b * cap + i:][:count].zero_()
-        buf.key, buf.loaded, buf.busy = key, self._record(self.h2d), []
+                pages = self.tables[part.layer][b][part.rows[b]]
+                slots = slice(b * cap, b * cap + len(pages))
+                if part.what != "grad":
+                    self._copy_in("k", buf.k[slots], pages)
+                    self._copy_in("v", buf.v[slots], pages)
+                if part.what != "kv":  # gradient pages never written back this step are zero: no copy
+                    self._copy_in("dk", buf.dk[slots], pages, self.dirty[pages])
+                    self._copy_in("dv", buf.dv[slots], pages, self.dirty[pages])
+        buf.part, buf.loaded, buf.busy = part, self._record(self.h2d), []
 
     def _write_back(self, buf):
         """Copy the buffer's gradient pages (updated by the compute stream) back to their host pages."""
-        layer, _, first, n, _ = buf.key
-        cap = self.cache_pages
+        part, cap = buf.part, self.cache_pages
         self._wait(self.d2h, self._record(None))
         with self._on(self.d2h):
             for b in range(self.batch):
-                pages = self.tables[layer][b][first:first + n]
+                pages = self.tables[part.layer][b][part.rows[b]]
                 self.dirty[pages] = True
-                for i, page, count, _ in _runs(pages):
-                    for src, dst in ((buf.dk, self.dk), (buf.dv, self.dv)):
-                        dst[page:page + count].copy_(src[b * cap + i:][:count], non_blocking=True)
-                        self.bytes_moved["d2h"] += dst[:count].nbytes
-        self.grad_written[layer] = self._record(self.d2h)
-        buf.busy.append(self.grad_written[layer])
+                slots = slice(b * cap, b * cap + len(pages))
+                self._copy_out("dk", buf.dk[slots], pages)
+                self._copy_out("dv", buf.dv[slots], pages)
+        self.grad_written[part.layer] = self._record(self.d2h)
+        buf.busy.append(self.grad_written[part.layer])
+
+    # Pages move by one copy per run of consecutive host pages (copy engines, no GPU cores) when there are few runs,
+    # as in dense parts; scattered pages, as in sparse parts, by one gather (scatter) kernel that reads (writes) the
+    # pinned pool in place: per-page copies cost ~10 us of host time each and reach 1.5 GB/s at 16 KB pages, the
+    # kernel ~45 GB/s (bench/RESULTS.md).
+
+    def _indices(self, ids):
+        return to_device(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), self.device)
+
+    def _copy_in(self, name, dst, pages, load=None):
+        """dst[i] = pool `name`[pages[i]] (buffer slots <- host pages, on the current stream), or zero where load[i]
+        is False."""
+        src, load = getattr(self, name), np.ones(len(pages), dtype=bool) if load is None else load
+        runs = _runs(pages, load)
+        if len(runs) <= self.max_copies:
+            for i, page, count, copy in runs:
+                if copy:
+                    dst[i:i + count].copy_(src[page:page + count], non_blocking=True)
+                else:
+                    dst[i:i + count].zero_()
+        elif load.all():
+            torch.index_select(self.device_views[name], 0, self._indices(pages), out=dst)
+        else:
+            dst.index_copy_(0, self._indices(np.flatnonzero(load)),
+                            self.device_views[name].index_select(0, self._indices(pages[load])))
+            dst.index_fill_(0, self._indices(np.flatnonzero(~load)), 0)
+        self.bytes_moved["h2d"] += int(load.sum()) * dst[0].nbytes
+
+    def _copy_out(self, name, src, pages):
+        """pool `name`[pages[i]] = src[i] (host pages <- buffer slots, on the current stream)."""
+        dst, runs = getattr(self, name), _runs(pages)
+        if len(runs) <= self.max_copies:
+            for i, page, count, _ in runs:
+                dst[page:page + count].copy_(src[i:i + count], non_blocking=True)
+        else:
+            self.device_views[name].index_copy_(0, self._indices(pages), src)
+        self.bytes_moved["d2h"] += src.nbytes
 
     def _stream(self, layer, backward, start, end):
-        """Yield (key, buffer) for each part of a call, loaded and ready for the compute stream; the next part
-        loads while the caller computes on this one. Gradient parts of the history are written back after use."""
+        """Yield (part, buffer) for each part of a call, loaded and ready for the compute stream; the next part
+        loads while the caller computes on this one - unless, in a backward, it shares gradient pages with this
+        one: then it loads after this part's write-back. Gradient parts of the history are written back after
+        use."""
         call = (layer, backward)
         if self.last_call is not None:
             self.next_call[self.last_call] = call
@@ -304,19 +436,20 @@ class OffloadedKVStore:
         guess = self.next_call.get(call) or (
             ((layer - 1, True) if layer > 0 else None) if backward else
             ((layer + 1, False) if layer + 1 < self.num_layers else (layer, True)))
-        following = self._parts(*guess, start, end)[:1] if guess else []
+        following = (self._parts(*guess, start, end) or [])[:1] if guess else []
         parts = self._parts(layer, backward, start, end)
         todo = parts + following  # the guessed part is only loaded, not yielded
         buf = self._fetch(todo[0]) if todo else None
-        for j, key in enumerate(parts):
-            nxt = self._fetch(todo[j + 1], avoid=buf) if j + 1 < len(todo) else None
+        for j, part in enumerate(parts):
+            late = backward and part.shares_next
+            nxt = self._fetch(todo[j + 1], avoid=buf) if j + 1 < len(todo) and not late else None
             self._wait(None, buf.loaded)
-            yield key, buf
+            yield part, buf
             buf.busy = [self._record(None)]
-            if key[1] == "kvgrad":
+            if part.what == "kvgrad":
                 self._write_back(buf)
-            buf.key = None
-            buf = nxt
+            buf.part = None
+            buf = self._fetch(todo[j + 1], avoid=buf) if late else nxt
         if backward:
             self.versions[layer] += 1
 
@@ -332,6 +465,17 @@ class OffloadedKVStore:
         table = torch.arange(B * n, dtype=torch.int32, device=k.device).view(B, n)
         return k.reshape(B * n, self.page_size, *k.shape[2:]), v.reshape(B * n, self.page_size, *v.shape[2:]), table
 
+    def _history_args(self, part, buf, start):
+        """(page table, q_start, kv_len, q_block) for the kernels on a history part in `buf`: a dense part is a
+        range of positions before the chunk's queries; a sparse part's table lists each block's selected pages
+        (buffer slots), all visible: virtual q_start = its columns x page_size."""
+        ps = self.page_size
+        if part.table is None:
+            n = len(part.rows[0])
+            return buf.table[:, :n], start - int(part.rows[0][0]) * ps, n * ps, None
+        n = part.table.shape[3]
+        return part.table, n * ps, n * ps, self.selector.q_block
+
     def forward(self, layer, q, k, v):
         """o [B, C, H, D] (q.dtype), lse [B, H, C]: the chunk's queries over history + chunk."""
         B, C = q.shape[:2]
@@ -339,13 +483,16 @@ class OffloadedKVStore:
             raise ValueError(f"a chunk of {C} tokens does not fit the page cache's buffers of "
                              f"{self.cache_pages * self.page_size} tokens: raise cache_tokens or lower the chunk")
         start = self.lengths[layer] - C
+        if self.selector is not None:  # made (stage 1) or found (stage 2) before the parts are known
+            self.selector.selection(layer, q, self.device_tables[layer], start)
         o = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # fp32 while parts are merged
         lse = torch.empty(B, q.shape[2], C, dtype=torch.float32, device=q.device)
         k_loc, v_loc, table = self._local_pages(k.to(self.k.dtype), v.to(self.k.dtype))
         paged_attention_forward(q, k_loc, v_loc, table, 0, out=(o, lse))
-        for (_, _, first, n, _), buf in self._stream(layer, False, start, start + C):
-            paged_attention_forward(q, buf.k, buf.v, buf.table[:, :n], start - first * self.page_size,
-                                    kv_len=n * self.page_size, out=(o, lse), merge=True)
+        for part, buf in self._stream(layer, False, start, start + C):
+            table, q_start, kv_len, q_block = self._history_args(part, buf, start)
+            paged_attention_forward(q, buf.k, buf.v, table, q_start, kv_len=kv_len, out=(o, lse), merge=True,
+                                    q_block=q_block)
         return o.to(q.dtype), lse
 
     def backward(self, layer, start, q, k, v, o, lse, do):
@@ -355,18 +502,18 @@ class OffloadedKVStore:
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         k_loc, v_loc, _ = self._local_pages(k.to(self.k.dtype), v.to(self.k.dtype))
         n_loc = k_loc.shape[0] // B
-        for (_, what, first, n, _), buf in self._stream(layer, True, start, start + C):
-            table = buf.table[:, :n]
-            if what == "grad":  # the chunk itself: its K/V into the buffer, next to its accumulated gradient
+        for part, buf in self._stream(layer, True, start, start + C):
+            if part.what == "grad":  # the chunk itself: its K/V into the buffer, next to its accumulated gradient
                 for src, dst in ((k_loc, buf.k), (v_loc, buf.v)):
                     dst.view(B, self.cache_pages, *dst.shape[1:])[:, :n_loc] = src.view(B, n_loc, *src.shape[1:])
-                paged_attention_backward(do, q, None, lse, buf.k, buf.v, table, 0, buf.dk, buf.dv, kv_len=C,
-                                         delta=delta, dq=dq)
+                paged_attention_backward(do, q, None, lse, buf.k, buf.v, buf.table[:, :n_loc], 0, buf.dk, buf.dv,
+                                         kv_len=C, delta=delta, dq=dq)
                 dk, dv = (g.view(B, self.cache_pages * self.page_size, *g.shape[2:])[:, :C].to(t.dtype, copy=True)
                           for g, t in ((buf.dk, k), (buf.dv, v)))
             else:
-                paged_attention_backward(do, q, None, lse, buf.k, buf.v, table, start - first * self.page_size,
-                                         buf.dk, buf.dv, kv_len=n * self.page_size, delta=delta, dq=dq)
+                table, q_start, kv_len, q_block = self._history_args(part, buf, start)
+                paged_attention_backward(do, q, None, lse, buf.k, buf.v, table, q_start, buf.dk, buf.dv,
+                                         kv_len=kv_len, delta=delta, dq=dq, q_block=q_block)
         return dq.to(q.dtype), dk, dv
 
     def attend(self, layer, q, k, v):

@@ -37,6 +37,14 @@ class OutOfPages(RuntimeError):
     pass
 
 
+def to_device(t, device):
+    """A small host tensor (page ids) copied to `device` without the host waiting for the GPU: through pinned
+    memory, non-blocking (the caching host allocator keeps the pinned copy alive until the copy has run)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class PageAllocator:
     """A free list of page indices [first, first + num_pages)."""
 
@@ -115,10 +123,7 @@ class PagedKVStore:
             new = self.allocator.alloc(n_new * B)
             for b in range(B):
                 self.tables[layer][b].extend(new[b * n_new:(b + 1) * n_new])
-            new = torch.tensor(new, dtype=torch.int32).view(B, n_new)
-            if self.k.is_cuda:
-                new = new.pin_memory()  # the caching host allocator keeps it alive until the copy has run
-            new = new.to(self.k.device, non_blocking=True)
+            new = to_device(torch.tensor(new, dtype=torch.int32).view(B, n_new), self.k.device)
             self._device_tables[layer] = torch.cat([self._device_tables[layer], new], dim=1)
             new = new.flatten().long()
             self.dk.index_fill_(0, new, 0.0)  # gradient pages start at zero, whatever they held before

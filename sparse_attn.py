@@ -35,11 +35,12 @@ class PageSelector:
     """Page summaries and the selection of history pages for a paged KV store (paged_kv.PagedKVStore(selector=)).
 
     summaries [num_pages, n_kv_heads, head_dim] (K's dtype), indexed by physical page like the store's pools.
-    selections[layer] {chunk start: (selection, table)}: the chunk's selected logical history pages
-    [B, n_kv_heads, n_blocks, n] int32, ascending, and the kernels' page table built from them (page_table)."""
+    selections[layer] {chunk start: selection}: the chunk's selected logical history pages
+    [B, n_kv_heads, n_blocks, n] int32, ascending (on the GPU, or in host memory with host=True);
+    kernel_tables[layer] {chunk start: the kernels' page table built from it} (page_table, the in-GPU store)."""
 
     def __init__(self, num_pages, n_kv_heads, head_dim, page_size, budget, dtype, device, q_block=128, sink=1,
-                 recent=1):
+                 recent=1, host=False):
         if budget % page_size or budget < page_size * (sink + recent):
             raise ValueError(f"the sparse budget ({budget} tokens) must be a multiple of the page size ({page_size}) "
                              f"and cover the {sink} sink and {recent} recent pages")
@@ -48,18 +49,22 @@ class PageSelector:
         self.page_size, self.budget, self.q_block, self.sink, self.recent = page_size, budget, q_block, sink, recent
         self.n_select = budget // page_size  # history pages per query block
         self.summaries = torch.zeros(num_pages, n_kv_heads, head_dim, dtype=dtype, device=device)
-        self.selections = {}  # layer -> {start: (selection, table)}
+        self.host = host  # keep selections in host memory (offload.py) rather than on the GPU
+        self.selections = {}  # layer -> {start: selection}
+        self.kernel_tables = {}  # layer -> {start: page table} (page_table)
         self.log = None  # set to a list to record (layer, start, selection) of every attention call (tests)
 
     @staticmethod
-    def gpu_bytes(cfg, batch, seq_len, chunk, page_size, budget, dtype, q_block=128) -> int:
-        """Summaries of every page plus the stored selections of every (layer, chunk) of a step."""
+    def index_bytes(cfg, batch, seq_len, chunk, page_size, budget, dtype, q_block=128) -> tuple[int, int, int]:
+        """Bytes of a step's (page summaries, stored selections, kernel page tables): summaries and tables live on
+        the GPU, selections too unless host=True (then the GPU keeps only the summaries)."""
         pages = cfg.num_hidden_layers * batch * math.ceil(seq_len / page_size)
         summaries = pages * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
-        # int32 selection + int32 table (selected pages + the chunk's own) per kv head and query block
-        per_block = 4 * (2 * (budget // page_size) + math.ceil(chunk / page_size))
-        per_chunk = batch * cfg.num_key_value_heads * math.ceil(chunk / q_block) * per_block
-        return summaries + cfg.num_hidden_layers * math.ceil(seq_len / chunk) * per_chunk
+        blocks = cfg.num_hidden_layers * math.ceil(seq_len / chunk) * batch * cfg.num_key_value_heads * math.ceil(
+            chunk / q_block)  # (layer, chunk, batch row, kv head, query block) tuples of a step
+        selections = blocks * 4 * (budget // page_size)  # int32 logical pages
+        tables = blocks * 4 * (budget // page_size + math.ceil(chunk / page_size))  # + the chunk's own pages
+        return summaries, selections, tables
 
     def write(self, pages, k):
         """Summaries of freshly written pages: pages [B, n] physical ids holding k [B, T, Hkv, D], T <= n * ps,
@@ -70,22 +75,31 @@ class PageSelector:
         counts = (T - torch.arange(n, device=k.device) * ps).clamp(max=ps).view(1, n, 1, 1)
         self.summaries[pages.flatten().long()] = (k.sum(2) / counts).flatten(0, 1).to(self.summaries.dtype)
 
+    def selection(self, layer, q, table, start):
+        """The history pages chunk [start, start + C) of `layer` attends to, [B, Hkv, n_blocks, n] int32 logical
+        page indices (see select): chosen by the first call for a (layer, chunk) - stage 1, or stage 2 for the
+        last chunk - and stored; later calls return the stored choice, whatever q they pass. On the GPU, or with
+        host=True in host memory (offload.py reads it there to know which pages to fetch)."""
+        stored = self.selections.setdefault(layer, {})
+        if start not in stored:
+            sel = self.select(q, table, start).to(torch.int32)
+            stored[start] = sel.cpu() if self.host else sel
+        if self.log is not None:
+            self.log.append((layer, start, stored[start]))
+        return stored[start]
+
     def page_table(self, layer, q, table, start):
         """(4-D int32 page table [B, Hkv, n_blocks, n_selected + own pages], virtual q_start) for the kernels:
         each block's selected history pages, then the chunk's own pages, which therefore start at virtual
         position n_selected * page_size. q [B, C, H, D]: the chunk's queries (post-RoPE); table [B, >= its
-        pages] int32: the layer's page table. The first call for a (layer, chunk) chooses (stage 1, or stage 2
-        for the last chunk); later calls reuse that choice and table."""
-        stored = self.selections.setdefault(layer, {}).get(start)
-        if stored is None:
-            sel = self.select(q, table, start)
+        pages] int32: the layer's page table. Built once per (layer, chunk), like the selection."""
+        sel = self.selection(layer, q, table, start)
+        tables = self.kernel_tables.setdefault(layer, {})
+        if start not in tables:
             first, last = start // self.page_size, math.ceil((start + q.shape[1]) / self.page_size)
             rows = table[:, None, None, :].expand(*sel.shape[:3], table.shape[1])
-            pages = torch.cat([torch.gather(rows, 3, sel), rows[..., first:last]], dim=3).to(torch.int32)
-            stored = self.selections[layer][start] = (sel.to(torch.int32), pages)
-        if self.log is not None:
-            self.log.append((layer, start, stored[0]))
-        return stored[1], stored[0].shape[3] * self.page_size
+            tables[start] = torch.cat([torch.gather(rows, 3, sel.long()), rows[..., first:last]], dim=3)
+        return tables[start], sel.shape[3] * self.page_size
 
     def select(self, q, table, start):
         """The history pages chunk [start, start + C) attends to, per (batch row, kv head, block of q_block
@@ -108,9 +122,9 @@ class PageSelector:
 
     def truncate(self, layer, length):
         """Forget the selections of chunks starting at or after `length` (they were retired)."""
-        stored = self.selections.get(layer, {})
-        for start in [start for start in stored if start >= length]:
-            del stored[start]
+        for stored in (self.selections.get(layer, {}), self.kernel_tables.get(layer, {})):
+            for start in [start for start in stored if start >= length]:
+                del stored[start]
 
 
 def sparse_attention_reference(q, k, v, selections, page_size, q_block, scale=None):

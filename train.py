@@ -130,9 +130,6 @@ def resolve_defaults(args):
     if args.sparse and (args.budget % args.page_size or args.budget < 2 * args.page_size):
         raise UserError(f"--budget {args.budget} must be a multiple of --page-size {args.page_size}, at least two "
                         f"pages (the sink and the most recent page)")
-    if args.sparse and args.offload == "on":
-        raise UserError("--attn sparse keeps its pages on the GPU: offloading them is not implemented yet "
-                        "(use --offload off/auto, or --attn dense)")
     if args.host_memory is not None and args.host_memory <= 0:
         raise UserError(f"--host-memory must be > 0 GiB, got {args.host_memory}")
     if args.lr <= 0:
@@ -204,18 +201,22 @@ def memory_plan(cfg: ModelConfig, args, offload=False):
     kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
     pool_per_token = PagedKVStore.bytes_per_token(cfg, kv_dtype, grad_dtype) * args.batch
     gpu[f"activations (one {args.chunk}-token chunk)"] = activations_per_token * args.chunk
-    index_per_token = 0
-    if args.sparse:  # page summaries and stored selections, both proportional to the length
-        index = PageSelector.gpu_bytes(cfg, args.batch, args.seq, args.chunk, args.page_size, args.budget, kv_dtype)
-        gpu["sparse attention index"] = index
-        index_per_token = math.ceil(index / args.seq)
+    index_gpu = index_host = 0
+    if args.sparse:  # page summaries and stored selections, proportional to the length
+        summaries, selections, tables = PageSelector.index_bytes(cfg, args.batch, args.seq, args.chunk,
+                                                                 args.page_size, args.budget, kv_dtype)
+        index_gpu, index_host = (summaries, selections) if offload else (summaries + selections + tables, 0)
+        gpu["sparse index (page summaries" + (")" if offload else ", selections)")] = index_gpu
+        if offload:
+            host["sparse index (selections)"] = index_host
+    index_gpu, index_host = math.ceil(index_gpu / args.seq), math.ceil(index_host / args.seq)  # per token
     if not offload:
         gpu["KV/dKV page pool"] = pool_per_token * args.seq
-        return {"gpu": gpu, "host": host}, {"gpu": pool_per_token + index_per_token, "host": 0}
+        return {"gpu": gpu, "host": host}, {"gpu": pool_per_token + index_gpu, "host": 0}
     gpu[f"KV/dKV page cache (3 x {args.cache_tokens} tokens)"] = OffloadedKVStore.cache_bytes(
         cfg, args.batch, args.page_size, args.cache_tokens, kv_dtype, grad_dtype)
     host["KV/dKV pages (pinned)"] = pool_per_token * args.seq
-    return {"gpu": gpu, "host": host}, {"gpu": 0, "host": pool_per_token}
+    return {"gpu": gpu, "host": host}, {"gpu": index_gpu, "host": pool_per_token + index_host}
 
 
 def shortfall(plan, per_token, args, device):
@@ -236,7 +237,7 @@ def plan_run(cfg, args, device):
     """-> (plan, per_token, offload). --offload auto offloads the chunked path's pages only when the in-GPU pool
     does not fit."""
     offload = chunked(args) and args.offload == "on"
-    if chunked(args) and args.offload == "auto" and not args.sparse:
+    if chunked(args) and args.offload == "auto":
         offload = shortfall(*memory_plan(cfg, args, False), args, device) is not None
     return *memory_plan(cfg, args, offload), offload
 
@@ -418,11 +419,11 @@ def run(args):
     store = None
     if chunked(args):
         kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
+        sparse = dict(budget=args.budget) if args.sparse else None
         if offload:
             store = OffloadedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
-                                                  args.cache_tokens, grad_dtype)
+                                                  args.cache_tokens, grad_dtype, sparse=sparse)
         else:
-            sparse = dict(budget=args.budget) if args.sparse else None
             store = PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
                                               grad_dtype, sparse=sparse)
     start = 0

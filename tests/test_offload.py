@@ -37,11 +37,11 @@ def test_runs_split_on_gaps_and_flags():
     assert _runs([1, 2, 3, 4], flags) == [(0, 1, 2, True), (2, 3, 2, False)]
 
 
-@pytest.mark.parametrize("batch, lengths, checkpoint", [
-    (2, (200, 136, 168), False),  # three steps of different lengths, partial last chunks, batch 2
-    (1, (168,), True),            # layers recomputed inside the chunk: attend runs twice per layer
-])
-def test_offload_is_exact_over_steps(batch, lengths, checkpoint):
+@pytest.mark.parametrize("batch, lengths, checkpoint, max_copies", [
+    (2, (200, 136, 168), False, 8),  # three steps of different lengths, partial last chunks, batch 2
+    (1, (168,), True, 0),            # layers recomputed inside the chunk: attend runs twice per layer; every
+])                                   # page moved by gather/scatter instead of copies
+def test_offload_is_exact_over_steps(batch, lengths, checkpoint, max_copies):
     """Consecutive steps of different lengths on one store (same buffers, pages reused, poisoned first): loss and
     every parameter gradient equal full-sequence autograd, and the pool is whole after each step. Chunk 32 and
     buffers of 48 tokens: every call streams its history in several parts, the last one partial."""
@@ -49,6 +49,7 @@ def test_offload_is_exact_over_steps(batch, lengths, checkpoint):
     page, chunk = 16, 32
     store = OffloadedKVStore.for_sequence(model, batch, max(lengths), page, torch.float32, DEVICE,
                                           cache_tokens=3 * page)
+    store.max_copies = max_copies
     poison(store)
     for step, seq in enumerate(lengths):
         idx, targets = batch_of(step, batch, seq)
@@ -130,3 +131,56 @@ def test_bad_arguments():
     store.append(0, k, k)
     with pytest.raises(ValueError, match="cache"):
         store.attend(0, q, k, k)
+
+
+def test_sparse_offload_moves_selected_pages_only_and_equals_the_gpu_store():
+    """Sparse attention with offloaded pages: two steps of different lengths on one (poisoned) store give the
+    loss and gradients of the in-GPU sparse store, with the same selections; the pages loaded for each call are
+    exactly those its selection names. Buffers of 4 pages against selections of 4 pages x 4 (kv head, query
+    block) pairs: calls split into several column parts, some sharing pages (gradients added across parts)."""
+    model = tiny_model(7)
+    page, chunk, sparse = 16, 32, dict(budget=64, q_block=16)
+    gpu_store = PagedKVStore.for_sequence(model, 2, 256, page, torch.float32, DEVICE, sparse=sparse)
+    store = OffloadedKVStore.for_sequence(model, 2, 256, page, torch.float32, DEVICE, cache_tokens=4 * page,
+                                          sparse=sparse)
+    store.max_copies = 1  # scattered pages by gather/scatter (a GPU reads the pinned pool in place)
+    poison(store)
+    loaded, splits = {}, []  # (layer, what, start) -> pages per row; the column splits made
+    load, split = store._load, store._split
+
+    def recording_load(buf, part):
+        if part.table is not None:  # a sparse history part: key name (start, columns)
+            rows = loaded.setdefault((part.layer, part.what, part.key[3][0]), [set(), set()])
+            for b in range(2):
+                rows[b].update(part.rows[b].tolist())
+        return load(buf, part)
+
+    def recording_split(layer, start):
+        result = split(layer, start)
+        if result is not None and not any(result is s for s in splits):
+            splits.append(result)
+        return result
+    store._load, store._split = recording_load, recording_split
+
+    for step, seq in enumerate((192, 160)):
+        idx, targets = batch_of(10 + step, 2, seq)
+        results, logs = [], []
+        for s in (gpu_store, store):
+            s.selector.log = log = []
+            loss = chunked_step(model, idx, targets, chunk_size=chunk, page_size=page, store=s)
+            results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+            logs.append({(layer, start): sel.cpu() for layer, start, sel in log})
+            model.zero_grad(set_to_none=True)
+        (ref_loss, ref), (loss, grads) = results
+        assert logs[0].keys() == logs[1].keys() and all(torch.equal(logs[0][k], logs[1][k]) for k in logs[0])
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), f"step {step}"
+        for name, p in model.named_parameters():
+            p.grad = grads[name]
+        assert_grads_match(model, ref)
+        model.zero_grad(set_to_none=True)
+        assert store.num_free_pages() == store.num_pages
+        for (layer, what, start), rows in loaded.items():
+            sel = logs[1][(layer, start)]
+            assert rows == [set(sel[b].flatten().tolist()) for b in range(2)], (layer, what, start)
+        loaded.clear()
+    assert any(len(s) > 1 for s in splits) and any(part[3] for s in splits for part in s)  # split, shared pages

@@ -162,6 +162,7 @@ class _Recomputing(PageSelector):
 
     def page_table(self, layer, q, table, start):
         self.selections.get(layer, {}).pop(start, None)
+        self.kernel_tables.get(layer, {}).pop(start, None)
         return super().page_table(layer, q, table, start)
 
 

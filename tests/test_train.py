@@ -139,11 +139,16 @@ def test_plan_matches_the_pool_and_parameter_sizes():
     assert args.sparse
     plan, per_token = train.memory_plan(cfg, args)
     summaries = 28 * math.ceil(1_000_000 / 64) * 4 * 128 * 2
-    selections = 28 * math.ceil(1_000_000 / 4096) * 4 * (4096 // 128) * 4 * (64 + 64 + 4096 // 64)
-    assert plan["gpu"]["sparse attention index"] == summaries + selections
+    blocks = 28 * math.ceil(1_000_000 / 4096) * 4 * (4096 // 128)
+    selections, tables = blocks * 4 * 64, blocks * 4 * (64 + 4096 // 64)
+    assert plan["gpu"]["sparse index (page summaries, selections)"] == summaries + selections + tables
+    # offloaded, the GPU keeps the summaries (selection reads them), the host the selections (only indices move)
+    plan, _ = train.memory_plan(cfg, args, offload=True)
+    assert plan["gpu"]["sparse index (page summaries)"] == summaries
+    assert plan["host"]["sparse index (selections)"] == selections
     args.sparse = False
     plan, per_token = train.memory_plan(cfg, args)
-    assert "sparse attention index" not in plan["gpu"]
+    assert not any("sparse" in part for part in plan["gpu"])
     assert plan["gpu"]["weights (fp32)"] == 4 * 7_615_616_512
     assert per_token == {"gpu": 28 * 4 * 128 * 2 * (2 + 4), "host": 0} and per_token["gpu"] == 172_032  # 172 KB
     assert plan["gpu"]["KV/dKV page pool"] == 172_032 * 1_000_000
@@ -169,10 +174,10 @@ def test_planner_offloads_only_when_the_pool_does_not_fit(monkeypatch):
     args.offload = "off"
     with pytest.raises(train.UserError, match="on cpu.*longest --seq that fits is"):
         train.check_fits(*train.plan_run(cfg, args, device)[:2], args, device)
-    args.offload, args.sparse = "auto", True  # sparse pages stay on the GPU (no sparse offload yet)
+    args.offload, args.sparse = "auto", True  # sparse attention offloads alike; its selections go to the host too
     plan, per_token, offload = train.plan_run(cfg, args, device)
-    assert not offload and "sparse attention index" in plan["gpu"]
-    with pytest.raises(train.UserError, match="on cpu.*longest --seq that fits is"):
+    assert offload and "sparse index (page summaries)" in plan["gpu"] and "sparse index (selections)" in plan["host"]
+    with pytest.raises(train.UserError, match="on the host.*longest --seq that fits is"):
         train.check_fits(plan, per_token, args, device)
 
 
