@@ -302,7 +302,7 @@ def bench_step(args, device, rec):
         if path != "full":
             record.update(grad_pages=args.grad_pages, last_chunks=args.last_chunks or None)
         if path in ("sparse", "sparse_offload"):
-            record.update(budget=args.budget)
+            record.update(budget=args.budget, q_block=args.q_block)
         # --- skip early: baseline already out of memory, time budget, or a pool larger than the free memory
         if path == "full" and baseline_oom_at is not None:
             rec.emit(dict(record, status="OOM", skipped=True, error=f"OOM at length {baseline_oom_at}"))
@@ -335,7 +335,7 @@ def bench_step(args, device, rec):
                 drop_grads()
             if path != "full":
                 # the pool is allocated once per point, outside the timing, and reused by every step
-                sparse = dict(budget=args.budget) if path in ("sparse", "sparse_offload") else None
+                sparse = dict(budget=args.budget, q_block=args.q_block) if path in ("sparse", "sparse_offload") else None
                 if path in ("chunked", "sparse"):
                     store = PagedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device, grad_dtype,
                                                       sparse=sparse)
@@ -629,13 +629,13 @@ def sparse_fidelity(args, device, rec):
     print(f"fidelity: {model.num_params() / 1e6:.1f}M params trained {ckpt['step']} steps, seq {args.seq}, "
           f"chunk {args.chunk}, budgets {args.budgets}", flush=True)
 
-    def grads_of(budget):
+    def grads_of(budget, q_block=None):
         """[per batch: (loss, flat fp32 gradient)] of the chunked step, dense if budget is None."""
         out = []
         for i in range(args.batches):
             x, y = (t.to(device) for t in data.batch("val", args.batch, args.seq, seed=10_000 + i))
             store = PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, torch.bfloat16, device,
-                                              sparse=dict(budget=budget) if budget else None)
+                                              sparse=dict(budget=budget, q_block=q_block) if budget else None)
             model.zero_grad(set_to_none=True)
             loss = chunked_step(model, x, y, args.chunk, args.page_size, torch.bfloat16, store=store)
             out.append((loss, [p.grad.detach().clone() for _, p in named]))
@@ -643,9 +643,9 @@ def sparse_fidelity(args, device, rec):
         return out
 
     dense = grads_of(None)
-    for budget in args.budgets:
+    for q_block, budget in [(q, b) for q in args.q_blocks for b in args.budgets]:
         def body():
-            sparse = grads_of(budget)
+            sparse = grads_of(budget, q_block)
             cmps = [compare_grads(g_s, g_d, [n for n, _ in named]) for (_, g_d), (_, g_s) in zip(dense, sparse)]
             worst = max(cmps, key=lambda c: c["worst_param_rel_err"])
             return dict(grad_cosine=r(statistics.mean(c["cosine"] for c in cmps), 6),
@@ -653,7 +653,8 @@ def sparse_fidelity(args, device, rec):
                         loss_dense=r(statistics.mean(l for l, _ in dense), 5),
                         loss_diff=r(statistics.mean(l_s - l_d for (l_d, _), (l_s, _) in zip(dense, sparse)), 6),
                         worst_param=worst["worst_param"], worst_param_rel_err=r(worst["worst_param_rel_err"]))
-        rec.emit(run_point(dict(base, budget=budget, history_fraction=r(budget / args.seq)), body, device))
+        rec.emit(run_point(dict(base, budget=budget, q_block=q_block, history_fraction=r(budget / args.seq)), body,
+                           device))
     del model, named, dense
     free_memory(device)
 
@@ -754,6 +755,7 @@ def parse_args(argv=None):
                    help="seconds: stop timing a point's repeats once they add up to this (after at least one)")
     s.add_argument("--no-baseline", action="store_true", help="skip the full-sequence baseline")
     s.add_argument("--budget", type=int, default=4096, help="sparse store: history tokens per query block")
+    s.add_argument("--q-block", type=int, default=128, help="sparse store: queries per selection block")
     s.add_argument("--stores", type=lambda t: t.split(","), default=["paged"],
                    help="chunked-path stores to run, comma-separated: paged (pages on the GPU), offload (host), "
                         "sparse (sparse attention, pages on the GPU), sparse-offload (sparse, pages on the host)")
@@ -792,6 +794,7 @@ def parse_args(argv=None):
     f.add_argument("--chunk", type=int, default=1024)
     f.add_argument("--page-size", type=int, default=64)
     f.add_argument("--budgets", type=int_list, default=int_list("256,512,1024,2048,4096"))
+    f.add_argument("--q-blocks", type=int_list, default=[128], help="queries per selection block, each tried")
     f.add_argument("--batch", type=int, default=1)
     f.add_argument("--batches", type=int, default=2, help="validation batches averaged over")
 

@@ -23,9 +23,9 @@ backprop would compute them, accumulated in fp32 across chunks in either of two 
     param.grad does; set it to None (or zero it) to start over.
 K/V are stored in the compute dtype, their gradients in fp32.
 
-With a sparse store (PagedKVStore(sparse=...), sparse_attn.py) each block of queries attends to a budget of
-selected history pages; stage 1 stores the selection and stage 2 reuses it, so the gradient is the exact gradient
-of that sparse-attention model.
+With a sparse store (PagedKVStore or OffloadedKVStore with sparse=..., sparse_attn.py) each block of queries
+attends to a budget of selected history pages; stage 1 stores the selection and stage 2 reuses it, so the gradient
+is the exact gradient of that sparse-attention model.
 """
 
 import contextlib

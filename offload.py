@@ -39,7 +39,10 @@ page): all columns in one part when their union fits a buffer, else as many colu
 comes with a 4-D page table mapping every block's selected pages in those columns to the buffer's slots, which
 the kernels read like PagedKVStore's (q_start = the part's columns x page_size: all of them visible). Parts of
 one call may share pages; in a backward the next part's gradient pages then load only after this part's
-write-back, so a page's gradient adds up across parts exactly as it would in one.
+write-back, so a page's gradient adds up across parts exactly as it would in one. Selected pages lie scattered over
+the pool: they move by a gather (scatter) kernel that reads (writes) the pinned pool in place (_copy_in). With one
+selection per chunk (q_block = chunk) a call needs at most n_kv_heads x budget pages; with small blocks the union
+of their choices can cover most of the history, and PCIe sets the pace (bench/RESULTS.md).
 
 On a CPU-only machine the same code runs with every tensor on the CPU and no streams: the bookkeeping is tested
 there, the asynchrony on the GPU (bench/gpu_run.sh).

@@ -32,7 +32,8 @@ import torch
 
 
 class PageSelector:
-    """Page summaries and the selection of history pages for a paged KV store (paged_kv.PagedKVStore(selector=)).
+    """Page summaries and the selection of history pages for a KV store (PagedKVStore or OffloadedKVStore with
+    sparse=dict(budget=..., q_block=...)).
 
     summaries [num_pages, n_kv_heads, head_dim] (K's dtype), indexed by physical page like the store's pools.
     selections[layer] {chunk start: selection}: the chunk's selected logical history pages

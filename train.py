@@ -64,8 +64,12 @@ def parse_args(argv=None):
                    help="dtype of the dK/dV pages (bfloat16 halves them; each chunk's sum is still formed in fp32)")
     p.add_argument("--attn", default="auto", choices=["auto", "dense", "sparse"],
                    help="attention of the chunked path: dense (exact) or page-level sparse (sparse_attn.py: each "
-                        "128-query block reads --budget history tokens + its chunk); auto: sparse when --seq > 16 x "
+                        "--q-block of queries reads --budget history tokens + its chunk); auto: sparse when --seq > 16 x "
                         "--budget")
+    p.add_argument("--q-block", type=int, default=None,
+                   help="sparse attention: queries that share one selection of pages (per kv head). Default 128, "
+                        "or with offload the chunk (a power of two), which moves ~5x fewer pages at about the same "
+                        "gradient fidelity (bench/RESULTS.md)")
     p.add_argument("--budget", type=int, default=4096,
                    help="sparse attention: history tokens per query block (sink, recent and top-scoring pages)")
     p.add_argument("--host-memory", type=float, default=None,
@@ -130,6 +134,10 @@ def resolve_defaults(args):
     if args.sparse and (args.budget % args.page_size or args.budget < 2 * args.page_size):
         raise UserError(f"--budget {args.budget} must be a multiple of --page-size {args.page_size}, at least two "
                         f"pages (the sink and the most recent page)")
+    args.q_block_given = args.q_block is not None  # else chosen with the offload decision (plan_run)
+    args.q_block = args.q_block if args.q_block_given else 128
+    if args.sparse and (args.q_block & (args.q_block - 1) or args.q_block < 16):
+        raise UserError(f"--q-block must be a power of two >= 16, got {args.q_block}")
     if args.host_memory is not None and args.host_memory <= 0:
         raise UserError(f"--host-memory must be > 0 GiB, got {args.host_memory}")
     if args.lr <= 0:
@@ -204,7 +212,8 @@ def memory_plan(cfg: ModelConfig, args, offload=False):
     index_gpu = index_host = 0
     if args.sparse:  # page summaries and stored selections, proportional to the length
         summaries, selections, tables = PageSelector.index_bytes(cfg, args.batch, args.seq, args.chunk,
-                                                                 args.page_size, args.budget, kv_dtype)
+                                                                 args.page_size, args.budget, kv_dtype,
+                                                                 args.q_block)
         index_gpu, index_host = (summaries, selections) if offload else (summaries + selections + tables, 0)
         gpu["sparse index (page summaries" + (")" if offload else ", selections)")] = index_gpu
         if offload:
@@ -239,6 +248,8 @@ def plan_run(cfg, args, device):
     offload = chunked(args) and args.offload == "on"
     if chunked(args) and args.offload == "auto":
         offload = shortfall(*memory_plan(cfg, args, False), args, device) is not None
+    if args.sparse and not args.q_block_given:  # offloaded, every selected page crosses PCIe: one choice a chunk
+        args.q_block = 1 << (args.chunk.bit_length() - 1) if offload else 128
     return *memory_plan(cfg, args, offload), offload
 
 
@@ -419,7 +430,7 @@ def run(args):
     store = None
     if chunked(args):
         kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
-        sparse = dict(budget=args.budget) if args.sparse else None
+        sparse = dict(budget=args.budget, q_block=args.q_block) if args.sparse else None
         if offload:
             store = OffloadedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
                                                   args.cache_tokens, grad_dtype, sparse=sparse)
@@ -431,7 +442,7 @@ def run(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
         del ckpt
-    attention = (f"sparse attention, {args.budget} history tokens per query block" if args.sparse
+    attention = (f"sparse attention, {args.budget} history tokens per {args.q_block}-query block" if args.sparse
                  else "dense exact attention")
     path = (f"chunked: {args.chunk}-token chunks, {args.page_size}-token pages "
             f"{'offloaded to host memory' if offload else 'on the GPU'}, {attention} (--attn {args.attn})"

@@ -3,7 +3,7 @@
 #
 #     OUT=/some/dir bash bench/gpu_run.sh [STAGE ...]     # default: every stage (more than one call's worth)
 #
-# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m offload-tests exact-offload offload-speed offload-speed-7b offload-growth plan-check offload-4m offload-7b-1m sparse-tests sparse-fid-train sparse-fidelity sparse-curves sparse-speed sparse-profile sparse-7b sparse-train-1m sparse-offload-tests sparse-offload-speed sparse-offload-7b sparse-offload-growth sparse-offload-7b-1m hf-baseline
+# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m offload-tests exact-offload offload-speed offload-speed-7b offload-growth plan-check offload-4m offload-7b-1m sparse-tests sparse-fid-train sparse-fidelity sparse-curves sparse-speed sparse-profile sparse-7b sparse-train-1m copy-probe sparse-offload-tests sparse-offload-speed sparse-offload-7b sparse-offload-growth sparse-offload-train sparse-offload-7b-1m hf-baseline
 #
 # Stages, most important first, each under its own `timeout` (the limits add up to 535 s, so a hang in one stage
 # cannot eat the budget of the call): versions, GPU tests, gradient exactness, training-step benchmark (0.5B, 7B),
@@ -181,7 +181,7 @@ if want sparse-fid-train || { want sparse-fidelity && [ ! -f /tmp/fid/ckpt.pt ];
 fi
 if want sparse-fidelity; then
     stage sparse-fidelity 200 "$PY" bench.py fidelity --ckpt /tmp/fid/ckpt.pt --seq 16384 --chunk 1024 \
-        --budgets 256,512,1024,2048,4096 --batches 2
+        --budgets ${BUDGETS:-256,512,1024,2048,4096} --q-blocks ${QBLOCKS:-128} --batches 2
 fi
 # loss curves: the same short run from scratch, dense vs sparse (1024-token chunks and budget: mostly sparse)
 for attn in ${CURVES:-dense sparse}; do
@@ -212,22 +212,34 @@ if want sparse-train-1m; then
 fi
 
 # --- sparse attention over offloaded pages: only the selected pages move (offload.py, sparse parts)
+# how scattered pages can move: one copy per page vs a gather kernel on the pinned pool's device view
+want copy-probe && stage copy-probe 60 "$PY" bench/copy_probe.py
 want sparse-offload-tests && stage sparse-offload-tests 200 bash -c "$PY -m pytest -q tests/test_offload.py \
     >'$OUT/pytest_sparse_offload.txt' 2>&1; rc=\$?; tail -5 '$OUT/pytest_sparse_offload.txt'; exit \$rc"
 # step time, sparse with pages on the GPU vs offloaded (0.5B at 128K, 7B at 128K), and the loss difference
 want sparse-offload-speed && stage sparse-offload-speed 200 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     "$PY" bench.py step --model qwen2.5-0.5b --lengths 131072 --chunk 4096 --page-size 64 \
-    --stores sparse,sparse-offload --budget 4096 --warmup 1 --repeats 2 --no-baseline
+    --stores ${STORES:-sparse,sparse-offload} --budget 4096 --q-block ${QBLOCK:-128} --warmup 1 --repeats 2 \
+    --no-baseline
 want sparse-offload-7b && stage sparse-offload-7b 300 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 131072 --chunk 4096 --checkpoint \
-    --page-size 64 --stores sparse,sparse-offload --budget 4096 --warmup 1 --repeats 1 --no-baseline
+    --page-size 64 --stores ${STORES:-sparse,sparse-offload} --budget 4096 --q-block ${QBLOCK:-128} --warmup 1 \
+    --repeats 1 --no-baseline
 # peak GPU memory vs length, whole sparse steps with offloaded pages (0.5B to 1M; 7B at 1M in the next stage)
 want sparse-offload-growth && stage sparse-offload-growth 400 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     "$PY" bench.py step --model qwen2.5-0.5b --lengths 65536,262144,1048576 --chunk 4096 --page-size 64 \
-    --stores sparse-offload --budget 4096 --warmup 0 --repeats 1 --no-baseline
+    --stores sparse-offload --budget 4096 --q-block ${QBLOCK:-128} --warmup 0 --repeats 1 --no-baseline
+# through train.py: sparse attention over offloaded pages (--q-block defaults to the chunk there), AdamW, 0.5B
+if want sparse-offload-train; then
+    rm -rf /tmp/runso
+    stage sparse-offload-train 240 bash -c "$PY train.py --model qwen2.5-0.5b --seq 131072 --attn sparse \
+        --offload on --steps 3 --eval-iters 1 --host-memory 100 --out /tmp/runso 2>&1 | tr '\r' '\n' | \
+        grep -E '^(model|done|error)'; cp /tmp/runso/log.jsonl '$OUT/train_sparse_offload.jsonl'"
+fi
 want sparse-offload-7b-1m && stage sparse-offload-7b-1m 580 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 1048576 --chunk 4096 --checkpoint \
-    --page-size 64 --stores sparse-offload --grad-pages bfloat16 --budget 4096 --warmup 0 --repeats 1 --no-baseline
+    --page-size 64 --stores sparse-offload --grad-pages bfloat16 --budget 4096 --q-block ${QBLOCK:-128} \
+    --warmup 0 --repeats 1 --no-baseline
 
 # HF transformers anchors (GPU ceilings + Qwen2.5-7B with gradient checkpointing until OOM)
 if want hf-baseline; then

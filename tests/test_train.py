@@ -177,6 +177,7 @@ def test_planner_offloads_only_when_the_pool_does_not_fit(monkeypatch):
     args.offload, args.sparse = "auto", True  # sparse attention offloads alike; its selections go to the host too
     plan, per_token, offload = train.plan_run(cfg, args, device)
     assert offload and "sparse index (page summaries)" in plan["gpu"] and "sparse index (selections)" in plan["host"]
+    assert args.q_block == args.chunk == 4096  # offloaded: one selection per chunk (fewer pages cross PCIe)
     with pytest.raises(train.UserError, match="on the host.*longest --seq that fits is"):
         train.check_fits(plan, per_token, args, device)
 
