@@ -392,8 +392,8 @@ class OffloadedKVStore:
 
     # Pages move by one copy per run of consecutive host pages (copy engines, no GPU cores) when there are few runs,
     # as in dense parts; scattered pages, as in sparse parts, by one gather (scatter) kernel that reads (writes) the
-    # pinned pool in place: per-page copies cost ~10 us of host time each and reach 1.5 GB/s at 16 KB pages, the
-    # kernel ~45 GB/s (bench/RESULTS.md).
+    # pinned pool in place: per-page copies cost 10-20 us of host time each and reach 0.8-1.5 GB/s at 16 KB pages,
+    # the kernel ~45 GB/s (bench/RESULTS.md).
 
     def _indices(self, ids):
         return to_device(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), self.device)
