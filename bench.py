@@ -296,12 +296,13 @@ def bench_step(args, device, rec):
     grad_dtype = {"float32": torch.float32, "bfloat16": bf16}[args.grad_pages]
     for length, path, page_size in points:
         tokens = args.batch * length
+        sparse_attn, offloaded = path.startswith("sparse"), path.endswith("offload")
         idx, tgt = random_tokens(cfg.vocab_size, args.batch, length, device, args.seed + length)
         record = dict(base, path=path, length=length, page_size=page_size,
                       checkpoint=args.checkpoint if path != "full" else True)
         if path != "full":
             record.update(grad_pages=args.grad_pages, last_chunks=args.last_chunks or None)
-        if path in ("sparse", "sparse_offload"):
+        if sparse_attn:
             record.update(budget=args.budget, q_block=args.q_block)
         # --- skip early: baseline already out of memory, time budget, or a pool larger than the free memory
         if path == "full" and baseline_oom_at is not None:
@@ -310,14 +311,14 @@ def bench_step(args, device, rec):
         if path in last_time and not args.last_chunks:
             l0, t0 = last_time[path]  # scale the last step time by model FLOPs (linear + quadratic attention)
             scale = model.flops_per_token(length) * length / (model.flops_per_token(l0) * l0)
-            if path in ("sparse", "sparse_offload"):  # attention per chunk is bounded: linear in the length
+            if sparse_attn:  # attention per chunk is bounded: linear in the length
                 scale = length / l0
             estimate = t0 * scale * (args.warmup + 1)  # warm-up + at least one timed step
             if over_budget(args, estimate):
                 rec.emit(dict(record, status="skipped", error=f"time budget: ~{estimate:.0f} s predicted"))
                 continue
         pool_bytes = PagedKVStore.bytes_per_token(cfg, bf16, grad_dtype) * tokens if path != "full" else 0
-        if path in ("offload", "sparse_offload"):  # the pages live on the host; the GPU holds a fixed-size cache
+        if offloaded:  # the pages live on the host; the GPU holds a fixed-size cache
             record.update(host_gib=r(pool_bytes / GiB), cache_tokens=args.cache_tokens)
             pool_bytes = OffloadedKVStore.cache_bytes(cfg, args.batch, page_size, args.cache_tokens, bf16, grad_dtype)
         record.update(pool_gib=r(pool_bytes / GiB))
@@ -335,8 +336,8 @@ def bench_step(args, device, rec):
                 drop_grads()
             if path != "full":
                 # the pool is allocated once per point, outside the timing, and reused by every step
-                sparse = dict(budget=args.budget, q_block=args.q_block) if path in ("sparse", "sparse_offload") else None
-                if path in ("chunked", "sparse"):
+                sparse = dict(budget=args.budget, q_block=args.q_block) if sparse_attn else None
+                if not offloaded:
                     store = PagedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device, grad_dtype,
                                                       sparse=sparse)
                 else:

@@ -326,15 +326,17 @@ class OffloadedKVStore:
 
         split, c0 = [], 0
         while c0 < n:
-            lo, hi = c0 + 1, n  # one column always fits (checked above); find the most that do
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if max(map(len, union(c0, mid))) <= cap else (lo, mid - 1)
-            rows = union(c0, lo)
-            slots = np.stack([np.searchsorted(rows[b], sel[b, :, c0:lo]) + b * cap for b in range(B)])
-            table = to_device(torch.from_numpy(slots.reshape(B, Hkv, nb, lo - c0).astype(np.int32)), self.device)
-            split.append([(c0, lo), rows, table, False])
-            c0 = lo
+            c1, rows = n, union(c0, n)  # usually all the remaining columns fit
+            if max(map(len, rows)) > cap:  # else the most that do (one always does, checked above)
+                lo, hi = c0 + 1, n - 1
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if max(map(len, union(c0, mid))) <= cap else (lo, mid - 1)
+                c1, rows = lo, union(c0, lo)
+            slots = np.stack([np.searchsorted(rows[b], sel[b, :, c0:c1]) + b * cap for b in range(B)])
+            table = to_device(torch.from_numpy(slots.reshape(B, Hkv, nb, c1 - c0).astype(np.int32)), self.device)
+            split.append([(c0, c1), rows, table, False])
+            c0 = c1
         for prev, nxt in zip(split, split[1:]):
             prev[3] = any(np.intersect1d(a, b).size for a, b in zip(prev[1], nxt[1]))
         self.sparse_parts[key] = split
