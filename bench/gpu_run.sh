@@ -3,7 +3,7 @@
 #
 #     OUT=/some/dir bash bench/gpu_run.sh [STAGE ...]     # default: every stage (more than one call's worth)
 #
-# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m offload-tests exact-offload offload-speed offload-speed-7b offload-growth plan-check offload-4m offload-7b-1m sparse-tests sparse-fid-train sparse-fidelity sparse-curves sparse-speed sparse-profile sparse-7b sparse-train-1m copy-probe sparse-offload-tests sparse-offload-speed sparse-offload-7b sparse-offload-growth sparse-offload-train sparse-offload-7b-1m hf-baseline
+# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m offload-tests exact-offload offload-speed offload-speed-7b offload-growth plan-check offload-4m offload-7b-1m sparse-tests sparse-fid-train sparse-fidelity sparse-curves sparse-speed sparse-profile sparse-7b sparse-train-1m copy-probe sparse-offload-tests sparse-offload-speed sparse-offload-7b sparse-offload-growth sparse-offload-train sparse-offload-7b-1m sparse-offload-4m wgrad-probe hf-baseline
 #
 # Stages, most important first, each under its own `timeout` (the limits add up to 535 s, so a hang in one stage
 # cannot eat the budget of the call): versions, GPU tests, gradient exactness, training-step benchmark (0.5B, 7B),
@@ -92,8 +92,10 @@ want step-7b-long && stage step-7b-long 170 env PYTORCH_CUDA_ALLOC_CONF=expandab
 
 # where a 7B step's GPU time goes (one chunked and one baseline step at 16K, profiled)
 want profile-7b && stage profile-7b 120 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 16384 --chunk 2048 --page-size 64 \
-    --warmup 1 --repeats 2 --profile 30 --time-budget 110
+    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 16384 --chunk ${CHUNK:-2048} \
+    --page-size 64 --warmup 1 --repeats 2 --profile ${ROWS:-30} --time-budget 110
+# what folding bf16 weight gradients into fp32 main_grad costs, split vs fused into the GEMM (7B shapes)
+want wgrad-probe && stage wgrad-probe 60 "$PY" bench/wgrad_probe.py
 # exactness over several seeds: is chunked bf16 vs full bf16 (ratio of errors to fp32) above 1 beyond noise?
 want exact-seeds && stage exact-seeds 120 bash -c 'for seed in 1 2 3 4; do '"$PY"' bench.py exact \
     --model small-d128 --seq 4096 --chunk 1024 --page-size 64 --seed $seed || exit 1; done'
@@ -240,6 +242,10 @@ want sparse-offload-7b-1m && stage sparse-offload-7b-1m 580 env PYTORCH_CUDA_ALL
     "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 1048576 --chunk 4096 --checkpoint \
     --page-size 64 --stores sparse-offload --grad-pages bfloat16 --budget 4096 --q-block ${QBLOCK:-128} \
     --warmup 0 --repeats 1 --no-baseline
+# Qwen2.5-0.5B, a whole sparse step at 4M tokens with offloaded (bf16 dK/dV) pages, one selection per chunk
+want sparse-offload-4m && stage sparse-offload-4m 590 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-0.5b --lengths 4194304 --chunk 4096 --page-size 64 --stores sparse-offload \
+    --grad-pages bfloat16 --budget 4096 --q-block 4096 --warmup 0 --repeats 1 --no-baseline --progress
 
 # HF transformers anchors (GPU ceilings + Qwen2.5-7B with gradient checkpointing until OOM)
 if want hf-baseline; then
