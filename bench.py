@@ -251,7 +251,7 @@ def bench_step(args, device, rec):
     params = list(model.parameters())  # a tied weight once
     low_precision = args.params_dtype == "bfloat16"
     if low_precision:
-        model.to(bf16)  # chunked_step folds each chunk's bf16 gradient into an fp32 p.main_grad
+        model.to(bf16)  # chunked_step accumulates each chunk's gradient in an fp32 p.main_grad
 
     # allocate the fp32 gradients once, up front: steady memory, zeroed in place between steps
     def allocate_grads():
@@ -349,7 +349,7 @@ def bench_step(args, device, rec):
                         return partial_step(model, idx, tgt, args.chunk, store, args.last_chunks, bf16,
                                             args.checkpoint)
                     return chunked_step(model, idx, tgt, args.chunk, page_size, bf16, store=store,
-                                        checkpoint=args.checkpoint)
+                                        checkpoint=args.checkpoint, progress=args.progress)
             else:
                 def step():
                     return full_sequence_step(model, idx, tgt, bf16, checkpoint=True)
@@ -368,6 +368,8 @@ def bench_step(args, device, rec):
                        tflops=r(model.flops_per_token(length) * tokens / step_s / 1e12, 1), loss=r(loss, 5))
             if args.last_chunks:  # a partial step: tokens/s and TFLOP/s of a whole step do not apply
                 out.update(tokens_per_s=None, tflops=None)
+            if sparse_attn:  # model FLOPs count dense attention, which a sparse step does not do
+                out.update(tflops=None)
             peak = peak_gib(device)
             if peak is not None:
                 fixed = param_bytes + (param_bytes if path == "full" and low_precision else grad_bytes)
@@ -765,6 +767,8 @@ def parse_args(argv=None):
     s.add_argument("--last-chunks", type=int, default=0, metavar="N",
                    help="probe: random history instead of stage 1, then only the last N chunks of stage 2 "
                         "(peak memory of the whole step; for lengths whose whole step takes too long)")
+    s.add_argument("--progress", action="store_true",
+                   help="progress bars over each step's chunks (long single steps)")
     s.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing each point, profile one more step and print the top ROWS GPU ops")
 

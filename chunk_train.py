@@ -17,10 +17,11 @@ them, are kept in a store (paged_kv.py):
 After the step, the parameters' gradients are those of the mean token loss of the whole batch, as full-sequence
 backprop would compute them, accumulated in fp32 across chunks in either of two set-ups:
   - fp32 parameters, compute under autocast (`compute_dtype`): gradients accumulate in param.grad (fp32).
-  - bf16 parameters (half the weight memory, for large models): each chunk's bf16 gradient is folded into an fp32
-    `param.main_grad` as soon as backward produces it (post-accumulate-grad hook), so param.grad stays None and
-    no sum over chunks is ever rounded to bf16. Gradients accumulate into existing main_grad across steps, like
-    param.grad does; set it to None (or zero it) to start over.
+  - bf16 parameters (half the weight memory, for large models): gradients accumulate in an fp32 `param.main_grad`
+    and param.grad stays None, so no sum over chunks is ever rounded to bf16. model.Linear's weight-gradient GEMM
+    adds into main_grad directly (fp32 accumulate, beta = 1); the few other parameters (embedding, norms) produce
+    a bf16 gradient per chunk that a post-accumulate-grad hook folds in. Gradients accumulate into existing
+    main_grad across steps, like param.grad does; set it to None (or zero it) to start over.
 K/V are stored in the compute dtype, their gradients in fp32.
 
 With a sparse store (PagedKVStore or OffloadedKVStore with sparse=..., sparse_attn.py) each block of queries
@@ -68,11 +69,11 @@ def _autocast(model, device, compute_dtype):
 
 
 def _fold_into_main_grad(param):
-    """Post-accumulate-grad hook for low-precision parameters: param.main_grad (fp32) += param.grad; drop grad."""
-    if getattr(param, "main_grad", None) is None:
-        param.main_grad = torch.zeros_like(param, dtype=torch.float32)
-    param.main_grad.add_(param.grad)
-    param.grad = None
+    """Post-accumulate-grad hook for low-precision parameters: param.main_grad (fp32) += param.grad; drop grad.
+    (It also fires with no grad for a model.Linear weight, which wrote into main_grad itself.)"""
+    if param.grad is not None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
 
 
 def _check(model, idx, targets, chunk_size, store):
@@ -157,8 +158,12 @@ def backward_chunk(model, idx, targets, s, e, store, compute_dtype=torch.float32
 
 @contextlib.contextmanager
 def fp32_gradients(model):
-    """While active, low-precision parameters fold each backward's gradient into fp32 param.main_grad."""
+    """While active, low-precision parameters accumulate each backward's gradient in fp32 param.main_grad (created
+    as zeros where missing): model.Linear writes there itself, the hooks fold in what arrives as param.grad."""
     low_precision = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
+    for p in low_precision:
+        if getattr(p, "main_grad", None) is None:
+            p.main_grad = torch.zeros_like(p, dtype=torch.float32)
     hooks = [p.register_post_accumulate_grad_hook(_fold_into_main_grad) for p in low_precision]
     try:
         yield

@@ -9,11 +9,12 @@ pinned host memory and streams them through three GPU buffers of `cache_tokens` 
     host (pinned)   k, v [num_pages, page_size, Hkv, D] model dtype; dk, dv the same shape in grad_dtype (fp32)
     GPU cache       3 buffers, each room for cache_tokens / page_size pages of every batch row
 
-attend(layer, q, k, v) computes attention over the chunk itself (its k, v are on the GPU already) plus the history
-[0, start) in parts of at most one buffer, merged by log-sum-exp in the kernel (kernels/paged_attention.py). Its
-backward walks the same parts: dq accumulates over them, each part's dK/dV is added into the buffer (loaded from
-the host first) and written back. The chunk's own dK/dV - what later chunks accumulated for it plus its own part -
-goes to autograd, as in PagedKVStore.
+attend(layer, q, k, v) computes attention over the history [0, start) plus the chunk itself in parts of at most
+one buffer, merged by log-sum-exp in the kernel (kernels/paged_attention.py); the last part ends with the chunk's
+own pages, whose K/V are copied in from the GPU (they are there already). Its backward walks the same parts: dq
+accumulates over them, each part's dK/dV is added into the buffer (loaded from the host first) and the history's
+written back. The chunk's own dK/dV - what later chunks accumulated for it plus its own part - goes to autograd,
+as in PagedKVStore.
 
 Asynchrony. Copies run on two CUDA streams, host-to-device (h2d) and device-to-host (d2h), ordered by events only:
   - compute waits on a buffer's "loaded" event before reading it;
@@ -102,16 +103,22 @@ def _runs(pages, flags=None):
 
 class _Part:
     """Pages of one layer that go through one buffer together: rows[b] = batch row b's logical page indices in slot
-    order (its i-th page in slot b * cap + i). what: "kv" (K/V, forward), "kvgrad" (K/V and dK/dV of the history,
-    backward) or "grad" (the chunk's own dK/dV, backward). Dense parts are ranges of pages; a sparse part also
-    has `table` [B, Hkv, n_blocks, n_cols] int32 on the device, the buffer slots of each block's selected pages in
-    its columns. `key` names the content: a buffer whose key equals a part's holds exactly its pages, loaded under
-    the layer's current version."""
+    order (its i-th page in slot b * cap + i). what: "kv" (K/V, forward) or "kvgrad" (K/V and dK/dV, backward).
+    The last part of a call ends with the chunk's `own` pages: their K/V come from the compute stream (the chunk's
+    k, v), not the host, and in a backward their gradient (what later chunks accumulated) loads like the history's
+    but goes to autograd instead of back to the host. Dense parts are ranges of pages; a sparse part also has
+    `table` [B, Hkv, n_blocks, n_cols] int32 on the device, the buffer slots of each block's selected pages in its
+    columns (then of the own pages, in the last part). `key` names the content: a buffer whose key equals a part's
+    holds exactly its pages, loaded under the layer's current version."""
 
-    def __init__(self, layer, what, version, rows, name, table=None, shares_next=False):
-        self.layer, self.what, self.rows, self.table = layer, what, rows, table
+    def __init__(self, layer, what, version, rows, name, own=0, table=None, shares_next=False):
+        self.layer, self.what, self.rows, self.own, self.table = layer, what, rows, own, table
         self.shares_next = shares_next  # a page of it is in the call's next part (sparse)
-        self.key = (layer, what, version, name)
+        self.key = (layer, what, version, name, own)
+
+    def history_rows(self, b):
+        """Batch row b's rows that are history pages (all but the own ones)."""
+        return self.rows[b][:len(self.rows[b]) - self.own]
 
 
 class _Buffer:
@@ -281,33 +288,34 @@ class OffloadedKVStore:
 
     def _parts(self, layer, backward, start, end):
         """The parts a call streams: the history [0, start) - in buffer-sized ranges of pages ("kv" forward,
-        "kvgrad" backward), or with sparse attention in column ranges of the chunk's selection - and in a backward
-        then the chunk's own gradient pages ("grad"). None if the call's selection is not made yet (a guess of the
-        next call in stage 1: nothing to prefetch). The layer's version changes whenever its host pages may have:
-        a truncation (pages released and maybe reused) or a finished backward (gradients written back); a buffer
-        loaded under an older version is never used."""
+        "kvgrad" backward), or with sparse attention in column ranges of the chunk's selection - the last part
+        ending with the chunk's own pages. So the chunk's causal attention to itself runs in the same kernel launch
+        as the last history part: as a launch of its own it is short of parallelism (its query tiles see 1..C/BLOCK_N
+        kv tiles), which cost 0.5B offloaded steps 20% (bench/RESULTS.md). None if the call's selection is not made
+        yet (a guess of the next call in stage 1: nothing to prefetch). The layer's version changes whenever its
+        host pages may have: a truncation (pages released and maybe reused) or a finished backward (gradients
+        written back); a buffer loaded under an older version is never used."""
         ps, cap, version = self.page_size, self.cache_pages, self.versions[layer]
-        history = start // ps
+        history, own = start // ps, math.ceil(end / ps) - start // ps
+        if backward and self.lengths[layer] < end:  # a guess that cannot be the next call: its pages are gone
+            return None
         what = "kvgrad" if backward else "kv"
         if self.selector is not None and history:
-            split = self._split(layer, start)
+            split = self._split(layer, start, own)
             if split is None:
                 return None
-            parts = [_Part(layer, what, version, rows, (start, cols), table, shares)
-                     for cols, rows, table, shares in split]
-        else:
-            parts = [_Part(layer, what, version, [np.arange(a, min(a + cap, history))] * self.batch,
-                           (a, min(cap, history - a))) for a in range(0, history, cap)]
-        # the chunk's own part last: the first part of a call, prefetched during the previous one, is then a
-        # history part, and the small own part loads while the last history part computes
-        if backward:
-            own = np.arange(start // ps, math.ceil(end / ps))
-            parts.append(_Part(layer, "grad", version, [own] * self.batch, (start // ps, len(own))))
-        return parts
+            return [_Part(layer, what, version, rows, (start, cols), n_own, table, shares)
+                    for cols, rows, n_own, table, shares in split]
+        # dense: the last part holds the last cap - own history pages and the own pages, earlier parts the rest
+        last = max(0, history - (cap - own))
+        ranges = [(a, min(a + cap, last)) for a in range(0, last, cap)] + [(last, history + own)]
+        return [_Part(layer, what, version, [np.arange(a, b)] * self.batch, (a, b), own if b > history else 0)
+                for a, b in ranges]
 
-    def _split(self, layer, start):
-        """The column split of a stored selection, as [(columns, rows, table, shares_next)] (see _Part), kept for
-        the next few calls (stage 2's forward and backward of a chunk split it once)."""
+    def _split(self, layer, start, own):
+        """The column split of a stored selection, as [(columns, rows, own, table, shares_next)] (see _Part), the
+        `own` pages of the chunk appended to the last part; kept for the next few calls (stage 2's forward and
+        backward of a chunk split it once)."""
         key = (layer, start)
         if key in self.sparse_parts:
             return self.sparse_parts[key]
@@ -315,10 +323,11 @@ class OffloadedKVStore:
         if sel is None:
             return None
         B, Hkv, nb, n = sel.shape
-        cap = self.cache_pages
+        cap = self.cache_pages - own  # history pages per part, so that the last part has room for the own pages
         if Hkv * nb > cap:
             raise ValueError(f"sparse attention needs one page per kv head and query block in a cache buffer "
-                             f"({Hkv} x {nb} = {Hkv * nb} pages) but a buffer holds {cap}: raise cache_tokens")
+                             f"beside the chunk's {own} pages ({Hkv} x {nb} = {Hkv * nb} pages) but a buffer "
+                             f"holds {self.cache_pages}: raise cache_tokens")
         sel = sel.numpy().reshape(B, Hkv * nb, n)
 
         def union(c0, c1):  # per batch row, the sorted pages that columns [c0, c1) name
@@ -333,12 +342,19 @@ class OffloadedKVStore:
                     mid = (lo + hi + 1) // 2
                     lo, hi = (mid, hi) if max(map(len, union(c0, mid))) <= cap else (lo, mid - 1)
                 c1, rows = lo, union(c0, lo)
-            slots = np.stack([np.searchsorted(rows[b], sel[b, :, c0:c1]) + b * cap for b in range(B)])
-            table = to_device(torch.from_numpy(slots.reshape(B, Hkv, nb, c1 - c0).astype(np.int32)), self.device)
-            split.append([(c0, c1), rows, table, False])
+            slots = np.stack([np.searchsorted(rows[b], sel[b, :, c0:c1]) + b * self.cache_pages
+                              for b in range(B)]).reshape(B, Hkv, nb, c1 - c0)
+            n_own = own if c1 == n else 0
+            if n_own:  # the chunk's pages follow the union in each row's slots, and every block's table
+                own_pages = np.arange(start // self.page_size, start // self.page_size + own)
+                own_slots = np.stack([b * self.cache_pages + len(rows[b]) + np.arange(own) for b in range(B)])
+                slots = np.concatenate([slots, np.broadcast_to(own_slots[:, None, None], (B, Hkv, nb, own))], 3)
+                rows = [np.concatenate([r, own_pages]) for r in rows]
+            table = to_device(torch.from_numpy(slots.astype(np.int32)), self.device)
+            split.append([(c0, c1), rows, n_own, table, False])
             c0 = c1
         for prev, nxt in zip(split, split[1:]):
-            prev[3] = any(np.intersect1d(a, b).size for a, b in zip(prev[1], nxt[1]))
+            prev[4] = any(np.intersect1d(a, b).size for a, b in zip(prev[1], nxt[1]))
         self.sparse_parts[key] = split
         while len(self.sparse_parts) > 2 * self.num_layers + 2:  # forget the oldest
             del self.sparse_parts[next(iter(self.sparse_parts))]
@@ -362,29 +378,30 @@ class OffloadedKVStore:
     def _load(self, buf, part):
         cap = self.cache_pages
         self._wait(self.h2d, *buf.busy)
-        if part.what != "grad":
+        if len(part.history_rows(0)):
             self._wait(self.h2d, self.kv_written[part.layer])
-        if part.what != "kv":
+        if part.what == "kvgrad":
             self._wait(self.h2d, self.grad_written[part.layer])
         with self._on(self.h2d):
             for b in range(self.batch):
-                pages = self.tables[part.layer][b][part.rows[b]]
-                slots = slice(b * cap, b * cap + len(pages))
-                if part.what != "grad":
-                    self._copy_in("k", buf.k[slots], pages)
-                    self._copy_in("v", buf.v[slots], pages)
-                if part.what != "kv":  # gradient pages never written back this step are zero: no copy
+                # the own pages' K/V come from the compute stream (and in a forward may not be appended yet)
+                history = self.tables[part.layer][b][part.history_rows(b)]
+                self._copy_in("k", buf.k[b * cap:b * cap + len(history)], history)
+                self._copy_in("v", buf.v[b * cap:b * cap + len(history)], history)
+                if part.what == "kvgrad":  # gradient pages never written back this step are zero: no copy
+                    pages = self.tables[part.layer][b][part.rows[b]]
+                    slots = slice(b * cap, b * cap + len(pages))
                     self._copy_in("dk", buf.dk[slots], pages, self.dirty[pages])
                     self._copy_in("dv", buf.dv[slots], pages, self.dirty[pages])
         buf.part, buf.loaded, buf.busy = part, self._record(self.h2d), []
 
     def _write_back(self, buf):
-        """Copy the buffer's gradient pages (updated by the compute stream) back to their host pages."""
+        """Copy the buffer's history gradient pages (updated by the compute stream) back to their host pages."""
         part, cap = buf.part, self.cache_pages
         self._wait(self.d2h, self._record(None))
         with self._on(self.d2h):
             for b in range(self.batch):
-                pages = self.tables[part.layer][b][part.rows[b]]
+                pages = self.tables[part.layer][b][part.history_rows(b)]
                 self.dirty[pages] = True
                 slots = slice(b * cap, b * cap + len(pages))
                 self._copy_out("dk", buf.dk[slots], pages)
@@ -404,6 +421,8 @@ class OffloadedKVStore:
         """dst[i] = pool `name`[pages[i]] (buffer slots <- host pages, on the current stream), or zero where load[i]
         is False."""
         src, load = getattr(self, name), np.ones(len(pages), dtype=bool) if load is None else load
+        if len(pages) == 0:
+            return
         runs = _runs(pages, load)
         if len(runs) <= self.max_copies:
             for i, page, count, copy in runs:
@@ -451,7 +470,7 @@ class OffloadedKVStore:
             self._wait(None, buf.loaded)
             yield part, buf
             buf.busy = [self._record(None)]
-            if part.what == "kvgrad":
+            if part.what == "kvgrad" and len(part.history_rows(0)):  # the own pages' gradient goes to autograd
                 self._write_back(buf)
             buf.part = None
             buf = self._fetch(todo[j + 1], avoid=buf) if late else nxt
@@ -460,31 +479,35 @@ class OffloadedKVStore:
 
     # ------------------------------------------------------------------------------------------ attention
 
-    def _local_pages(self, k, v):
-        """The chunk's own k, v [B, C, Hkv, D] as pages [B * n, page_size, Hkv, D] + table [B, n] (padded)."""
+    def _own_pages(self, part, buf, k, v):
+        """Copy the chunk's k, v [B, C, Hkv, D] into the buffer slots of the part's own pages (on the compute stream,
+        zero-padded to whole pages); returns each batch row's first own slot."""
         B, C = k.shape[:2]
-        n = math.ceil(C / self.page_size)
-        pad = n * self.page_size - C
-        if pad:
-            k, v = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (k, v))
-        table = torch.arange(B * n, dtype=torch.int32, device=k.device).view(B, n)
-        return k.reshape(B * n, self.page_size, *k.shape[2:]), v.reshape(B * n, self.page_size, *v.shape[2:]), table
+        pad = part.own * self.page_size - C
+        first = [b * self.cache_pages + len(part.history_rows(b)) for b in range(B)]
+        for src, dst in ((k, buf.k), (v, buf.v)):
+            src = torch.nn.functional.pad(src.to(dst.dtype), (0, 0, 0, 0, 0, pad)).view(B, part.own, *dst.shape[1:])
+            for b in range(B):
+                dst[first[b]:first[b] + part.own] = src[b]
+        return first
 
-    def _history_args(self, part, buf, start):
-        """(page table, q_start, kv_len, q_block) for the kernels on a history part in `buf`: a dense part is a
-        range of positions before the chunk's queries; a sparse part's table lists each block's selected pages
-        (buffer slots), all visible: virtual q_start = its columns x page_size."""
-        ps = self.page_size
+    def _part_args(self, part, buf, start, C):
+        """(page table, q_start, kv_len, q_block) for the kernels on a part in `buf`. Dense: a range of positions
+        before the chunk's queries, the last one followed by the chunk itself (causal). Sparse: each block's table
+        lists its selected pages in the part's columns (buffer slots), all visible - virtual q_start = columns x
+        page_size - then, in the last part, the chunk's own pages."""
+        ps, own_len = self.page_size, C if part.own else 0
         if part.table is None:
             n = len(part.rows[0])
-            return buf.table[:, :n], start - int(part.rows[0][0]) * ps, n * ps, None
-        n = part.table.shape[3]
-        return part.table, n * ps, n * ps, self.selector.q_block
+            q_start = start - int(part.rows[0][0]) * ps
+            return buf.table[:, :n], q_start, q_start + own_len if part.own else n * ps, None
+        n_hist = part.table.shape[3] - part.own
+        return part.table, n_hist * ps, n_hist * ps + own_len, self.selector.q_block
 
     def forward(self, layer, q, k, v):
         """o [B, C, H, D] (q.dtype), lse [B, H, C]: the chunk's queries over history + chunk."""
         B, C = q.shape[:2]
-        if math.ceil(C / self.page_size) > self.cache_pages:  # the backward loads the chunk's pages in one buffer
+        if math.ceil(C / self.page_size) > self.cache_pages:  # the chunk's pages share a buffer with history
             raise ValueError(f"a chunk of {C} tokens does not fit the page cache's buffers of "
                              f"{self.cache_pages * self.page_size} tokens: raise cache_tokens or lower the chunk")
         start = self.lengths[layer] - C
@@ -492,11 +515,11 @@ class OffloadedKVStore:
             self.selector.selection(layer, q, self.device_tables[layer], start)
         o = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # fp32 while parts are merged
         lse = torch.empty(B, q.shape[2], C, dtype=torch.float32, device=q.device)
-        k_loc, v_loc, table = self._local_pages(k.to(self.k.dtype), v.to(self.k.dtype))
-        paged_attention_forward(q, k_loc, v_loc, table, 0, out=(o, lse))
-        for part, buf in self._stream(layer, False, start, start + C):
-            table, q_start, kv_len, q_block = self._history_args(part, buf, start)
-            paged_attention_forward(q, buf.k, buf.v, table, q_start, kv_len=kv_len, out=(o, lse), merge=True,
+        for j, (part, buf) in enumerate(self._stream(layer, False, start, start + C)):
+            if part.own:
+                self._own_pages(part, buf, k, v)
+            table, q_start, kv_len, q_block = self._part_args(part, buf, start, C)
+            paged_attention_forward(q, buf.k, buf.v, table, q_start, kv_len=kv_len, out=(o, lse), merge=j > 0,
                                     q_block=q_block)
         return o.to(q.dtype), lse
 
@@ -505,20 +528,14 @@ class OffloadedKVStore:
         B, C = q.shape[:2]
         delta = softmax_delta(do, o)  # [B, H, C], one for all parts
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        k_loc, v_loc, _ = self._local_pages(k.to(self.k.dtype), v.to(self.k.dtype))
-        n_loc = k_loc.shape[0] // B
         for part, buf in self._stream(layer, True, start, start + C):
-            if part.what == "grad":  # the chunk itself: its K/V into the buffer, next to its accumulated gradient
-                for src, dst in ((k_loc, buf.k), (v_loc, buf.v)):
-                    dst.view(B, self.cache_pages, *dst.shape[1:])[:, :n_loc] = src.view(B, n_loc, *src.shape[1:])
-                paged_attention_backward(do, q, None, lse, buf.k, buf.v, buf.table[:, :n_loc], 0, buf.dk, buf.dv,
-                                         kv_len=C, delta=delta, dq=dq)
-                dk, dv = (g.view(B, self.cache_pages * self.page_size, *g.shape[2:])[:, :C].to(t.dtype, copy=True)
-                          for g, t in ((buf.dk, k), (buf.dv, v)))
-            else:
-                table, q_start, kv_len, q_block = self._history_args(part, buf, start)
-                paged_attention_backward(do, q, None, lse, buf.k, buf.v, table, q_start, buf.dk, buf.dv,
-                                         kv_len=kv_len, delta=delta, dq=dq, q_block=q_block)
+            first = self._own_pages(part, buf, k, v) if part.own else None
+            table, q_start, kv_len, q_block = self._part_args(part, buf, start, C)
+            paged_attention_backward(do, q, None, lse, buf.k, buf.v, table, q_start, buf.dk, buf.dv,
+                                     kv_len=kv_len, delta=delta, dq=dq, q_block=q_block)
+            if part.own:  # the chunk's own gradient (later chunks' contributions + its own) goes to autograd
+                dk, dv = (torch.stack([g[first[b]:first[b] + part.own].flatten(0, 1)[:C] for b in range(B)])
+                          .to(t.dtype) for g, t in ((buf.dk, k), (buf.dv, v)))
         return dq.to(q.dtype), dk, dv
 
     def attend(self, layer, q, k, v):

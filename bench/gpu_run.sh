@@ -61,7 +61,7 @@ for m in (\"numpy\", \"tqdm\", \"safetensors\", \"pytest\", \"transformers\"):
 
 # GPU tests: the compiled kernels against their references, and chunked training against full-sequence autograd
 want pytest && stage pytest 200 bash -c "$PY -m pytest -q tests/test_paged_attention.py tests/test_paged_kv.py \
-    tests/test_chunk_train.py >'$OUT/pytest.txt' 2>&1; rc=\$?; tail -30 '$OUT/pytest.txt'; exit \$rc"
+    tests/test_chunk_train.py tests/test_model.py >'$OUT/pytest.txt' 2>&1; rc=\$?; tail -30 '$OUT/pytest.txt'; exit \$rc"
 
 # exactness: chunked bf16 gradients vs an fp32 full-sequence reference, head_dim 64 and 128
 want exact && stage exact 90 "$PY" bench.py exact --model small,small-d128 --seq 4096 --chunk 1024 --page-size 64 \
@@ -83,8 +83,8 @@ want step-0.5b && stage step-0.5b 140 env PYTORCH_CUDA_ALLOC_CONF=expandable_seg
     "$PY" bench.py step --model qwen2.5-0.5b --lengths 16384,32768,65536,131072,262144 --chunk 4096 \
     --page-size 64 --warmup 1 --repeats 2 --point-budget 30 --time-budget 130
 want step-7b && stage step-7b 100 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 16384,32768 \
-    --chunk 2048 --page-size 64 --warmup 1 --repeats 2 --point-budget 20 --time-budget 90
+    "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths ${LENGTHS_7B:-16384,32768} \
+    --chunk ${CHUNK:-2048} --page-size 64 --warmup 1 --repeats 2 --point-budget 20 --time-budget 90
 # longer 7B: layers recomputed inside each chunk, so activations stay ~1 GiB and the pool gets the memory
 want step-7b-long && stage step-7b-long 170 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 65536,131072 --checkpoint \
@@ -145,12 +145,12 @@ want offload-tests && stage offload-tests 70 bash -c "$PY -m pytest -q tests/tes
     tail -5 '$OUT/pytest_offload.txt'; exit \$rc"
 want exact-offload && stage exact-offload 90 "$PY" bench.py exact --model small,small-d128 --seq 16384 \
     --chunk 1024 --page-size 64 --batch 1
-want offload-speed && stage offload-speed 120 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    "$PY" bench.py step --model qwen2.5-0.5b --lengths 32768,131072 --chunk 4096 --page-size 64 \
-    --stores paged,offload --warmup 1 --repeats 2 --no-baseline
-want offload-speed-7b && stage offload-speed-7b 120 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+want offload-speed && stage offload-speed 240 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" bench.py step --model qwen2.5-0.5b --lengths ${LENGTHS_05B:-32768,131072} --chunk 4096 --page-size 64 \
+    --stores paged,offload --warmup 1 --repeats 2 --no-baseline ${PROFILE:+--profile $PROFILE}
+want offload-speed-7b && stage offload-speed-7b 200 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 32768 --chunk 4096 --checkpoint \
-    --page-size 64 --stores paged,offload --warmup 1 --repeats 1 --no-baseline
+    --page-size 64 --stores paged,offload --warmup 1 --repeats ${REPEATS:-1} --no-baseline
 # peak GPU memory vs length with offload: whole steps up to 128K, then probes (random history + the last chunk)
 want offload-growth && stage offload-growth 150 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     "$PY" bench.py step --model qwen2.5-0.5b --lengths 65536,262144,524288,1048576 --chunk 4096 --page-size 64 \

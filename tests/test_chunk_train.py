@@ -121,8 +121,9 @@ def test_bad_arguments():
 
 
 def test_bf16_parameters_accumulate_fp32_main_grad():
-    """bf16 weights: each chunk's bf16 gradient is folded into an fp32 main_grad, param.grad stays None, main_grad
-    accumulates across steps, and the result is within bf16 compute error of the fp32 model's gradient."""
+    """bf16 weights: every chunk's gradient accumulates in an fp32 main_grad (Linear weights directly, the rest by
+    the fold hook), param.grad stays None, main_grad accumulates across steps (twice the first step, up to fp32
+    rounding of the running sums), and the result is within bf16 compute error of the fp32 model's gradient."""
     model = tiny_model(5).to(torch.bfloat16)
     idx = torch.randint(0, 256, (1, 128), device=DEVICE)
     store = ReferenceKVStore.for_sequence(model, 1, 128, 16, torch.bfloat16, idx.device)
@@ -131,7 +132,7 @@ def test_bf16_parameters_accumulate_fp32_main_grad():
     first = {n: p.main_grad.clone() for n, p in model.named_parameters()}
     chunked_step(model, idx, idx, chunk_size=32, page_size=16, compute_dtype=torch.bfloat16, store=store)
     for n, p in model.named_parameters():  # a second step adds the same gradient again
-        torch.testing.assert_close(p.main_grad, 2 * first[n], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(p.main_grad, 2 * first[n], rtol=2e-5, atol=2e-8)
     # and the fp32 sum is close to the fp32 model's gradient (bf16 compute tolerance)
     ref_model = tiny_model(5)
     _, ref = full_sequence_grads(ref_model, idx, idx)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model import DenseAttention, Model, ModelConfig, apply_rope, preset, rope_cos_sin
+from model import DenseAttention, Linear, Model, ModelConfig, apply_rope, preset, rope_cos_sin
 
 
 def naive_rope(x, positions, theta):
@@ -19,6 +19,37 @@ def naive_rope(x, positions, theta):
         a, b = x[..., i].double(), x[..., i + D // 2].double()
         out[..., i], out[..., i + D // 2] = a * c - b * s, a * s + b * c
     return out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_accumulates_fp32_main_grad(bias):
+    """bf16 Linear with fp32 main_grad tensors: two backwards add dL/dW, dL/db into them (fp32 sums of the bf16
+    products; tolerance: fp32 rounding of 48-term sums), weight.grad stays None, and dL/dx is plain autograd's."""
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=bias).to(torch.bfloat16)
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    for p in params:
+        p.main_grad = torch.randn_like(p, dtype=torch.float32)  # existing gradient: backward must add to it
+    start = [p.main_grad.clone() for p in params]
+    xs = [torch.randn(2, 12, 24, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    gs = [torch.randn(2, 12, 40, dtype=torch.bfloat16) for _ in range(2)]
+    for x, g in zip(xs, gs):
+        layer(x).backward(g)
+    assert all(p.grad is None for p in params)
+    x_all = torch.cat([x.detach() for x in xs]).flatten(0, 1).double()  # [48, 24]
+    g_all = torch.cat(gs).flatten(0, 1).double()  # [48, 40]
+    torch.testing.assert_close(layer.weight.main_grad.double(), start[0].double() + g_all.t() @ x_all,
+                               rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(layer.bias.main_grad.double(), start[1].double() + g_all.sum(0),
+                                   rtol=1e-5, atol=1e-5)
+    plain = torch.nn.Linear(24, 40, bias=bias).to(torch.bfloat16)
+    plain.load_state_dict(layer.state_dict())
+    x = xs[0].detach().requires_grad_()
+    plain(x).backward(gs[0])
+    torch.testing.assert_close(xs[0].grad, x.grad, rtol=0, atol=0)
+    with torch.no_grad():  # without grad (or without main_grad) it is nn.Linear
+        torch.testing.assert_close(layer(xs[0]), plain(xs[0]), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("start", [0, 1000, 123456])

@@ -136,12 +136,13 @@ def test_bad_arguments():
 def test_sparse_offload_moves_selected_pages_only_and_equals_the_gpu_store():
     """Sparse attention with offloaded pages: two steps of different lengths on one (poisoned) store give the
     loss and gradients of the in-GPU sparse store, with the same selections; the pages loaded for each call are
-    exactly those its selection names. Buffers of 4 pages against selections of 4 pages x 4 (kv head, query
-    block) pairs: calls split into several column parts, some sharing pages (gradients added across parts)."""
+    exactly those its selection names. Buffers of 6 pages (4 beside the chunk's own 2) against selections of 4
+    pages x 4 (kv head, query block) pairs: calls split into several column parts, some sharing pages (gradients
+    added across parts)."""
     model = tiny_model(7)
     page, chunk, sparse = 16, 32, dict(budget=64, q_block=16)
     gpu_store = PagedKVStore.for_sequence(model, 2, 256, page, torch.float32, DEVICE, sparse=sparse)
-    store = OffloadedKVStore.for_sequence(model, 2, 256, page, torch.float32, DEVICE, cache_tokens=4 * page,
+    store = OffloadedKVStore.for_sequence(model, 2, 256, page, torch.float32, DEVICE, cache_tokens=6 * page,
                                           sparse=sparse)
     store.max_copies = 1  # scattered pages by gather/scatter (a GPU reads the pinned pool in place)
     poison(store)
@@ -152,11 +153,11 @@ def test_sparse_offload_moves_selected_pages_only_and_equals_the_gpu_store():
         if part.table is not None:  # a sparse history part: key name (start, columns)
             rows = loaded.setdefault((part.layer, part.what, part.key[3][0]), [set(), set()])
             for b in range(2):
-                rows[b].update(part.rows[b].tolist())
+                rows[b].update(part.history_rows(b).tolist())
         return load(buf, part)
 
-    def recording_split(layer, start):
-        result = split(layer, start)
+    def recording_split(layer, start, own):
+        result = split(layer, start, own)
         if result is not None and not any(result is s for s in splits):
             splits.append(result)
         return result
@@ -183,4 +184,4 @@ def test_sparse_offload_moves_selected_pages_only_and_equals_the_gpu_store():
             sel = logs[1][(layer, start)]
             assert rows == [set(sel[b].flatten().tolist()) for b in range(2)], (layer, what, start)
         loaded.clear()
-    assert any(len(s) > 1 for s in splits) and any(part[3] for s in splits for part in s)  # split, shared pages
+    assert any(len(s) > 1 for s in splits) and any(part[4] for s in splits for part in s)  # split, shared pages
