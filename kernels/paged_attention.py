@@ -232,14 +232,18 @@ def _dq_kernel(Q, DO, DQ, LSE, DELTA, K, V, PT, q_start, C, kv_len, qk_scale, sm
     lse2 = tl.load(LSE + bh * C + offs_m, mask=row_ok, other=0.0) * _LOG2E  # [BLOCK_M]
     delta = tl.load(DELTA + bh * C + offs_m, mask=row_ok, other=0.0)  # [BLOCK_M]
 
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # ACCUMULATE: start from DQ's (unscaled) value rather than adding it after the loop, where the compiler may
+    # hoist the load and keep a second fp32 [BLOCK_M, D] tile live through the loop (a 0.5B offloaded step's dq
+    # kernel took 1.6x as long as the non-accumulating one; bench/RESULTS.md)
+    if ACCUMULATE:
+        dq = tl.load(DQ + q_offs, mask=row_ok[:, None], other=0.0) / sm_scale
+    else:
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_inner(dq, q, do, lse2, delta, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, 0, n_full, kv_len,
                    qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST)
     dq = _dq_inner(dq, q, do, lse2, delta, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, n_full, hi, kv_len,
                    qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True, DOT_PREC, UPCAST)
     dq = dq * sm_scale
-    if ACCUMULATE:
-        dq += tl.load(DQ + q_offs, mask=row_ok[:, None], other=0.0)
     tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
