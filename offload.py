@@ -147,6 +147,8 @@ class OffloadedKVStore:
         if grad_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"grad_dtype must be float32 or bfloat16, got {grad_dtype}")
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda:N": else every stream/event call looks up the
+            device = torch.device("cuda", torch.cuda.current_device())  # current device (~25 us of host time)
         self.num_layers, self.batch, self.page_size, self.device = num_layers, batch, page_size, device
         self.cuda = device.type == "cuda"
         shape = (num_pages, page_size, n_kv_heads, head_dim)
@@ -480,15 +482,13 @@ class OffloadedKVStore:
     # ------------------------------------------------------------------------------------------ attention
 
     def _own_pages(self, part, buf, k, v):
-        """Copy the chunk's k, v [B, C, Hkv, D] into the buffer slots of the part's own pages (on the compute stream,
-        zero-padded to whole pages); returns each batch row's first own slot."""
+        """Copy the chunk's k, v [B, C, Hkv, D] into the buffer slots of the part's own pages (on the compute stream;
+        the kernels ignore positions past the chunk in its last page); returns each batch row's first own slot."""
         B, C = k.shape[:2]
-        pad = part.own * self.page_size - C
         first = [b * self.cache_pages + len(part.history_rows(b)) for b in range(B)]
         for src, dst in ((k, buf.k), (v, buf.v)):
-            src = torch.nn.functional.pad(src.to(dst.dtype), (0, 0, 0, 0, 0, pad)).view(B, part.own, *dst.shape[1:])
             for b in range(B):
-                dst[first[b]:first[b] + part.own] = src[b]
+                dst[first[b]:first[b] + part.own].flatten(0, 1)[:C] = src[b]
         return first
 
     def _part_args(self, part, buf, start, C):
