@@ -293,10 +293,10 @@ class OffloadedKVStore:
         "kvgrad" backward), or with sparse attention in column ranges of the chunk's selection - the last part
         ending with the chunk's own pages. So the chunk's causal attention to itself runs in the same kernel launch
         as the last history part: as a launch of its own it is short of parallelism (its query tiles see 1..C/BLOCK_N
-        kv tiles), which cost 0.5B offloaded steps 20% (bench/RESULTS.md). None if the call's selection is not made
-        yet (a guess of the next call in stage 1: nothing to prefetch). The layer's version changes whenever its
-        host pages may have: a truncation (pages released and maybe reused) or a finished backward (gradients
-        written back); a buffer loaded under an older version is never used."""
+        kv tiles); joining it cut an offloaded 0.5B step at 32K by 16% (bench/RESULTS.md). None if the call's
+        selection is not made yet (a guess of the next call in stage 1: nothing to prefetch). The layer's version
+        changes whenever its host pages may have: a truncation (pages released and maybe reused) or a finished
+        backward (gradients written back); a buffer loaded under an older version is never used."""
         ps, cap, version = self.page_size, self.cache_pages, self.versions[layer]
         history, own = start // ps, math.ceil(end / ps) - start // ps
         if backward and self.lengths[layer] < end:  # a guess that cannot be the next call: its pages are gone
@@ -496,13 +496,13 @@ class OffloadedKVStore:
         before the chunk's queries, the last one followed by the chunk itself (causal). Sparse: each block's table
         lists its selected pages in the part's columns (buffer slots), all visible - virtual q_start = columns x
         page_size - then, in the last part, the chunk's own pages."""
-        ps, own_len = self.page_size, C if part.own else 0
+        ps = self.page_size
         if part.table is None:
             n = len(part.rows[0])
             q_start = start - int(part.rows[0][0]) * ps
-            return buf.table[:, :n], q_start, q_start + own_len if part.own else n * ps, None
-        n_hist = part.table.shape[3] - part.own
-        return part.table, n_hist * ps, n_hist * ps + own_len, self.selector.q_block
+            return buf.table[:, :n], q_start, q_start + C if part.own else n * ps, None
+        q_start = (part.table.shape[3] - part.own) * ps
+        return part.table, q_start, q_start + C if part.own else q_start, self.selector.q_block
 
     def forward(self, layer, q, k, v):
         """o [B, C, H, D] (q.dtype), lse [B, H, C]: the chunk's queries over history + chunk."""

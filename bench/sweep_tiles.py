@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import kernels.paged_attention as pa  # noqa: E402
+from bench import timed  # noqa: E402
 
 B = 1
 H, HKV, D = (int(os.environ.get(k, v)) for k, v in (("H", 28), ("HKV", 4), ("D", 128)))
@@ -44,17 +45,8 @@ def swept_config(kind, head_dim, page_size, dtype, device):
 
 
 def median_ms(fn, reps=7):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median GPU time of fn in ms (CUDA events, after one warm-up call)."""
+    return statistics.median(timed(fn, torch.device("cuda"), 1, reps, events=True)[0]) * 1e3
 
 
 def inputs(T, C, page_size, device):

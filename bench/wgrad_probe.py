@@ -1,29 +1,26 @@
 """What folding a chunk's bf16 weight gradients into fp32 `main_grad` costs, and what fusing the fold into the
-weight-gradient GEMM would save (bench/RESULTS.md, "Training step"). For every Linear of one Qwen2.5-7B layer and the
-LM head, at 4096 tokens: (a) bf16 GEMM dW = dY^T X, then main_grad += dW (what chunk_train.py's hook does);
-(b) one GEMM accumulating into fp32 main_grad in place (addmm with out_dtype=float32, beta=1); (c) the bf16 GEMM
-alone (the floor). Prints ms per model (28 layers + head) and the fused result's error vs fp32.
+weight-gradient GEMM saves (bench/RESULTS.md, "Fused fp32 gradient accumulation"). For every Linear of one
+Qwen2.5-7B layer and the LM head, at 4096 tokens: (a) bf16 GEMM dW = dY^T X, then main_grad += dW (chunk_train.py's
+fold hook, which now only serves the embedding and norms); (b) one GEMM accumulating into fp32 main_grad in place
+(addmm with out_dtype=float32, beta=1: model.Linear's way); (c) the bf16 GEMM alone (the floor). Prints ms per
+model (28 layers + head) and the fused result's error vs fp32.
 
     python3 bench/wgrad_probe.py      (on a GPU, from the repo root)
 """
 
+import os
 import statistics
+import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import timed  # noqa: E402
+
 
 def cuda_ms(fn, repeats=7):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median GPU time of fn in ms (CUDA events, after one warm-up call)."""
+    return statistics.median(timed(fn, torch.device("cuda"), 1, repeats, events=True)[0]) * 1e3
 
 
 def main():
