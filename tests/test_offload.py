@@ -23,7 +23,7 @@ def batch_of(seed, batch, seq):
 
 def poison(store):
     """NaN in every host page and cache slot: nothing may be read before it is written (or zero-filled)."""
-    for t in (store.k, store.v, store.dk, store.dv, *(t for b in store.buffers for t in (b.k, b.v, b.dk, b.dv))):
+    for t in (store.k, store.v, store.dk, store.dv):
         t.fill_(float("nan"))
     for buf in store.buffers:
         for t in (buf.k, buf.v, buf.dk, buf.dv):
