@@ -3,7 +3,7 @@
 #
 #     OUT=/some/dir bash bench/gpu_run.sh [STAGE ...]     # default: every stage (more than one call's worth)
 #
-# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m offload-tests exact-offload offload-speed offload-speed-7b offload-growth plan-check offload-4m offload-7b-1m sparse-tests sparse-fid-train sparse-fidelity sparse-curves sparse-speed sparse-profile sparse-7b sparse-train-1m copy-probe sparse-offload-tests sparse-offload-speed sparse-offload-7b sparse-offload-growth sparse-offload-train sparse-offload-7b-1m sparse-offload-4m wgrad-probe hf-baseline
+# Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m offload-tests exact-offload offload-speed offload-speed-7b offload-growth plan-check offload-4m offload-7b-1m sparse-tests sparse-fid-train sparse-fidelity sparse-curves sparse-speed sparse-profile sparse-7b sparse-train-1m copy-probe sparse-offload-tests sparse-offload-speed sparse-offload-7b sparse-offload-growth sparse-offload-train sparse-offload-7b-1m sparse-offload-4m wgrad-probe sweep-7b sweep-long ncu-probe hf-baseline
 #
 # Stages, most important first, each under its own `timeout` (the limits add up to 535 s, so a hang in one stage
 # cannot eat the budget of the call): versions, GPU tests, gradient exactness, training-step benchmark (0.5B, 7B),
@@ -96,6 +96,20 @@ want profile-7b && stage profile-7b 120 env PYTORCH_CUDA_ALLOC_CONF=expandable_s
     --page-size 64 --warmup 1 --repeats 2 --profile ${ROWS:-30} --time-budget 110
 # what folding bf16 weight gradients into fp32 main_grad costs, split vs fused into the GEMM (7B shapes)
 want wgrad-probe && stage wgrad-probe 60 "$PY" bench/wgrad_probe.py
+
+# tile sweep on the 7B 16K step's attention calls: a 4096-query chunk after 0, 4K, 8K and 12K of history, page 64
+want sweep-7b && stage sweep-7b 540 env H=28 HKV=4 D=128 KINDS="${KINDS:-fwd,dq,dkdv}" GRID="${GRID:-{\}}" \
+    CASES='[[4096,4096,64],[8192,4096,64],[12288,4096,64],[16384,4096,64]]' \
+    "$PY" bench/sweep_tiles.py "${SWEEP_BUDGET:-500}"
+
+# a few configurations on a long history (what a million-token step spends its time on): 4096 queries after 60K
+want sweep-long && stage sweep-long 300 env H=28 HKV=4 D=128 KINDS="${KINDS:-fwd,dq,dkdv}" GRID="${GRID:-{\}}" \
+    CASES='[[65536,4096,64]]' "$PY" bench/sweep_tiles.py "${SWEEP_BUDGET:-250}"
+# Nsight Compute on each kernel of one 7B-shaped call (4096 queries after 12K): throughputs, pipes, spills
+want ncu-probe && stage ncu-probe 120 bash -c "ncu --clock-control none --section SpeedOfLight \
+    --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis --launch-skip 3 \
+    --launch-count 3 -k 'regex:_(fwd|dq|dkdv)_kernel' $PY bench/ncu_probe.py >'$OUT/ncu.txt' 2>&1; rc=\$?; \
+    grep -E '_kernel|Duration|Throughput|highest-utilized|Spilling Requests ' '$OUT/ncu.txt'; exit \$rc"
 # exactness over several seeds: is chunked bf16 vs full bf16 (ratio of errors to fp32) above 1 beyond noise?
 want exact-seeds && stage exact-seeds 120 bash -c 'for seed in 1 2 3 4; do '"$PY"' bench.py exact \
     --model small-d128 --seq 4096 --chunk 1024 --page-size 64 --seed $seed || exit 1; done'

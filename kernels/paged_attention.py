@@ -53,9 +53,8 @@ def _interpreting():
 def _launch_config(kind, head_dim, page_size, dtype, device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kind in {"fwd", "dq", "dkdv"}.
 
-    BLOCK_M = query rows per tile, BLOCK_N = kv positions per tile. Both are powers of two and
-    BLOCK_N is capped at page_size so that it divides it: a kv tile never straddles a page and
-    needs exactly one page-table lookup.
+    BLOCK_M = query rows per tile, BLOCK_N = kv positions per tile, both powers of two. A kv tile
+    up to a page long needs one page-table lookup; a longer one spans whole pages (see _page_rows).
     """
     if _interpreting() or device.type != "cuda":
         # Interpreter (CPU tests): small tiles so tests cover several tiles per page and per
@@ -63,13 +62,14 @@ def _launch_config(kind, head_dim, page_size, dtype, device):
         bm, bn, warps, stages = (16, 32, 4, 1) if kind == "dkdv" else (32, 16, 4, 1)
     elif kind == "fwd":
         # A program keeps its [BLOCK_M, D] q tile and fp32 accumulator in registers and streams
-        # [BLOCK_N, D] K/V tiles. D=128: (64, 32, 4, 2) beat (128, 64, 4, 3) by 5-13% in a sweep on
-        # H100 (28/4 heads, page 64, 2K-16K query chunks; bench/RESULTS.md).
-        bm, bn, warps, stages = (128, 64, 8, 3) if head_dim <= 64 else (64, 32, 4, 2)
+        # [BLOCK_N, D] K/V tiles. D=128: 128-position kv tiles (two pages of 64) with 8 warps were 2-12%
+        # faster than (64, 32, 4, 2) on the 7B step's calls in four sweeps on H100 (bench/RESULTS.md).
+        bm, bn, warps, stages = (128, 64, 8, 3) if head_dim <= 64 else (128, 128, 8, 3)
     elif kind == "dq":
-        # q, do and the dq accumulator stay resident while K/V tiles stream (D=128: same sweep, 4-7%
-        # faster than (128, 32, 4, 2); D=64: 3 stages 3-5% faster than 2).
-        bm, bn, warps, stages = (128, 64, 8, 3) if head_dim <= 64 else (128, 64, 8, 2)
+        # q, do and the dq accumulator stay resident while K/V tiles stream. D=128: 128-position kv tiles (two
+        # pages of 64) made the backward 1-4% faster than (128, 64, 8, 2) in sweeps of the 7B step's calls and
+        # of a 64K history, despite some spilling; D=64: 3 stages were 3-5% faster than 2.
+        bm, bn, warps, stages = (128, 64, 8, 3) if head_dim <= 64 else (128, 128, 8, 2)
     else:
         # dkdv: k, v and two fp32 [BLOCK_N, D] accumulators stay resident, q/do tiles stream.
         # 8 warps or BLOCK_N=32 measured 1.4-1.7x slower. D=64 (8/2 heads, 64K-256K history): 128-row
@@ -77,7 +77,7 @@ def _launch_config(kind, head_dim, page_size, dtype, device):
         bm, bn, warps, stages = (128, 64, 4, 2) if head_dim <= 64 else (64, 64, 4, 2)
     if dtype == torch.float32 and not _interpreting() and device.type == "cuda":
         bm, bn = max(bm // 2, 16), max(bn // 2, 16)  # fp32 tiles take twice the registers/smem
-    return bm, min(bn, page_size), warps, stages
+    return bm, bn, warps, stages
 
 
 # ----------------------------------------------------------------------------------- kernels
@@ -95,11 +95,17 @@ def _mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _page_rows(pt_row, n0, stride_page, stride_tok, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """int64 element offsets [BLOCK_N] of kv positions n0..n0+BLOCK_N-1 in a page pool.
-    n0 % BLOCK_N == 0 and BLOCK_N | PAGE_SIZE, so the tile is inside one page: one lookup."""
-    page = tl.load(pt_row + n0 // PAGE_SIZE).to(tl.int64)
-    slot = (n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)).to(tl.int64)
+def _page_rows(pt_row, n0, kv_len, stride_page, stride_tok, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int64 element offsets [BLOCK_N] of kv positions n0..n0+BLOCK_N-1 in a page pool (n0 % BLOCK_N == 0).
+    A tile no larger than a page lies inside one page: one scalar lookup. A larger tile spans BLOCK_N // PAGE_SIZE
+    whole pages, looked up per position (positions >= kv_len read no table entry and get page 0)."""
+    if BLOCK_N <= PAGE_SIZE:
+        page = tl.load(pt_row + n0 // PAGE_SIZE).to(tl.int64)
+        slot = (n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)).to(tl.int64)
+    else:
+        pos = n0 + tl.arange(0, BLOCK_N)
+        page = tl.load(pt_row + pos // PAGE_SIZE, mask=pos < kv_len, other=0).to(tl.int64)
+        slot = (pos % PAGE_SIZE).to(tl.int64)
     return page * stride_page + slot * stride_tok
 
 
@@ -127,7 +133,7 @@ def _fwd_inner(acc, m_i, l_i, q, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk
                MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over kv tiles lo..hi. m_i, l_i: running max / sum in base 2 [BLOCK_M]."""
     for n0 in range(lo, hi, BLOCK_N):
-        rows = _page_rows(pt_row, n0, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
+        rows = _page_rows(pt_row, n0, kv_len, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
         k, v = _load_kv(K, V, rows, n0, kv_len, offs_d, BLOCK_N, MASKED)
         s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:  # only tiles that cross the diagonal (or kv_len) pay for the mask
@@ -205,7 +211,7 @@ def _dq_inner(dq, q, do, lse2, delta, q_pos, K, V, pt_row, offs_d, lo, hi, kv_le
               MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dq += dS @ K over kv tiles lo..hi, with P recomputed from the saved lse (base 2)."""
     for n0 in range(lo, hi, BLOCK_N):
-        rows = _page_rows(pt_row, n0, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
+        rows = _page_rows(pt_row, n0, kv_len, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
         k, v = _load_kv(K, V, rows, n0, kv_len, offs_d, BLOCK_N, MASKED)
         p = tl.exp2(_mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         if MASKED:
@@ -305,8 +311,8 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, q_
         n0 = tl.program_id(0) * BLOCK_N
         bk = tl.program_id(1)
         pt_row = PT + bk // N_KV_HEADS * stride_ptb
-        rows = _page_rows(pt_row, n0, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
-        grows = _page_rows(pt_row, n0, stride_gpage, stride_gtok, PAGE_SIZE, BLOCK_N)
+        rows = _page_rows(pt_row, n0, kv_len, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
+        grows = _page_rows(pt_row, n0, kv_len, stride_gpage, stride_gtok, PAGE_SIZE, BLOCK_N)
         ok = n0 + tl.arange(0, BLOCK_N) < kv_len
     b, kvh = bk // N_KV_HEADS, bk % N_KV_HEADS
     kv_pos = n0 + tl.arange(0, BLOCK_N)
@@ -545,10 +551,11 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
     n_hist = q_start // page_size if sparse else 0
     if n_hist:  # the selected history pages, each by the blocks that chose it
         keys, blocks, run_end = selection_index(page_table[..., :n_hist], k_pages.shape[0])
-        _dkdv_kernel[(keys.numel(), page_size // bn)](
+        bn_page = min(bn, page_size)  # a program owns (a part of) one selected page
+        _dkdv_kernel[(keys.numel(), page_size // bn_page)](
             *kv_args, page_table, keys, blocks, run_end, q_start, C, kv_len, k_pages.shape[0], scale * LOG2E,
             scale, *strides, 0, N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads, Q_BLOCK=q_block, BLOCK_M=bm,
-            BLOCK_N=bn, **common, SPARSE=True, num_warps=warps, num_stages=stages)
+            BLOCK_N=bn_page, **common, SPARSE=True, num_warps=warps, num_stages=stages)
     if kv_len > n_hist * page_size:  # dense: the whole table, or a sparse table's own chunk pages (causal)
         table = page_table[:, 0, 0, n_hist:] if sparse else page_table
         _dkdv_kernel[(triton.cdiv(kv_len - n_hist * page_size, bn), B * n_kv_heads)](

@@ -98,6 +98,19 @@ for _i, (_hist, _c) in enumerate(_SHAPES):
 
 @pytest.mark.parametrize("case", _CASES, ids=lambda c: "ps{page_size}-d{D}-kv{Hkv}-h{hist}-c{C}-{dtype}".format(**c))
 def test_forward_backward_match_reference(case):
+    check_against_reference(case)
+
+
+# page 16: kv tiles of 2 and 4 pages, a partial last page, a history ending inside a tile
+@pytest.mark.parametrize("case", [dict(page_size=16, D=16, Hkv=2, hist=37, C=33, dtype=torch.float32),
+                                  dict(page_size=16, D=64, Hkv=4, hist=80, C=19, dtype=torch.bfloat16),
+                                  dict(page_size=16, D=16, Hkv=1, hist=0, C=48, dtype=torch.float32)],
+                         ids=lambda c: "h{hist}-c{C}-{dtype}".format(**c))
+def test_kv_tiles_spanning_pages(case, wide_kv_tiles):
+    check_against_reference(case)
+
+
+def check_against_reference(case):
     dtype = case["dtype"]
     p = make_problem(2, case["C"], case["hist"], 4, case["Hkv"], case["D"], case["page_size"], dtype,
                      seed=seed_of(case))

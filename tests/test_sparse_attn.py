@@ -92,6 +92,11 @@ def test_kernel_matches_reference(B, C, n_hist, n_sel, Hkv, D, page_size, q_bloc
     assert_close(o, masked[:, T - C:], dtype, "o vs masked dense")
 
 
+def test_kernel_with_kv_tiles_spanning_pages(wide_kv_tiles):
+    """Forward and dQ tiles of two selected pages (dK/dV keeps one program per selected page)."""
+    test_kernel_matches_reference(2, 40, 6, 3, 2, 16, 16, 16, torch.float32)
+
+
 def test_full_selection_equals_dense_kernel():
     """Every block selecting every history page, in order: the 4-D path gives the 2-D (dense) path's results."""
     B, C, H, Hkv, D, ps, n_hist, q_block = 2, 48, 4, 2, 16, 16, 5, 16
