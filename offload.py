@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from kernels.paged_attention import paged_attention_backward, paged_attention_forward, softmax_delta
-from paged_kv import PageAllocator, to_device
+from paged_kv import OutOfPages, PageAllocator, to_device
 from sparse_attn import PageSelector
 
 NUM_BUFFERS = 3  # GPU cache buffers: one computing, one loading, one writing back
@@ -241,7 +241,15 @@ class OffloadedKVStore:
             raise ValueError(f"the offloaded store appends at page boundaries: layer {layer} holds {start} tokens, "
                              f"not a multiple of page_size {self.page_size}")
         n = math.ceil(T / self.page_size)
-        new = np.array([allocator.alloc(n) for allocator in self.allocators[layer]], dtype=np.int64)  # [B, n]
+        new = []
+        try:
+            for allocator in self.allocators[layer]:  # one pool per batch row
+                new.append(allocator.alloc(n))
+        except OutOfPages:  # give back the rows already served, so the failed append leaks nothing
+            for allocator, pages in zip(self.allocators[layer], new):
+                allocator.release(pages)
+            raise
+        new = np.array(new, dtype=np.int64)  # [B, n]
         self.dirty[new] = False  # its gradient is zero until a kernel writes it back
         self.tables[layer] = [np.concatenate([table, pages]) for table, pages in zip(self.tables[layer], new)]
         if self.selector is not None:

@@ -11,7 +11,7 @@ import torch
 
 from chunk_train import chunked_step, fill_kv
 from offload import OffloadedKVStore, _runs
-from paged_kv import PagedKVStore
+from paged_kv import OutOfPages, PagedKVStore
 from test_chunk_train import DEVICE, assert_grads_match, full_sequence_grads, tiny_model
 
 
@@ -105,6 +105,19 @@ def test_bf16_gradient_pages_stay_close():
     assert store.dk.dtype == torch.bfloat16
     chunked_step(model, idx, targets, chunk_size=64, page_size=16, store=store)
     assert_grads_match(model, ref, tol=2e-2)
+
+
+def test_out_of_pages_leaks_nothing():
+    """An append that one batch row's pool cannot serve raises OutOfPages and leaves every pool as it was."""
+    model = tiny_model(0)
+    store = OffloadedKVStore.for_sequence(model, 2, 64, 16, torch.float32, DEVICE)
+    k = torch.zeros(2, 48, 2, 16, device=DEVICE)
+    store.append(0, k, k)
+    store.allocators[0][1].alloc(1)  # row 1 now has 0 of its 4 pages free, row 0 still has 1
+    free = store.num_free_pages()
+    with pytest.raises(OutOfPages, match="1 pages needed, 0 of 4 free"):
+        store.append(0, k[:, :16], k[:, :16])
+    assert store.num_free_pages() == free and store.length(0) == 48
 
 
 def test_bad_arguments():
