@@ -70,7 +70,8 @@ def _autocast(model, device, compute_dtype):
 
 def _fold_into_main_grad(param):
     """Post-accumulate-grad hook for low-precision parameters: param.main_grad (fp32) += param.grad; drop grad.
-    (It also fires with no grad for a model.Linear weight, which wrote into main_grad itself.)"""
+    (It also fires with no grad for a model.Linear weight, which wrote into main_grad itself. It is needed on
+    Linear weights too: a tied LM head's weight is the embedding's, whose gradient arrives as param.grad.)"""
     if param.grad is not None:
         param.main_grad.add_(param.grad)
         param.grad = None

@@ -58,7 +58,8 @@ def _launch_config(kind, head_dim, page_size, dtype, device):
     """
     if _interpreting() or device.type != "cuda":
         # Interpreter (CPU tests): small tiles so tests cover several tiles per page and per
-        # chunk; BLOCK_M != BLOCK_N so mixed-up row/column bookkeeping cannot hide.
+        # chunk, and dK/dV tiles spanning two pages at page 16; BLOCK_M != BLOCK_N so mixed-up
+        # row/column bookkeeping cannot hide.
         bm, bn, warps, stages = (16, 32, 4, 1) if kind == "dkdv" else (32, 16, 4, 1)
     elif kind == "fwd":
         # A program keeps its [BLOCK_M, D] q tile and fp32 accumulator in registers and streams
