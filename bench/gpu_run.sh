@@ -5,10 +5,10 @@
 #
 # Stages: versions pytest exact kernel train step-0.5b step-7b step-7b-long profile-7b exact-seeds train-1m long-7b long-0.5b recheck recheck-step recheck-kernel recheck-1m offload-tests exact-offload offload-speed offload-speed-7b offload-growth plan-check offload-4m offload-7b-1m sparse-tests sparse-fid-train sparse-fidelity sparse-curves sparse-speed sparse-profile sparse-7b sparse-train-1m copy-probe sparse-offload-tests sparse-offload-speed sparse-offload-7b sparse-offload-growth sparse-offload-train sparse-offload-7b-1m sparse-offload-4m wgrad-probe sweep-7b sweep-long ncu-probe hf-baseline
 #
-# Stages, most important first, each under its own `timeout` (the limits add up to 535 s, so a hang in one stage
-# cannot eat the budget of the call): versions, GPU tests, gradient exactness, training-step benchmark (0.5B, 7B),
-# the HF-transformers anchors (if shared/bench/hf_baseline.py was copied into the repo), kernel benchmark, a default
-# train.py run. Stage output goes to $OUT/log.txt; stdout gets one status line per stage and a summary at the end.
+# Each stage runs under its own `timeout`, so a hang in one cannot eat the budget of the call; name stages whose
+# limits fit one call (10 minutes). They cover versions, GPU tests, gradient exactness, training-step benchmarks
+# (0.5B, 7B), the HF-transformers anchors (if shared/bench/hf_baseline.py was copied into the repo), kernel
+# benchmarks and sweeps, offload and sparse attention, and default train.py runs. Stage output goes to $OUT/log.txt; stdout gets one status line per stage and a summary at the end.
 #
 # Files under $OUT: bench.jsonl (bench.py, one JSON object per point), anchors.jsonl (hf_baseline.py), log.txt,
 # pytest.txt, train.txt, train_log.jsonl.
