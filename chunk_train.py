@@ -32,7 +32,6 @@ is the exact gradient of that sparse-attention model.
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from paged_kv import PagedKVStore
@@ -113,8 +112,7 @@ def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=
                 else:
                     x = block(x, cos, sin, backend)
             if targets is not None:
-                logits = model.head(x)
-                loss_sum += F.cross_entropy(logits.float().flatten(0, 1), targets[:, s:e].flatten(), reduction="sum")
+                loss_sum += model.loss(x, targets[:, s:e])[0]
     return loss_sum if targets is not None else None
 
 
@@ -148,13 +146,12 @@ def backward_chunk(model, idx, targets, s, e, store, compute_dtype=torch.float32
     pages. Returns the chunk's share of the loss (a detached tensor)."""
     B, T = idx.shape
     with _autocast(model, idx.device, compute_dtype):
-        logits = model(idx[:, s:e], attn=ChunkAttention(store, s), start_pos=s, checkpoint=checkpoint)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, s:e].flatten(), reduction="sum") / (B * T)
-    del logits
-    loss.backward()
+        x = model.hidden(idx[:, s:e], attn=ChunkAttention(store, s), start_pos=s, checkpoint=checkpoint)
+        loss, dx = model.loss(x, targets[:, s:e], scale=1.0 / (B * T), backward=True)  # the head's backward, sliced
+    x.backward(dx)
     for layer in range(model.config.num_hidden_layers):
         store.truncate(layer, s)  # the chunk is retired: its K/V and gradient pages go back to the pool
-    return loss.detach()
+    return loss
 
 
 @contextlib.contextmanager

@@ -133,6 +133,28 @@ def preset(name: str) -> ModelConfig:
 # ------------------------------------------------------------------------------------------------ layers
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = weight * normalise(x), saving only x and the fp32 inverse RMS [..., 1]. Autograd through the plain formula
+    (rms_norm_reference in tests/test_model.py) keeps an fp32 copy of x and the normalised x as well: 3x the bytes
+    of a bf16 x, per norm and token."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x.float() * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.float() * rstd  # the normalised x, fp32
+        # the formula's own roundings: the scale multiplies n rounded to x's dtype; n's gradient arrives in that dtype
+        dw = (dy.float() * n.to(x.dtype).float()).flatten(0, -2).sum(0).to(weight.dtype)
+        dn = (dy * weight).to(x.dtype).float()
+        dx = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))  # d/dx of x * rsqrt(mean(x^2) + eps)
+        return dx.to(x.dtype), dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -141,9 +163,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 whatever the compute dtype (as HF does), scale in the input dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
@@ -154,11 +174,31 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x, cos, sin):
-    """x: [B, T, heads, D]; cos/sin: [T, D]. Rotates pairs (i, i + D/2)."""
+def _rotate(x, cos, sin):
+    """x: [B, T, heads, D]; cos/sin: [T, D]. Rotates pairs (i, i + D/2) by the angles cos/sin describe."""
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE saving nothing per call but cos/sin (shared by every layer): a rotation's gradient is the rotation by
+    the opposite angles. Autograd through _rotate would save x and its rotated half, per layer, for q and k."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rotate(dy, cos, -sin), None, None
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, T, heads, D]; cos/sin: [T, D] fp32 (rope_cos_sin). Rotates pairs (i, i + D/2)."""
+    return _Rope.apply(x, cos, sin)
 
 
 def add_matmul_fp32(out, a, b):
@@ -249,7 +289,39 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        weight = self.down_proj.weight
+        if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad or weight.requires_grad)):
+            return self.down_proj(F.silu(gate) * up)
+        return _SwiGLUDown.apply(gate, up, weight, getattr(weight, "main_grad", None))
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """down_proj(silu(gate) * up) saving only gate and up [B, T, intermediate]. The product h = silu(gate) * up,
+    which down_proj's weight gradient needs, is recomputed in backward (one elementwise pass): autograd through the
+    plain formula saves silu(gate) and h as well, the largest activations of a layer. Like model.Linear, an fp32
+    `main_grad` on the weight receives dL/dW directly."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, weight_main_grad):
+        ctx.save_for_backward(gate, up, weight)
+        ctx.main_grad = weight_main_grad
+        return F.linear(F.silu(gate) * up, weight)  # under autocast, F.linear casts weight as it would anyway
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up, weight = ctx.saved_tensors
+        with torch.enable_grad():  # recompute h with its own graph, so silu and * backpropagate as they always do
+            gate_, up_ = gate.detach().requires_grad_(), up.detach().requires_grad_()
+            h = F.silu(gate_) * up_
+        dy_2d, h_2d = dy.reshape(-1, dy.shape[-1]), h.detach().reshape(-1, h.shape[-1])
+        weight_grad = None
+        if ctx.main_grad is not None:
+            add_matmul_fp32(ctx.main_grad, dy_2d.t(), h_2d)
+        elif ctx.needs_input_grad[2]:
+            weight_grad = (dy_2d.t() @ h_2d).to(weight.dtype)
+        dgate, dup = torch.autograd.grad(h, (gate_, up_), dy @ weight.to(dy.dtype))
+        return dgate, dup, weight_grad, None
 
 
 class Block(nn.Module):
@@ -271,6 +343,11 @@ class Block(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ model
+
+
+# Model.loss works on slices of this many logits (512 MB in fp32). Each slice's LM-head weight gradient is one more
+# pass over that gradient (2.2 GB in fp32 for 7B), so slices should not be much smaller.
+LOSS_SLICE_LOGITS = 1 << 27
 
 
 class Model(nn.Module):
@@ -312,8 +389,8 @@ class Model(nn.Module):
         """Final norm + LM head: hidden states [B, T, hidden] -> logits [B, T, vocab]."""
         return self.lm_head(self.model.norm(x))
 
-    def forward(self, idx, attn=None, start_pos: int = 0, checkpoint: bool = False):
-        """idx: [B, T] token ids at positions [start_pos, start_pos + T) -> logits [B, T, vocab].
+    def hidden(self, idx, attn=None, start_pos: int = 0, checkpoint: bool = False):
+        """idx: [B, T] token ids at positions [start_pos, start_pos + T) -> the last layer's output [B, T, hidden].
 
         attn: the attention backend (default: DenseAttention, causal over this call's tokens alone).
         checkpoint: recompute each block in backward instead of storing its activations (full-sequence baseline)."""
@@ -325,7 +402,40 @@ class Model(nn.Module):
                 x = activation_checkpoint(block, x, cos, sin, attn, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn)
-        return self.head(x)
+        return x
+
+    def forward(self, idx, attn=None, start_pos: int = 0, checkpoint: bool = False):
+        """idx: [B, T] -> logits [B, T, vocab]; see hidden() for the arguments."""
+        return self.head(self.hidden(idx, attn, start_pos, checkpoint))
+
+    def loss(self, x, targets, scale: float = 1.0, backward: bool = False):
+        """scale * (sum of the token cross-entropies) of hidden states x [B, T, hidden] (hidden()'s output) against
+        targets [B, T], a slice of positions at a time, so that only one slice's logits exist: [slice, vocab] instead
+        of [B * T, vocab] in bf16, in fp32 and their fp32 gradient (1.8 MB per token for a 152K vocabulary).
+
+        backward=True also backpropagates each slice through the final norm and the LM head right away: their
+        parameters' gradients accumulate as in any backward, and the gradient w.r.t. x [B, T, hidden] is returned
+        for the caller's x.backward(dx). Returns (loss, dx or None), the loss a detached 0-dim fp32 tensor.
+        Call it inside the caller's autocast, like the forward: the slices' forwards run under it, their backwards
+        outside it, as autograd would run them."""
+        if targets.shape != x.shape[:2]:
+            raise ValueError(f"targets {tuple(targets.shape)} must be x's [B, T] = {tuple(x.shape[:2])}")
+        B, T = targets.shape
+        step = max(1, LOSS_SLICE_LOGITS // (B * self.config.vocab_size))  # positions per slice
+        total = torch.zeros((), device=x.device)
+        dx = torch.empty_like(x) if backward else None
+        for a in range(0, T, step):
+            xs = x[:, a:a + step].detach().requires_grad_(backward)
+            with torch.set_grad_enabled(backward):
+                logits = self.head(xs).float().flatten(0, 1)
+                loss = F.cross_entropy(logits, targets[:, a:a + step].flatten(), reduction="sum") * scale
+            del logits
+            if backward:
+                with torch.autocast(x.device.type, enabled=False):
+                    loss.backward()
+                dx[:, a:a + step] = xs.grad
+            total += loss.detach()
+        return total, dx
 
     # -------------------------------------------------------------------------------------------- HF checkpoints
 

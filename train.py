@@ -21,7 +21,6 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from chunk_train import chunked_loss, chunked_step
@@ -29,7 +28,7 @@ from data import TokenData
 from offload import OffloadedKVStore
 from paged_kv import PagedKVStore
 from sparse_attn import PageSelector
-from model import PRESETS, Model, ModelConfig, preset
+from model import LOSS_SLICE_LOGITS, PRESETS, Model, ModelConfig, preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -189,26 +188,35 @@ def chunked(args) -> bool:
 def memory_plan(cfg: ModelConfig, args, offload=False):
     """-> (plan, per_token): plan = {"gpu": {part: bytes}, "host": {part: bytes}}, an estimate made before anything is
     allocated; per_token = {"gpu": bytes, "host": bytes} each extra token of --seq adds there.
-    Activations saved for backward are taken as, per token and layer, 28*hidden + 8*kv_dim + 8*intermediate bytes
-    at bf16 (norms in fp32), plus the logits and their fp32 loss. Against H100 peaks it came within 7%
-    (bench/RESULTS.md); check_fits keeps a 10% margin. Full-sequence path: activations grow with --seq.
-    Chunked path: one chunk's activations, and the KV/dKV pages grow with --seq: on the GPU, or with offload in
-    pinned host memory behind a fixed GPU page cache."""
+    Activations saved for backward, per token and layer (test_layer_saves_only_what_backward_needs pins these): the
+    two norm inputs in the residual stream's dtype (fp32: the weights are fp32), the two normalised inputs, q and the
+    attention output, gate and up in the compute dtype (+ k and v on the full-sequence path, whose SDPA saves them);
+    plus one layer's backward temporaries (about 6 x intermediate) and one slice of logits of Model.loss.
+    Full-sequence path: activations grow with --seq. Chunked path: one chunk's activations, and the KV/dKV pages
+    grow with --seq: on the GPU, or with offload in pinned host memory behind a fixed GPU page cache. check_fits
+    keeps a 10% margin."""
     n, compute_bytes = param_count(cfg), DTYPES[args.dtype].itemsize
-    scale = compute_bytes / 2
     kv_dim = cfg.num_key_value_heads * cfg.head_dim
-    layer = (20 * scale + 8) * cfg.hidden_size + 8 * scale * kv_dim + 8 * scale * cfg.intermediate_size
-    activations_per_token = int(cfg.num_hidden_layers * layer + cfg.vocab_size * (compute_bytes + 12)) * args.batch
+    layer = 2 * 4 * cfg.hidden_size + compute_bytes * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) + 8
+    if not chunked(args):
+        layer += compute_bytes * 2 * kv_dim
+    backward_temporaries = 6 * compute_bytes * cfg.intermediate_size
+    activations_per_token = (cfg.num_hidden_layers * layer + backward_temporaries) * args.batch
+    tokens = args.batch * (args.chunk if chunked(args) else args.seq)
+    # logits, their fp32 copy, log-softmax, fp32 and compute-dtype gradients
+    loss_slice = min(LOSS_SLICE_LOGITS, tokens * cfg.vocab_size) * (2 * compute_bytes + 12)
     gpu = {"weights (fp32)": 4 * n, "gradients (fp32)": 4 * n,
            # adafactor keeps row/column factors only: tiny next to AdamW's two fp32 moments
            f"optimizer ({args.optimizer})": {"adamw": 8 * n, "adafactor": 4 * n // 64}[args.optimizer]}
     host = {}
     if not chunked(args):
         gpu[f"activations ({args.seq} tokens)"] = activations_per_token * args.seq
+        gpu["loss slice"] = loss_slice
         return {"gpu": gpu, "host": host}, {"gpu": activations_per_token, "host": 0}
     kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
     pool_per_token = PagedKVStore.bytes_per_token(cfg, kv_dtype, grad_dtype) * args.batch
     gpu[f"activations (one {args.chunk}-token chunk)"] = activations_per_token * args.chunk
+    gpu["loss slice"] = loss_slice
     index_gpu = index_host = 0
     if args.sparse:  # page summaries and stored selections, proportional to the length
         summaries, selections, tables = PageSelector.index_bytes(cfg, args.batch, args.seq, args.chunk,
@@ -358,9 +366,9 @@ def train_step(model, x, y, args, device, store) -> float:
         return chunked_step(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store,
                             progress=args.seq >= 8 * args.chunk)
     with autocast(args, device):
-        logits = model(x)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-    loss.backward()
+        hidden = model.hidden(x)
+        loss, dx = model.loss(hidden, y, scale=1.0 / y.numel(), backward=True)  # the head's backward, sliced
+    hidden.backward(dx)
     return loss.item()
 
 
@@ -375,8 +383,7 @@ def evaluate(model, data, args, device, store) -> float:
             losses.append(chunked_loss(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store))
             continue
         with autocast(args, device):
-            logits = model(x)
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+            losses.append(model.loss(model.hidden(x), y, scale=1.0 / y.numel())[0].item())
     return float(np.mean(losses))
 
 
