@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from kernels import layer_ops
+
 
 # ------------------------------------------------------------------------------------------------ config
 
@@ -133,26 +135,11 @@ def preset(name: str) -> ModelConfig:
 # ------------------------------------------------------------------------------------------------ layers
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """y = weight * normalise(x), saving only x and the fp32 inverse RMS [..., 1]. Autograd through the plain formula
-    (rms_norm_reference in tests/test_model.py) keeps an fp32 copy of x and the normalised x as well: 3x the bytes
-    of a bf16 x, per norm and token."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
-        ctx.save_for_backward(x, weight, rstd)
-        return weight * (x.float() * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        n = x.float() * rstd  # the normalised x, fp32
-        # the formula's own roundings: the scale multiplies n rounded to x's dtype; n's gradient arrives in that dtype
-        dw = (dy.float() * n.to(x.dtype).float()).flatten(0, -2).sum(0).to(weight.dtype)
-        dn = (dy * weight).to(x.dtype).float()
-        dx = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))  # d/dx of x * rsqrt(mean(x^2) + eps)
-        return dx.to(x.dtype), dw, None
+def rms_norm(x, weight, eps):
+    """HF's RMSNorm as plain PyTorch ops: normalise in fp32 whatever the compute dtype, scale in the input dtype.
+    The CPU path and the reference of kernels/layer_ops.py's fused version."""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -162,8 +149,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # normalise in fp32 whatever the compute dtype (as HF does), scale in the input dtype
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        if layer_ops.available(x) and x.is_contiguous():  # one kernel each way; saves x and 1/rms only
+            return layer_ops.RMSNormFunction.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
@@ -175,30 +163,21 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
 
 
 def _rotate(x, cos, sin):
-    """x: [B, T, heads, D]; cos/sin: [T, D]. Rotates pairs (i, i + D/2) by the angles cos/sin describe."""
+    """x: [B, T, heads, D]; cos/sin: [T, D]. Rotates pairs (i, i + D/2): the plain-PyTorch RoPE (the CPU path and
+    the reference of kernels/layer_ops.py's)."""
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class _Rope(torch.autograd.Function):
-    """RoPE saving nothing per call but cos/sin (shared by every layer): a rotation's gradient is the rotation by
-    the opposite angles. Autograd through _rotate would save x and its rotated half, per layer, for q and k."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
-        return _rotate(dy, cos, -sin), None, None
-
-
 def apply_rope(x, cos, sin):
-    """x: [B, T, heads, D]; cos/sin: [T, D] fp32 (rope_cos_sin). Rotates pairs (i, i + D/2)."""
-    return _Rope.apply(x, cos, sin)
+    """x: [B, T, heads, D]; cos/sin: [T, D] fp32 (rope_cos_sin). Rotates pairs (i, i + D/2). The fused kernel saves
+    nothing for backward (the gradient is the inverse rotation); autograd through _rotate saves x and its rotated
+    half."""
+    half = x.shape[-1] // 2
+    if layer_ops.available(x) and x.is_contiguous() and half & (half - 1) == 0:
+        return layer_ops.RopeFunction.apply(x, cos, sin)
+    return _rotate(x, cos, sin)
 
 
 def add_matmul_fp32(out, a, b):
@@ -291,8 +270,53 @@ class MLP(nn.Module):
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
         weight = self.down_proj.weight
+        if not layer_ops.available(gate) or self.down_proj.bias is not None:
+            return self.down_proj(F.silu(gate) * up)  # the plain formula (CPU path, reference)
         if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad or weight.requires_grad)):
-            return self.down_proj(F.silu(gate) * up)
+            return F.linear(layer_ops.swiglu_forward(gate, up), weight)
+        return _SwiGLUDown.apply(gate, up, weight, getattr(weight, "main_grad", None))
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """down_proj(silu(gate) * up) saving only gate and up [B, T, intermediate]. The product h = silu(gate) * up,
+    which down_proj's weight gradient needs, is recomputed in backward by the same kernel that computes dL/dgate
+    and dL/dup (kernels/layer_ops.py); autograd through the plain formula saves silu(gate) and h as well, the
+    largest activations of a layer. Like model.Linear, an fp32 `main_grad` on the weight receives dL/dW."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, weight_main_grad):
+        ctx.save_for_backward(gate, up, weight)
+        ctx.main_grad = weight_main_grad
+        return F.linear(layer_ops.swiglu_forward(gate, up), weight)  # under autocast, F.linear casts weight
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up, weight = ctx.saved_tensors
+        dh = dy @ weight.to(dy.dtype)  # [B, T, intermediate]
+        dgate, dup, h = layer_ops.swiglu_backward(gate, up, dh)
+        dy_2d, h_2d = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])
+        weight_grad = None
+        if ctx.main_grad is not None:
+            add_matmul_fp32(ctx.main_grad, dy_2d.t(), h_2d)
+        elif ctx.needs_input_grad[2]:
+            weight_grad = (dy_2d.t() @ h_2d).to(weight.dtype)
+        return dgate, dup, weight_grad, None
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        weight = self.down_proj.weight
+        if not layer_ops.available(gate) or self.down_proj.bias is not None:
+            return self.down_proj(F.silu(gate) * up)  # the plain formula (CPU path, reference)
+        if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad or weight.requires_grad)):
+            return F.linear(layer_ops.swiglu_forward(gate, up), weight)
         return _SwiGLUDown.apply(gate, up, weight, getattr(weight, "main_grad", None))
 
 

@@ -168,59 +168,13 @@ def test_from_pretrained_errors(tmp_path):
         Model.from_pretrained(str(tmp_path))
 
 
-# ------------------------------------------------------------------ memory-lean autograd functions vs plain formulas
-
-
-def rms_norm_reference(x, weight, eps):
-    """RMSNorm as plain autograd ops (HF's formula): normalise in fp32, scale in x's dtype."""
-    h = x.float()
-    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def grads_of(fn, inputs, dy):
-    """fn(*inputs) and the gradients of sum(fn * dy) w.r.t. the inputs, from fresh leaf copies."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    return out, torch.autograd.grad(out, leaves, dy)
-
-
-# (x dtype, weight dtype, tolerance): fp32 must agree to rounding; bf16 outputs to one bf16 rounding step. The
-# weight gradient is summed in fp32 here and in the input dtype by autograd's reduction: 2 bf16 steps.
-NORM_CASES = [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2),
-              (torch.float32, torch.bfloat16, 1e-2)]
-
-
-@pytest.mark.parametrize("x_dtype,w_dtype,tol", NORM_CASES)
-def test_rms_norm_matches_plain_formula(x_dtype, w_dtype, tol):
-    """RMSNorm's autograd function (saving x and the inverse RMS only) vs autograd through the plain formula."""
-    from model import _RMSNormFunction
-    torch.manual_seed(1)
-    weight = (1 + 0.3 * torch.randn(48)).to(w_dtype)
-    x = (3 * torch.randn(2, 9, 48)).to(x_dtype)
-    dy = torch.randn(2, 9, 48).to(torch.promote_types(x_dtype, w_dtype))
-    out, (dx, dw) = grads_of(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6), (x, weight), dy)
-    ref, (rdx, rdw) = grads_of(lambda x, w: rms_norm_reference(x, w, 1e-6), (x, weight), dy)
-    assert out.dtype == ref.dtype and dx.dtype == x_dtype and dw.dtype == w_dtype
-    for a, b in ((out, ref), (dx, rdx), (dw, rdw)):
-        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item())
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_rope_gradient_is_the_inverse_rotation(dtype, tol):
-    """apply_rope's custom backward (rotation by the opposite angles) vs autograd through the rotation formula."""
-    from model import _rotate
-    torch.manual_seed(2)
-    cos, sin = rope_cos_sin(torch.arange(100, 117), 32, 1e4)
-    x, dy = torch.randn(2, 17, 3, 32).to(dtype), torch.randn(2, 17, 3, 32).to(dtype)
-    out, (dx,) = grads_of(lambda x: apply_rope(x, cos, sin), (x,), dy)
-    ref, (rdx,) = grads_of(lambda x: _rotate(x, cos, sin), (x,), dy)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    torch.testing.assert_close(dx.float(), rdx.float(), rtol=tol, atol=tol)
+# ------------------------------------------------------------------ the fused layer ops inside the model
 
 
 @pytest.mark.parametrize("main_grad", [False, True])
 def test_swiglu_down_matches_plain_formula(main_grad):
-    """MLP's fused silu(gate) * up -> down_proj vs plain autograd in fp32. With `main_grad` tensors on the weights,
+    """MLP's fused silu(gate) * up -> down_proj (kernels/layer_ops.py, here under the interpreter on a CPU) vs
+    plain autograd in fp64. With `main_grad` tensors on the weights,
     the weight gradients must land there (added to what they hold) and weight.grad stay None (with bf16 weights
     this is chunk_train's set-up; the mixed-dtype GEMM is test_linear_accumulates_fp32_main_grad's)."""
     from model import MLP

@@ -1,0 +1,250 @@
+"""The per-token ops of a decoder layer, fused (Triton): RMSNorm, SwiGLU and RoPE, forward and backward.
+
+Written as PyTorch formulas (model.py's `rms_norm`, `swiglu`, `_rotate`, which stay the CPU path and the tests'
+references), each of these is 5-15 elementwise kernels with fp32 temporaries, and autograd saves several of those
+for backward. Here each is one pass over its inputs, and the autograd functions save only what backward needs:
+
+    RMSNorm   y = weight * (x * rstd) rounded as the formula rounds; saves x and rstd [rows] fp32
+    SwiGLU    h = silu(gate) * up; backward recomputes h for the caller (model.py's down projection needs it)
+    RoPE      rotates pairs (i, i + D/2); backward is the same kernel with the angles negated; saves nothing
+
+Every kernel computes in fp32 and rounds where the PyTorch formula rounds (to the input dtype after each op),
+so fp32 results agree with the formulas to rounding and bf16 ones to about one bf16 step.
+Row-major tensors only: the launchers check contiguity rather than copy.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting():
+    """True if the kernels below were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_rms_norm_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def available(t: torch.Tensor) -> bool:
+    """Can the fused ops run on t? On CUDA tensors, and on CPU ones under the interpreter (tests)."""
+    return t.is_cuda or (t.device.type == "cpu" and _interpreting())
+
+
+def _tile(elements):
+    """Elements per program: `elements` on the GPU (a few fp32 values per thread and live tensor, so nothing spills);
+    64K under the interpreter, whose cost is per program and op, not per element."""
+    return 1 << 16 if _interpreting() else elements
+
+
+def _rows_per_program(n_cols, elements):
+    """Whole rows of n_cols per program, about _tile(elements) elements."""
+    return max(1, _tile(elements) // triton.next_power_of_2(n_cols))
+
+
+def _check(name, t, shape=None, dtype=None, device=None):
+    if not isinstance(t, torch.Tensor) or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous tensor, got {getattr(t, 'shape', type(t))}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if not available(t):
+        raise ValueError(f"{name} is on {t.device}: the fused ops need CUDA, or TRITON_INTERPRET=1 for CPU tensors")
+
+
+# ------------------------------------------------------------------------------------------------ RMSNorm
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, eps,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # grid: (cdiv(n_rows, BLOCK_R),); a program normalises BLOCK_R whole rows of X [n_rows, n_cols]
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / n_cols + eps)  # [BLOCK_R]
+    n = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)  # rounded to x's dtype, as the formula does
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (w[None, :] * n).to(Y.dtype.element_ty), mask=ok)
+    tl.store(RSTD + rows, rstd, mask=rows < n_rows)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, rows_per_program,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # grid: (n_programs,); a program owns rows [pid * rows_per_program, +rows_per_program), BLOCK_R at a time, and
+    # writes its fp32 partial sum of dL/dweight to row pid of DW_PART [n_programs, n_cols] (summed by the launcher)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < n_cols
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_C], tl.float32)
+    first = tl.program_id(0) * rows_per_program
+    for r0 in range(first, first + rows_per_program, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < tl.minimum(n_rows, first + rows_per_program)
+        ok = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        n = x * rstd[:, None]
+        dw += tl.sum(dy * n.to(X.dtype.element_ty).to(tl.float32), 0)
+        # y = w * n_rounded: n's gradient is dy * w in y's dtype, arriving in x's dtype
+        dn = (dy * w[None, :]).to(DY.dtype.element_ty).to(X.dtype.element_ty).to(tl.float32)
+        dx = rstd[:, None] * (dn - n * (tl.sum(dn * n, 1) / n_cols)[:, None])
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
+    tl.store(DW_PART + tl.program_id(0) * n_cols + cols, dw, mask=col_ok)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = weight * (x * rsqrt(mean(x^2) + eps)): normalised in fp32, rounded to x's dtype, scaled in the promoted
+    dtype of x and weight (HF's formula; model.rms_norm). x [..., N] contiguous, weight [N]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        _check("x", x)
+        N = x.shape[-1]
+        _check("weight", weight, (N,), device=x.device)
+        rows = x.numel() // N
+        y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        block_r = _rows_per_program(N, 8192)
+        _rms_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](x, weight, y, rstd, rows, N, float(eps), BLOCK_R=block_r,
+                                                           BLOCK_C=triton.next_power_of_2(N), num_warps=8)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dy = dy.contiguous()
+        N = x.shape[-1]
+        rows = x.numel() // N
+        block_r = _rows_per_program(N, 4096)
+        # few programs, each looping over many rows, so that the partial dweight sums stay small
+        n_programs = max(1, min(triton.cdiv(rows, block_r), 4 * 132))
+        rows_per_program = triton.cdiv(triton.cdiv(rows, n_programs), block_r) * block_r
+        n_programs = triton.cdiv(rows, rows_per_program)
+        dx = torch.empty_like(x)
+        dw_part = torch.empty((n_programs, N), dtype=torch.float32, device=x.device)
+        _rms_norm_bwd_kernel[(n_programs,)](dy, x, weight, rstd, dx, dw_part, rows, N, rows_per_program,
+                                            BLOCK_R=block_r, BLOCK_C=triton.next_power_of_2(N), num_warps=8)
+        return dx, dw_part.sum(0).to(weight.dtype), None
+
+
+# ------------------------------------------------------------------------------------------------ SwiGLU
+
+
+@triton.jit
+def _silu_rounded(g, DTYPE: tl.constexpr):
+    """silu(g) in fp32, rounded to DTYPE (F.silu's result), and sigmoid(g) in fp32. g: fp32."""
+    sig = tl.sigmoid(g)
+    return (g * sig).to(DTYPE).to(tl.float32), sig
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, H, n, BLOCK: tl.constexpr):
+    # grid: (cdiv(n, BLOCK),) over the flat elements; h = silu(g) * u, each product rounded to the dtype
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
+    s, _ = _silu_rounded(g, H.dtype.element_ty)
+    tl.store(H + offs, (s * u).to(H.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(G, U, DH, DG, DU, H, n, BLOCK: tl.constexpr):
+    # grid as the forward: dL/dgate, dL/dup from dL/dh, and h recomputed (what the down projection's weight
+    # gradient needs). As autograd on the formula: du = dh * s, ds = dh * u (in the dtype), then silu's backward
+    # in fp32: dg = ds * sig * (1 + g * (1 - sig)).
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
+    dh = tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
+    s, sig = _silu_rounded(g, H.dtype.element_ty)
+    ds = (dh * u).to(H.dtype.element_ty).to(tl.float32)
+    tl.store(DU + offs, (dh * s).to(DU.dtype.element_ty), mask=ok)
+    tl.store(DG + offs, (ds * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=ok)
+    tl.store(H + offs, (s * u).to(H.dtype.element_ty), mask=ok)
+
+
+def swiglu_forward(gate, up):
+    """h = silu(gate) * up; gate, up: contiguous, same shape and dtype."""
+    _check("gate", gate)
+    _check("up", up, gate.shape, gate.dtype, gate.device)
+    h = torch.empty_like(gate)
+    n, block = gate.numel(), _tile(2048)
+    _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, h, n, BLOCK=block)
+    return h
+
+
+def swiglu_backward(gate, up, dh):
+    """-> (dL/dgate, dL/dup, h) for h = silu(gate) * up and dL/dh = dh (all gate's shape and dtype)."""
+    _check("gate", gate)
+    _check("up", up, gate.shape, gate.dtype, gate.device)
+    dh = dh.to(gate.dtype).contiguous()
+    _check("dh", dh, gate.shape)
+    dgate, dup, h = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(gate)
+    n, block = gate.numel(), _tile(1024)
+    _swiglu_bwd_kernel[(triton.cdiv(n, block),)](gate, up, dh, dgate, dup, h, n, BLOCK=block)
+    return dgate, dup, h
+
+
+# ------------------------------------------------------------------------------------------------ RoPE
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, Y, n_rows, n_heads, seq_len, sin_sign,
+                 HALF: tl.constexpr, BLOCK_R: tl.constexpr):
+    # grid: (cdiv(n_rows, BLOCK_R),) over the rows of X [B * T * n_heads, 2 * HALF]; row r is position
+    # (r // n_heads) % seq_len. y = x * cos + rotate_half(x) * sin_sign * sin, rotate_half(x) = (-x2, x1), each
+    # product and the sum rounded to the dtype as the formula does. sin_sign = -1 rotates back (the backward).
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = (rows < n_rows)[:, None]
+    cols = tl.arange(0, HALF)[None, :]
+    pos = ((rows // n_heads) % seq_len)[:, None]
+    x_offs = rows.to(tl.int64)[:, None] * (2 * HALF) + cols
+    x1 = tl.load(X + x_offs, mask=row_ok, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_offs + HALF, mask=row_ok, other=0.0).to(tl.float32)
+    dt = Y.dtype.element_ty
+    c1 = tl.load(COS + pos * (2 * HALF) + cols, mask=row_ok, other=0.0).to(dt).to(tl.float32)
+    c2 = tl.load(COS + pos * (2 * HALF) + HALF + cols, mask=row_ok, other=0.0).to(dt).to(tl.float32)
+    s1 = (sin_sign * tl.load(SIN + pos * (2 * HALF) + cols, mask=row_ok, other=0.0)).to(dt).to(tl.float32)
+    s2 = (sin_sign * tl.load(SIN + pos * (2 * HALF) + HALF + cols, mask=row_ok, other=0.0)).to(dt).to(tl.float32)
+    y1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    tl.store(Y + x_offs, y1.to(dt), mask=row_ok)
+    tl.store(Y + x_offs + HALF, y2.to(dt), mask=row_ok)
+
+
+def rope_rotate(x, cos, sin, inverse=False):
+    """x [B, T, heads, D] contiguous, cos/sin [T, D] fp32 -> x rotated (by the negated angles if inverse)."""
+    _check("x", x)
+    if x.dim() != 4 or x.shape[-1] % 2 or x.shape[-1] // 2 & (x.shape[-1] // 2 - 1):
+        raise ValueError(f"x must be [B, T, heads, D] with D/2 a power of two, got {tuple(x.shape)}")
+    B, T, H, D = x.shape
+    _check("cos", cos, (T, D), torch.float32, x.device)
+    _check("sin", sin, (T, D), torch.float32, x.device)
+    y = torch.empty_like(x)
+    rows = B * T * H
+    block_r = _rows_per_program(D // 2, 4096)
+    _rope_kernel[(triton.cdiv(rows, block_r),)](x, cos, sin, y, rows, H, T, -1.0 if inverse else 1.0,
+                                                HALF=D // 2, BLOCK_R=block_r)
+    return y
+
+
+class RopeFunction(torch.autograd.Function):
+    """RoPE whose backward is the inverse rotation: saves cos/sin (shared by every layer), nothing per call."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rope_rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return rope_rotate(dy.contiguous(), cos, sin, inverse=True), None, None
