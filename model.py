@@ -260,23 +260,6 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(x.shape[0], x.shape[1], -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        weight = self.down_proj.weight
-        if not layer_ops.available(gate) or self.down_proj.bias is not None:
-            return self.down_proj(F.silu(gate) * up)  # the plain formula (CPU path, reference)
-        if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad or weight.requires_grad)):
-            return F.linear(layer_ops.swiglu_forward(gate, up), weight)
-        return _SwiGLUDown.apply(gate, up, weight, getattr(weight, "main_grad", None))
-
-
 class _SwiGLUDown(torch.autograd.Function):
     """down_proj(silu(gate) * up) saving only gate and up [B, T, intermediate]. The product h = silu(gate) * up,
     which down_proj's weight gradient needs, is recomputed in backward by the same kernel that computes dL/dgate
@@ -318,34 +301,6 @@ class MLP(nn.Module):
         if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad or weight.requires_grad)):
             return F.linear(layer_ops.swiglu_forward(gate, up), weight)
         return _SwiGLUDown.apply(gate, up, weight, getattr(weight, "main_grad", None))
-
-
-class _SwiGLUDown(torch.autograd.Function):
-    """down_proj(silu(gate) * up) saving only gate and up [B, T, intermediate]. The product h = silu(gate) * up,
-    which down_proj's weight gradient needs, is recomputed in backward (one elementwise pass): autograd through the
-    plain formula saves silu(gate) and h as well, the largest activations of a layer. Like model.Linear, an fp32
-    `main_grad` on the weight receives dL/dW directly."""
-
-    @staticmethod
-    def forward(ctx, gate, up, weight, weight_main_grad):
-        ctx.save_for_backward(gate, up, weight)
-        ctx.main_grad = weight_main_grad
-        return F.linear(F.silu(gate) * up, weight)  # under autocast, F.linear casts weight as it would anyway
-
-    @staticmethod
-    def backward(ctx, dy):
-        gate, up, weight = ctx.saved_tensors
-        with torch.enable_grad():  # recompute h with its own graph, so silu and * backpropagate as they always do
-            gate_, up_ = gate.detach().requires_grad_(), up.detach().requires_grad_()
-            h = F.silu(gate_) * up_
-        dy_2d, h_2d = dy.reshape(-1, dy.shape[-1]), h.detach().reshape(-1, h.shape[-1])
-        weight_grad = None
-        if ctx.main_grad is not None:
-            add_matmul_fp32(ctx.main_grad, dy_2d.t(), h_2d)
-        elif ctx.needs_input_grad[2]:
-            weight_grad = (dy_2d.t() @ h_2d).to(weight.dtype)
-        dgate, dup = torch.autograd.grad(h, (gate_, up_), dy @ weight.to(dy.dtype))
-        return dgate, dup, weight_grad, None
 
 
 class Block(nn.Module):

@@ -60,7 +60,7 @@ for m in (\"numpy\", \"tqdm\", \"safetensors\", \"pytest\", \"transformers\"):
 '"
 
 # GPU tests: the compiled kernels against their references, and chunked training against full-sequence autograd
-want pytest && stage pytest 200 bash -c "$PY -m pytest -q tests/test_paged_attention.py tests/test_paged_kv.py \
+want pytest && stage pytest 330 bash -c "$PY -m pytest -q tests/test_paged_attention.py tests/test_paged_kv.py \
     tests/test_chunk_train.py tests/test_model.py tests/test_layer_ops.py >'$OUT/pytest.txt' 2>&1; rc=\$?; tail -30 '$OUT/pytest.txt'; exit \$rc"
 
 # exactness: chunked bf16 gradients vs an fp32 full-sequence reference, head_dim 64 and 128
