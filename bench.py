@@ -279,7 +279,8 @@ def bench_step(args, device, rec):
           f"checkpoint {args.checkpoint}, bf16 compute on {device}", flush=True)
 
     base = dict(mode="step", model=args.model, batch=args.batch, chunk=args.chunk, checkpoint=args.checkpoint,
-                params_dtype=args.params_dtype, params_gib=r(param_bytes / GiB), grads_gib=r(grad_bytes / GiB))
+                output_cache_gib=args.output_cache, params_dtype=args.params_dtype, params_gib=r(param_bytes / GiB),
+                grads_gib=r(grad_bytes / GiB))
     last_time = {}  # path -> (length, median step seconds): predicts the next point's time for --time-budget
     baseline_oom_at = None
     losses = {}  # (path, length) -> loss
@@ -339,7 +340,7 @@ def bench_step(args, device, rec):
                 sparse = dict(budget=args.budget, q_block=args.q_block) if sparse_attn else None
                 if not offloaded:
                     store = PagedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device, grad_dtype,
-                                                      sparse=sparse)
+                                                      sparse=sparse, output_cache_bytes=int(args.output_cache * 2**30))
                 else:
                     store = OffloadedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device,
                                                           args.cache_tokens, grad_dtype, sparse=sparse)
@@ -757,6 +758,8 @@ def parse_args(argv=None):
     s.add_argument("--point-budget", type=float, default=60,
                    help="seconds: stop timing a point's repeats once they add up to this (after at least one)")
     s.add_argument("--no-baseline", action="store_true", help="skip the full-sequence baseline")
+    s.add_argument("--output-cache", type=float, default=0.0,
+                   help="GiB of stage-1 attention outputs a GPU store keeps for stage 2 (train.py sizes this itself)")
     s.add_argument("--budget", type=int, default=4096, help="sparse store: history tokens per query block")
     s.add_argument("--q-block", type=int, default=128, help="sparse store: queries per selection block")
     s.add_argument("--stores", type=lambda t: t.split(","), default=["paged"],

@@ -41,10 +41,12 @@ class ChunkAttention:
     """The attention backend model.py calls for the chunk at positions [start, start + T): store the chunk's K/V
     unless the store already holds them, then attend over the store (history + chunk). Stage 1 stores every chunk
     but the last; stage 2 finds them stored (same values: recomputation is deterministic) and stores the last
-    itself. Idempotent, so recomputing a layer (activation checkpointing) never stores twice."""
+    itself. Idempotent, so recomputing a layer (activation checkpointing) never stores twice.
+    keep_outputs (stage 1 of a training step): ask the store to keep the attention outputs, which stage 2 would
+    otherwise recompute (PagedKVStore's output_cache_bytes)."""
 
-    def __init__(self, store, start: int):
-        self.store, self.start = store, start
+    def __init__(self, store, start: int, keep_outputs: bool = False):
+        self.store, self.start, self.keep_outputs = store, start, keep_outputs
 
     def __call__(self, q, k, v, layer_idx):
         stored = self.store.length(layer_idx)
@@ -53,7 +55,7 @@ class ChunkAttention:
         elif stored != self.start + q.shape[1]:
             raise RuntimeError(f"layer {layer_idx} holds {stored} tokens; chunk [{self.start}, "
                                f"{self.start + q.shape[1]}) needs {self.start} (to store) or its end (stored)")
-        return self.store.attend(layer_idx, q, k, v)
+        return self.store.attend(layer_idx, q, k, v, keep_output=self.keep_outputs)
 
 
 def _chunks(seq_len, chunk_size):
@@ -101,7 +103,7 @@ def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=
     last = model.config.num_hidden_layers - 1
     loss_sum = torch.zeros((), device=idx.device)
     for s, e in tqdm(_chunks(T, chunk_size), desc="stage 1", leave=False, disable=not progress):
-        backend = ChunkAttention(store, s)
+        backend = ChunkAttention(store, s, keep_outputs=targets is None)
         with _autocast(model, idx.device, compute_dtype):
             x = model.embed(idx[:, s:e])
             cos, sin = model.rope(s, e - s, idx.device)

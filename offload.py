@@ -546,7 +546,8 @@ class OffloadedKVStore:
                           .to(t.dtype) for g, t in ((buf.dk, k), (buf.dv, v)))
         return dq.to(q.dtype), dk, dv
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, keep_output=False):
+        # keep_output is PagedKVStore's; outputs are not kept here (GPU memory is what offloading saves)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _OffloadedAttention.apply(q, k, v, self, layer)
         return self.forward(layer, q, k, v)[0]

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from kernels.paged_attention import paged_attention, paged_attention_reference
+from kernels.paged_attention import paged_attention, paged_attention_forward, paged_attention_reference
 from sparse_attn import PageSelector
 
 
@@ -67,7 +67,7 @@ class PageAllocator:
 
 class PagedKVStore:
     def __init__(self, num_layers, batch, n_kv_heads, head_dim, page_size, num_pages, dtype, device,
-                 grad_dtype=torch.float32, sparse=None):
+                 grad_dtype=torch.float32, sparse=None, output_cache_bytes=0):
         if page_size < 16 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
         if grad_dtype not in (torch.float32, torch.bfloat16):
@@ -89,14 +89,25 @@ class PagedKVStore:
         # sparse attention (sparse_attn.py): sparse=dict(budget=tokens, ...) keeps page summaries and selections
         self.selector = PageSelector(num_pages, n_kv_heads, head_dim, page_size, dtype=dtype, device=device,
                                      **sparse) if sparse else None
+        # Attention outputs kept from stage 1 for stage 2, which would recompute them exactly: (layer, q_start) ->
+        # (o, lse), at most output_cache_bytes of them. When full, the chunks furthest left give way: stage 2 reaches
+        # them last, and their attention, over the shortest history, is the cheapest to recompute.
+        self.output_cache_bytes = output_cache_bytes
+        self._outputs = {}
 
     @classmethod
-    def for_sequence(cls, model, batch, seq_len, page_size, dtype, device, grad_dtype=torch.float32, sparse=None):
+    def for_sequence(cls, model, batch, seq_len, page_size, dtype, device, grad_dtype=torch.float32, sparse=None,
+                     output_cache_bytes=0):
         """A pool exactly large enough for every layer's K/V of `batch` sequences of `seq_len` tokens."""
         cfg = model.config
         num_pages = cfg.num_hidden_layers * batch * math.ceil(seq_len / page_size)
         return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, page_size, num_pages,
-                   dtype, device, grad_dtype=grad_dtype, sparse=sparse)
+                   dtype, device, grad_dtype=grad_dtype, sparse=sparse, output_cache_bytes=output_cache_bytes)
+
+    @staticmethod
+    def output_bytes_per_token(cfg, dtype) -> int:
+        """What keeping one token's attention outputs costs, over all layers: o in `dtype` and the fp32 lse."""
+        return cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.head_dim * dtype.itemsize + 4)
 
     @staticmethod
     def bytes_per_token(cfg, dtype, grad_dtype=torch.float32) -> int:
@@ -151,15 +162,35 @@ class PagedKVStore:
         self._device_tables[layer] = self._device_tables[layer][:, :keep]  # a prefix: no copy
         if self.selector is not None:
             self.selector.truncate(layer, length)
+        for key in [key for key in self._outputs if key[0] == layer and key[1] + key[2] > length]:
+            del self._outputs[key]  # they attended over positions that are gone
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, keep_output=False):
+        """keep_output: remember the output (without grad, within output_cache_bytes) for a later attend of the
+        same queries over the same positions, which then skips the forward kernel."""
         q_start = self.lengths[layer] - q.shape[1]
-        table = self.page_table(layer)
-        if self.selector is None:
-            return paged_attention(q, k, v, self.k, self.v, self.dk, self.dv, table, q_start)
-        table, q_start = self.selector.page_table(layer, q, table, q_start)  # per kv head and query block
-        return paged_attention(q, k, v, self.k, self.v, self.dk, self.dv, table, q_start,
-                               q_block=self.selector.q_block)
+        table, q_block = self.page_table(layer), None
+        if self.selector is not None:
+            table, q_start = self.selector.page_table(layer, q, table, q_start)  # per kv head and query block
+            q_block = self.selector.q_block
+        key = (layer, self.lengths[layer] - q.shape[1], q.shape[1])
+        known = self._outputs.pop(key, None)
+        if keep_output and known is None and not torch.is_grad_enabled() and self._make_room(key, q):
+            known = self._outputs[key] = paged_attention_forward(q, self.k, self.v, table, q_start,
+                                                                 q_block=q_block)
+        return paged_attention(q, k, v, self.k, self.v, self.dk, self.dv, table, q_start, q_block=q_block,
+                               known=known)
+
+    def _make_room(self, key, q):
+        """Evict kept outputs of chunks left of key's until one more of q's size fits; False if it cannot."""
+        need = lambda o, lse: o.numel() * o.element_size() + lse.numel() * 4  # noqa: E731
+        size = q.numel() * q.element_size() + q.shape[0] * q.shape[2] * q.shape[1] * 4
+        used = sum(need(*kept) for kept in self._outputs.values())
+        for old in sorted(self._outputs, key=lambda k: k[1]):
+            if used + size <= self.output_cache_bytes or old[1] >= key[1]:
+                break
+            used -= need(*self._outputs.pop(old))
+        return used + size <= self.output_cache_bytes
 
 
 class _AddStoredGrad(torch.autograd.Function):
@@ -209,7 +240,7 @@ class ReferenceKVStore:
     def truncate(self, layer, length):
         self.lengths[layer] = min(self.lengths[layer], length)
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, keep_output=False):  # keep_output: PagedKVStore's option, ignored here
         end = self.lengths[layer]
         start = end - q.shape[1]
         # history: constants whose gradient is routed into the fp32 buffers by a hook

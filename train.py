@@ -250,6 +250,9 @@ def shortfall(plan, per_token, args, device):
     return None
 
 
+OUTPUT_CACHE = "attention outputs kept for stage 2"
+
+
 def plan_run(cfg, args, device):
     """-> (plan, per_token, offload). --offload auto offloads the chunked path's pages only when the in-GPU pool
     does not fit."""
@@ -258,7 +261,14 @@ def plan_run(cfg, args, device):
         offload = shortfall(*memory_plan(cfg, args, False), args, device) is not None
     if args.sparse and not args.q_block_given:  # offloaded, every selected page crosses PCIe: one choice a chunk
         args.q_block = 1 << (args.chunk.bit_length() - 1) if offload else 128
-    return *memory_plan(cfg, args, offload), offload
+    plan, per_token = memory_plan(cfg, args, offload)
+    if chunked(args) and not offload:
+        # stage 1's attention outputs, kept for stage 2 (which then skips those forward kernels), in half of what
+        # the plan leaves free: the last chunks first, whose attention over the longest history costs the most
+        need = PagedKVStore.output_bytes_per_token(cfg, DTYPES[args.dtype]) * args.batch * (args.seq - args.chunk)
+        spare = int(0.9 * available_memory(device)) - sum(plan["gpu"].values())
+        plan["gpu"][OUTPUT_CACHE] = min(need, max(0, spare) // 2)
+    return plan, per_token, offload
 
 
 def check_fits(plan, per_token, args, device):
@@ -443,7 +453,7 @@ def run(args):
                                                   args.cache_tokens, grad_dtype, sparse=sparse)
         else:
             store = PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
-                                              grad_dtype, sparse=sparse)
+                                              grad_dtype, sparse=sparse, output_cache_bytes=plan["gpu"][OUTPUT_CACHE])
     start = 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])

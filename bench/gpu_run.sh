@@ -84,7 +84,8 @@ want step-0.5b && stage step-0.5b 140 env PYTORCH_CUDA_ALLOC_CONF=expandable_seg
     --page-size 64 --warmup 1 --repeats 2 --point-budget 30 --time-budget 130
 want step-7b && stage step-7b 100 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths ${LENGTHS_7B:-16384,32768} \
-    --chunk ${CHUNK:-2048} --page-size 64 --warmup 1 --repeats 2 --point-budget 20 --time-budget 90
+    --chunk ${CHUNK:-2048} --page-size 64 --output-cache ${OUTPUT_CACHE:-0} --warmup 1 --repeats 2 --point-budget 20 \
+    --time-budget 90
 # longer 7B: layers recomputed inside each chunk, so activations stay ~1 GiB and the pool gets the memory
 want step-7b-long && stage step-7b-long 170 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --lengths 65536,131072 --checkpoint \

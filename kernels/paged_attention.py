@@ -579,12 +579,19 @@ class PagedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None, q_block=None):
+    def forward(ctx, q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None, q_block=None,
+                known=None):
         want = (q.shape[0], q.shape[1], k_pages.shape[2], q.shape[3])
         if k.shape != want or v.shape != want:
             raise ValueError(f"k/v must be the chunk's [B, C, n_kv_heads, D] = {want}, "
                              f"got {tuple(k.shape)} / {tuple(v.shape)}")
-        o, lse = paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale, q_block=q_block)
+        if known is None:
+            o, lse = paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale, q_block=q_block)
+        else:
+            o, lse = known
+            B, C, H, _ = q.shape
+            _check_out("known o", o, q.shape, (q.dtype,), q.device)
+            _check_out("known lse", lse, (B, H, C), (torch.float32,), q.device)
         # (under torch.no_grad autograd drops saved tensors and ctx itself right away)
         ctx.save_for_backward(q, o, lse)
         ctx.pages = (k_pages, v_pages, dk_pages, dv_pages, page_table)
@@ -602,18 +609,25 @@ class PagedAttention(torch.autograd.Function):
         table = page_table if page_table.dim() == 2 else page_table[:, 0, 0]  # own pages: the same in every row
         dk = gather_pages(dk_pages, table, ctx.q_start, C).to(ctx.kv_dtypes[0])
         dv = gather_pages(dv_pages, table, ctx.q_start, C).to(ctx.kv_dtypes[1])
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-def paged_attention(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None, q_block=None):
+def paged_attention(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None, q_block=None,
+                    known=None):
     """Autograd entry point; see PagedAttention (page_table 2-D, or 4-D per query block with q_block, as in
     paged_attention_forward). Without grad (torch.no_grad, stage-1 pass) it is just the forward kernel, nothing is
-    saved, and dk_pages/dv_pages may be None."""
+    saved, and dk_pages/dv_pages may be None.
+
+    known=(o, lse): the forward's own result for these q over the same pages, kept from an earlier pass (stage 1
+    of chunk-recurrent training computes exactly this); the forward kernel is then skipped and o returned."""
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        if known is not None:
+            return known[0]
         return paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale, q_block=q_block)[0]
     if dk_pages is None or dv_pages is None:
         raise ValueError("dk_pages/dv_pages are required when gradients are needed")
-    return PagedAttention.apply(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale, q_block)
+    return PagedAttention.apply(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale, q_block,
+                                known)
 
 
 # ----------------------------------------------------------------------------------- reference

@@ -83,6 +83,39 @@ def test_paged_triton_path_is_exact(batch, seq, chunk, page, heads, kv_heads, hi
         torch.testing.assert_close(p.grad, first[n], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("budget_chunks", [1, 9])
+def test_kept_attention_outputs_skip_stage_two_forwards(monkeypatch, budget_chunks):
+    """With room for budget_chunks chunks' attention outputs (all layers), stage 1 keeps them and stage 2 skips
+    those forward kernels: gradients stay exact, and the forward kernel runs exactly as often as predicted.
+    seq 200, chunk 64: 4 chunks (the last partial); stage 1 runs chunks 0-2 through every layer but the last
+    one's attention. Room for 1 chunk keeps chunk 2's outputs (evicting 0's and 1's), room for 9 keeps all 3."""
+    import kernels.paged_attention as pa
+    import paged_kv
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    real = pa.paged_attention_forward
+    monkeypatch.setattr(pa, "paged_attention_forward", counting)
+    monkeypatch.setattr(paged_kv, "paged_attention_forward", counting)
+    model = tiny_model(8)
+    L, B, T, C = model.config.num_hidden_layers, 1, 200, 64
+    g = torch.Generator().manual_seed(8)
+    idx, targets = (torch.randint(0, 256, (B, T), generator=g).to(DEVICE) for _ in range(2))
+    ref_loss, ref_grads = full_sequence_grads(model, idx, targets)
+    per_chunk = (L - 1) * PagedKVStore.output_bytes_per_token(model.config, torch.float32) // L * B * C
+    store = PagedKVStore.for_sequence(model, B, T, 16, torch.float32, idx.device,
+                                      output_cache_bytes=budget_chunks * per_chunk)
+    loss = chunked_step(model, idx, targets, chunk_size=C, page_size=16, store=store)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert_grads_match(model, ref_grads)
+    kept = min(budget_chunks, 3)  # stage 1 runs 3 chunks; the cache keeps the last `kept` of them
+    assert len(calls) == 3 * (L - 1) + 4 * L - kept * (L - 1)
+    assert not store._outputs  # nothing outlives the step
+
+
 def test_chunked_loss_equals_full_sequence_loss():
     model = tiny_model(3)
     idx = torch.randint(0, 256, (2, 150), device=DEVICE)

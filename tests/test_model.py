@@ -212,10 +212,11 @@ def test_layer_saves_only_what_backward_needs():
     from model import Block
     torch.manual_seed(4)
     cfg = preset("tiny")
-    block = Block(cfg, 0).to(torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the fused ops run (CPU: the interpreter)
+    block = Block(cfg, 0).to(torch.bfloat16).to(device)
     B, T = 2, 16
-    x = torch.randn(B, T, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    cos, sin = rope_cos_sin(torch.arange(T), cfg.head_dim, cfg.rope_theta)
+    x = torch.randn(B, T, cfg.hidden_size, dtype=torch.bfloat16, device=device, requires_grad=True)
+    cos, sin = (t.to(device) for t in rope_cos_sin(torch.arange(T), cfg.head_dim, cfg.rope_theta))
     skip = {t.data_ptr() for t in (*block.parameters(), cos, sin)}
     saved = {}
 
