@@ -324,9 +324,10 @@ class Block(nn.Module):
 # ------------------------------------------------------------------------------------------------ model
 
 
-# Model.loss works on slices of this many logits (512 MB in fp32). Each slice's LM-head weight gradient is one more
-# pass over that gradient (2.2 GB in fp32 for 7B), so slices should not be much smaller.
-LOSS_SLICE_LOGITS = 1 << 27
+# Model.loss works on slices of this many logits (1 GiB in fp32, about 4 GiB with the slice's other temporaries).
+# Each slice's LM-head weight gradient is one more pass over that gradient (2.2 GB in fp32 for 7B): halving the
+# slice made a 7B 16K step 1% slower (bench/RESULTS.md).
+LOSS_SLICE_LOGITS = 1 << 28
 
 
 class Model(nn.Module):

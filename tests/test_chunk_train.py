@@ -131,7 +131,7 @@ def test_stage_one_stops_at_the_last_layers_kv(monkeypatch):
     store = ReferenceKVStore.for_sequence(model, 1, 100, 16, torch.float32, DEVICE)
     attended = []
     real_attend = store.attend
-    monkeypatch.setattr(store, "attend", lambda layer, *a: attended.append(layer) or real_attend(layer, *a))
+    monkeypatch.setattr(store, "attend", lambda layer, *a, **kw: attended.append(layer) or real_attend(layer, *a, **kw))
     monkeypatch.setattr(model, "head", lambda x: pytest.fail("stage 1 must not run the LM head"))
     fill_kv(model, torch.randint(0, 256, (1, 100), device=DEVICE), store, chunk_size=32)
     assert [store.length(layer) for layer in range(3)] == [100, 100, 100]
