@@ -11,6 +11,12 @@ each layer computes q, k, v (after RoPE) and hands them to an attention backend 
 so chunked, paged, offloaded or sparse attention (chunk_train.py and friends) plug in without touching the math here.
 The default backend, `DenseAttention`, is causal full-sequence attention through PyTorch's SDPA.
 
+Activations are what long-context training runs out of, so the per-token ops save only what their backward needs:
+on the GPU, RMSNorm, RoPE and SwiGLU are fused Triton kernels (kernels/layer_ops.py; the plain formulas here are the
+CPU path and the tests' reference), and `Model.loss` runs the LM head and cross-entropy a slice of tokens at a time,
+backpropagating each slice at once, so a chunk's logits never exist whole. A bf16 layer keeps 5 x hidden +
+2 x intermediate values per token (tests/test_model.py pins this), half of what autograd on the formulas keeps.
+
 `Model.from_pretrained(dir)` reads a Hugging Face checkpoint directory (config.json + model.safetensors, or a sharded
 model.safetensors.index.json) without needing transformers; parameter names match HF's so state dicts map 1:1.
 """
