@@ -93,7 +93,7 @@ class PagedKVStore:
         # (o, lse), at most output_cache_bytes of them. When full, the chunks furthest left give way: stage 2 reaches
         # them last, and their attention, over the shortest history, is the cheapest to recompute.
         self.output_cache_bytes = output_cache_bytes
-        self._outputs = {}
+        self._outputs, self._kept_bytes = {}, 0
 
     @classmethod
     def for_sequence(cls, model, batch, seq_len, page_size, dtype, device, grad_dtype=torch.float32, sparse=None,
@@ -163,7 +163,7 @@ class PagedKVStore:
         if self.selector is not None:
             self.selector.truncate(layer, length)
         for key in [key for key in self._outputs if key[0] == layer and key[1] + key[2] > length]:
-            del self._outputs[key]  # they attended over positions that are gone
+            self._forget(key)  # they attended over positions that are gone
 
     def attend(self, layer, q, k, v, keep_output=False):
         """keep_output: remember the output (without grad, within output_cache_bytes) for a later attend of the
@@ -174,23 +174,28 @@ class PagedKVStore:
             table, q_start = self.selector.page_table(layer, q, table, q_start)  # per kv head and query block
             q_block = self.selector.q_block
         key = (layer, self.lengths[layer] - q.shape[1], q.shape[1])
-        known = self._outputs.pop(key, None)
-        if keep_output and known is None and not torch.is_grad_enabled() and self._make_room(key, q):
+        known = self._forget(key) if key in self._outputs else None
+        size = q.numel() * q.element_size() + q.shape[0] * q.shape[2] * q.shape[1] * 4  # o and the fp32 lse
+        if keep_output and known is None and not torch.is_grad_enabled() and self._make_room(key, size):
             known = self._outputs[key] = paged_attention_forward(q, self.k, self.v, table, q_start,
                                                                  q_block=q_block)
+            self._kept_bytes += size
         return paged_attention(q, k, v, self.k, self.v, self.dk, self.dv, table, q_start, q_block=q_block,
                                known=known)
 
-    def _make_room(self, key, q):
-        """Evict kept outputs of chunks left of key's until one more of q's size fits; False if it cannot."""
-        need = lambda o, lse: o.numel() * o.element_size() + lse.numel() * 4  # noqa: E731
-        size = q.numel() * q.element_size() + q.shape[0] * q.shape[2] * q.shape[1] * 4
-        used = sum(need(*kept) for kept in self._outputs.values())
-        for old in sorted(self._outputs, key=lambda k: k[1]):
-            if used + size <= self.output_cache_bytes or old[1] >= key[1]:
-                break
-            used -= need(*self._outputs.pop(old))
-        return used + size <= self.output_cache_bytes
+    def _forget(self, key):
+        o, lse = self._outputs.pop(key)
+        self._kept_bytes -= o.numel() * o.element_size() + lse.numel() * lse.element_size()
+        return o, lse
+
+    def _make_room(self, key, size):
+        """Evict kept outputs of chunks left of key's until `size` more bytes fit; False if they cannot."""
+        if self._kept_bytes + size > self.output_cache_bytes:
+            for old in sorted(self._outputs, key=lambda k: k[1]):
+                if self._kept_bytes + size <= self.output_cache_bytes or old[1] >= key[1]:
+                    break
+                self._forget(old)
+        return self._kept_bytes + size <= self.output_cache_bytes
 
 
 class _AddStoredGrad(torch.autograd.Function):

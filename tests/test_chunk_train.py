@@ -113,7 +113,7 @@ def test_kept_attention_outputs_skip_stage_two_forwards(monkeypatch, budget_chun
     assert_grads_match(model, ref_grads)
     kept = min(budget_chunks, 3)  # stage 1 runs 3 chunks; the cache keeps the last `kept` of them
     assert len(calls) == 3 * (L - 1) + 4 * L - kept * (L - 1)
-    assert not store._outputs  # nothing outlives the step
+    assert not store._outputs and store._kept_bytes == 0  # nothing outlives the step
 
 
 def test_chunked_loss_equals_full_sequence_loss():

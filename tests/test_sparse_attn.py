@@ -115,9 +115,9 @@ def test_full_selection_equals_dense_kernel():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def _step(model, idx, targets, chunk, page, sparse, log=None):
+def _step(model, idx, targets, chunk, page, sparse, log=None, output_cache_bytes=0):
     store = PagedKVStore.for_sequence(model, idx.shape[0], idx.shape[1], page, torch.float32, idx.device,
-                                      sparse=sparse)
+                                      sparse=sparse, output_cache_bytes=output_cache_bytes)
     store.selector.log = log
     model.zero_grad(set_to_none=True)
     loss = chunked_step(model, idx, targets, chunk_size=chunk, page_size=page, store=store)
@@ -137,13 +137,14 @@ def test_budget_covering_history_equals_dense():
 
 def test_sparse_step_is_exact_for_the_masked_model():
     """Budget 4 pages of 16 (sink, recent, 2 chosen) over up to 15 history pages: the chunked step's loss and
-    gradients equal full-sequence backprop through masked-dense attention under the selections it used."""
+    gradients equal full-sequence backprop through masked-dense attention under the selections it used. (With
+    stage 1's attention outputs kept for stage 2, which then reuses them with the stored selections.)"""
     model = tiny_model(12)
     T, chunk, page, q_block = 256, 64, 16, 32
     g = torch.Generator().manual_seed(12)
     idx, targets = (torch.randint(0, 256, (2, T), generator=g).to(DEVICE) for _ in range(2))
     log = []
-    loss, _ = _step(model, idx, targets, chunk, page, dict(budget=64, q_block=q_block), log)
+    loss, _ = _step(model, idx, targets, chunk, page, dict(budget=64, q_block=q_block), log, output_cache_bytes=2**30)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     selections = {}
     for layer, start, sel in log:
