@@ -89,8 +89,8 @@ class PagedKVStore:
         # sparse attention (sparse_attn.py): sparse=dict(budget=tokens, ...) keeps page summaries and selections
         self.selector = PageSelector(num_pages, n_kv_heads, head_dim, page_size, dtype=dtype, device=device,
                                      **sparse) if sparse else None
-        # Attention outputs kept from stage 1 for stage 2, which would recompute them exactly: (layer, q_start) ->
-        # (o, lse), at most output_cache_bytes of them. When full, the chunks furthest left give way: stage 2 reaches
+        # Attention outputs kept from stage 1 for stage 2, which would recompute them exactly: (layer, chunk start,
+        # chunk length) -> (o, lse), at most output_cache_bytes of them. When full, the chunks furthest left give way: stage 2 reaches
         # them last, and their attention, over the shortest history, is the cheapest to recompute.
         self.output_cache_bytes = output_cache_bytes
         self._outputs, self._kept_bytes = {}, 0
@@ -168,12 +168,12 @@ class PagedKVStore:
     def attend(self, layer, q, k, v, keep_output=False):
         """keep_output: remember the output (without grad, within output_cache_bytes) for a later attend of the
         same queries over the same positions, which then skips the forward kernel."""
-        q_start = self.lengths[layer] - q.shape[1]
-        table, q_block = self.page_table(layer), None
+        start = self.lengths[layer] - q.shape[1]  # the chunk's first position
+        table, q_start, q_block = self.page_table(layer), start, None
         if self.selector is not None:
-            table, q_start = self.selector.page_table(layer, q, table, q_start)  # per kv head and query block
+            table, q_start = self.selector.page_table(layer, q, table, start)  # per kv head and query block
             q_block = self.selector.q_block
-        key = (layer, self.lengths[layer] - q.shape[1], q.shape[1])
+        key = (layer, start, q.shape[1])
         known = self._forget(key) if key in self._outputs else None
         size = q.numel() * q.element_size() + q.shape[0] * q.shape[2] * q.shape[1] * 4  # o and the fp32 lse
         if keep_output and known is None and not torch.is_grad_enabled() and self._make_room(key, size):
