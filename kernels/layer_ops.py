@@ -1,7 +1,7 @@
 """The per-token ops of a decoder layer, fused (Triton): RMSNorm, SwiGLU and RoPE, forward and backward.
 
-Written as PyTorch formulas (model.py's `rms_norm`, `swiglu`, `_rotate`, which stay the CPU path and the tests'
-references), each of these is 5-15 elementwise kernels with fp32 temporaries, and autograd saves several of those
+Written as PyTorch formulas (model.py's `rms_norm`, `_rotate` and `F.silu(gate) * up`, which stay the CPU path and
+the tests' references), each of these is 5-15 elementwise kernels with fp32 temporaries, and autograd saves several of those
 for backward. Here each is one pass over its inputs, and the autograd functions save only what backward needs:
 
     RMSNorm   y = weight * (x * rstd) rounded as the formula rounds; saves x and rstd [rows] fp32
@@ -16,10 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting():
-    """True if the kernels below were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_rms_norm_fwd_kernel).__name__ == "InterpretedFunction"
+from kernels.paged_attention import _interpreting  # TRITON_INTERPRET=1 when the kernels were built
 
 
 def available(t: torch.Tensor) -> bool:
