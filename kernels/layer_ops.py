@@ -94,6 +94,11 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, rows_per_p
     tl.store(DW_PART + tl.program_id(0) * n_cols + cols, dw, mask=col_ok)
 
 
+# RMSNorm's backward runs at most this many programs (four per SM of an H100), each writing one fp32 row of partial
+# weight gradients: enough programs to fill the GPU, few partial rows to add up after.
+_NORM_BWD_PROGRAMS = 4 * 132
+
+
 class RMSNormFunction(torch.autograd.Function):
     """y = weight * (x * rsqrt(mean(x^2) + eps)): normalised in fp32, rounded to x's dtype, scaled in the promoted
     dtype of x and weight (HF's formula; model.rms_norm). x [..., N] contiguous, weight [N]."""
@@ -120,7 +125,7 @@ class RMSNormFunction(torch.autograd.Function):
         rows = x.numel() // N
         block_r = _rows_per_program(N, 4096)
         # few programs, each looping over many rows, so that the partial dweight sums stay small
-        n_programs = max(1, min(triton.cdiv(rows, block_r), 4 * 132))
+        n_programs = max(1, min(triton.cdiv(rows, block_r), _NORM_BWD_PROGRAMS))
         rows_per_program = triton.cdiv(triton.cdiv(rows, n_programs), block_r) * block_r
         n_programs = triton.cdiv(rows, rows_per_program)
         dx = torch.empty_like(x)
