@@ -29,9 +29,10 @@ from model import Model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
-# Qwen2Config fields that model.py's ModelConfig does not carry, with the values our model implies; used where the
-# init checkpoint's config.json does not have them
-_CONFIG_DEFAULTS = {"attention_dropout": 0.0, "use_cache": True, "use_sliding_window": False, "sliding_window": None}
+# Qwen2Config fields that model.py's ModelConfig does not carry: defaults where the init checkpoint's config.json
+# lacks them, and what our model implies whatever it says (no sliding window, plain RoPE)
+_CONFIG_DEFAULTS = {"attention_dropout": 0.0, "use_cache": True, "sliding_window": None}
+_CONFIG_FORCED = {"use_sliding_window": False, "rope_scaling": None}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -60,7 +61,7 @@ def hf_config(model_config, dtype: torch.dtype, init_config: dict | None = None)
     for key, value in _CONFIG_DEFAULTS.items():
         config.setdefault(key, value)
     config.setdefault("max_window_layers", model_config.num_hidden_layers)
-    config.update(model_config.to_hf_dict())
+    config.update({**_CONFIG_FORCED, **model_config.to_hf_dict()})
     # RoPE: transformers >= 5 reads rope_parameters, older versions rope_theta; both, consistent
     config["rope_parameters"] = {**(config.get("rope_parameters") or {}), "rope_type": "default",
                                  "rope_theta": model_config.rope_theta}

@@ -172,7 +172,8 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: str 
 # adapter_config.json fields whose non-default values change the adapter's math in ways we do not implement
 _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False,
                 "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
-                "target_parameters": None, "exclude_modules": None}
+                "target_parameters": None, "exclude_modules": None, "trainable_token_indices": None,
+                "layer_replication": None, "alora_invocation_tokens": None, "use_qalora": False}
 
 
 def read_adapter_config(path: str) -> dict:

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from export import export_hf
 from model import Model, ModelConfig
@@ -61,8 +62,10 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, tied, sharded):
     else:
         assert files == ["config.json", "model.safetensors"]
     hf = assert_transformers_logits_match(model, out)
-    names = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) if sharded else set(
-        __import__("safetensors.torch").torch.load_file(str(out / "model.safetensors")))
+    if sharded:
+        names = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    else:
+        names = set(load_file(str(out / "model.safetensors")))
     assert ("lm_head.weight" in names) != tied  # a tied head is the embedding, saved once, as transformers does
     assert hf.config.tie_word_embeddings == tied
 
@@ -76,7 +79,7 @@ def make_init_checkpoint(path, model: Model):
     from tokenizers.pre_tokenizers import Whitespace
     os.makedirs(path)
     config = {**model.config.to_hf_dict(), "bos_token_id": 3, "eos_token_id": 4, "pad_token_id": 5,
-              "use_mrope": False, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "transformers_version": "4.40.1"}
+              "use_mrope": False, "rope_scaling": {"type": "default"}, "sliding_window": 4096, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "transformers_version": "4.40.1"}
     (path / "config.json").write_text(json.dumps(config))
     vocab = {w: i for i, w in enumerate(["<unk>", "a", "b", "<s>", "</s>", "<pad>", "hello", "world"])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
@@ -94,8 +97,9 @@ def test_export_keeps_init_config_and_tokenizer(tmp_path):
     out = tmp_path / "run" / "hf"  # parent created by the export
     export_hf(model, out, init_dir=init)
     config = json.loads((out / "config.json").read_text())
-    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"], config["use_mrope"]) == (
-        3, 4, 5, False)
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"], config["use_mrope"],
+            config["sliding_window"], config["rope_scaling"], config["use_sliding_window"]) == (
+        3, 4, 5, False, 4096, None, False)
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 1e6
     assert config["dtype"] == config["torch_dtype"] == "float32" and "transformers_version" not in config
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
@@ -114,7 +118,6 @@ def test_export_keeps_init_config_and_tokenizer(tmp_path):
 
 
 def test_export_dtype(tmp_path):
-    from safetensors.torch import load_file
     model = random_model(tied=False, seed=6)
     export_hf(model, tmp_path / "bf16", dtype=torch.bfloat16)
     saved = load_file(str(tmp_path / "bf16" / "model.safetensors"))
