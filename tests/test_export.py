@@ -72,14 +72,15 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, tied, sharded):
 
 def make_init_checkpoint(path, model: Model):
     """An init checkpoint directory as a user has one: a config.json in transformers 4's layout (top-level
-    rope_theta, torch_dtype) with bos/eos/pad ids and a field we do not model, a real (tiny) tokenizer and a
+    rope_theta, torch_dtype) with bos/eos/pad ids and fields we do not model, a real (tiny) tokenizer and a
     generation_config.json."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
     os.makedirs(path)
     config = {**model.config.to_hf_dict(), "bos_token_id": 3, "eos_token_id": 4, "pad_token_id": 5,
-              "use_mrope": False, "rope_scaling": {"type": "default"}, "sliding_window": 4096, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "transformers_version": "4.40.1"}
+              "use_mrope": False, "rope_scaling": {"type": "default"}, "sliding_window": 4096,
+              "rope_theta": 10000.0, "torch_dtype": "bfloat16", "transformers_version": "4.40.1"}
     (path / "config.json").write_text(json.dumps(config))
     vocab = {w: i for i, w in enumerate(["<unk>", "a", "b", "<s>", "</s>", "<pad>", "hello", "world"])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
