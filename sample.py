@@ -23,11 +23,12 @@ from chunk_train import ChunkAttention, fill_kv
 from paged_kv import PagedKVStore, ReferenceKVStore
 
 
-def default_store(model, seq_len, page_size=64):
-    """A store for one sequence of seq_len tokens: the paged Triton kernels on a GPU, plain PyTorch elsewhere."""
+def default_store(model, seq_len, batch=1, page_size=64, dtype=None):
+    """A store for `batch` sequences of seq_len tokens, K/V in `dtype` (default: the model's; under autocast, the
+    compute dtype): the paged Triton kernels on a GPU, plain PyTorch elsewhere."""
     p = next(model.parameters())
     store_class = PagedKVStore if p.is_cuda else ReferenceKVStore
-    return store_class.for_sequence(model, 1, seq_len, page_size, p.dtype, p.device)
+    return store_class.for_sequence(model, batch, seq_len, page_size, dtype or p.dtype, p.device)
 
 
 def next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None) -> int:
