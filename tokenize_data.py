@@ -9,9 +9,10 @@ Inputs (`src`):
   (a document whose prompt tokens carry no loss). All records of a file have the same kind.
 
 Each document is encoded without the tokenizer's own template (add_special_tokens=False) and framed by the
-checkpoint's bos / eos as its tokenizer_config.json says: bos only where a bos token is named and add_bos_token is not
-false (Qwen2.5 names none), eos (tokenizer_config's eos_token, else config.json's eos_token_id) after every document
-as the separator pretraining uses (Qwen2.5: <|endoftext|>) unless add_eos_token is false.
+checkpoint's bos / eos as its tokenizer_config.json says: bos where a bos token is named and added - add_bos_token
+true, or, without that key, the tokenizer.json template adding it (Llama: yes; GPT-2: no; Qwen2.5 names none) - and
+eos (tokenizer_config's eos_token, else config.json's eos_token_id) after every document as the separator
+pretraining uses (Qwen2.5: <|endoftext|>) unless add_eos_token is false (Llama: bos alone separates documents).
 
 Outputs, for a prefix P (default: the source path + ".tokens"):
     P.bin           token ids, uint16 or uint32 (data.py's format: data.load_tokens reads it as it is)
@@ -100,7 +101,9 @@ def load_tokenizer(checkpoint_dir: str) -> CheckpointTokenizer:
         return ident
 
     bos_name, eos_name = _special_token(tcfg.get("bos_token")), _special_token(tcfg.get("eos_token"))
-    bos_id = token_id(bos_name, tcfg_path) if bos_name and tcfg.get("add_bos_token", True) else None
+    bos_id = token_id(bos_name, tcfg_path) if bos_name else None
+    if bos_id is not None and not tcfg.get("add_bos_token", tokenizer.encode("a").ids[:1] == [bos_id]):
+        bos_id = None  # named but not added: add_bos_token false, or (absent) the tokenizer's template omits it
     eos_id = None
     if tcfg.get("add_eos_token", True):
         if eos_name:
@@ -186,8 +189,10 @@ def _jsonl_records(path):
 
 def _pieces(text):
     """Cut a long text after newlines followed by a non-space character, where byte-level BPE pre-tokenizers
-    (GPT-2's, Qwen's) split anyway, so encoding the pieces gives the same ids as encoding the whole, in bounded
-    memory and with progress to show."""
+    (GPT-2's, Qwen's: no pre-token holds a newline followed by a non-space) split anyway, so encoding the pieces
+    gives the same ids as encoding the whole, in bounded memory and with progress to show. (A SentencePiece-style
+    normalizer that prepends "▁" to its input would see each piece as a new input; Qwen2, the only family
+    model.py loads, has none.)"""
     start = 0
     while len(text) - start > PIECE_CHARS:
         cut = start + PIECE_CHARS
@@ -306,6 +311,8 @@ def tokenize_corpus(src: str, tokenizer_dir: str, out_prefix: str | None = None,
     min_tokens: fewer tokens in all is an error (training needs a window and its shifted targets)."""
     src = src.rstrip("/") or src
     prefix = out_prefix or src + ".tokens"
+    if os.path.isdir(src) and os.path.abspath(prefix).startswith(os.path.abspath(src) + os.sep):
+        raise DataError(f"{src}: the cache {prefix}.bin would lie inside the directory and be read as a document")
     tok = load_tokenizer(tokenizer_dir)
     fingerprint = source_fingerprint(src)
     bin_path, meta_path, _ = _paths(prefix)

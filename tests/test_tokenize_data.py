@@ -66,7 +66,7 @@ def test_directory_is_sorted_documents(ckpt, tmp_path):
 
 def test_jsonl_text_and_prompt_completion_masks(tmp_path):
     path = str(tmp_path / "llama_like")
-    tokenizer = make_tokenizer_dir(path, bos="<s>", eos={"content": "<|endoftext|>"})  # bos named: added
+    tokenizer = make_tokenizer_dir(path, bos="<s>", eos={"content": "<|endoftext|>"}, add_bos_token=True)
     bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("<|endoftext|>")
     rng = np.random.default_rng(3)
     records = [{"prompt": random_text(rng, int(rng.integers(0, 9))), "completion": random_text(rng, 5)}
@@ -91,6 +91,25 @@ def test_jsonl_text_and_prompt_completion_masks(tmp_path):
     corpus = tokenize_corpus(str(src2), path, progress=False)
     assert corpus.tokens.tolist() == sum((reference_ids(tokenizer, t, bos, eos) for t in texts), [])
     assert corpus.loss_mask is None
+
+
+@pytest.mark.parametrize("name,config,want", [
+    ("qwen2.5", dict(bos=None), ("none", "eot")),  # no bos named; eos <|endoftext|> after each document
+    ("llama", dict(bos="<s>", add_bos_token=True, add_eos_token=False), ("<s>", "none")),
+    ("llama template", dict(bos="<s>", template_bos=True), ("<s>", "eot")),  # no add_bos_token: the template
+    ("gpt2", dict(bos="<|endoftext|>"), ("none", "eot")),  # named, but neither the flag nor the template adds it
+    ("config.json eos", dict(eos=None), ("none", "eot")),  # tokenizer_config names none: config.json's id
+])
+def test_document_framing_follows_the_checkpoint(tmp_path, name, config, want):
+    path = str(tmp_path / "tok")
+    tokenizer = make_tokenizer_dir(path, **config)
+    ids = {"none": None, "<s>": tokenizer.token_to_id("<s>"), "eot": tokenizer.token_to_id("<|endoftext|>")}
+    src = tmp_path / "doc.txt"
+    src.write_text("the quick brown fox")
+    corpus = tokenize_corpus(str(src), path, progress=False)
+    bos, eos = ids[want[0]], ids[want[1]]
+    body = tokenizer.encode("the quick brown fox", add_special_tokens=False).ids
+    assert corpus.tokens.tolist() == ([bos] if bos is not None else []) + body + ([eos] if eos is not None else [])
 
 
 def test_cache_reused_until_source_or_tokenizer_changes(ckpt, tmp_path):
@@ -125,6 +144,7 @@ def test_bad_input_is_one_line_data_error(ckpt, tmp_path):
     error(tmp_path / "d", "no files")
     (tmp_path / "d" / "x.txt").write_text("")
     error(tmp_path / "d", "no text")
+    error(tmp_path / "d", "inside the directory", out_prefix=str(tmp_path / "d" / "cache"))
     short = tmp_path / "short.txt"
     short.write_text("the")
     error(short, "too few", min_tokens=10)
