@@ -17,6 +17,8 @@ measures retrieval alone: the answer is unguessable without finding the key `dis
 the memory of one chunk.
 """
 
+import argparse
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,10 +62,12 @@ def make_example(seed, length: int, distance: int, n_pairs: int = 8, key_len: in
     if n_pairs > 10 ** key_len:
         raise ValueError(f"{n_pairs} distinct keys of {key_len} digits do not exist")
     rng = np.random.default_rng(list(seed) if isinstance(seed, (tuple, list)) else seed)
-    keys = set()
+    keys, seen = [], set()  # distinct keys in the order drawn; keys[0] is the one asked for
     while len(keys) < n_pairs:
-        keys.add(tuple(rng.choice(DIGITS, size=key_len)))
-    keys = [np.array(k, dtype=np.uint8) for k in sorted(keys, key=lambda k: rng.random())]
+        key = rng.choice(DIGITS, size=key_len)
+        if key.tobytes() not in seen:
+            seen.add(key.tobytes())
+            keys.append(key)
     values = [rng.choice(CAPITALS, size=value_len) for _ in range(n_pairs)]
 
     ids = _filler(rng, context)
@@ -151,13 +155,13 @@ def answer_accuracy(model, examples, chunk_size=4096, batch_size=1, compute_dtyp
         batches.append(examples[i:j])
         i = j
     correct = total = exact = 0
-    stores = {}  # (batch, length) -> store, reused by every batch of that shape
+    store, store_shape = None, None  # one store, replaced when the batch's [B, T] changes
     for batch in tqdm(batches, desc="retrieval eval", disable=not progress):
         ids = torch.as_tensor(np.stack([e[0] for e in batch]), dtype=torch.long, device=device)
         mask = torch.as_tensor(np.stack([e[1] for e in batch]), device=device).bool()
-        if tuple(ids.shape) not in stores:
-            stores = {tuple(ids.shape): make_store(*ids.shape)}  # one store alive at a time
-        store = stores[tuple(ids.shape)]
+        if tuple(ids.shape) != store_shape:
+            store = None  # free the old pool first
+            store, store_shape = make_store(*ids.shape), tuple(ids.shape)
         hit = (answer_predictions(model, ids, mask, store, chunk_size, compute_dtype) == ids) & mask
         correct += int(hit.sum())
         total += int(mask.sum())
@@ -166,9 +170,6 @@ def answer_accuracy(model, examples, chunk_size=4096, batch_size=1, compute_dtyp
 
 
 def main(argv=None):
-    import argparse
-    import sys
-
     ap = argparse.ArgumentParser(description="Write a synthetic retrieval dataset (.bin + .bin.json + .mask.bin).")
     ap.add_argument("--out", required=True, help="output prefix P: writes P.bin, P.bin.json, P.mask.bin")
     ap.add_argument("--examples", type=int, default=100)

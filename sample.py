@@ -20,7 +20,9 @@ import sys
 import torch
 
 from chunk_train import ChunkAttention, fill_kv
+from model import Model
 from paged_kv import PagedKVStore, ReferenceKVStore
+from tokenize_data import DataError, load_tokenizer
 
 
 def default_store(model, seq_len, batch=1, page_size=64, dtype=None):
@@ -62,8 +64,9 @@ def prefill(model, idx, store, chunk_size):
 def generate(model, prompt_ids, max_new_tokens, store=None, chunk_size=512, temperature=0.0, top_k=None,
              top_p=None, seed=0, eos_id=None) -> list[int]:
     """prompt_ids: a non-empty sequence of token ids -> up to max_new_tokens new ids (fewer if eos_id appears; the
-    eos is included). store: a PagedKVStore / ReferenceKVStore for one sequence with room for the prompt and the
-    new tokens (default: default_store); it is reset first."""
+    eos is included). store: a dense PagedKVStore / ReferenceKVStore for one sequence with room for the prompt and
+    the new tokens (default: default_store); it is reset first. (A sparse PagedKVStore appends whole pages only, so
+    it cannot decode a token at a time.)"""
     device = next(model.parameters()).device
     idx = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=device)[None]  # [1, T]
     if idx.shape[1] == 0:
@@ -93,9 +96,6 @@ def generate(model, prompt_ids, max_new_tokens, store=None, chunk_size=512, temp
 
 
 def main(argv=None):
-    from model import Model
-    from tokenize_data import DataError, load_tokenizer
-
     ap = argparse.ArgumentParser(description="Generate text from a Hugging Face Qwen2 checkpoint directory.")
     ap.add_argument("--init-from", required=True, help="checkpoint directory (config.json, safetensors, "
                                                         "tokenizer.json)")
