@@ -4,7 +4,8 @@ never needed), cached next to the data so that training reads a memory-mapped .b
 
 Inputs (`src`):
 - a text file: one document (UTF-8).
-- a directory: every regular file below it, sorted by relative path, each one document (hidden files skipped).
+- a directory: every regular file below it, sorted by relative path, each one document (hidden files and empty
+  files skipped; a .jsonl file among them is an error).
 - a .jsonl file: one JSON object per line, either {"text": ...} (a document) or {"prompt": ..., "completion": ...}
   (a document whose prompt tokens carry no loss). All records of a file have the same kind.
 
@@ -24,9 +25,11 @@ The cache is reused while the tokenizer hash and the source fingerprint (size + 
 changing re-tokenizes. Bad input raises DataError, one line naming the file (and the line for JSONL).
 """
 
+import argparse
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +137,9 @@ def _source_files(src):
     files = sorted(files, key=lambda p: os.path.relpath(p, src))
     if not files:
         raise DataError(f"{src}: directory holds no files")
+    jsonl = [p for p in files if p.endswith(".jsonl")]
+    if jsonl:  # it would be read as one text document: surely not what was meant
+        raise DataError(f"{jsonl[0]}: JSONL in a directory of text documents; pass the .jsonl file itself")
     return files
 
 
@@ -328,3 +334,25 @@ def tokenize_corpus(src: str, tokenizer_dir: str, out_prefix: str | None = None,
     extra = {"tokenizer_sha256": tok.sha256, "source": os.path.abspath(src), "source_fingerprint": fingerprint,
              "bos_id": tok.bos_id, "eos_id": tok.eos_id}
     return write_corpus(prefix, docs, tok.vocab_size, masks, extra)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Tokenize a text file, directory or JSONL with a checkpoint's tokenizer "
+                                             "into SRC.tokens.bin (+ .bin.json sidecar, + .mask.bin for prompt/"
+                                             "completion records); an up-to-date cache is reused.")
+    ap.add_argument("src")
+    ap.add_argument("--init-from", required=True, help="checkpoint directory holding tokenizer.json")
+    ap.add_argument("--out", default=None, help="output prefix (default: SRC.tokens)")
+    args = ap.parse_args(argv)
+    try:
+        corpus = tokenize_corpus(args.src, args.init_from, args.out)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    state = "up to date" if corpus.reused else "written"
+    print(f"{corpus.path} {state}: {len(corpus.tokens)} tokens in {len(corpus.doc_offsets) - 1} documents")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,7 @@ import pytest
 import tokenize_data
 from data import load_tokens
 from tiny_tokenizer import make_tokenizer_dir
-from tokenize_data import DataError, load_corpus, tokenize_corpus
+from tokenize_data import DataError, load_corpus, main, tokenize_corpus
 
 WORDS = ["the", "quick", "brown", "fox", "long", "context", "café", "東京", "keys", "values", "x", "123", "\t"]
 
@@ -144,6 +144,10 @@ def test_bad_input_is_one_line_data_error(ckpt, tmp_path):
     error(tmp_path / "d", "no files")
     (tmp_path / "d" / "x.txt").write_text("")
     error(tmp_path / "d", "no text")
+    (tmp_path / "d" / "y.jsonl").write_text('{"text": "a"}')
+    with pytest.raises(DataError, match="y.jsonl: JSONL in a directory"):
+        tokenize_corpus(str(tmp_path / "d"), path, progress=False)
+    (tmp_path / "d" / "y.jsonl").unlink()
     error(tmp_path / "d", "inside the directory", out_prefix=str(tmp_path / "d" / "cache"))
     short = tmp_path / "short.txt"
     short.write_text("the")
@@ -180,3 +184,18 @@ def test_cache_that_disagrees_with_its_sidecar_is_an_error(ckpt, tmp_path):
         tokenize_corpus(str(src), path, progress=False)
     with pytest.raises(DataError, match="sidecar records"):
         load_corpus(corpus.path)
+
+
+def test_cli(ckpt, tmp_path, capsys):
+    path, tokenizer = ckpt
+    src = tmp_path / "doc.txt"
+    src.write_text("keys and values")
+    assert main([str(src), "--init-from", path]) == 0
+    assert capsys.readouterr().out == f"{src}.tokens.bin written: {len(reference_ids(tokenizer, 'keys and values'))} " \
+                                      f"tokens in 1 documents\n"
+    assert main([str(src), "--init-from", path]) == 0 and "up to date" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    assert main([str(bad), "--init-from", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}:2: ") and err.count("\n") == 1
