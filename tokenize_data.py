@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 FORMAT = 1  # bump when the cache layout or the framing rules change: old caches are then rebuilt
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}  # as data.py
-PIECE_CHARS = 1 << 20  # long documents are encoded in pieces of about this many characters (see _pieces)
+PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this many characters (see _pieces)
+BATCH_CHARS = 4 << 20  # characters per encode_batch call: the pieces of a batch are encoded in parallel
 
 
 class DataError(ValueError):
@@ -54,6 +55,9 @@ class CheckpointTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -290,23 +294,36 @@ def _encode_documents(src, tok, progress):
             raise DataError(f"{src}: no text (empty file or document set)")
         parts = [p for p in parts if p[0]]  # an empty file in a directory is no document
     bos, eos = [tok.bos_id] if tok.bos_id is not None else [], [tok.eos_id] if tok.eos_id is not None else []
-    docs, masks = [], [] if kind == "prompt" else None
-    bar = tqdm(total=sum(len(t) for p in parts for t in p), unit="char", unit_scale=True, desc=f"tokenizing {src}",
+    texts = [t for p in parts for t in p]  # every text of every document, in order
+    encoded = [[] for _ in texts]  # their ids
+    bar = tqdm(total=sum(map(len, texts)), unit="char", unit_scale=True, desc=f"tokenizing {src}",
                disable=not progress)
-    for texts in parts:
-        encoded = []
-        for text in texts:
-            ids = []
-            for piece in _pieces(text):
-                ids += tok.encode(piece)
-                bar.update(len(piece))
-            encoded.append(ids)
-        docs.append(np.asarray(bos + sum(encoded, []) + eos, dtype=np.int64))
-        if masks is not None:  # bos and prompt: no loss; completion and eos: loss
-            prompt, completion = encoded
-            masks.append(np.r_[np.zeros(len(bos) + len(prompt), np.uint8), np.ones(len(completion) + len(eos),
-                                                                                   np.uint8)])
+    batch, batch_chars = [], 0  # (text index, piece); encode_batch spreads a batch over the CPU cores
+
+    def flush():
+        for (i, _), ids in zip(batch, tok.encode_batch([piece for _, piece in batch])):
+            encoded[i] += ids
+        bar.update(sum(len(piece) for _, piece in batch))
+        batch.clear()
+
+    for i, text in enumerate(texts):
+        for piece in _pieces(text):
+            batch.append((i, piece))
+            batch_chars += len(piece)
+            if batch_chars >= BATCH_CHARS:
+                flush()
+                batch_chars = 0
+    flush()
     bar.close()
+    docs, masks, i = [], [] if kind == "prompt" else None, 0
+    for p in parts:
+        ids = encoded[i:i + len(p)]
+        i += len(p)
+        docs.append(np.asarray(bos + [t for e in ids for t in e] + eos, dtype=np.int64))
+        if masks is not None:  # bos and prompt: no loss; completion and eos: loss
+            prompt, completion = ids
+            masks.append(np.r_[np.zeros(len(bos) + len(prompt), np.uint8),
+                               np.ones(len(completion) + len(eos), np.uint8)])
     return docs, masks
 
 

@@ -37,6 +37,7 @@ def test_text_file_matches_library_encoding_and_data_reader(ckpt, tmp_path, monk
     src = tmp_path / "doc.txt"
     src.write_text(text, encoding="utf-8")
     monkeypatch.setattr(tokenize_data, "PIECE_CHARS", 500)  # many pieces: cutting must not change the ids
+    monkeypatch.setattr(tokenize_data, "BATCH_CHARS", 2000)  # and several encode_batch calls
     corpus = tokenize_corpus(str(src), path, progress=False)
     want = reference_ids(tokenizer, text)
     assert corpus.path == str(src) + ".tokens.bin" and not corpus.reused
