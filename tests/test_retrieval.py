@@ -9,7 +9,7 @@ import torch
 from data import load_tokens
 from model import Model, preset
 from paged_kv import PagedKVStore, ReferenceKVStore
-from retrieval import answer_accuracy, answer_predictions, corpus_examples, make_example, write_dataset
+from retrieval import answer_accuracy, answer_predictions, corpus_examples, main, make_example, write_dataset
 from tokenize_data import load_corpus
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # PagedKVStore on a CPU runs under Triton's interpreter
@@ -72,6 +72,19 @@ def test_dataset_in_tokenize_data_format(tmp_path):
         want_ids, want_mask = make_example((3, i), 400, 300, n_pairs=4)
         assert np.array_equal(ids, want_ids) and np.array_equal(mask, want_mask)
         assert np.array_equal(np.asarray(tokens[400 * i:400 * (i + 1)]), want_ids)
+
+
+def test_cli_writes_dataset(tmp_path, capsys):
+    prefix = str(tmp_path / "ret")
+    assert main(["--out", prefix, "--examples", "2", "--length", "300", "--pairs", "3", "--seed", "9"]) == 0
+    assert capsys.readouterr().out == f"wrote {prefix}.bin: 2 examples of 300 bytes, 600 tokens\n"
+    for i, (ids, mask) in enumerate(corpus_examples(load_corpus(prefix + ".bin"))):
+        want_ids, want_mask = make_example((9, i), 300, 290, n_pairs=3)  # default distance: as far as possible
+        assert np.array_equal(ids, want_ids) and np.array_equal(mask, want_mask)
+        assert ids[0] == ord("#")  # the queried pair opens the example
+    assert main(["--out", prefix, "--length", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: distance must lie in") and err.count("\n") == 1
 
 
 @pytest.fixture(scope="module")
