@@ -75,9 +75,9 @@ def quantize_log(x: torch.Tensor, signed: bool, noise: torch.Tensor | None = Non
     lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
     steps_per_octave = (top - 1) / (hi - lo).clamp_min(1e-30)  # a block of equal magnitudes: all codes 1
     position = (logs - lo[:, None]).mul_(steps_per_octave[:, None])  # in [0, top - 1], below 0 where raised
-    position += 0.5 if noise is None else _blocks(noise)
     if signed:  # m below the range is flushed to zero: a smaller update, never a larger one
         nonzero &= position >= 0
+    position += 0.5 if noise is None else _blocks(noise)
     codes = position.floor_().clamp_(0, top - 1).add_(1).masked_fill_(~nonzero, 0)
     if signed:
         return codes.mul_(blocks.sign()).to(torch.int8), torch.stack([lo, hi], dim=1)
