@@ -10,11 +10,11 @@ Optimizer state in bytes per parameter (state_bytes_per_param), on top of the we
     fp32      8                 12                                    91 GB
     bf16      4                  8                                    61 GB
     int8      2.0625             6.0625                               46 GB
-              (int8: 1 B per value per moment + two fp32 per block of 256 values per moment)
+              (int8: 1 B per value and moment, + two fp32 per block of 256 values and moment)
 
 The update runs one parameter at a time, in slices of `update_slice` elements (whole blocks), so its fp32
-temporaries (gradient slice, dequantized moments, denominator, random numbers, quantizer scratch) stay under about
-40 B x update_slice (0.7 GB at the default 2**24), whatever the size of the largest parameter (the 7B's 545M-value embedding).
+temporaries (dequantized moments, denominator, random numbers, quantizer scratch) stay at about 40 B x update_slice
+(0.7 GB at the default 2**24), whatever the size of the largest parameter (the 7B's embedding: 545M values).
 
 int8 codes, per block of BLOCK = 256 consecutive values of a moment: a log2 scale between the block's smallest and
 largest nonzero magnitude (two fp32 per block), so every element gets the same relative precision. A linear code
@@ -52,6 +52,18 @@ def state_bytes_per_param(moments: str, master: bool) -> float:
     return both_moments + (4.0 if master else 0.0)
 
 
+def choose_moments(n_params: int, master: bool, budget_bytes: float) -> tuple[str | None, str]:
+    """For a memory planner: the most precise moments whose state (state_bytes_per_param) fits in budget_bytes, or
+    None, with a line that says why."""
+    need = {moments: n_params * state_bytes_per_param(moments, master) for moments in MOMENTS}
+    sizes = ", ".join(f"{moments} {need[moments] / 2**30:.1f} GiB" for moments in MOMENTS)
+    for moments in MOMENTS:
+        if need[moments] <= budget_bytes:
+            return moments, (f"{moments} AdamW moments: the most precise whose state fits in "
+                             f"{budget_bytes / 2**30:.1f} GiB ({sizes}{', incl. fp32 master' if master else ''})")
+    return None, f"no AdamW state fits in {budget_bytes / 2**30:.1f} GiB ({sizes})"
+
+
 def _blocks(x: torch.Tensor) -> torch.Tensor:
     """x [n] -> [ceil(n / BLOCK), BLOCK], zero-padded."""
     return F.pad(x, (0, -x.numel() % BLOCK)).view(-1, BLOCK)
@@ -59,10 +71,10 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_log(x: torch.Tensor, signed: bool, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x fp32 [n] -> (codes [nb, BLOCK], log2 range fp32 [nb, 2]), nb = ceil(n / BLOCK): the block's (lo, hi) of
-    log2|x| over its nonzero values, lo raised to at most M_OCTAVES (signed) or V_OCTAVES below hi. Code c >= 1 stands for magnitude
-    2 ** (lo + (c - 1) (hi - lo) / (top - 1)), 0 for zero; top = 127 when signed (int8 codes carry the sign; 7 bits
-    of magnitude), else 255 (x >= 0, uint8 codes). Below 2 ** lo, signed values flush to zero, unsigned ones are
-    raised to 2 ** lo (for m and v: the update shrinks, never grows). Rounds to nearest
+    log2|x| over its nonzero values, lo raised to at most M_OCTAVES (signed) or V_OCTAVES below hi.
+    Code c >= 1 stands for magnitude 2 ** (lo + (c - 1) (hi - lo) / (top - 1)), 0 for zero; top = 127 when signed
+    (int8 codes carry the sign; 7 bits of magnitude), else 255 (x >= 0, uint8 codes). Below 2 ** lo, signed values
+    flush to zero, unsigned ones rise to 2 ** lo (for m and v: the update shrinks, never grows). Rounds to nearest
     without `noise`; with noise fp32 [n] uniform in [0, 1), at random (error up to one step, zero on average)."""
     top = 127 if signed else 255
     blocks = _blocks(x)
@@ -192,7 +204,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         generator = None
         if self.moments != "fp32":
             generator = torch.Generator(p.device)
-            generator.manual_seed((self.seed * 1_000_003 + index) * 1_000_003 + t)
+            generator.manual_seed(((self.seed * 1_000_003 + index) * 1_000_003 + t) % (1 << 63))
         for start in range(0, n, self.update_slice):
             end = min(start + self.update_slice, n)
             g, w = grad[start:end].float(), weights[start:end]
@@ -260,6 +272,9 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         self.state.clear()
         for i, saved in state_dict["state"].items():
             p = params[i]
-            if "master" in saved and saved["master"].numel() != p.numel():
+            n, nb = p.numel(), -(-p.numel() // BLOCK)
+            shapes = {"master": (n,), "exp_avg": (n,), "exp_avg_sq": (n,), "exp_avg_codes": (nb, BLOCK),
+                      "exp_avg_sq_codes": (nb, BLOCK), "exp_avg_log2_range": (nb, 2), "exp_avg_sq_log2_range": (nb, 2)}
+            if any(torch.is_tensor(v) and tuple(v.shape) != shapes[k] for k, v in saved.items()):
                 raise ValueError(f"saved state of parameter {i} does not match its shape {tuple(p.shape)}")
             self.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in saved.items()}

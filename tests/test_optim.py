@@ -15,8 +15,8 @@ import io
 import pytest
 import torch
 
-from optim import (BLOCK, M_OCTAVES, MOMENTS, V_OCTAVES, MixedPrecisionAdamW, clip_grad_norm_, dequantize_log,
-                   quantize_log, state_bytes_per_param)
+from optim import (BLOCK, M_OCTAVES, MOMENTS, V_OCTAVES, MixedPrecisionAdamW, choose_moments, clip_grad_norm_,
+                   dequantize_log, quantize_log, state_bytes_per_param)
 
 SHAPES = [(96, 64), (300, 64), (96,), (64,)]  # two matrices (the decay group), a bias and a norm weight (no decay)
 STEPS = 30
@@ -74,8 +74,8 @@ def test_matches_torch_adamw(moments, dtype, betas):
     reference = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
     start = [r.detach().clone() for r in reference]
     hyper = dict(lr=1e-3, betas=betas, eps=1e-8)
-    # update_slice of 2 blocks: the matrices are updated in several slices, the last one partial
-    optimizer = MixedPrecisionAdamW(groups(params), moments=moments, update_slice=2 * BLOCK, **hyper)
+    # update_slice of 8 blocks: the matrices are updated in several slices, the last one of (300, 64) partial
+    optimizer = MixedPrecisionAdamW(groups(params), moments=moments, update_slice=8 * BLOCK, **hyper)
     reference_optimizer = torch.optim.AdamW(groups(reference), **hyper)
     for step, grads in enumerate(gradient_sequence(STEPS)):
         lr = 1e-3 * (1 - step / STEPS)  # a schedule, set through param_groups as train.py does
@@ -163,13 +163,20 @@ def test_resume_is_bit_identical(moments):
             assert torch.equal(value, fresh_state[i][key]) if torch.is_tensor(value) else value == fresh_state[i][key]
 
 
-def test_load_state_dict_rejects_other_moments():
+def test_rejects_other_moments_and_shapes():
     params = make_params(torch.bfloat16)
     saved = MixedPrecisionAdamW(groups(params), moments="int8").state_dict()
     with pytest.raises(ValueError):
         MixedPrecisionAdamW(groups(params), moments="bf16").load_state_dict(saved)
     with pytest.raises(ValueError):
         MixedPrecisionAdamW(groups(params), moments="fp16")
+    stepped = MixedPrecisionAdamW(groups(params), moments="int8")
+    for p, g in zip(params, gradient_sequence(1)[0]):
+        set_gradient(p, g)
+    stepped.step()
+    other = [torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.bfloat16))] + params[1:]  # another shape
+    with pytest.raises(ValueError):
+        MixedPrecisionAdamW(groups(other), moments="int8").load_state_dict(stepped.state_dict())
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e3])  # clips, does not clip
@@ -210,6 +217,17 @@ def test_state_bytes_per_param_is_what_the_state_holds(moments, dtype):
     assert held / p.numel() == state_bytes_per_param(moments, master=dtype == torch.bfloat16)
 
 
+def test_choose_moments_picks_the_most_precise_that_fits():
+    """Qwen2.5-7B, bf16 weights with fp32 master: 91 GB of fp32-moment state, 61 GB bf16, 46 GB int8."""
+    n = 7_615_616_512
+    assert choose_moments(n, True, 100e9)[0] == "fp32"
+    assert choose_moments(n, True, 70e9)[0] == "bf16"
+    moments, why = choose_moments(n, True, 50e9)
+    assert moments == "int8" and "int8" in why
+    assert choose_moments(n, True, 40e9)[0] is None
+    assert choose_moments(n, False, 20e9)[0] == "int8"  # fp32 weights: no master, 15.7 GB of int8 state
+
+
 def values_with_outliers(n, seed=0):
     """Magnitudes over six decades, 0.5% outliers 1000x larger, exact zeros and a few values 1e-6 smaller (below
     the code ranges: they exercise the flush / raise rules)."""
@@ -225,7 +243,8 @@ def values_with_outliers(n, seed=0):
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_quantize_log_round_trip_error_bound(signed, stochastic):
     """Within a block's range, the decoded magnitude is within half a step (nearest) or one step (stochastic) of
-    the value in log2; zeros stay zero; below the range signed values flush to zero, unsigned ones rise to its bottom."""
+    the value in log2; zeros stay zero; below the range, signed values flush to zero, unsigned ones rise to its
+    bottom."""
     n, top, cap = 40 * BLOCK + 77, (127 if signed else 255), (M_OCTAVES if signed else V_OCTAVES)
     x = values_with_outliers(n)
     if not signed:
