@@ -25,11 +25,13 @@ and v sits in the denominator, where a value rounded to zero blows its update up
     to nearest; m below that range flushes to zero.
   - v (>= 0): 8 bits of log2(v), 254 steps over at most V_OCTAVES = 32 octaves (<= 9% apart), stochastically
     rounded; v below that range is raised to its bottom (a smaller update for a gradient 65536x below its block's).
-Stochastic rounding of v (bf16 and int8): v is a slow average; with beta2 = 0.999 it moves by ~0.1% a step, less
-than half a bf16 or int8 step, so round-to-nearest would leave it stuck. Rounding up or down at random, with the
-probability that makes the stored value right on average, lets small changes add up. The random numbers come from a
-generator seeded with (seed, parameter index, step): a resumed run draws the same ones, with no generator state to
-save. m (beta1 = 0.9, 10% a step) is rounded to nearest.
+Stochastic rounding (bf16: both moments; int8: v): the moments are running averages; with beta2 = 0.999, v moves
+by ~0.1% a step, less than half a bf16 or int8 step, so round-to-nearest would leave it stuck (and m, once it has
+nearly converged). Rounding up or down at random, with the probability that makes the stored value right on average,
+lets small changes add up (tests: 800 steps of one gradient, bf16 moments 0.9% off fp32 AdamW's update; 15% with v
+rounded to nearest). The random numbers come from a generator seeded with (seed, parameter index, step): a resumed
+run draws the same ones, with no generator state to save. int8 m (a log code re-ranged per block each step) is
+rounded to nearest.
 """
 
 import math
@@ -232,7 +234,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         if self.moments == "fp32":
             return
         if self.moments == "bf16":
-            state[name][start:end].copy_(x if name == "exp_avg" else _to_bf16_stochastic(x, generator))
+            state[name][start:end].copy_(_to_bf16_stochastic(x, generator))
             return
         rows = slice(start // BLOCK, -(-end // BLOCK))
         if name == "exp_avg":
