@@ -87,7 +87,8 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     opt.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: steps / 20, at least 1)")
     opt.add_argument("--weight-decay", type=float, default=0.1,
                      help="AdamW-style decoupled decay of matrices, not of biases and norms (default: %(default)s)")
-    opt.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm; 0: off (default: %(default)s)")
+    opt.add_argument("--grad-clip", type=float, default=1.0,
+                     help="clip the gradient norm; 0: off (default: %(default)s)")
 
     chunk = p.add_argument_group("chunked path (a --seq longer than --chunk)")
     chunk.add_argument("--chunk", type=int, default=4096,
@@ -116,7 +117,8 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                             "128, or with offload the largest power of two <= --chunk, which moves ~5x fewer pages at "
                             "about the same gradient fidelity: bench/RESULTS.md)")
     chunk.add_argument("--host-memory", type=float, default=None,
-                       help="GiB of host memory the run may pin (default: MemAvailable)")
+                       help="GiB of host memory the run may pin; on a CPU, the RAM it may use (default: "
+                            "MemAvailable)")
     return p.parse_args(argv)
 
 
@@ -217,8 +219,8 @@ def resolve(args, gpu: bool):
     budget = args.budget if args.budget is not None else DEFAULTS_CHUNKED["budget"]
     args.sparse = args.attn == "sparse" or (args.attn == "auto" and args.seq > SPARSE_AUTO_RATIO * budget)
     if not args.sparse:
-        why = ("--attn dense" if args.attn == "dense" else
-               f"--attn auto picks dense attention up to --seq {SPARSE_AUTO_RATIO} x --budget ({SPARSE_AUTO_RATIO * budget})")
+        why = ("--attn dense" if args.attn == "dense" else f"--attn auto picks dense attention up to --seq "
+               f"{SPARSE_AUTO_RATIO} x --budget ({SPARSE_AUTO_RATIO * budget})")
         _unused(args, "q_block", why)
         if args.attn == "dense":
             _unused(args, "budget", why)

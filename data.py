@@ -11,9 +11,10 @@ Token streams for training, no download ever needed.
 The last `val_fraction` of a stream is the validation split. A window longer than its split is an error that names
 both lengths: there is no silent wrap-around, a long sequence must be real contiguous text.
 
-Opening a file checks it whole (an error names the file): empty, a sidecar that disagrees with the file's size, token
-ids >= vocab_size (a vectorised max over the memory map: one pass, no copy), too few tokens for a training and a validation
-window. Opening needs numpy only; torch is imported by `batch`, so that train.py checks --data before importing it.
+Opening a file checks it whole (an error names the file): empty, a sidecar that disagrees with the file's size,
+token ids >= vocab_size (a vectorised max over the memory map: one pass, no copy), too few tokens for a training and
+a validation window. Opening needs numpy only; torch is imported by `batch`, so that train.py checks --data before
+importing torch.
 """
 
 import glob

@@ -98,10 +98,12 @@ def available_memory(device: torch.device) -> int:
 
 
 def measure(device: torch.device, host_memory_gib: float | None) -> Memory:
-    """What the run may use. (On machines whose memory grows as it is used, MemAvailable starts low: pass
-    --host-memory there.)"""
+    """What the run may use: --host-memory GiB of host memory (default: MemAvailable; on machines whose memory
+    grows as it is used, MemAvailable starts low: pass --host-memory there), and on a CPU that same RAM is all."""
     host = int(host_memory_gib * 2**30) if host_memory_gib is not None else available_memory(torch.device("cpu"))
-    return Memory(available_memory(device), host, device.type == "cuda")
+    if device.type != "cuda":
+        return Memory(host, host, on_gpu=False)
+    return Memory(available_memory(device), host, on_gpu=True)
 
 
 def param_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
@@ -207,8 +209,8 @@ def refusal(plan: Plan, memory: Memory, args) -> str | None:
                     f"({fmt_bytes(per_token)} per token of --seq); lower --batch")
         largest = sorted(fixed.items(), key=lambda item: -item[1])[:3]
         listed = ", ".join(f"{name} {fmt_bytes(size)}" for name, size in largest)
-        return (f"{head}: no --seq fits, the parts independent of --seq alone need {fmt_bytes(sum(fixed.values()))} "
-                f"({listed})")
+        fixed_total = fmt_bytes(sum(fixed.values()))
+        return f"{head}: no --seq fits, the parts independent of --seq alone need {fixed_total} ({listed})"
     return None
 
 

@@ -147,13 +147,33 @@ def test_resume_of_a_finished_run_says_so(files, tmp_path, capsys):
     assert snapshot(files["run"]) == before
 
 
-def test_overwrite_starts_afresh(files, tmp_path, capsys):
+def logged_steps(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def test_overwrite_starts_afresh_and_the_start_line_names_the_settings(files, tmp_path, capsys):
     out = str(tmp_path / "run")
     shutil.copytree(files["run"], out)
     assert train.main(RUN + ["--data", files["text"], "--out", out, "--overwrite", "--steps", "1"]) == 0
-    with open(os.path.join(out, "log.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f] == [1]  # the old run's records are gone
+    assert logged_steps(out) == [1]  # the old run's records are gone
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 1
+    start = capsys.readouterr().out.split("train:")[0]
+    for setting in ("model: tiny", "seq 32 x batch 2", "full-sequence", "float32 compute", "on cpu",
+                    "planned on the cpu", "adamw, lr 0.001 -> 0.0001 (warm-up 1, cosine to step 1)",
+                    "weight decay 0.1", "grad clip 1", "seed 1337", f"out: {out}", "eval every 1 steps x 1 batches"):
+        assert setting in start, (setting, start)
+    assert "gpu" not in start.lower(), start
+
+
+def test_resume_drops_log_records_after_the_checkpoint(files, tmp_path):
+    """A run that died between two saves logged steps its checkpoint lacks: resumed, each step is logged once."""
+    out = str(tmp_path / "run")
+    shutil.copytree(files["run"], out)  # its checkpoint is at step 2
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 5.0}) + "\n" + '{"step": 4, "lo')  # and a line cut short
+    assert train.main(RUN + ["--data", files["text"], "--out", out, "--resume", "--steps", "3"]) == 0
+    assert logged_steps(out) == [1, 2, 3]
 
 
 def test_plan_prints_a_verdict(files, tmp_path, capsys):
