@@ -50,10 +50,11 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
     run.add_argument("--model", default=None, choices=MODEL_PRESETS,
-                     help="model preset (default: 'small' on GPU, 'tiny' on CPU); ignored with --resume (the "
-                          "checkpoint's)")
+                     help="model preset (default: 'small' on GPU, 'tiny' on CPU; with --resume the checkpoint's, "
+                          "which a given --model must match)")
     run.add_argument("--init-from", default=None,
-                     help="Hugging Face checkpoint directory to start from (default: a seeded random init)")
+                     help="Hugging Face checkpoint directory to start from (default: a seeded random init); "
+                          "--resume takes the checkpoint's weights instead")
     run.add_argument("--data", default=None,
                      help="FILE.txt (bytes) or FILE.bin (+FILE.bin.json) (default: the embedded corpus, this "
                           "Python's standard-library sources)")
@@ -149,9 +150,6 @@ def check_values(args):
         raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr} (the schedule decays to it)")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out, --overwrite deletes it: give one of them")
-    if args.resume and args.init_from:
-        raise UserError("--init-from starts a new run from Hugging Face weights; --resume continues from "
-                        "ckpt.pt: give one of them")
     if args.init_from and not os.path.isdir(args.init_from):
         raise UserError(f"--init-from {args.init_from} is not a directory (expected a Hugging Face checkpoint)")
     if args.init_from and args.model:
@@ -189,7 +187,8 @@ def resolve(args, gpu: bool):
     concrete (cpu, cuda or cuda:N); args.sparse says whether attention is sparse. args.q_block stays None unless
     given: the plan picks it with the offload decision (plan.py)."""
     args.device = ("cuda" if gpu else "cpu") if args.device == "auto" else args.device
-    args.model = args.model or (None if args.init_from else ("small" if gpu else "tiny"))
+    # None: the model comes from --init-from or, resumed, from the checkpoint
+    args.model = args.model or (None if args.init_from or args.resume else ("small" if gpu else "tiny"))
     args.seq = args.seq if args.seq is not None else (1024 if gpu else 256)
     args.batch = args.batch if args.batch is not None else max(1, (16384 if gpu else 1024) // args.seq)
     # long sequences: about as many tokens as the short default run, so that it finishes in minutes

@@ -26,7 +26,7 @@ import torch
 
 from cli import chunked
 from model import LOSS_SLICE_LOGITS, Model, ModelConfig
-from offload import OffloadedKVStore
+from offload import NUM_BUFFERS, OffloadedKVStore
 from paged_kv import PagedKVStore
 from sparse_attn import PageSelector
 
@@ -168,7 +168,7 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
     if not offload:
         _add(plan, "device", "KV/dKV page pool", pool_per_token * args.seq, args.seq)
         return plan
-    plan.device[f"KV/dKV page cache (3 x {args.cache_tokens} tokens)"] = OffloadedKVStore.cache_bytes(
+    plan.device[f"KV/dKV page cache ({NUM_BUFFERS} x {args.cache_tokens} tokens)"] = OffloadedKVStore.cache_bytes(
         cfg, args.batch, args.page_size, args.cache_tokens, kv_dtype, grad_dtype)
     _add(plan, "host", "KV/dKV pages", pool_per_token * args.seq, args.seq)
     return plan

@@ -221,7 +221,7 @@ class StopRequest:
 
 def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str]:
     """What the run is about to do, every setting that shapes it named (defaults included)."""
-    name = args.model if not (args.init_from or args.resume) else (args.init_from or f"{args.out}/ckpt.pt")
+    name = f"{args.out}/ckpt.pt" if args.resume else (args.init_from or args.model)
     device_tier, host_tier = memory.tiers
     if chunked(args):
         where = f"in {host_tier} memory (offloaded)" if plan.offload else f"on the {device_tier}"
@@ -260,6 +260,9 @@ def run(args, data):
         raise UserError(f"--optimizer {args.optimizer}, but {ckpt_path} was trained with "
                         f"{ckpt['args']['optimizer']}: resume with the same optimizer")
     cfg = model_config(args, ckpt)
+    if ckpt is not None and args.model and preset(args.model) != cfg:
+        raise UserError(f"--model {args.model}, but {ckpt_path} holds a different model ({cfg.num_hidden_layers} "
+                        f"layers, hidden {cfg.hidden_size}): resume without --model or with its own")
     if data.vocab_size > cfg.vocab_size:
         raise UserError(f"data {data.path} has vocab_size {data.vocab_size}, the model only {cfg.vocab_size}")
     memory = planner.measure(device, args.host_memory)

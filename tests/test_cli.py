@@ -116,6 +116,7 @@ CASES = [
     (["--out", "{garbage}", "--resume"], "garbage/ckpt.pt is not a checkpoint of train.py"),
     (["--out", "{nokeys}", "--resume"], "nokeys/ckpt.pt is not a checkpoint of train.py (no model, optimizer"),
     (["--out", "{run}", "--resume", "--optimizer", "adafactor"], "was trained with adamw"),
+    (["--out", "{run}", "--resume", "--model", "small"], "holds a different model (2 layers, hidden 64)"),
     (["--data", "{vocab300}"], "has vocab_size 300, the model only 256"),
     (["--init-from", "{run}"], "--model and --init-from both choose the model"),
     (["--batch", "100000000"], "fits at --batch 100000000"),  # ~30 TB of activations
