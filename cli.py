@@ -18,7 +18,10 @@ import math
 import os
 import sys
 import tempfile
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # for the annotation only: data.py imports numpy
+    from data import TokenData
 
 # model.PRESETS' names, listed here so that parsing needs no torch (tests/test_cli.py checks that they agree)
 MODEL_PRESETS = ("tiny", "small", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b")
@@ -36,7 +39,7 @@ class UserError(Exception):
 
 class Prepared(NamedTuple):
     args: argparse.Namespace  # every default filled in
-    data: object  # data.TokenData
+    data: "TokenData"  # opened and checked
 
 
 class OneLineParser(argparse.ArgumentParser):
