@@ -10,15 +10,20 @@ Token streams for training, no download ever needed.
 
 The last `val_fraction` of a stream is the validation split. A window longer than its split is an error that names
 both lengths: there is no silent wrap-around, a long sequence must be real contiguous text.
+
+Opening a file checks it whole (an error names the file): empty, a sidecar that disagrees with the file's size,
+token ids >= vocab_size (a vectorised max over the memory map: one pass, no copy), too few tokens for a training and
+a validation window. Opening needs numpy only; torch is imported by `batch`, so that train.py checks --data before
+importing torch.
 """
 
 import glob
 import json
+import math
 import os
 import sysconfig
 
 import numpy as np
-import torch
 
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
@@ -38,22 +43,25 @@ def stdlib_corpus() -> np.ndarray:
 
 
 def write_tokens(path: str, ids, vocab_size: int):
-    """Write token ids as FILE.bin plus the FILE.bin.json sidecar that records dtype and vocabulary size."""
+    """Write token ids as FILE.bin plus the FILE.bin.json sidecar that records dtype, vocabulary size and length."""
     ids = np.asarray(ids)
     dtype = "uint16" if vocab_size <= 2**16 else "uint32"
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
     ids.astype(BIN_DTYPES[dtype]).tofile(path)
     with open(path + ".json", "w") as f:
-        json.dump({"dtype": dtype, "vocab_size": int(vocab_size)}, f)
+        json.dump({"dtype": dtype, "vocab_size": int(vocab_size), "num_tokens": int(ids.size)}, f)
 
 
 def load_tokens(path: str | None):
-    """-> (tokens: 1-D numpy array (memory-mapped for .bin), vocab_size)."""
+    """-> (tokens: 1-D numpy array (memory-mapped for .bin), vocab_size), every id checked to be < vocab_size."""
     if path is None:
         return stdlib_corpus(), 256
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{path} is empty")
     if not path.endswith(".bin"):
         return np.fromfile(path, dtype=np.uint8), 256
     meta_path = path + ".json"
@@ -64,14 +72,26 @@ def load_tokens(path: str | None):
         with open(meta_path) as f:
             meta = json.load(f)
         dtype, vocab_size = meta["dtype"], int(meta["vocab_size"])
+        num_tokens = int(meta["num_tokens"]) if "num_tokens" in meta else None  # older sidecars lack it
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{meta_path}: expected JSON with 'dtype' and 'vocab_size' ({e})") from None
     if dtype not in BIN_DTYPES:
         raise ValueError(f"{meta_path}: dtype {dtype!r} is not one of {list(BIN_DTYPES)}")
+    if vocab_size <= 0:
+        raise ValueError(f"{meta_path}: vocab_size must be > 0, got {vocab_size}")
     itemsize = np.dtype(BIN_DTYPES[dtype]).itemsize
-    if os.path.getsize(path) % itemsize:
-        raise ValueError(f"{path}: size {os.path.getsize(path)} bytes is not a multiple of {dtype}'s {itemsize}")
-    return np.memmap(path, dtype=BIN_DTYPES[dtype], mode="r"), vocab_size
+    if size % itemsize:
+        raise ValueError(f"{path}: size {size} bytes is not a multiple of {dtype}'s {itemsize}")
+    if num_tokens is not None and num_tokens * itemsize != size:
+        raise ValueError(f"{path}: {meta_path} records {num_tokens} {dtype} tokens ({num_tokens * itemsize} bytes), "
+                         f"the file has {size} bytes")
+    tokens = np.memmap(path, dtype=BIN_DTYPES[dtype], mode="r")
+    largest = int(tokens.max())  # reads the file once, without a copy
+    if largest >= vocab_size:
+        first = int(np.argmax(tokens >= vocab_size))
+        raise ValueError(f"{path}: token id {largest} is >= the vocab_size {vocab_size} of {meta_path} (first such "
+                         f"id at index {first})")
+    return tokens, vocab_size
 
 
 class TokenData:
@@ -81,8 +101,9 @@ class TokenData:
         self.path = path or "<python stdlib sources>"
         tokens, self.vocab_size = load_tokens(path)
         n_val = int(len(tokens) * val_fraction)
-        if len(tokens) - n_val < 2:
-            raise ValueError(f"{self.path}: only {len(tokens)} tokens, too few to train on")
+        if len(tokens) - n_val < 2 or n_val < 2:  # a window needs one token plus its target
+            raise ValueError(f"{self.path}: only {len(tokens)} tokens, too few for a training and a validation "
+                             f"window ({math.ceil(2 / val_fraction)} at least)")
         self.splits = {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val:]}
 
     def max_window(self, split: str) -> int:
@@ -92,6 +113,8 @@ class TokenData:
     def batch(self, split: str, batch_size: int, seq_len: int, seed: int):
         """(x, y): [batch_size, seq_len] int64, y = x shifted by one. Windows start at offsets drawn from `seed`
         alone, so step s of any run (fresh or resumed) sees the same batch when seeded with e.g. (seed, s)."""
+        import torch  # here, not at the top: opening (and checking) a file needs no torch (see the module doc)
+
         data = self.splits[split]
         if seq_len > self.max_window(split):
             raise ValueError(f"sequence length {seq_len} exceeds the {split} split of {self.path} "

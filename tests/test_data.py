@@ -42,7 +42,7 @@ def test_bin_round_trip_records_dtype(tmp_path, vocab):
     path = str(tmp_path / "tok.bin")
     write_tokens(path, ids, vocab)
     meta = json.load(open(path + ".json"))
-    assert meta == {"dtype": "uint16" if vocab <= 65536 else "uint32", "vocab_size": vocab}
+    assert meta == {"dtype": "uint16" if vocab <= 65536 else "uint32", "vocab_size": vocab, "num_tokens": 5000}
     tokens, v = load_tokens(path)
     assert v == vocab and np.array_equal(np.asarray(tokens), ids)
 
@@ -64,5 +64,32 @@ def test_bin_errors(tmp_path):
         load_tokens(str(path))
     with pytest.raises(FileNotFoundError):
         load_tokens(str(tmp_path / "missing.txt"))
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="tok.bin is empty"):
+        load_tokens(str(path))
+
+
+def test_bin_contents_are_checked_against_the_sidecar(tmp_path):
+    """Every id below vocab_size (the largest one is reported), the recorded length equal to the file's."""
+    path = str(tmp_path / "tok.bin")
+    write_tokens(path, [1, 2, 3], vocab_size=10)
+    np.array([1, 12, 3], dtype=np.uint16).tofile(path)  # an id the sidecar's vocabulary does not have
+    with pytest.raises(ValueError, match="token id 12 is >= the vocab_size 10.*index 1"):
+        load_tokens(path)
+    np.array([1, 2, 3, 4], dtype=np.uint16).tofile(path)
+    with pytest.raises(ValueError, match="records 3 uint16 tokens"):
+        load_tokens(path)
+    with open(path + ".json", "w") as f:
+        json.dump({"dtype": "uint16", "vocab_size": 10}, f)  # an older sidecar without num_tokens still loads
+    assert load_tokens(path)[0].tolist() == [1, 2, 3, 4]
+
+
+def test_a_stream_too_short_for_both_splits_is_an_error(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"x" * 19)  # 10% of 19 is one validation token: no window
+    with pytest.raises(ValueError, match="too few for a training and a validation window"):
+        TokenData(str(path))
+    path.write_bytes(b"x" * 20)
+    assert TokenData(str(path)).max_window("val") == 1
     with pytest.raises(ValueError, match="out of range|must lie in"):
         write_tokens(str(tmp_path / "bad.bin"), [5, 10], vocab_size=10)

@@ -1,0 +1,271 @@
+"""
+The memory plan of a training run: every part it will hold, in which memory tier, and the verdict (FITS or REFUSED),
+computed from the model's shape before anything is allocated.
+
+Two tiers: the training device (a GPU's memory; on a CPU-only machine the host's RAM) and host memory, which holds
+the chunked path's KV/dKV pages when they are offloaded (pinned on a GPU machine). On a CPU both tiers are the same
+RAM, so their sum is what must fit.
+
+    on the device                      bytes
+    weights, gradients                 4 per parameter each (fp32 master weights, fp32 gradients)
+    optimizer state                    AdamW: two fp32 moments per parameter; Adafactor: fp32 row + column factors
+                                       per matrix, a full fp32 variance per vector; a step counter per tensor
+    activations                        saved for backward (ACTIVATION_* below) x tokens: all --seq tokens on the
+                                       full-sequence path, one chunk on the chunked path
+    loss slice                         one slice of Model.loss's logits and their gradients
+    chunked path: the KV/dKV page pool (grows with --seq), or offloaded a fixed page cache with the pool on the host;
+    sparse attention's page summaries and selections (grow with --seq); stage-1 attention outputs kept for stage 2
+    in part of what is left (OUTPUT_CACHE_SHARE).
+"""
+
+import functools
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from cli import chunked
+from model import LOSS_SLICE_LOGITS, Model, ModelConfig
+from offload import NUM_BUFFERS, OffloadedKVStore
+from paged_kv import PagedKVStore
+from sparse_attn import PageSelector
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FP32 = 4  # bytes
+
+# The plan uses only this share of the free memory: the CUDA context, cuBLAS/Triton workspaces and the caching
+# allocator's fragmentation are real but are not parts of the plan.
+USABLE_SHARE = 0.9
+
+# Saved for backward per token and layer; tests/test_model.py (test_layer_saves_only_what_backward_needs) pins the
+# first three for the fused layer ops:
+ACTIVATION_FP32_HIDDEN = 2  # the two norms' inputs: the residual stream, fp32 because the weights are fp32
+ACTIVATION_COMPUTE_HIDDEN = 4  # the two normalised inputs, q and the attention output, in the compute dtype
+ACTIVATION_COMPUTE_INTERMEDIATE = 2  # the MLP's gate and up, in the compute dtype
+ACTIVATION_NORM_STATS = 2 * FP32  # each norm's fp32 inverse RMS
+SDPA_SAVED_KV = 2  # full-sequence path only: PyTorch's SDPA also saves k and v (the chunked path pages them)
+# Temporaries of one layer's backward at its peak: about six intermediate-sized values per token in the compute
+# dtype (the MLP's widest tensors and their gradients). An estimate, not pinned by a test; USABLE_SHARE covers slack.
+BACKWARD_INTERMEDIATES = 6
+# Per logit of Model.loss's slice: logits and their gradient in the compute dtype, an fp32 copy, the log-softmax and
+# the fp32 gradient.
+LOSS_COMPUTE_COPIES, LOSS_FP32_COPIES = 2, 3
+# Stage 1's attention outputs, kept so that stage 2 skips those forward kernels, take at most this share of what the
+# plan leaves free on the GPU: the rest stays headroom.
+OUTPUT_CACHE_SHARE = 0.5
+# Without --q-block, sparse attention selects pages once per 128 queries; offloaded, every selected page crosses
+# PCIe, so once per chunk (the largest power of two <= --chunk) moves ~5x fewer pages (bench/RESULTS.md).
+DEFAULT_Q_BLOCK = 128
+OUTPUT_CACHE = "attention outputs kept for stage 2"
+
+
+@dataclass
+class Memory:
+    """Bytes the run may use."""
+    device: int  # free on the training device: GPU memory, or MemAvailable on a CPU
+    host: int  # host memory the run may pin: --host-memory, or MemAvailable
+    on_gpu: bool  # False: device and host are one RAM, whose parts are counted together
+
+    @property
+    def tiers(self) -> tuple[str, str]:
+        """Labels of (device, host) parts: where they really live."""
+        return ("gpu", "pinned host") if self.on_gpu else ("cpu", "host")
+
+
+@dataclass
+class Plan:
+    device: dict[str, int]  # part -> bytes on the training device
+    host: dict[str, int]  # part -> bytes in host memory (offloaded pages)
+    device_per_token: int  # bytes each extra token of --seq adds on the device
+    host_per_token: int  # ... and in host memory
+    growing: set[str] = field(default_factory=set)  # the parts proportional to --seq
+    offload: bool = False  # the chunked path's pages live in host memory
+    q_block: int | None = None  # sparse attention: queries per selection
+    refusal: str | None = None  # why the run does not fit; None: FITS
+
+    @property
+    def fits(self) -> bool:
+        return self.refusal is None
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free now: on the GPU, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def measure(device: torch.device, host_memory_gib: float | None) -> Memory:
+    """What the run may use: --host-memory GiB of host memory (default: MemAvailable; on machines whose memory
+    grows as it is used, MemAvailable starts low: pass --host-memory there), and on a CPU that same RAM is all."""
+    host = int(host_memory_gib * 2**30) if host_memory_gib is not None else available_memory(torch.device("cpu"))
+    if device.type != "cuda":
+        return Memory(host, host, on_gpu=False)
+    return Memory(available_memory(device), host, on_gpu=True)
+
+
+def param_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
+    """The shapes of Model(cfg)'s parameters, a tied weight once: from a meta model (no memory), built once per
+    config (a 7B model takes most of a second)."""
+    return _param_shapes(tuple(asdict(cfg).items()))
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(cfg_items: tuple) -> tuple[tuple[int, ...], ...]:
+    with torch.device("meta"):
+        return tuple(tuple(p.shape) for p in Model(ModelConfig(**dict(cfg_items))).parameters())
+
+
+def optimizer_state_bytes(cfg: ModelConfig, optimizer: str) -> int:
+    """Exact bytes of torch.optim.AdamW's or Adafactor's state for a model of shape cfg."""
+    shapes = param_shapes(cfg)
+    if optimizer == "adamw":  # exp_avg and exp_avg_sq, and an fp32 step counter per tensor
+        return FP32 * sum(2 * math.prod(s) + 1 for s in shapes)
+    # Adafactor: row_var [r, 1] + col_var [1, c] per matrix, a full variance per vector, and a step counter each
+    return FP32 * sum((s[0] + s[1] if len(s) >= 2 else math.prod(s)) + 1 for s in shapes)
+
+
+def activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int, full_sequence: bool) -> int:
+    """Bytes saved for backward per token of one sequence, all layers, plus one layer's backward temporaries."""
+    layer = (FP32 * ACTIVATION_FP32_HIDDEN * cfg.hidden_size + ACTIVATION_NORM_STATS
+             + compute_bytes * (ACTIVATION_COMPUTE_HIDDEN * cfg.hidden_size
+                                + ACTIVATION_COMPUTE_INTERMEDIATE * cfg.intermediate_size))
+    if full_sequence:
+        layer += compute_bytes * SDPA_SAVED_KV * cfg.num_key_value_heads * cfg.head_dim
+    return cfg.num_hidden_layers * layer + compute_bytes * BACKWARD_INTERMEDIATES * cfg.intermediate_size
+
+
+def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Plan:
+    """The parts of a run with settings `args` (cli.resolve's), pages offloaded or not; no verdict yet."""
+    n = sum(math.prod(s) for s in param_shapes(cfg))
+    compute_bytes = DTYPES[args.dtype].itemsize
+    is_chunked = chunked(args)
+    activations = activation_bytes_per_token(cfg, compute_bytes, not is_chunked) * args.batch
+    tokens = args.batch * (args.chunk if is_chunked else args.seq)  # whose activations and logits exist at once
+    loss_slice = min(LOSS_SLICE_LOGITS, tokens * cfg.vocab_size) * (LOSS_COMPUTE_COPIES * compute_bytes
+                                                                     + LOSS_FP32_COPIES * FP32)
+    device = {"weights (fp32)": FP32 * n, "gradients (fp32)": FP32 * n,
+              f"optimizer ({args.optimizer})": optimizer_state_bytes(cfg, args.optimizer)}
+    if not is_chunked:
+        name = f"activations ({args.seq} tokens)"
+        device |= {name: activations * args.seq, "loss slice": loss_slice}
+        return Plan(device, {}, activations, 0, growing={name})
+    device |= {f"activations (one {args.chunk}-token chunk)": activations * args.chunk, "loss slice": loss_slice}
+    kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
+    pool_per_token = PagedKVStore.bytes_per_token(cfg, kv_dtype, grad_dtype) * args.batch
+    plan = Plan(device, {}, 0, 0, offload=offload, q_block=q_block if args.sparse else None)
+    if args.sparse:  # page summaries and stored selections, proportional to the length
+        summaries, selections, tables = PageSelector.index_bytes(cfg, args.batch, args.seq, args.chunk,
+                                                                 args.page_size, args.budget, kv_dtype, q_block)
+        if offload:  # the GPU keeps the summaries (selection reads them), the host the selections
+            _add(plan, "device", "sparse index (page summaries)", summaries, args.seq)
+            _add(plan, "host", "sparse index (selections)", selections, args.seq)
+        else:
+            _add(plan, "device", "sparse index (page summaries, selections)", summaries + selections + tables,
+                 args.seq)
+    if not offload:
+        _add(plan, "device", "KV/dKV page pool", pool_per_token * args.seq, args.seq)
+        return plan
+    plan.device[f"KV/dKV page cache ({NUM_BUFFERS} x {args.cache_tokens} tokens)"] = OffloadedKVStore.cache_bytes(
+        cfg, args.batch, args.page_size, args.cache_tokens, kv_dtype, grad_dtype)
+    _add(plan, "host", "KV/dKV pages", pool_per_token * args.seq, args.seq)
+    return plan
+
+
+def _add(plan: Plan, tier: str, name: str, size: int, seq: int):
+    """A part proportional to the length: its per-token share counts toward the longest --seq that fits."""
+    getattr(plan, tier)[name] = size
+    plan.growing.add(name)
+    if tier == "device":
+        plan.device_per_token += math.ceil(size / seq)
+    else:
+        plan.host_per_token += math.ceil(size / seq)
+
+
+def refusal(plan: Plan, memory: Memory, args) -> str | None:
+    """None if the plan fits in USABLE_SHARE of each tier, else one line: the longest --seq that would fit, or, if
+    none would, the parts that alone exceed the memory."""
+    device_name = str(args.device)
+    if memory.on_gpu:
+        tiers = [(device_name, plan.device, plan.device_per_token, memory.device),
+                 ("pinned host memory", plan.host, plan.host_per_token, memory.host)]
+    else:  # one RAM
+        tiers = [("RAM", plan.device | plan.host, plan.device_per_token + plan.host_per_token, memory.device)]
+    for where, tier_parts, per_token, free in tiers:
+        need, usable = sum(tier_parts.values()), int(USABLE_SHARE * free)
+        if need <= usable:
+            continue
+        fixed = {name: size for name, size in tier_parts.items() if name not in plan.growing}
+        shortest = args.chunk + 1 if chunked(args) else 1  # on this path
+        longest = (usable - sum(fixed.values())) // per_token if per_token else -1
+        head = (f"--seq {args.seq} x --batch {args.batch} needs {fmt_bytes(need)} of {where}, "
+                f"{fmt_bytes(usable)} usable ({USABLE_SHARE:.0%} of {fmt_bytes(free)} free)")
+        if longest >= shortest:
+            return f"{head}: the longest --seq that fits is {longest}"
+        if sum(fixed.values()) < usable:  # the per-token parts at the shortest length do not fit
+            return (f"{head}: no --seq {'above --chunk ' if chunked(args) else ''}fits at --batch {args.batch} "
+                    f"({fmt_bytes(per_token)} per token of --seq); lower --batch")
+        largest = sorted(fixed.items(), key=lambda item: -item[1])[:3]
+        listed = ", ".join(f"{name} {fmt_bytes(size)}" for name, size in largest)
+        fixed_total = fmt_bytes(sum(fixed.values()))
+        return f"{head}: no --seq fits, the parts independent of --seq alone need {fixed_total} ({listed})"
+    return None
+
+
+def plan_run(cfg: ModelConfig, args, memory: Memory) -> Plan:
+    """The plan with its offload decision and verdict. --offload auto offloads the chunked path's pages only when
+    the plan with them on the GPU does not fit."""
+    if not chunked(args):
+        plan = parts(cfg, args)
+        plan.refusal = refusal(plan, memory, args)
+        return plan
+    offload = args.offload == "on"
+    if args.offload == "auto" and memory.on_gpu:  # on a CPU the pages would move to the same RAM: never
+        offload = refusal(parts(cfg, args, False, args.q_block or DEFAULT_Q_BLOCK), memory, args) is not None
+    q_block = args.q_block or ((1 << (args.chunk.bit_length() - 1)) if offload else DEFAULT_Q_BLOCK)
+    plan = parts(cfg, args, offload, q_block)
+    plan.refusal = refusal(plan, memory, args)
+    if not offload and plan.fits:
+        # the last chunks first, whose attention over the longest history costs the most to recompute
+        need = PagedKVStore.output_bytes_per_token(cfg, DTYPES[args.dtype]) * args.batch * (args.seq - args.chunk)
+        spare = int(USABLE_SHARE * memory.device) - sum(plan.device.values())
+        plan.device[OUTPUT_CACHE] = min(need, int(OUTPUT_CACHE_SHARE * max(0, spare)))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ printing
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def summary(plan: Plan, memory: Memory) -> str:
+    """One phrase for the start line: what is planned in each tier."""
+    device_tier, host_tier = memory.tiers
+    text = f"{fmt_bytes(sum(plan.device.values()))} planned on the {device_tier}"
+    if plan.host:
+        text += f" + {fmt_bytes(sum(plan.host.values()))} in {host_tier} memory"
+    return text
+
+
+def describe(plan: Plan, memory: Memory, args) -> list[str]:
+    """The plan as printed by --plan: one row per part, tagged with its tier, the totals, and FITS or REFUSED."""
+    device_tier, host_tier = memory.tiers
+    rows = [(f"{name} [{device_tier}]", size) for name, size in plan.device.items()]
+    rows += [(f"{name} [{host_tier}]", size) for name, size in plan.host.items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"  {name:<{width}}  {fmt_bytes(size):>11}" for name, size in rows]
+    lines.append(f"  {'total on the ' + device_tier:<{width}}  {fmt_bytes(sum(plan.device.values())):>11} of "
+                 f"{fmt_bytes(memory.device)} free")
+    if plan.host:
+        lines.append(f"  {'total in ' + host_tier + ' memory':<{width}}  {fmt_bytes(sum(plan.host.values())):>11} "
+                     f"of {fmt_bytes(memory.host)} " + ("allowed" if memory.on_gpu else "free (the same RAM)"))
+    if chunked(args):
+        where = f"in {host_tier} memory" if plan.offload else f"on the {device_tier}"
+        attention = f"sparse, {args.budget} tokens per {plan.q_block}-query block" if args.sparse else "dense"
+        lines.append(f"  KV/dKV pages {where} (--offload {args.offload}); attention: {attention} (--attn {args.attn})")
+    lines.append("FITS" if plan.fits else f"REFUSED: {plan.refusal}")
+    return lines

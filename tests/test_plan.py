@@ -1,0 +1,114 @@
+"""plan.py: the exactly known parts of the memory plan, the offload decision, the verdict and its tier labels."""
+
+import math
+
+import torch
+
+import cli
+import plan as planner
+from model import Model, preset
+
+GIB = 2**30
+
+
+def settings(*argv, gpu=True):
+    """cli's resolved arguments, as train.py hands them to the planner."""
+    args = cli.parse_args([*argv, "--device", "cuda" if gpu else "cpu"])
+    cli.check_values(args)
+    return cli.resolve(args, gpu)
+
+
+def test_plan_matches_the_pool_and_parameter_sizes():
+    """Parameter bytes and the KV/dKV pool (bf16 K/V + fp32 dK/dV) of Qwen2.5-7B at 1M tokens."""
+    args = settings("--model", "qwen2.5-7b", "--seq", "1000000", "--dtype", "bfloat16", "--optimizer", "adafactor")
+    cfg = preset("qwen2.5-7b")
+    # sparse attention (the default at 1M tokens) adds page summaries (bf16, per page and kv head) and, per layer,
+    # chunk, kv head and 128-query block, the stored selection (64 int32 pages) and page table (64 + 64 int32)
+    assert args.sparse
+    plan = planner.parts(cfg, args)
+    summaries = 28 * math.ceil(1_000_000 / 64) * 4 * 128 * 2
+    blocks = 28 * math.ceil(1_000_000 / 4096) * 4 * (4096 // 128)
+    selections, tables = blocks * 4 * 64, blocks * 4 * (64 + 4096 // 64)
+    assert plan.device["sparse index (page summaries, selections)"] == summaries + selections + tables
+    # offloaded, the GPU keeps the summaries (selection reads them), the host the selections (only indices move)
+    plan = planner.parts(cfg, args, offload=True)
+    assert plan.device["sparse index (page summaries)"] == summaries
+    assert plan.host["sparse index (selections)"] == selections
+    args.sparse = False
+    plan = planner.parts(cfg, args)
+    assert not any("sparse" in part for part in plan.device)
+    assert plan.device["weights (fp32)"] == plan.device["gradients (fp32)"] == 4 * 7_615_616_512
+    assert (plan.device_per_token, plan.host_per_token) == (28 * 4 * 128 * 2 * (2 + 4), 0) == (172_032, 0)
+    assert plan.device["KV/dKV page pool"] == 172_032 * 1_000_000
+    # offloaded: the pages move to host memory, the GPU keeps three 64K-token buffers whatever the length
+    plan = planner.parts(cfg, args, offload=True)
+    assert plan.host == {"KV/dKV pages": 172_032 * 1_000_000} and plan.host_per_token == 172_032
+    assert plan.device["KV/dKV page cache (3 x 65536 tokens)"] == 3 * 65536 * 4 * 128 * 2 * (2 + 4)
+    args.grad_pages = "bfloat16"  # bf16 dK/dV pages: 115 KB per token
+    assert planner.parts(cfg, args, offload=True).host_per_token == 28 * 4 * 128 * 2 * (2 + 2) == 114_688
+
+
+def test_optimizer_state_is_what_torch_keeps():
+    """The plan's optimizer bytes against AdamW's and Adafactor's real state after one step."""
+    cfg = preset("tiny")
+    model = Model(cfg)
+    for name, make in (("adamw", torch.optim.AdamW), ("adafactor", torch.optim.Adafactor)):
+        optimizer = make(model.parameters(), lr=1e-3)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        real = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values())
+        assert planner.optimizer_state_bytes(cfg, name) == real, name
+
+
+def test_offload_only_when_the_pool_does_not_fit():
+    args = settings("--model", "qwen2.5-0.5b", "--seq", "262144", "--dtype", "bfloat16", "--attn", "dense")
+    cfg = preset("qwen2.5-0.5b")
+    gpu = planner.Memory(device=40 * GIB, host=64 * GIB, on_gpu=True)
+    plan = planner.plan_run(cfg, args, gpu)
+    assert not plan.offload and plan.fits  # 9 GiB of pages fit next to the model
+    assert plan.device[planner.OUTPUT_CACHE] > 0  # and some of the rest keeps stage-1 outputs
+    args.seq = 2**21  # 72 GiB of pages: offloaded, and 64 GiB of host memory is not enough either
+    plan = planner.plan_run(cfg, args, gpu)
+    assert plan.offload and sum(plan.host.values()) == 36_864 * 2**21
+    assert not plan.fits and "pinned host memory" in plan.refusal and "longest --seq that fits is" in plan.refusal
+    args.offload = "off"
+    plan = planner.plan_run(cfg, args, gpu)
+    assert not plan.offload and "needs" in plan.refusal and "of cuda" in plan.refusal
+    args.offload, args.sparse = "auto", True  # sparse attention offloads alike; its selections go to the host too
+    plan = planner.plan_run(cfg, args, gpu)
+    assert plan.offload and "sparse index (page summaries)" in plan.device and "sparse index (selections)" in plan.host
+    assert plan.q_block == args.chunk == 4096  # offloaded: one selection per chunk (fewer pages cross PCIe)
+
+
+def test_the_longest_seq_named_by_a_refusal_fits():
+    """Dense pages on the GPU grow exactly linearly: the named length fits, one token more does not."""
+    args = settings("--model", "qwen2.5-0.5b", "--seq", "1000000", "--attn", "dense", "--offload", "off")
+    cfg = preset("qwen2.5-0.5b")
+    gpu = planner.Memory(device=24 * GIB, host=64 * GIB, on_gpu=True)
+    refusal = planner.plan_run(cfg, args, gpu).refusal
+    longest = int(refusal.rsplit(" ", 1)[-1])
+    args.seq = longest
+    assert planner.plan_run(cfg, args, gpu).fits
+    args.seq = longest + 1
+    assert not planner.plan_run(cfg, args, gpu).fits
+
+
+def test_a_refusal_without_any_fitting_length_names_the_fixed_parts():
+    args = settings("--model", "qwen2.5-7b", "--seq", "8192", "--chunk", "4096")
+    plan = planner.plan_run(preset("qwen2.5-7b"), args, planner.Memory(40 * GIB, 64 * GIB, on_gpu=True))
+    assert "no --seq fits" in plan.refusal and "optimizer (adamw)" in plan.refusal, plan.refusal
+
+
+def test_a_cpu_plan_counts_one_ram_and_labels_it():
+    """On a CPU the device and host parts share the RAM: no [gpu] tags, no pinned memory, no offload by auto."""
+    args = settings("--seq", "4096", "--chunk", "1024", "--batch", "2", gpu=False)
+    ram = planner.Memory(device=8 * GIB, host=8 * GIB, on_gpu=False)
+    plan = planner.plan_run(preset("tiny"), args, ram)
+    text = "\n".join(planner.describe(plan, ram, args))
+    assert not plan.offload and text.endswith("FITS")
+    assert "[cpu]" in text and "[gpu]" not in text and "pinned" not in text and "GPU" not in text, text
+    args.offload = "on"  # forced: the pages are counted against the same RAM as the rest
+    plan = planner.plan_run(preset("tiny"), args, planner.Memory(device=GIB // 100, host=8 * GIB, on_gpu=False))
+    assert plan.offload and "of RAM" in plan.refusal
+    assert "REFUSED" in planner.describe(plan, ram, args)[-1]
