@@ -27,7 +27,7 @@ from chunk_train import chunked_loss, chunked_step
 from data import TokenData
 from offload import OffloadedKVStore
 from paged_kv import PagedKVStore
-from sparse_attn import PageSelector
+from sparse_attn import RULES, PageSelector, SparseConfig
 from model import LOSS_SLICE_LOGITS, PRESETS, Model, ModelConfig, preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -71,6 +71,8 @@ def parse_args(argv=None):
                         "gradient fidelity (bench/RESULTS.md)")
     p.add_argument("--budget", type=int, default=4096,
                    help="sparse attention: history tokens per query block (sink, recent and top-scoring pages)")
+    p.add_argument("--select", default="meankey", choices=list(RULES),
+                   help="sparse attention: how pages are scored (sparse_attn.py: mean key, or Quest's key bound)")
     p.add_argument("--host-memory", type=float, default=None,
                    help="GiB of host memory the run may pin (default: MemAvailable)")
     p.add_argument("--model", default=None, choices=list(PRESETS),
@@ -185,6 +187,10 @@ def chunked(args) -> bool:
     return args.seq > args.chunk
 
 
+def sparse_config(args) -> SparseConfig:
+    return SparseConfig(budget=args.budget, q_block=args.q_block, rule=RULES[args.select]())
+
+
 def memory_plan(cfg: ModelConfig, args, offload=False):
     """-> (plan, per_token): plan = {"gpu": {part: bytes}, "host": {part: bytes}}, an estimate made before anything is
     allocated; per_token = {"gpu": bytes, "host": bytes} each extra token of --seq adds there.
@@ -220,8 +226,7 @@ def memory_plan(cfg: ModelConfig, args, offload=False):
     index_gpu = index_host = 0
     if args.sparse:  # page summaries and stored selections, proportional to the length
         summaries, selections, tables = PageSelector.index_bytes(cfg, args.batch, args.seq, args.chunk,
-                                                                 args.page_size, args.budget, kv_dtype,
-                                                                 args.q_block)
+                                                                 args.page_size, kv_dtype, sparse_config(args))
         index_gpu, index_host = (summaries, selections) if offload else (summaries + selections + tables, 0)
         gpu["sparse index (page summaries" + (")" if offload else ", selections)")] = index_gpu
         if offload:
@@ -447,7 +452,7 @@ def run(args):
     store = None
     if chunked(args):
         kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
-        sparse = dict(budget=args.budget, q_block=args.q_block) if args.sparse else None
+        sparse = sparse_config(args) if args.sparse else None
         if offload:
             store = OffloadedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
                                                   args.cache_tokens, grad_dtype, sparse=sparse)
