@@ -658,8 +658,8 @@ def sparse_fidelity(args, device, rec):
                         loss_dense=r(statistics.mean(l for l, _ in dense), 5),
                         loss_diff=r(statistics.mean(l_s - l_d for (l_d, _), (l_s, _) in zip(dense, sparse)), 6),
                         worst_param=worst["worst_param"], worst_param_rel_err=r(worst["worst_param_rel_err"]))
-        rec.emit(run_point(dict(base, rule=name, budget=budget, q_block=q_block, history_fraction=r(budget / args.seq)),
-                           body, device))
+        point = dict(base, rule=name, budget=budget, q_block=q_block, history_fraction=r(budget / args.seq))
+        rec.emit(run_point(point, body, device))
     del model, named, dense
     free_memory(device)
 

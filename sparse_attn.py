@@ -86,13 +86,15 @@ class Quest:
 
     For one query q, sum_c max(q_c min_c, q_c max_c) = q+ . max + q- . min (q+ = max(q, 0), q- = min(q, 0)) bounds
     q . k for every key k of the page. For a block, the query is the block's mean (mean over the block's queries of
-    q . k = qbar . k), so the score is one matmul with inner dimension 2 x head_dim: twice MeanKey's cost. The
-    alternatives cost too much at 1M tokens (16K pages per layer, 128-query blocks): the max over the block's
-    queries of their own bounds is a matmul as large as dense attention's logits (C x H x P x 2D per chunk), which
-    sparse attention exists to avoid; the bound over the block's per-channel query interval [min_c, max_c] is not
-    bilinear (a channel of mixed sign scores max(qmax kmax, qmin kmin)), so it needs an elementwise pass over
-    [blocks, pages, D] (~1 GB per layer and chunk unless fused in a kernel), and over 128 queries x G heads the
-    intervals widen until the bound ranks pages mostly by the size of their keys."""
+    q . k = qbar . k), so the score is one matmul with inner dimension 2 x head_dim: twice MeanKey's cost, the
+    same [B, Hkv, G, n_blocks, P] scores. The alternatives cost too much at 1M tokens (16K pages per layer, 4096-
+    token chunks of 128-query blocks): the max over the block's queries of their own bounds scores every query
+    against every page, C x H x P x 2D per chunk - several times the selected attention's own logits - into a
+    [H, C, P] fp32 tensor (~7 GB per layer and chunk for Qwen2.5-7B) unless fused with the max in a kernel; the
+    bound over the block's per-channel query interval [min_c, max_c] is not bilinear (a channel of mixed sign
+    scores max(qmax kmax, qmin kmin)), so it needs an elementwise pass over [Hkv, blocks, pages, D] (~1 GB per
+    layer and chunk unless fused), and over 128 queries x G heads the intervals widen until the bound ranks pages
+    mostly by the size of their keys."""
 
     def summary_shape(self, head_dim):
         return (2, head_dim)  # (min, max)

@@ -190,15 +190,17 @@ want offload-7b-1m && stage offload-7b-1m 250 env PYTORCH_CUDA_ALLOC_CONF=expand
 want sparse-tests && stage sparse-tests 300 bash -c "$PY -m pytest -q tests/test_sparse_attn.py \
     tests/test_paged_attention.py >'$OUT/pytest_sparse.txt' 2>&1; rc=\$?; tail -5 '$OUT/pytest_sparse.txt'; exit \$rc"
 # fidelity needs a trained model (random weights attend almost uniformly): the default model trained at 16K tokens
-# with dense exact attention, then sparse vs dense chunked gradients on validation batches for several budgets
+# with dense exact attention, then sparse vs dense chunked gradients on validation batches for several budgets and
+# selection rules (sparse_attn.py: mean key, Quest's key bound)
 if want sparse-fid-train || { want sparse-fidelity && [ ! -f /tmp/fid/ckpt.pt ]; }; then
     rm -rf /tmp/fid
     stage fid-train 240 bash -c "$PY train.py --seq 16384 --chunk 4096 --attn dense --steps 300 --eval-iters 1 \
         --out /tmp/fid 2>&1 | tr '\r' '\n' | grep -E '^(model|done|error)'; cp /tmp/fid/log.jsonl '$OUT/fid_train.jsonl'"
 fi
 if want sparse-fidelity; then
-    stage sparse-fidelity 200 "$PY" bench.py fidelity --ckpt /tmp/fid/ckpt.pt --seq 16384 --chunk 1024 \
-        --budgets ${BUDGETS:-256,512,1024,2048,4096} --q-blocks ${QBLOCKS:-128} --batches 2
+    stage sparse-fidelity 400 "$PY" bench.py fidelity --ckpt /tmp/fid/ckpt.pt --seq 16384 --chunk 1024 \
+        --budgets ${BUDGETS:-256,512,1024,2048,4096} --q-blocks ${QBLOCKS:-128} --rule ${RULES:-meankey,quest} \
+        --batches 2
 fi
 # loss curves: the same short run from scratch, dense vs sparse (1024-token chunks and budget: mostly sparse)
 for attn in ${CURVES:-dense sparse}; do

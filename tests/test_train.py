@@ -146,6 +146,8 @@ def test_plan_matches_the_pool_and_parameter_sizes():
     plan, _ = train.memory_plan(cfg, args, offload=True)
     assert plan["gpu"]["sparse index (page summaries)"] == summaries
     assert plan["host"]["sparse index (selections)"] == selections
+    args.select = "quest"  # --select quest: per-channel key (min, max) summaries, twice the mean key's
+    assert train.memory_plan(cfg, args, offload=True)[0]["gpu"]["sparse index (page summaries)"] == 2 * summaries
     args.sparse = False
     plan, per_token = train.memory_plan(cfg, args)
     assert not any("sparse" in part for part in plan["gpu"])
