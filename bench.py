@@ -56,6 +56,7 @@ from kernels.paged_attention import gather_pages, paged_attention_backward, page
 from model import PRESETS, Model, ModelConfig, preset  # noqa: E402
 from offload import OffloadedKVStore  # noqa: E402
 from paged_kv import PagedKVStore  # noqa: E402
+from sparse_attn import RULES, SparseConfig  # noqa: E402
 
 GiB = 2**30
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError since torch 2.5
@@ -337,7 +338,7 @@ def bench_step(args, device, rec):
                 drop_grads()
             if path != "full":
                 # the pool is allocated once per point, outside the timing, and reused by every step
-                sparse = dict(budget=args.budget, q_block=args.q_block) if sparse_attn else None
+                sparse = SparseConfig(budget=args.budget, q_block=args.q_block) if sparse_attn else None
                 if not offloaded:
                     store = PagedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device, grad_dtype,
                                                       sparse=sparse, output_cache_bytes=int(args.output_cache * 2**30))
@@ -619,9 +620,9 @@ def compare_grads(grads, ref_grads, names) -> dict:
 
 def sparse_fidelity(args, device, rec):
     """Gradient fidelity of sparse attention: on a trained model (random weights attend almost uniformly, which would
-    flatter no summary and mislead), the chunked sparse gradient for each budget vs the dense chunked one (exact),
-    both with bf16 compute: cosine similarity and relative error of all parameters as one vector, the worst
-    parameter, and the loss. Batches come from the validation split."""
+    flatter no summary and mislead), the chunked sparse gradient for each selection rule (--rule), query block and
+    budget vs the dense chunked one (exact), both with bf16 compute: cosine similarity and relative error of all
+    parameters as one vector, the worst parameter, and the loss. Batches come from the validation split."""
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
     model = Model(ModelConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
@@ -631,15 +632,15 @@ def sparse_fidelity(args, device, rec):
     base = dict(mode="fidelity", ckpt=args.ckpt, trained_steps=ckpt["step"], seq=args.seq, chunk=args.chunk,
                 page_size=args.page_size, batch=args.batch)
     print(f"fidelity: {model.num_params() / 1e6:.1f}M params trained {ckpt['step']} steps, seq {args.seq}, "
-          f"chunk {args.chunk}, budgets {args.budgets}", flush=True)
+          f"chunk {args.chunk}, budgets {args.budgets}, rules {args.rule}", flush=True)
 
-    def grads_of(budget, q_block=None):
+    def grads_of(budget, q_block=None, rule=None):
         """[per batch: (loss, flat fp32 gradient)] of the chunked step, dense if budget is None."""
         out = []
         for i in range(args.batches):
             x, y = (t.to(device) for t in data.batch("val", args.batch, args.seq, seed=10_000 + i))
             store = PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, torch.bfloat16, device,
-                                              sparse=dict(budget=budget, q_block=q_block) if budget else None)
+                                              sparse=SparseConfig(budget, q_block, rule=rule) if budget else None)
             model.zero_grad(set_to_none=True)
             loss = chunked_step(model, x, y, args.chunk, args.page_size, torch.bfloat16, store=store)
             out.append((loss, [p.grad.detach().clone() for _, p in named]))
@@ -647,9 +648,9 @@ def sparse_fidelity(args, device, rec):
         return out
 
     dense = grads_of(None)
-    for q_block, budget in [(q, b) for q in args.q_blocks for b in args.budgets]:
+    for name, q_block, budget in [(n, q, b) for n in args.rule for q in args.q_blocks for b in args.budgets]:
         def body():
-            sparse = grads_of(budget, q_block)
+            sparse = grads_of(budget, q_block, RULES[name]())
             cmps = [compare_grads(g_s, g_d, [n for n, _ in named]) for (_, g_d), (_, g_s) in zip(dense, sparse)]
             worst = max(cmps, key=lambda c: c["worst_param_rel_err"])
             return dict(grad_cosine=r(statistics.mean(c["cosine"] for c in cmps), 6),
@@ -657,8 +658,8 @@ def sparse_fidelity(args, device, rec):
                         loss_dense=r(statistics.mean(l for l, _ in dense), 5),
                         loss_diff=r(statistics.mean(l_s - l_d for (l_d, _), (l_s, _) in zip(dense, sparse)), 6),
                         worst_param=worst["worst_param"], worst_param_rel_err=r(worst["worst_param_rel_err"]))
-        rec.emit(run_point(dict(base, budget=budget, q_block=q_block, history_fraction=r(budget / args.seq)), body,
-                           device))
+        point = dict(base, rule=name, budget=budget, q_block=q_block, history_fraction=r(budget / args.seq))
+        rec.emit(run_point(point, body, device))
     del model, named, dense
     free_memory(device)
 
@@ -803,6 +804,8 @@ def parse_args(argv=None):
     f.add_argument("--page-size", type=int, default=64)
     f.add_argument("--budgets", type=int_list, default=int_list("256,512,1024,2048,4096"))
     f.add_argument("--q-blocks", type=int_list, default=[128], help="queries per selection block, each tried")
+    f.add_argument("--rule", type=lambda t: t.split(","), default=["meankey"],
+                   help=f"selection rules, comma-separated, each tried: {', '.join(RULES)} (sparse_attn.py)")
     f.add_argument("--batch", type=int, default=1)
     f.add_argument("--batches", type=int, default=2, help="validation batches averaged over")
 
@@ -815,6 +818,9 @@ def main(argv=None):
     if args.what == "summary":
         summary(os.path.join(args.out, "bench.jsonl"))
         return 0
+    if args.what == "fidelity" and not set(args.rule) <= set(RULES):
+        print(f"error: --rule must name rules among {', '.join(RULES)}, got {','.join(args.rule)}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but CUDA is not available")

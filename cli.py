@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # for the annotation only: data.py imports numpy
 
 # model.PRESETS' names, listed here so that parsing needs no torch (tests/test_cli.py checks that they agree)
 MODEL_PRESETS = ("tiny", "small", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b")
+SELECTION_RULES = ("meankey", "quest")  # sparse_attn.RULES, named here so that parsing needs no torch
 DTYPE_NAMES = ("float32", "bfloat16")
 RUN_FILES = ("ckpt.pt", "log.jsonl")  # what makes a directory hold a run
 # --attn auto picks sparse attention when --seq exceeds this many times --budget: shorter, the history a query block
@@ -116,6 +117,9 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     chunk.add_argument("--budget", type=int, default=None,
                        help="sparse attention: history tokens per query block (sink, recent and top-scoring pages), "
                             "a multiple of --page-size (default: 4096)")
+    chunk.add_argument("--select", default=None, choices=SELECTION_RULES,
+                       help="sparse attention: how pages are scored (sparse_attn.py): the mean key, or Quest's "
+                            "per-channel key bound (default: meankey)")
     chunk.add_argument("--q-block", type=int, default=None,
                        help="sparse attention: queries sharing one selection of pages, a power of two >= 16 (default: "
                             "128, or with offload the largest power of two <= --chunk, which moves ~5x fewer pages at "
@@ -181,7 +185,7 @@ def _unused(args, name, why):
         raise UserError(f"{_flag(name)} {getattr(args, name)} is not used: {why}")
 
 
-DEFAULTS_CHUNKED = dict(page_size=64, grad_pages="float32", cache_tokens=65536, budget=4096)
+DEFAULTS_CHUNKED = dict(page_size=64, grad_pages="float32", cache_tokens=65536, budget=4096, select="meankey")
 
 
 def resolve(args, gpu: bool):
@@ -224,6 +228,7 @@ def resolve(args, gpu: bool):
         why = ("--attn dense" if args.attn == "dense" else f"--attn auto picks dense attention up to --seq "
                f"{SPARSE_AUTO_RATIO} x --budget ({SPARSE_AUTO_RATIO * budget})")
         _unused(args, "q_block", why)
+        _unused(args, "select", why)
         if args.attn == "dense":
             _unused(args, "budget", why)
     if args.offload == "off":

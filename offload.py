@@ -32,7 +32,7 @@ Only what is needed moves: K/V go to the host once (append) and come back read-o
 only after a kernel wrote it ("dirty"), and a page that was never written back this step is zero-filled on the
 GPU instead of copied (so gradients start at zero every step, whatever the pinned memory held before).
 
-Sparse attention (sparse=dict(budget=...), sparse_attn.py). Only the selected pages move. The page summaries stay
+Sparse attention (sparse=SparseConfig(...), sparse_attn.py). Only the selected pages move. The page summaries stay
 on the GPU (they are what selection reads); each (layer, chunk) selection is copied to host memory when it is made
 - the one host sync per call, in stage 1 - and stage 2 reuses it. A part is then the union of the pages that a
 range of selection columns names (each block's selected pages are sorted, so column j of every block is its j-th
@@ -185,8 +185,8 @@ class OffloadedKVStore:
         self.bytes_moved = {"h2d": 0, "d2h": 0}  # counters for benchmarks
         # sparse attention: summaries indexed by physical page (on the GPU), selections kept in host memory, and the
         # layers' page tables on the GPU too (selection gathers the history's summaries through them)
-        self.selector = PageSelector(num_pages, n_kv_heads, head_dim, page_size, dtype=dtype, device=device,
-                                     host=True, **sparse) if sparse else None
+        self.selector = PageSelector(num_pages, n_kv_heads, head_dim, page_size, sparse, dtype, device,
+                                     host=True) if sparse else None
         self.device_tables = [torch.empty(batch, 0, dtype=torch.int32, device=device)] * num_layers
         self.sparse_parts = {}  # (layer, start) -> the column split of its selection (_split), recent calls only
 

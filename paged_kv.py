@@ -21,7 +21,7 @@ The interface chunk_train.py uses:
                                            dk/dv *including* what later chunks accumulated for it.
     store.truncate(layer, length)          drop positions >= length (frees their pages)
 
-With sparse=dict(budget=...) attention is page-level sparse (sparse_attn.py): each block of queries reads only
+With sparse=SparseConfig(...) attention is page-level sparse (sparse_attn.py): each block of queries reads only
 its selected history pages and its own chunk.
 """
 
@@ -86,9 +86,9 @@ class PagedKVStore:
         # a pageable host-to-device copy of the whole table per layer and chunk would make it do.
         empty = torch.empty(batch, 0, dtype=torch.int32, device=device)
         self._device_tables = [empty] * num_layers
-        # sparse attention (sparse_attn.py): sparse=dict(budget=tokens, ...) keeps page summaries and selections
-        self.selector = PageSelector(num_pages, n_kv_heads, head_dim, page_size, dtype=dtype, device=device,
-                                     **sparse) if sparse else None
+        # sparse attention (sparse_attn.py): sparse=SparseConfig(...) keeps page summaries and selections
+        self.selector = PageSelector(num_pages, n_kv_heads, head_dim, page_size, sparse, dtype,
+                                     device) if sparse else None
         # Attention outputs kept from stage 1 for stage 2, which would recompute them exactly: (layer, chunk start,
         # chunk length) -> (o, lse), at most output_cache_bytes of them. When full, the chunks furthest left give way: stage 2 reaches
         # them last, and their attention, over the shortest history, is the cheapest to recompute.

@@ -28,7 +28,7 @@ from cli import chunked
 from model import LOSS_SLICE_LOGITS, Model, ModelConfig
 from offload import NUM_BUFFERS, OffloadedKVStore
 from paged_kv import PagedKVStore
-from sparse_attn import PageSelector
+from sparse_attn import RULES, PageSelector, SparseConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FP32 = 4  # bytes
@@ -137,6 +137,11 @@ def activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int, full_sequen
     return cfg.num_hidden_layers * layer + compute_bytes * BACKWARD_INTERMEDIATES * cfg.intermediate_size
 
 
+def sparse_config(args, q_block) -> SparseConfig:
+    """The sparse-attention settings of a run (--budget, the planned q-block, --select) as the stores take them."""
+    return SparseConfig(budget=args.budget, q_block=q_block, rule=RULES[args.select]())
+
+
 def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Plan:
     """The parts of a run with settings `args` (cli.resolve's), pages offloaded or not; no verdict yet."""
     n = sum(math.prod(s) for s in param_shapes(cfg))
@@ -158,7 +163,7 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
     plan = Plan(device, {}, 0, 0, offload=offload, q_block=q_block if args.sparse else None)
     if args.sparse:  # page summaries and stored selections, proportional to the length
         summaries, selections, tables = PageSelector.index_bytes(cfg, args.batch, args.seq, args.chunk,
-                                                                 args.page_size, args.budget, kv_dtype, q_block)
+                                                                 args.page_size, kv_dtype, sparse_config(args, q_block))
         if offload:  # the GPU keeps the summaries (selection reads them), the host the selections
             _add(plan, "device", "sparse index (page summaries)", summaries, args.seq)
             _add(plan, "host", "sparse index (selections)", selections, args.seq)

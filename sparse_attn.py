@@ -11,10 +11,19 @@ share one choice, so the kernels still read each K/V tile once per group) attend
     the top pages    the remaining history pages with the highest scores, up to `budget` history tokens in all,
     its own chunk    causally (the local window).
 
-Scores come from a summary per page and kv head, the mean of its (post-RoPE) keys, written when the page is
-written: score(block, page) = max over the group's query heads of mean_q(block) . mean_k(page). Mean-query times
-mean-key is the mean of the block x page logits, so the top pages are where the block's attention mass is likely.
-With a budget covering the whole history every page is selected and attention is dense (and exact).
+Scores come from a summary per page and kv head, written when the page is written, and the block's queries; a
+`SelectionRule` says what the summary is and how a block scores it (SparseConfig carries the rule to the store):
+
+    MeanKey  the mean of the page's (post-RoPE) keys; score = max over the group's query heads of
+             mean_q(block) . mean_k(page): the mean of the block x page logits, so the top pages are where the
+             block's attention mass is likely on average.
+    Quest    the per-channel min and max of the page's keys (twice MeanKey's memory); score = max over the group's
+             heads of sum_c max(qbar_c min_c, qbar_c max_c), qbar = mean_q(block): an upper bound of qbar . k for
+             every key k of the page, so a page with one strongly matching key ranks high even if its mean does
+             not (Quest, Tang et al. 2024, applied to the block-mean query).
+
+With a budget covering the whole history every page is selected and attention is dense (and exact), whatever the
+rule.
 
 Selection is not differentiable and must be the same in the no-grad stage 1 pass and the stage 2 recomputation, or
 the gradient would belong to a different function: stage 1 stores each (layer, chunk) selection and stage 2 reuses
@@ -27,54 +36,153 @@ mask, for tests.
 """
 
 import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 import torch
 
 
+def block_means(q, counts):
+    """q [B, nb, q_block, Hkv, G, D] fp32 (the chunk's queries in blocks, zero past the end), counts [nb] queries
+    per block -> the block-mean query [B, nb, Hkv, G, D]."""
+    return q.sum(2) / counts.view(1, -1, 1, 1, 1)
+
+
+class SelectionRule(Protocol):
+    """What a page is summarized by and how a block of queries scores the summaries. Summaries are stored in K's
+    dtype, [num_pages, n_kv_heads, *summary_shape(head_dim)]; scores only rank pages (higher: more wanted)."""
+
+    def summary_shape(self, head_dim: int) -> tuple[int, ...]:
+        """Shape of one page's summary per kv head."""
+
+    def summarize(self, k: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """k [B, n, page_size, Hkv, D] fp32, pages of keys (zero past counts [n], the keys each page holds)
+        -> summaries [B, n, Hkv, *summary_shape]."""
+
+    def score(self, q: torch.Tensor, counts: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+        """q [B, nb, q_block, Hkv, G, D] fp32, blocks of queries (zero past counts [nb]), summaries [B, P, Hkv,
+        *summary_shape] fp32 of the P history pages -> scores [B, Hkv, nb, P]."""
+
+
+@dataclass(frozen=True)
+class MeanKey:
+    """Mean key per page; score = block-mean query . mean key, max over the GQA group's heads."""
+
+    def summary_shape(self, head_dim):
+        return (head_dim,)
+
+    def summarize(self, k, counts):
+        return k.sum(2) / counts.view(1, -1, 1, 1)
+
+    def score(self, q, counts, summaries):
+        scores = torch.einsum("bnkgd,bpkd->bkgnp", block_means(q, counts), summaries)  # [B, Hkv, G, nb, P]
+        return scores.amax(2)
+
+
+@dataclass(frozen=True)
+class Quest:
+    """Per-channel (min, max) of the keys per page; score = the largest block-mean logit any key in the page could
+    have, max over the GQA group's heads.
+
+    For one query q, sum_c max(q_c min_c, q_c max_c) = q+ . max + q- . min (q+ = max(q, 0), q- = min(q, 0)) bounds
+    q . k for every key k of the page. For a block, the query is the block's mean (mean over the block's queries of
+    q . k = qbar . k), so the score is one matmul with inner dimension 2 x head_dim: twice MeanKey's cost, the
+    same [B, Hkv, G, n_blocks, P] scores. The alternatives cost too much at 1M tokens (16K pages per layer, 4096-
+    token chunks of 128-query blocks): the max over the block's queries of their own bounds scores every query
+    against every page, C x H x P x 2D per chunk - several times the selected attention's own logits - into a
+    [H, C, P] fp32 tensor (~7 GB per layer and chunk for Qwen2.5-7B) unless fused with the max in a kernel; the
+    bound over the block's per-channel query interval [min_c, max_c] is not bilinear (a channel of mixed sign
+    scores max(qmax kmax, qmin kmin)), so it needs an elementwise pass over [Hkv, blocks, pages, D] (~1 GB per
+    layer and chunk unless fused), and over 128 queries x G heads the intervals widen until the bound ranks pages
+    mostly by the size of their keys."""
+
+    def summary_shape(self, head_dim):
+        return (2, head_dim)  # (min, max)
+
+    def summarize(self, k, counts):
+        held = (torch.arange(k.shape[2], device=k.device) < counts[:, None]).view(1, k.shape[1], k.shape[2], 1, 1)
+        low = k.masked_fill(~held, float("inf")).amin(2)  # [B, n, Hkv, D]
+        high = k.masked_fill(~held, float("-inf")).amax(2)
+        return torch.stack([low, high], dim=3)  # [B, n, Hkv, 2, D]
+
+    def score(self, q, counts, summaries):
+        q_mean = block_means(q, counts)
+        signed = torch.stack([q_mean.clamp(max=0), q_mean.clamp(min=0)], dim=4)  # [B, nb, Hkv, G, 2, D]: x min, max
+        return torch.einsum("bnkgcd,bpkcd->bkgnp", signed, summaries).amax(2)
+
+
+RULES = {"meankey": MeanKey, "quest": Quest}  # command-line names (train.py --select, bench.py fidelity --rule)
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Sparse attention's settings, as a store takes them (PagedKVStore(..., sparse=SparseConfig(budget=4096)))."""
+    budget: int  # history tokens per query block: a multiple of the page size covering sink + recent pages
+    q_block: int = 128  # queries that share one selection (per kv head): a power of two >= 16
+    sink: int = 1  # first pages of the sequence, always selected
+    recent: int = 1  # last pages before the chunk, always selected
+    rule: SelectionRule = field(default_factory=MeanKey)  # how the other pages are chosen
+
+
+class SelectionCall(NamedTuple):
+    """What PageSelector.log records per attention call: the stored selection the call uses, and the one this
+    call's queries would choose now (tests check they agree: stage 2 chooses what stage 1 did)."""
+    layer: int
+    start: int
+    selection: torch.Tensor  # [B, Hkv, n_blocks, n] int32
+    fresh: torch.Tensor  # the same shape, int32
+
+
 class PageSelector:
     """Page summaries and the selection of history pages for a KV store (PagedKVStore or OffloadedKVStore with
-    sparse=dict(budget=..., q_block=...)).
+    sparse=SparseConfig(...)).
 
-    summaries [num_pages, n_kv_heads, head_dim] (K's dtype), indexed by physical page like the store's pools.
+    summaries [num_pages, n_kv_heads, *rule.summary_shape(head_dim)] (K's dtype), indexed by physical page like
+    the store's pools.
     selections[layer] {chunk start: selection}: the chunk's selected logical history pages
     [B, n_kv_heads, n_blocks, n] int32, ascending (on the GPU, or in host memory with host=True);
     kernel_tables[layer] {chunk start: the kernels' page table built from it} (page_table, the in-GPU store)."""
 
-    def __init__(self, num_pages, n_kv_heads, head_dim, page_size, budget, dtype, device, q_block=128, sink=1,
-                 recent=1, host=False):
+    def __init__(self, num_pages, n_kv_heads, head_dim, page_size, sparse: SparseConfig, dtype, device,
+                 host=False):
+        budget, q_block, sink, recent = sparse.budget, sparse.q_block, sparse.sink, sparse.recent
         if budget % page_size or budget < page_size * (sink + recent):
             raise ValueError(f"the sparse budget ({budget} tokens) must be a multiple of the page size ({page_size}) "
                              f"and cover the {sink} sink and {recent} recent pages")
         if q_block < 16 or q_block & (q_block - 1):
             raise ValueError(f"q_block must be a power of two >= 16, got {q_block}")
         self.page_size, self.budget, self.q_block, self.sink, self.recent = page_size, budget, q_block, sink, recent
+        self.rule = sparse.rule
         self.n_select = budget // page_size  # history pages per query block
-        self.summaries = torch.zeros(num_pages, n_kv_heads, head_dim, dtype=dtype, device=device)
+        shape = (num_pages, n_kv_heads, *self.rule.summary_shape(head_dim))
+        self.summaries = torch.zeros(shape, dtype=dtype, device=device)
         self.host = host  # keep selections in host memory (offload.py) rather than on the GPU
         self.selections = {}  # layer -> {start: selection}
         self.kernel_tables = {}  # layer -> {start: page table} (page_table)
-        self.log = None  # set to a list to record (layer, start, selection) of every attention call (tests)
+        self.log = None  # set to a list to record a SelectionCall per attention call (tests)
 
     @staticmethod
-    def index_bytes(cfg, batch, seq_len, chunk, page_size, budget, dtype, q_block=128) -> tuple[int, int, int]:
+    def index_bytes(cfg, batch, seq_len, chunk, page_size, dtype, sparse: SparseConfig) -> tuple[int, int, int]:
         """Bytes of a step's (page summaries, stored selections, kernel page tables): summaries and tables live on
         the GPU, selections too unless host=True (then the GPU keeps only the summaries)."""
         pages = cfg.num_hidden_layers * batch * math.ceil(seq_len / page_size)
-        summaries = pages * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+        summaries = (pages * cfg.num_key_value_heads * math.prod(sparse.rule.summary_shape(cfg.head_dim))
+                     * dtype.itemsize)
         blocks = cfg.num_hidden_layers * math.ceil(seq_len / chunk) * batch * cfg.num_key_value_heads * math.ceil(
-            chunk / q_block)  # (layer, chunk, batch row, kv head, query block) tuples of a step
-        selections = blocks * 4 * (budget // page_size)  # int32 logical pages
-        tables = blocks * 4 * (budget // page_size + math.ceil(chunk / page_size))  # + the chunk's own pages
+            chunk / sparse.q_block)  # (layer, chunk, batch row, kv head, query block) tuples of a step
+        selections = blocks * 4 * (sparse.budget // page_size)  # int32 logical pages
+        tables = blocks * 4 * (sparse.budget // page_size + math.ceil(chunk / page_size))  # + the chunk's own pages
         return summaries, selections, tables
 
     def write(self, pages, k):
         """Summaries of freshly written pages: pages [B, n] physical ids holding k [B, T, Hkv, D], T <= n * ps,
-        starting at a page boundary (the last page may be partial: mean over what it holds)."""
+        starting at a page boundary (the last page may be partial: summarized over what it holds)."""
         B, T = k.shape[:2]
         n, ps = pages.shape[1], self.page_size
         k = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, n * ps - T)).view(B, n, ps, *k.shape[2:])
-        counts = (T - torch.arange(n, device=k.device) * ps).clamp(max=ps).view(1, n, 1, 1)
-        self.summaries[pages.flatten().long()] = (k.sum(2) / counts).flatten(0, 1).to(self.summaries.dtype)
+        counts = (T - torch.arange(n, device=k.device) * ps).clamp(max=ps)
+        summaries = self.rule.summarize(k, counts)  # [B, n, Hkv, *summary_shape]
+        self.summaries[pages.flatten().long()] = summaries.flatten(0, 1).to(self.summaries.dtype)
 
     def selection(self, layer, q, table, start):
         """The history pages chunk [start, start + C) of `layer` attends to, [B, Hkv, n_blocks, n] int32 logical
@@ -86,7 +194,8 @@ class PageSelector:
             sel = self.select(q, table, start).to(torch.int32)
             stored[start] = sel.cpu() if self.host else sel
         if self.log is not None:
-            self.log.append((layer, start, stored[start]))
+            fresh = self.select(q, table, start).to(torch.int32)
+            self.log.append(SelectionCall(layer, start, stored[start], fresh.cpu() if self.host else fresh))
         return stored[start]
 
     def page_table(self, layer, q, table, start):
@@ -106,17 +215,17 @@ class PageSelector:
         """The history pages chunk [start, start + C) attends to, per (batch row, kv head, block of q_block
         queries): [B, Hkv, cdiv(C, q_block), min(n_select, start // page_size)] int64 logical page indices,
         ascending."""
-        B, C, H, _ = q.shape
+        B, C, H, D = q.shape
         Hkv = self.summaries.shape[1]
         history, nb = start // self.page_size, math.ceil(C / self.q_block)
         if history <= self.n_select:  # everything fits the budget: dense
             return torch.arange(history, device=q.device).expand(B, Hkv, nb, history)
         pad = nb * self.q_block - C
-        rows = torch.nn.functional.pad(q.detach().float(), (0, 0, 0, 0, 0, pad)).view(B, nb, self.q_block, H, -1)
+        blocks = torch.nn.functional.pad(q.detach().float(), (0, 0, 0, 0, 0, pad)).view(B, nb, self.q_block, Hkv,
+                                                                                          H // Hkv, D)
         counts = (C - torch.arange(nb, device=q.device) * self.q_block).clamp(max=self.q_block)
-        q_mean = (rows.sum(2) / counts.view(1, nb, 1, 1)).view(B, nb, Hkv, H // Hkv, -1)  # [B, nb, Hkv, G, D]
-        summaries = self.summaries[table[:, :history].long()].float()  # [B, P, Hkv, D]
-        scores = torch.einsum("bnkgd,bpkd->bkgnp", q_mean, summaries).amax(2)  # [B, Hkv, nb, P]
+        summaries = self.summaries[table[:, :history].long()].float()  # [B, P, Hkv, *summary_shape]
+        scores = self.rule.score(blocks, counts, summaries)  # [B, Hkv, nb, P]
         scores[..., :self.sink] = float("inf")  # always kept
         scores[..., history - self.recent:] = float("inf")
         return scores.topk(self.n_select, dim=-1, sorted=False).indices.sort(-1).values

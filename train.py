@@ -120,7 +120,7 @@ def build_store(args, model, plan, device):
     if not chunked(args):
         return None
     kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
-    sparse = dict(budget=args.budget, q_block=plan.q_block) if args.sparse else None
+    sparse = planner.sparse_config(args, plan.q_block) if args.sparse else None
     if plan.offload:
         return OffloadedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
                                              args.cache_tokens, grad_dtype, sparse=sparse)

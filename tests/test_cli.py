@@ -16,6 +16,7 @@ import cli
 import train
 from data import write_tokens
 from model import PRESETS
+from sparse_attn import RULES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ["--device", "cpu", "--model", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--eval-iters", "1"]
@@ -202,5 +203,6 @@ def test_help_shows_every_default_without_importing_torch():
         assert default in text, default
 
 
-def test_presets_listed_by_the_cli_are_the_models():
+def test_presets_and_rules_listed_by_the_cli_are_the_real_ones():
     assert cli.MODEL_PRESETS == tuple(PRESETS)
+    assert cli.SELECTION_RULES == tuple(RULES)

@@ -12,6 +12,7 @@ import torch
 from chunk_train import chunked_step, fill_kv
 from offload import OffloadedKVStore, _runs
 from paged_kv import OutOfPages, PagedKVStore
+from sparse_attn import SparseConfig
 from test_chunk_train import DEVICE, assert_grads_match, full_sequence_grads, tiny_model
 
 
@@ -153,7 +154,7 @@ def test_sparse_offload_moves_selected_pages_only_and_equals_the_gpu_store():
     pages x 4 (kv head, query block) pairs: calls split into several column parts, some sharing pages (gradients
     added across parts)."""
     model = tiny_model(7)
-    page, chunk, sparse = 16, 32, dict(budget=64, q_block=16)
+    page, chunk, sparse = 16, 32, SparseConfig(budget=64, q_block=16)
     gpu_store = PagedKVStore.for_sequence(model, 2, 256, page, torch.float32, DEVICE, sparse=sparse)
     store = OffloadedKVStore.for_sequence(model, 2, 256, page, torch.float32, DEVICE, cache_tokens=6 * page,
                                           sparse=sparse)
@@ -183,7 +184,7 @@ def test_sparse_offload_moves_selected_pages_only_and_equals_the_gpu_store():
             s.selector.log = log = []
             loss = chunked_step(model, idx, targets, chunk_size=chunk, page_size=page, store=s)
             results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
-            logs.append({(layer, start): sel.cpu() for layer, start, sel in log})
+            logs.append({(c.layer, c.start): c.selection.cpu() for c in log})
             model.zero_grad(set_to_none=True)
         (ref_loss, ref), (loss, grads) = results
         assert logs[0].keys() == logs[1].keys() and all(torch.equal(logs[0][k], logs[1][k]) for k in logs[0])

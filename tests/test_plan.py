@@ -34,6 +34,8 @@ def test_plan_matches_the_pool_and_parameter_sizes():
     plan = planner.parts(cfg, args, offload=True)
     assert plan.device["sparse index (page summaries)"] == summaries
     assert plan.host["sparse index (selections)"] == selections
+    args.select = "quest"  # --select quest: per-channel key (min, max) summaries, twice the mean key's
+    assert planner.parts(cfg, args, offload=True).device["sparse index (page summaries)"] == 2 * summaries
     args.sparse = False
     plan = planner.parts(cfg, args)
     assert not any("sparse" in part for part in plan.device)

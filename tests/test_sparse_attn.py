@@ -5,7 +5,9 @@
 - a selection covering all history equals dense attention (kernel and whole chunked step);
 - a whole chunked sparse step equals full-sequence backprop through masked-dense attention with the same selections
   (fp32, rel. err <= 1e-5): the gradient is exact for the sparse model;
-- stage 1 and stage 2 select the same pages, and the selection rule keeps sink, recent and top-scoring pages.
+- for each selection rule (MeanKey, Quest): stage 2's recomputed queries choose the pages stage 1 stored, and the
+  selection keeps sink, recent and the top pages by the rule's score (recomputed by brute force);
+- Quest's page score bounds the block-mean logit of every key in the page, and is tight for a one-key page.
 """
 
 import math
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from chunk_train import chunked_step
 from kernels.paged_attention import paged_attention_backward, paged_attention_forward, paged_attention_reference
 from paged_kv import PagedKVStore
-from sparse_attn import PageSelector, sparse_attention_reference
+from sparse_attn import MeanKey, PageSelector, Quest, SparseConfig, sparse_attention_reference
 from test_chunk_train import assert_grads_match, full_sequence_grads, tiny_model
 from test_paged_attention import DEVICE, assert_close, seed_of
 
@@ -115,6 +117,10 @@ def test_full_selection_equals_dense_kernel():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+RULES = [pytest.param(MeanKey(), id="meankey"), pytest.param(Quest(), id="quest")]
+T, CHUNK, PAGE, Q_BLOCK, BUDGET = 160, 32, 16, 16, 48  # the sparse step: 3-page budget (sink, recent, 1 chosen)
+
+
 def _step(model, idx, targets, chunk, page, sparse, log=None, output_cache_bytes=0):
     store = PagedKVStore.for_sequence(model, idx.shape[0], idx.shape[1], page, torch.float32, idx.device,
                                       sparse=sparse, output_cache_bytes=output_cache_bytes)
@@ -124,78 +130,95 @@ def _step(model, idx, targets, chunk, page, sparse, log=None, output_cache_bytes
     return loss, store
 
 
-def test_budget_covering_history_equals_dense():
+@pytest.mark.parametrize("rule", RULES)
+def test_budget_covering_history_equals_dense(rule):
     model = tiny_model(11)
     g = torch.Generator().manual_seed(11)
-    idx, targets = (torch.randint(0, 256, (2, 200), generator=g).to(DEVICE) for _ in range(2))
+    idx, targets = (torch.randint(0, 256, (1, 88), generator=g).to(DEVICE) for _ in range(2))  # partial last page
     ref_loss, ref = full_sequence_grads(model, idx, targets)
-    loss, store = _step(model, idx, targets, 64, 16, dict(budget=256, q_block=32))
+    loss, store = _step(model, idx, targets, 32, 16, SparseConfig(budget=96, q_block=16, rule=rule))
     assert abs(loss - ref_loss) <= 1e-5 * ref_loss
     assert_grads_match(model, ref)
     assert store.allocator.num_free == store.allocator.num_pages and not any(store.selector.selections.values())
 
 
-def test_sparse_step_is_exact_for_the_masked_model():
-    """Budget 4 pages of 16 (sink, recent, 2 chosen) over up to 15 history pages: the chunked step's loss and
-    gradients equal full-sequence backprop through masked-dense attention under the selections it used. (With
-    stage 1's attention outputs kept for stage 2, which then reuses them with the stored selections.)"""
+@pytest.fixture(scope="module", params=RULES)
+def sparse_run(request):
+    """One chunked sparse step per rule (stage 1's attention outputs kept for stage 2, which then reuses them with
+    the stored selections), with the log of every attention call's selections."""
     model = tiny_model(12)
-    T, chunk, page, q_block = 256, 64, 16, 32
     g = torch.Generator().manual_seed(12)
     idx, targets = (torch.randint(0, 256, (2, T), generator=g).to(DEVICE) for _ in range(2))
     log = []
-    loss, _ = _step(model, idx, targets, chunk, page, dict(budget=64, q_block=q_block), log, output_cache_bytes=2**30)
+    loss, store = _step(model, idx, targets, CHUNK, PAGE, SparseConfig(BUDGET, Q_BLOCK, rule=request.param), log,
+                        output_cache_bytes=2**30)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return dict(model=model, idx=idx, targets=targets, loss=loss, grads=grads, log=log)
+
+
+def test_sparse_step_is_exact_for_the_masked_model(sparse_run):
+    """The chunked sparse step's loss and gradients equal full-sequence backprop through masked-dense attention
+    (sparse_attention_reference) under the selections it used, for each rule."""
+    model, log = sparse_run["model"], sparse_run["log"]
     selections = {}
-    for layer, start, sel in log:
-        selections.setdefault(layer, {})[start] = sel
-    assert any(sel.shape[3] < start // page for layer, start, sel in log)  # some chunks are really sparse
+    for call in log:
+        selections.setdefault(call.layer, {})[call.start] = call.selection
+    assert any(call.selection.shape[3] < call.start // PAGE for call in log)  # some chunks are really sparse
 
     def masked(q, k, v, layer):
-        return sparse_attention_reference(q, k, v, selections[layer], page, q_block)
+        return sparse_attention_reference(q, k, v, selections[layer], PAGE, Q_BLOCK)
     model.zero_grad(set_to_none=True)
-    ref_loss = F.cross_entropy(model(idx, attn=masked).flatten(0, 1), targets.flatten())
+    ref_loss = F.cross_entropy(model(sparse_run["idx"], attn=masked).flatten(0, 1), sparse_run["targets"].flatten())
     ref_loss.backward()
-    assert abs(loss - ref_loss.item()) <= 1e-5 * ref_loss.item()
+    assert abs(sparse_run["loss"] - ref_loss.item()) <= 1e-5 * ref_loss.item()
     for n, p in model.named_parameters():
-        p.grad, ref = grads[n], p.grad
-        assert ((p.grad - ref).norm() / ref.norm()).item() <= 1e-5, n
+        err = ((sparse_run["grads"][n] - p.grad).norm() / p.grad.norm()).item()
+        assert err <= 1e-5, f"{n}: relative error {err:.2e}"
+    model.zero_grad(set_to_none=True)
 
 
-class _Recomputing(PageSelector):
-    """Chooses afresh at every call (forgets stored selections): shows stage 2's recomputed queries would choose
-    what stage 1 chose, i.e. storing the choice changes nothing but cost."""
-
-    def page_table(self, layer, q, table, start):
-        self.selections.get(layer, {}).pop(start, None)
-        self.kernel_tables.get(layer, {}).pop(start, None)
-        return super().page_table(layer, q, table, start)
-
-
-def test_stages_select_the_same_pages():
-    model = tiny_model(13)
-    T, chunk, page = 192, 32, 16
-    idx = torch.randint(0, 256, (1, T), device=DEVICE)
-    for selector_cls in (PageSelector, _Recomputing):
-        store = PagedKVStore.for_sequence(model, 1, T, page, torch.float32, idx.device,
-                                          sparse=dict(budget=48, q_block=16))
-        store.selector.__class__ = selector_cls
-        store.selector.log = log = []
-        chunked_step(model, idx, idx, chunk_size=chunk, page_size=page, store=store)
-        by_call = {}
-        for layer, start, sel in log:
-            by_call.setdefault((layer, start), []).append(sel)
-        # every chunk but the last is attended in stage 1 (all layers but the last) and stage 2
-        assert sum(len(v) == 2 for v in by_call.values()) == (T // chunk - 1) * (model.config.num_hidden_layers - 1)
-        for key, sels in by_call.items():
-            assert all(torch.equal(s, sels[0]) for s in sels), f"stage 1 and 2 selections differ at {key}"
+def test_stages_select_the_same_pages(sparse_run):
+    """Stage 2 reuses stage 1's stored selection; the selection stage 2's own recomputed queries would make (the
+    log's `fresh`, computed from them and the page summaries) is the same: storing the choice changes nothing but
+    cost, and the gradient belongs to the function stage 1 evaluated."""
+    by_call = {}
+    for call in sparse_run["log"]:
+        by_call.setdefault((call.layer, call.start), []).append(call)
+    # every chunk but the last is attended in stage 1 (all layers but the last) and stage 2
+    layers = sparse_run["model"].config.num_hidden_layers
+    assert sum(len(calls) == 2 for calls in by_call.values()) == (T // CHUNK - 1) * (layers - 1)
+    sparse = compared = 0
+    for key, calls in by_call.items():
+        stage1, stage2 = calls[0], calls[-1]
+        assert torch.equal(stage2.selection, stage1.selection), f"stage 2 did not reuse stage 1's selection at {key}"
+        assert torch.equal(stage2.fresh, stage1.selection), f"stage 2's queries choose other pages at {key}"
+        chosen = stage2.fresh.shape[3] < key[1] // PAGE  # by score, not everything (dense)
+        sparse, compared = sparse + chosen, compared + (chosen and len(calls) == 2)
+    assert sparse == layers * 3  # chunks 3-5 of every layer: 4, 6 and 8 history pages, budget 3
+    assert compared == 2  # chosen in both stages: layer 0's chunks 3 and 4 (stage 1 skips the last layer and chunk)
 
 
-def test_selection_rule():
-    """Sink and recent pages always; the rest the top scores of block-mean query . page-mean key, max over the
-    group's heads; scores recomputed here by brute force."""
+def _mean_key_scores(q_mean, k_page):
+    """q_mean [G, D] block-mean queries, k_page [n, D] a page's keys -> max over heads of q_mean . mean key."""
+    return (q_mean @ k_page.mean(0)).amax()
+
+
+def _quest_scores(q_mean, k_page):
+    """max over heads of sum_c max(q_c min_c, q_c max_c) over the page's keys' per-channel min and max."""
+    low, high = k_page.amin(0), k_page.amax(0)
+    return torch.maximum(q_mean * low, q_mean * high).sum(-1).amax()
+
+
+@pytest.mark.parametrize("rule,brute_force", [(MeanKey(), _mean_key_scores), (Quest(), _quest_scores)],
+                         ids=["meankey", "quest"])
+def test_selection_rule(rule, brute_force):
+    """Sink and recent pages always; the rest the top scores of the rule, recomputed here by brute force from the
+    keys and the block-mean queries of each group's heads."""
     B, C, H, Hkv, D, ps, q_block, n_pages = 2, 40, 4, 2, 16, 16, 16, 13
-    sel = PageSelector(64, Hkv, D, ps, budget=5 * ps, dtype=torch.float32, device=DEVICE, q_block=q_block)
+    sel = PageSelector(64, Hkv, D, ps, SparseConfig(budget=5 * ps, q_block=q_block, rule=rule), torch.float32,
+                       DEVICE)
+    assert sel.summaries.shape == (64, Hkv, *rule.summary_shape(D))
     g = torch.Generator().manual_seed(5)
     table = torch.randperm(64, generator=g)[: B * n_pages].view(B, n_pages).to(torch.int32).to(DEVICE)
     k = torch.randn(B, n_pages * ps, Hkv, D, generator=g).to(DEVICE)
@@ -204,16 +227,15 @@ def test_selection_rule():
     start = 10 * ps  # ten history pages, budget five
     chosen = sel.select(q, table, start)
     assert chosen.shape == (B, Hkv, math.ceil(C / q_block), 5)
-    page_means = k.view(B, n_pages, ps, Hkv, D).mean(2)
+    pages = k.view(B, n_pages, ps, Hkv, D)
     for b in range(B):
         for kvh in range(Hkv):
             for blk in range(chosen.shape[2]):
-                rows = q[b, blk * q_block:(blk + 1) * q_block, kvh * 2:(kvh + 1) * 2].mean(0)  # [G, D]
-                scores = (rows @ page_means[b, :10, kvh].T).amax(0)  # [10]
+                q_mean = q[b, blk * q_block:(blk + 1) * q_block, kvh * 2:(kvh + 1) * 2].mean(0)  # [G, D]
+                scores = [brute_force(q_mean, pages[b, p, :, kvh]).item() for p in range(10)]
                 got = set(chosen[b, kvh, blk].tolist())
                 assert {0, 9} <= got and len(got) == 5  # sink, recent
-                rest = [p for p in range(1, 9)]
-                top = sorted(rest, key=lambda p: -scores[p].item())[:3]
+                top = sorted(range(1, 9), key=lambda p: -scores[p])[:3]
                 assert got == {0, 9, *top}
     pages, q_start = sel.page_table(0, q, table, start)  # selected physical pages, then the chunk's own
     assert q_start == 5 * ps and pages.shape == (B, Hkv, chosen.shape[2], 5 + 3)
@@ -224,7 +246,45 @@ def test_selection_rule():
     sel.truncate(0, start)
     assert not sel.selections[0]
     with pytest.raises(ValueError, match="multiple of the page size"):
-        PageSelector(8, Hkv, D, ps, budget=40, dtype=torch.float32, device=DEVICE)
+        PageSelector(8, Hkv, D, ps, SparseConfig(budget=40, rule=rule), torch.float32, DEVICE)
+
+
+def test_quest_bounds_every_key_of_a_page():
+    """Quest's score of a page is >= the block-mean query's logit with every key the page holds (partial pages:
+    only the keys they hold), for every head of the group; it equals that logit for a page of one key (min = max:
+    nothing held past the key leaks into the summary); and, the mean key being a mix of the keys, it is >=
+    MeanKey's score."""
+    g = torch.Generator().manual_seed(21)
+    B, n, ps, Hkv, G, D, nb, q_block = 2, 5, 16, 2, 3, 16, 3, 8
+    k = torch.randn(B, n, ps, Hkv, D, generator=g) * torch.rand(1, n, 1, 1, D, generator=g) * 3
+    counts = torch.tensor([16, 9, 1, 16, 4])
+    k[:, torch.arange(ps) >= counts[:, None]] = 0.0  # zero past what a page holds, as PageSelector passes it
+    q = torch.randn(B, nb, q_block, Hkv, G, D, generator=g) + torch.randn(1, nb, 1, Hkv, G, D, generator=g)
+    q_counts = torch.tensor([8, 8, 5])
+    q[:, torch.arange(q_block)[None] >= q_counts[:, None]] = 0.0  # a partial last block
+    quest = Quest().score(q, q_counts, Quest().summarize(k, counts))  # [B, Hkv, nb, n]
+    mean_key = MeanKey().score(q, q_counts, MeanKey().summarize(k, counts))
+    q_mean = q.sum(2) / q_counts.view(1, nb, 1, 1, 1)  # [B, nb, Hkv, G, D]
+    logits = torch.einsum("bnkgd,bptkd->bkgnpt", q_mean, k)  # [B, Hkv, G, nb, n, ps]
+    held = (torch.arange(ps) < counts[:, None]).expand_as(logits)
+    best = logits.masked_fill(~held, float("-inf")).amax(-1).amax(2)  # [B, Hkv, nb, n]: best key, best head
+    assert (quest >= best - 1e-5).all()
+    torch.testing.assert_close(quest[..., 2], best[..., 2], rtol=1e-6, atol=1e-5)  # one key: the bound is tight
+    assert (quest >= mean_key - 1e-5).all()
+    assert (quest > best + 1e-3).any()  # a bound, not the max itself (which costs a pass over every key)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_index_bytes_follow_the_rule(rule):
+    """The memory plan's summary bytes (PageSelector.index_bytes) are what a store allocates, for each rule: Quest
+    keeps (min, max), twice MeanKey's."""
+    model = tiny_model(0)
+    cfg, sparse = model.config, SparseConfig(budget=64, q_block=16, rule=rule)
+    store = PagedKVStore.for_sequence(model, 2, 200, 16, torch.bfloat16, DEVICE, sparse=sparse)
+    summaries, selections, _ = PageSelector.index_bytes(cfg, 2, 200, 64, 16, torch.bfloat16, sparse)
+    assert summaries == store.selector.summaries.numel() * store.selector.summaries.element_size()
+    assert summaries == (2 if isinstance(rule, Quest) else 1) * 2 * 13 * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+    assert selections == 2 * 4 * 2 * cfg.num_key_value_heads * 4 * 4 * 4  # layers, chunks, rows, kv heads, blocks
 
 
 def test_bad_page_tables():
