@@ -1,9 +1,9 @@
 """What folding a chunk's bf16 weight gradients into fp32 `main_grad` costs, and what fusing the fold into the
 weight-gradient GEMM saves (bench/RESULTS.md, "Fused fp32 gradient accumulation"). For every Linear of one
-Qwen2.5-7B layer and the LM head, at 4096 tokens: (a) bf16 GEMM dW = dY^T X, then main_grad += dW (chunk_train.py's
+Qwen2.5-7B layer and the LM head, at 4096 tokens: (a) bf16 GEMM dW = dY^T X, then main_grad += dW (precision.py's
 fold hook, which now only serves the embedding and norms); (b) one GEMM accumulating into fp32 main_grad in place
-(addmm with out_dtype=float32, beta=1: model.Linear's way); (c) the bf16 GEMM alone (the floor). Prints ms per
-model (28 layers + head) and the fused result's error vs fp32.
+(addmm with out_dtype=float32, beta=1: precision.FP32GradLinear's way); (c) the bf16 GEMM alone (the floor).
+Prints ms per model (28 layers + head) and the fused result's error vs fp32.
 
     python3 bench/wgrad_probe.py      (on a GPU, from the repo root)
 """
