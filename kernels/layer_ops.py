@@ -25,15 +25,17 @@ def available(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and _interpreting())
 
 
-def _tile(elements):
+def _tile(elements, total):
     """Elements per program: `elements` on the GPU (a few fp32 values per thread and live tensor, so nothing spills);
-    64K under the interpreter, whose cost is per program and op, not per element."""
-    return 1 << 16 if _interpreting() else elements
+    under the interpreter, whose cost is per program and op, not per element, 64K, but no more than the `total`
+    elements to cover (rounded up to a power of two): a masked-off lane costs the interpreter as much as a live one."""
+    return min(1 << 16, triton.next_power_of_2(total)) if _interpreting() else elements
 
 
-def _rows_per_program(n_cols, elements):
+def _rows_per_program(n_rows, n_cols, elements):
     """Whole rows of n_cols per program, about _tile(elements) elements."""
-    return max(1, _tile(elements) // triton.next_power_of_2(n_cols))
+    cols = triton.next_power_of_2(n_cols)
+    return max(1, _tile(elements, n_rows * cols) // cols)
 
 
 def _check(name, t, shape=None, dtype=None, device=None):
@@ -112,7 +114,7 @@ class RMSNormFunction(torch.autograd.Function):
         rows = x.numel() // N
         y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        block_r = _rows_per_program(N, 8192)
+        block_r = _rows_per_program(rows, N, 8192)
         _rms_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](x, weight, y, rstd, rows, N, float(eps), BLOCK_R=block_r,
                                                            BLOCK_C=triton.next_power_of_2(N), num_warps=8)
         ctx.save_for_backward(x, weight, rstd)
@@ -124,7 +126,7 @@ class RMSNormFunction(torch.autograd.Function):
         dy = dy.contiguous()
         N = x.shape[-1]
         rows = x.numel() // N
-        block_r = _rows_per_program(N, 4096)
+        block_r = _rows_per_program(rows, N, 4096)
         # few programs, each looping over many rows, so that the partial dweight sums stay small
         n_programs = max(1, min(triton.cdiv(rows, block_r), _NORM_BWD_PROGRAMS))
         rows_per_program = triton.cdiv(triton.cdiv(rows, n_programs), block_r) * block_r
@@ -179,7 +181,8 @@ def swiglu_forward(gate, up):
     _check("gate", gate)
     _check("up", up, gate.shape, gate.dtype, gate.device)
     h = torch.empty_like(gate)
-    n, block = gate.numel(), _tile(2048)
+    n = gate.numel()
+    block = _tile(2048, n)
     _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, h, n, BLOCK=block)
     return h
 
@@ -193,7 +196,8 @@ def swiglu_backward(gate, up, dh, want_h=True):
     _check("dh", dh, gate.shape)
     dgate, dup = torch.empty_like(gate), torch.empty_like(gate)
     h = torch.empty_like(gate) if want_h else dgate  # dgate: a placeholder pointer the kernel never writes through
-    n, block = gate.numel(), _tile(1024)
+    n = gate.numel()
+    block = _tile(1024, n)
     _swiglu_bwd_kernel[(triton.cdiv(n, block),)](gate, up, dh, dgate, dup, h, n, STORE_H=want_h, BLOCK=block)
     return dgate, dup, h if want_h else None
 
@@ -300,7 +304,7 @@ def rope_rotate(x, cos, sin, inverse=False):
     _check("sin", sin, (T, D), torch.float32, x.device)
     y = torch.empty_like(x)
     rows = B * T * H
-    block_r = _rows_per_program(D // 2, 4096)
+    block_r = _rows_per_program(rows, D // 2, 4096)
     _rope_kernel[(triton.cdiv(rows, block_r),)](x, cos, sin, y, rows, H, T, -1.0 if inverse else 1.0,
                                                 HALF=D // 2, BLOCK_R=block_r)
     return y
