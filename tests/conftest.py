@@ -28,8 +28,8 @@ class LowRankDelta(torch.nn.Module):
         super().__init__()
         self.base = base
         like = dict(dtype=base.weight.dtype, device=base.weight.device)
-        self.A = torch.nn.Parameter((0.3 * torch.randn(base.in_features, rank, generator=generator)).to(**like))
-        self.B = torch.nn.Parameter((0.3 * torch.randn(rank, base.out_features, generator=generator)).to(**like))
+        self.A = torch.nn.Parameter((0.1 * torch.randn(base.in_features, rank, generator=generator)).to(**like))
+        self.B = torch.nn.Parameter((0.1 * torch.randn(rank, base.out_features, generator=generator)).to(**like))
 
     def forward(self, x):
         return self.base(x) + x @ self.A @ self.B
