@@ -50,12 +50,13 @@ if not torch.cuda.is_available() or any(a in ("--device=cpu", "cpu") for a in sy
 
 import triton  # noqa: E402
 
-from chunk_train import backward_chunk, chunked_step, fp32_gradients  # noqa: E402
+from chunk_train import backward_chunk, chunked_step  # noqa: E402
 from data import TokenData  # noqa: E402
 from kernels.paged_attention import gather_pages, paged_attention_backward, paged_attention_forward  # noqa: E402
 from model import PRESETS, Model, ModelConfig, preset  # noqa: E402
 from offload import OffloadedKVStore  # noqa: E402
 from paged_kv import PagedKVStore  # noqa: E402
+from precision import allocate_main_grads, drop_main_grads, fp32_gradients  # noqa: E402
 from sparse_attn import RULES, SparseConfig  # noqa: E402
 
 GiB = 2**30
@@ -256,15 +257,16 @@ def bench_step(args, device, rec):
 
     # allocate the fp32 gradients once, up front: steady memory, zeroed in place between steps
     def allocate_grads():
-        for p in params:
-            if low_precision:
-                p.main_grad = torch.zeros_like(p, dtype=torch.float32)
-            else:
+        if low_precision:
+            allocate_main_grads(model)
+        else:
+            for p in params:
                 p.grad = torch.zeros_like(p)
 
     def drop_grads():  # the baseline with bf16 params keeps plain bf16 grads, as HF training would
+        drop_main_grads(model)
         for p in params:
-            p.grad, p.main_grad = None, None
+            p.grad = None
 
     def zero_grads():
         for p in params:

@@ -18,10 +18,10 @@ After the step, the parameters' gradients are those of the mean token loss of th
 backprop would compute them, accumulated in fp32 across chunks in either of two set-ups:
   - fp32 parameters, compute under autocast (`compute_dtype`): gradients accumulate in param.grad (fp32).
   - bf16 parameters (half the weight memory, for large models): gradients accumulate in an fp32 `param.main_grad`
-    and param.grad stays None, so no sum over chunks is ever rounded to bf16. model.Linear's weight-gradient GEMM
-    adds into main_grad directly (fp32 accumulate, beta = 1); the few other parameters (embedding, norms) produce
-    a bf16 gradient per chunk that a post-accumulate-grad hook folds in. Gradients accumulate into existing
-    main_grad across steps, like param.grad does; set it to None (or zero it) to start over.
+    and param.grad stays None, so no sum over chunks is ever rounded to bf16 (precision.fp32_gradients, active
+    during stage 2: the Linear weight-gradient GEMMs add into main_grad directly, hooks fold in the rest).
+    Gradients accumulate into existing main_grad across steps, like param.grad does; set it to None (or zero it)
+    to start over.
 K/V are stored in the compute dtype, their gradients in fp32.
 
 With a sparse store (PagedKVStore or OffloadedKVStore with sparse=..., sparse_attn.py) each block of queries
@@ -29,12 +29,11 @@ attends to a budget of selected history pages; stage 1 stores the selection and 
 is the exact gradient of that sparse-attention model.
 """
 
-import contextlib
-
 import torch
 from tqdm import tqdm
 
 from paged_kv import PagedKVStore
+from precision import fp32_gradients
 
 
 class ChunkAttention:
@@ -67,15 +66,6 @@ def _autocast(model, device, compute_dtype):
     # the whole chunk (15 GB for a 7B model), defeating per-layer recomputation
     enabled = compute_dtype != next(model.parameters()).dtype
     return torch.autocast(device.type, dtype=compute_dtype, enabled=enabled, cache_enabled=False)
-
-
-def _fold_into_main_grad(param):
-    """Post-accumulate-grad hook for low-precision parameters: param.main_grad (fp32) += param.grad; drop grad.
-    (It also fires with no grad for a model.Linear weight, which wrote into main_grad itself. It is needed on
-    Linear weights too: a tied LM head's weight is the embedding's, whose gradient arrives as param.grad.)"""
-    if param.grad is not None:
-        param.main_grad.add_(param.grad)
-        param.grad = None
 
 
 def _check(model, idx, targets, chunk_size, store):
@@ -154,22 +144,6 @@ def backward_chunk(model, idx, targets, s, e, store, compute_dtype=torch.float32
     for layer in range(model.config.num_hidden_layers):
         store.truncate(layer, s)  # the chunk is retired: its K/V and gradient pages go back to the pool
     return loss
-
-
-@contextlib.contextmanager
-def fp32_gradients(model):
-    """While active, low-precision parameters accumulate each backward's gradient in fp32 param.main_grad (created
-    as zeros where missing): model.Linear writes there itself, the hooks fold in what arrives as param.grad."""
-    low_precision = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
-    for p in low_precision:
-        if getattr(p, "main_grad", None) is None:
-            p.main_grad = torch.zeros_like(p, dtype=torch.float32)
-    hooks = [p.register_post_accumulate_grad_hook(_fold_into_main_grad) for p in low_precision]
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 @torch.no_grad()

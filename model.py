@@ -17,6 +17,10 @@ CPU path and the tests' reference), and `Model.loss` runs the LM head and cross-
 backpropagating each slice at once, so a chunk's logits never exist whole. A bf16 layer keeps 5 x hidden +
 2 x intermediate values per token (tests/test_model.py pins this), half of what autograd on the formulas keeps.
 
+Every projection is a plain nn.Linear, called as a module on every path, so hooks, wrappers (LoRA) and module swaps
+from outside (precision.py's fp32 gradient accumulation) see every call. The MLP's down_proj gets h = silu(gate) * up
+through layer_ops.swiglu_into, which keeps h saved only as gate and up whatever down_proj (or its wrapper) saves.
+
 `Model.from_pretrained(dir)` reads a Hugging Face checkpoint directory (config.json + model.safetensors, or a sharded
 model.safetensors.index.json) without needing transformers; parameter names match HF's so state dicts map 1:1.
 """
@@ -186,53 +190,6 @@ def apply_rope(x, cos, sin):
     return _rotate(x, cos, sin)
 
 
-def add_matmul_fp32(out, a, b):
-    """out += a @ b for an fp32 `out`, the products summed in fp32 and never rounded to a's (bf16) dtype first."""
-    if a.dtype == torch.float32:
-        out.addmm_(a, b)
-    elif out.is_cuda:  # one GEMM: bf16 inputs, fp32 accumulate, beta = 1 onto out (cuBLAS reads and writes it)
-        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-    else:  # the CPU has no mixed-dtype GEMM; the same sum through fp32 copies (tests)
-        out.addmm_(a.float(), b.float())
-
-
-class _LinearMainGrad(torch.autograd.Function):
-    """y = x W^T + b whose backward adds dL/dW, dL/db into fp32 `main_grad` tensors instead of returning them."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, weight_main_grad, bias_main_grad):
-        ctx.save_for_backward(x, weight)
-        ctx.main_grads = weight_main_grad, bias_main_grad
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        weight_main_grad, bias_main_grad = ctx.main_grads
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # [tokens, out_features]
-        add_matmul_fp32(weight_main_grad, grad_2d.t(), x.reshape(-1, x.shape[-1]))  # [out, in] += dY^T X
-        if bias_main_grad is not None:
-            bias_main_grad += grad_2d.sum(0, dtype=torch.float32)
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None
-
-
-class Linear(nn.Linear):
-    """nn.Linear, plus fp32 gradient accumulation for low-precision weights. When the weight (and bias) carry an
-    fp32 `main_grad` tensor, as chunk_train.fp32_gradients gives every bf16 parameter, backward adds dL/dW and
-    dL/db straight into it: the weight-gradient GEMM accumulates onto main_grad in fp32 (beta = 1), instead of
-    writing a bf16 weight.grad that a second kernel then adds. Same sum with one rounding fewer, and no extra pass
-    over 2 + 8 bytes per parameter per chunk (bench/RESULTS.md). weight.grad stays None on that path."""
-
-    def forward(self, x):
-        weight_main_grad = getattr(self.weight, "main_grad", None)
-        bias_main_grad = getattr(self.bias, "main_grad", None)
-        if (weight_main_grad is None or (self.bias is not None and bias_main_grad is None)
-                or not (torch.is_grad_enabled() and self.weight.requires_grad)):
-            return F.linear(x, self.weight, self.bias)
-        return _LinearMainGrad.apply(x, self.weight, self.bias, weight_main_grad, bias_main_grad)
-
-
 class DenseAttention:
     """The default attention backend: causal attention over the q/k/v given, via SDPA (GQA handled natively)."""
 
@@ -247,10 +204,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def qkv(self, x, cos, sin):
         """x: [B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D]; q and k rotated."""
@@ -266,47 +223,19 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(x.shape[0], x.shape[1], -1))
 
 
-class _SwiGLUDown(torch.autograd.Function):
-    """down_proj(silu(gate) * up) saving only gate and up [B, T, intermediate]. The product h = silu(gate) * up,
-    which down_proj's weight gradient needs, is recomputed in backward by the same kernel that computes dL/dgate
-    and dL/dup (kernels/layer_ops.py); autograd through the plain formula saves silu(gate) and h as well, the
-    largest activations of a layer. Like model.Linear, an fp32 `main_grad` on the weight receives dL/dW."""
-
-    @staticmethod
-    def forward(ctx, gate, up, weight, weight_main_grad):
-        ctx.save_for_backward(gate, up, weight)
-        ctx.main_grad = weight_main_grad
-        return F.linear(layer_ops.swiglu_forward(gate, up), weight)  # under autocast, F.linear casts weight
-
-    @staticmethod
-    def backward(ctx, dy):
-        gate, up, weight = ctx.saved_tensors
-        dh = dy @ weight.to(dy.dtype)  # [B, T, intermediate]
-        dgate, dup, h = layer_ops.swiglu_backward(gate, up, dh)
-        dy_2d, h_2d = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])
-        weight_grad = None
-        if ctx.main_grad is not None:
-            add_matmul_fp32(ctx.main_grad, dy_2d.t(), h_2d)
-        elif ctx.needs_input_grad[2]:
-            weight_grad = (dy_2d.t() @ h_2d).to(weight.dtype)
-        return dgate, dup, weight_grad, None
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        weight = self.down_proj.weight
-        if not layer_ops.available(gate) or self.down_proj.bias is not None:
-            return self.down_proj(F.silu(gate) * up)  # the plain formula (CPU path, reference)
-        if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad or weight.requires_grad)):
-            return F.linear(layer_ops.swiglu_forward(gate, up), weight)
-        return _SwiGLUDown.apply(gate, up, weight, getattr(weight, "main_grad", None))
+        gate, up = self.gate_proj(x), self.up_proj(x)  # [B, T, intermediate]
+        if layer_ops.available(gate) and gate.is_contiguous() and up.is_contiguous():
+            # h = silu(gate) * up fused, and kept for backward as gate and up only (h is recomputed there)
+            return layer_ops.swiglu_into(self.down_proj, gate, up)
+        return self.down_proj(F.silu(gate) * up)  # the plain formula (CPU path, reference)
 
 
 class Block(nn.Module):
@@ -345,7 +274,7 @@ class Model(nn.Module):
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.model.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -5,7 +5,8 @@ the tests' references), each of these is 5-15 elementwise kernels with fp32 temp
 for backward. Here each is one pass over its inputs, and the autograd functions save only what backward needs:
 
     RMSNorm   y = weight * (x * rstd) rounded as the formula rounds; saves x and rstd [rows] fp32
-    SwiGLU    h = silu(gate) * up; backward recomputes h for the caller (model.py's down projection needs it)
+    SwiGLU    h = silu(gate) * up; saves gate and up. `swiglu_into` hands h to a consumer (model.py's down
+              projection) that saves it only as a token, recomputed once in backward
     RoPE      rotates pairs (i, i + D/2); backward is the same kernel with the angles negated; saves nothing
 
 Every kernel computes in fp32 and rounds where the PyTorch formula rounds (to the input dtype after each op),
@@ -24,15 +25,17 @@ def available(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and _interpreting())
 
 
-def _tile(elements):
+def _tile(elements, total):
     """Elements per program: `elements` on the GPU (a few fp32 values per thread and live tensor, so nothing spills);
-    64K under the interpreter, whose cost is per program and op, not per element."""
-    return 1 << 16 if _interpreting() else elements
+    under the interpreter, whose cost is per program and op, not per element, 64K, but no more than the `total`
+    elements to cover (rounded up to a power of two): a masked-off lane costs the interpreter as much as a live one."""
+    return min(1 << 16, triton.next_power_of_2(total)) if _interpreting() else elements
 
 
-def _rows_per_program(n_cols, elements):
+def _rows_per_program(n_rows, n_cols, elements):
     """Whole rows of n_cols per program, about _tile(elements) elements."""
-    return max(1, _tile(elements) // triton.next_power_of_2(n_cols))
+    cols = triton.next_power_of_2(n_cols)
+    return max(1, _tile(elements, n_rows * cols) // cols)
 
 
 def _check(name, t, shape=None, dtype=None, device=None):
@@ -111,7 +114,7 @@ class RMSNormFunction(torch.autograd.Function):
         rows = x.numel() // N
         y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        block_r = _rows_per_program(N, 8192)
+        block_r = _rows_per_program(rows, N, 8192)
         _rms_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](x, weight, y, rstd, rows, N, float(eps), BLOCK_R=block_r,
                                                            BLOCK_C=triton.next_power_of_2(N), num_warps=8)
         ctx.save_for_backward(x, weight, rstd)
@@ -123,7 +126,7 @@ class RMSNormFunction(torch.autograd.Function):
         dy = dy.contiguous()
         N = x.shape[-1]
         rows = x.numel() // N
-        block_r = _rows_per_program(N, 4096)
+        block_r = _rows_per_program(rows, N, 4096)
         # few programs, each looping over many rows, so that the partial dweight sums stay small
         n_programs = max(1, min(triton.cdiv(rows, block_r), _NORM_BWD_PROGRAMS))
         rows_per_program = triton.cdiv(triton.cdiv(rows, n_programs), block_r) * block_r
@@ -157,10 +160,9 @@ def _swiglu_fwd_kernel(G, U, H, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_bwd_kernel(G, U, DH, DG, DU, H, n, BLOCK: tl.constexpr):
-    # grid as the forward: dL/dgate, dL/dup from dL/dh, and h recomputed (what the down projection's weight
-    # gradient needs). As autograd on the formula: du = dh * s, ds = dh * u (in the dtype), then silu's backward
-    # in fp32: dg = ds * sig * (1 + g * (1 - sig)).
+def _swiglu_bwd_kernel(G, U, DH, DG, DU, H, n, STORE_H: tl.constexpr, BLOCK: tl.constexpr):
+    # grid as the forward: dL/dgate, dL/dup from dL/dh, and (STORE_H) h recomputed. As autograd on the formula:
+    # du = dh * s, ds = dh * u (in the dtype), then silu's backward in fp32: dg = ds * sig * (1 + g * (1 - sig)).
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
@@ -170,7 +172,8 @@ def _swiglu_bwd_kernel(G, U, DH, DG, DU, H, n, BLOCK: tl.constexpr):
     ds = (dh * u).to(H.dtype.element_ty).to(tl.float32)
     tl.store(DU + offs, (dh * s).to(DU.dtype.element_ty), mask=ok)
     tl.store(DG + offs, (ds * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=ok)
-    tl.store(H + offs, (s * u).to(H.dtype.element_ty), mask=ok)
+    if STORE_H:
+        tl.store(H + offs, (s * u).to(H.dtype.element_ty), mask=ok)
 
 
 def swiglu_forward(gate, up):
@@ -178,21 +181,90 @@ def swiglu_forward(gate, up):
     _check("gate", gate)
     _check("up", up, gate.shape, gate.dtype, gate.device)
     h = torch.empty_like(gate)
-    n, block = gate.numel(), _tile(2048)
+    n = gate.numel()
+    block = _tile(2048, n)
     _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, h, n, BLOCK=block)
     return h
 
 
-def swiglu_backward(gate, up, dh):
-    """-> (dL/dgate, dL/dup, h) for h = silu(gate) * up and dL/dh = dh (all gate's shape and dtype)."""
+def swiglu_backward(gate, up, dh, want_h=True):
+    """-> (dL/dgate, dL/dup, h) for h = silu(gate) * up and dL/dh = dh (all gate's shape and dtype); h is None
+    unless want_h (then the kernel skips writing it)."""
     _check("gate", gate)
     _check("up", up, gate.shape, gate.dtype, gate.device)
     dh = dh.to(gate.dtype).contiguous()
     _check("dh", dh, gate.shape)
-    dgate, dup, h = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(gate)
-    n, block = gate.numel(), _tile(1024)
-    _swiglu_bwd_kernel[(triton.cdiv(n, block),)](gate, up, dh, dgate, dup, h, n, BLOCK=block)
-    return dgate, dup, h
+    dgate, dup = torch.empty_like(gate), torch.empty_like(gate)
+    h = torch.empty_like(gate) if want_h else dgate  # dgate: a placeholder pointer the kernel never writes through
+    n = gate.numel()
+    block = _tile(1024, n)
+    _swiglu_bwd_kernel[(triton.cdiv(n, block),)](gate, up, dh, dgate, dup, h, n, STORE_H=want_h, BLOCK=block)
+    return dgate, dup, h if want_h else None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """h = silu(gate) * up, saving gate and up [..., intermediate] only. A consumer of h that saved h through
+    swiglu_into's hooks gets it back from `recomputed_output(node)` (node: h.grad_fn), computed once and kept on
+    the node until the node's own backward, which runs after every consumer's (autograd's topological order)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        ctx.inputs = ctx.recomputed = None
+        return swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, up = SwiGLUFunction._saved_inputs(ctx)
+        ctx.inputs = ctx.recomputed = None  # every consumer of h is done with it
+        dgate, dup, _ = swiglu_backward(gate, up, dh, want_h=False)
+        return dgate, dup
+
+    @staticmethod
+    def _saved_inputs(node):
+        # unpacked once per backward and kept: saved-tensor hooks may allow only one unpack (checkpointing does)
+        if node.inputs is None:
+            node.inputs = node.saved_tensors
+        return node.inputs
+
+    @staticmethod
+    def recomputed_output(node):
+        if node.recomputed is None:
+            node.recomputed = swiglu_forward(*SwiGLUFunction._saved_inputs(node))
+        return node.recomputed
+
+
+class _SaveAsRecompute:
+    """Saved-tensor hooks that store h (or any view of it) as its geometry and unpack it as the same view of h
+    recomputed by SwiGLUFunction.recomputed_output; every other saved tensor passes through untouched."""
+
+    def __init__(self, h):
+        self.node, self.dtype, self.device = h.grad_fn, h.dtype, h.device
+        self.storage = h.untyped_storage().data_ptr()  # not h itself: holding h would keep it alive
+
+    def pack(self, t):
+        if (type(t) is torch.Tensor and t.device == self.device and t.dtype == self.dtype
+                and t.untyped_storage().data_ptr() == self.storage):
+            return t.shape, t.stride(), t.storage_offset()
+        return t
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        return SwiGLUFunction.recomputed_output(self.node).as_strided(*packed)
+
+
+def swiglu_into(consumer, gate, up):
+    """consumer(silu(gate) * up) with h never saved for backward: the consumer (a module: its hooks, wrappers and
+    weight gradients all see h) saves tokens instead, and backward recomputes h once from gate and up, the only
+    tensors this saves. Autograd through the formula would save silu(gate) and h as well, a layer's largest
+    activations. gate, up: contiguous, same shape and dtype."""
+    h = SwiGLUFunction.apply(gate, up)
+    if h.grad_fn is None or h.numel() == 0:  # no graph (no grad needed): nothing is saved
+        return consumer(h)
+    hooks = _SaveAsRecompute(h)
+    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        return consumer(h)
 
 
 # ------------------------------------------------------------------------------------------------ RoPE
@@ -232,7 +304,7 @@ def rope_rotate(x, cos, sin, inverse=False):
     _check("sin", sin, (T, D), torch.float32, x.device)
     y = torch.empty_like(x)
     rows = B * T * H
-    block_r = _rows_per_program(D // 2, 4096)
+    block_r = _rows_per_program(rows, D // 2, 4096)
     _rope_kernel[(triton.cdiv(rows, block_r),)](x, cos, sin, y, rows, H, T, -1.0 if inverse else 1.0,
                                                 HALF=D // 2, BLOCK_R=block_r)
     return y

@@ -18,3 +18,31 @@ def wide_kv_tiles(monkeypatch):
     import kernels.paged_attention as pa
     monkeypatch.setattr(pa, "_launch_config",
                         lambda kind, *args: (32, 64, 4, 1) if kind == "dkdv" else (16, 32, 4, 1))
+
+
+class LowRankDelta(torch.nn.Module):
+    """A LoRA-like wrapper written for the tests: base(x) + x @ A @ B, the wrapped nn.Linear its child `base`,
+    A [in, rank] and B [rank, out] random in the base weight's dtype."""
+
+    def __init__(self, base, rank, generator):
+        super().__init__()
+        self.base = base
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.A = torch.nn.Parameter((0.1 * torch.randn(base.in_features, rank, generator=generator)).to(**like))
+        self.B = torch.nn.Parameter((0.1 * torch.randn(rank, base.out_features, generator=generator)).to(**like))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.A @ self.B
+
+
+@pytest.fixture
+def wrap_linears():
+    """wrap(module, rank=2, seed=0): replace every nn.Linear inside `module` by a LowRankDelta around it."""
+    def wrap(module, rank=2, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        for parent in list(module.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    setattr(parent, name, LowRankDelta(child, rank, g))
+        return module
+    return wrap

@@ -75,6 +75,39 @@ def test_swiglu_matches_formula(dtype, tol):
     close(h, ref, tol)
     close(dgate, rdg, tol)
     close(dup, rdu, tol)
+    dgate2, dup2, none = layer_ops.swiglu_backward(gate, up, dh, want_h=False)  # the same, without writing h
+    assert none is None and torch.equal(dgate2, dgate) and torch.equal(dup2, dup)
+
+
+def test_swiglu_into_recomputes_what_consumers_saved(monkeypatch):
+    """swiglu_into(consumer, gate, up) with a consumer that saves h three ways (a Linear's input, a transposed view,
+    a strided slice): output and gradients (gate, up, the consumer's weights) as autograd on the formula in fp32,
+    and backward recomputes h exactly once (two SwiGLU forward calls in all)."""
+    calls = []
+    real = layer_ops.swiglu_forward
+    monkeypatch.setattr(layer_ops, "swiglu_forward", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(8)
+    gate, up = (torch.randn(2, 5, 12, generator=g).to(DEVICE) for _ in range(2))
+    linear = torch.nn.Linear(12, 7).to(DEVICE)
+    w = torch.randn(5, 3, generator=g).to(DEVICE).requires_grad_()
+    dy = torch.randn(2, 5, 7, generator=g).to(DEVICE)
+
+    def consumer(h):  # [2, 5, 12] -> [2, 5, 7]
+        return linear(h) + (h.transpose(1, 2) @ w).sum() + (h[:, ::2, 1:4] ** 2).sum()
+
+    params = [w, *linear.parameters()]
+
+    def run(fn):
+        leaves = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+        out = fn(*leaves)
+        return out, torch.autograd.grad(out, [*leaves, *params], dy)
+
+    fused, fused_grads = run(lambda a, b: layer_ops.swiglu_into(consumer, a, b))
+    assert len(calls) == 2
+    ref, ref_grads = run(lambda a, b: consumer(F.silu(a) * b))
+    close(fused, ref, 1e-5)
+    for a, b in zip(fused_grads, ref_grads):
+        close(a, b, 1e-5)
 
 
 def test_launchers_reject_bad_input():

@@ -14,18 +14,13 @@ from chunk_train import chunked_step
 from export import export_hf
 from lora import (LORA_TARGETS, AdapterError, LoRALinear, apply_lora, load_peft_adapter, lora_modules, merge_lora,
                   save_peft_adapter)
-from model import Linear, Model, ModelConfig
+from model import Model, ModelConfig
 from paged_kv import ReferenceKVStore
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 VOCAB = 300
-# Targets of the tests that run our model's unmerged forward. On the CPU (Triton interpreter) and the GPU, model.py's
-# MLP currently takes a fused SwiGLU -> down_proj path that reads down_proj.weight directly, which a LoRALinear does
-# not have (a loud AttributeError, never a silently dropped adapter). Widen to LORA_TARGETS once MLP calls
-# down_proj as a module. down_proj is covered meanwhile through merge_lora and peft (test_all_seven_targets_...).
-FORWARD_TARGETS = tuple(t for t in LORA_TARGETS if t != "down_proj")
 
 
 def random_model(tied: bool = False, seed: int = 0, layers: int = 2) -> Model:
@@ -72,7 +67,7 @@ def max_err(a, b):
 def test_lora_linear_matches_formula_fp32():
     """base(x) + (alpha / r) (x A^T) B^T and its gradients (x, A, B) against fp64 autograd; init as PEFT's."""
     torch.manual_seed(0)
-    layer = LoRALinear(Linear(24, 40, bias=True), rank=4, alpha=8)
+    layer = LoRALinear(torch.nn.Linear(24, 40, bias=True), rank=4, alpha=8)
     assert torch.all(layer.lora_B == 0) and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
     assert 0 < layer.lora_A.abs().max() <= 1 / math.sqrt(24)  # kaiming_uniform(a=sqrt 5): bound 1/sqrt(fan_in)
     with torch.no_grad():
@@ -98,7 +93,7 @@ def test_lora_linear_bf16_base_under_autocast():
     """bf16 frozen base, fp32 adapters, bf16 autocast: a bf16 output and fp32 adapter gradients, within bf16
     rounding (rel. error <= 3e-2) of the fp64 formula."""
     torch.manual_seed(1)
-    base = Linear(32, 48, bias=True).to(torch.bfloat16).requires_grad_(False)
+    base = torch.nn.Linear(32, 48, bias=True).to(torch.bfloat16).requires_grad_(False)
     layer = LoRALinear(base, rank=8, alpha=16)
     with torch.no_grad():
         layer.lora_B.normal_()
@@ -129,7 +124,7 @@ def test_apply_lora_wraps_targets_and_freezes_the_rest():
     model, idx = random_model(), tokens()
     with torch.no_grad():
         base_logits = model(idx)
-        apply_lora(model, rank=4, alpha=8, targets=FORWARD_TARGETS)
+        apply_lora(model, rank=4, alpha=8, targets=LORA_TARGETS)
         assert torch.equal(model(idx), base_logits)  # B = 0: training starts from the base model exactly
 
 
@@ -141,11 +136,11 @@ def test_peft_loads_our_adapter_with_our_logits(tmp_path):
     hf = hf_twin(model)
     with torch.no_grad():
         base_logits = hf(idx).logits
-    apply_lora(model, rank=4, alpha=8, targets=FORWARD_TARGETS)
+    apply_lora(model, rank=4, alpha=8, targets=LORA_TARGETS)
     randomize_adapters(model)
     save_peft_adapter(model, str(tmp_path / "lora"), base_model_name_or_path="Qwen/Qwen2.5-0.5B")
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (4, 8, list(FORWARD_TARGETS))
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (4, 8, list(LORA_TARGETS))
     assert config["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B"
     peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "lora")).eval()
     with torch.no_grad():
@@ -158,7 +153,7 @@ def test_we_load_peft_saved_adapter_with_its_logits(tmp_path):
     """The other direction: an adapter written by peft itself (its full adapter_config.json) loads into our model."""
     model, idx = random_model(tied=True, seed=2), tokens(2)
     hf = hf_twin(model)
-    lora_config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=list(FORWARD_TARGETS), lora_dropout=0.0)
+    lora_config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=list(LORA_TARGETS), lora_dropout=0.0)
     peft_model = peft.get_peft_model(hf, lora_config).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -168,7 +163,7 @@ def test_we_load_peft_saved_adapter_with_its_logits(tmp_path):
         theirs = peft_model(idx).logits
     peft_model.save_pretrained(str(tmp_path / "lora"))
     load_peft_adapter(model, str(tmp_path / "lora"))  # applies LoRA with the adapter's r, alpha and targets
-    assert len(lora_modules(model)) == 6 * model.config.num_hidden_layers
+    assert len(lora_modules(model)) == len(LORA_TARGETS) * model.config.num_hidden_layers
     with torch.no_grad():
         assert max_err(model(idx), theirs) <= 1e-4
 
@@ -192,7 +187,7 @@ def test_save_load_round_trip(tmp_path):
 
 def test_merge_lora_equals_unmerged_forward():
     model, idx = random_model(tied=True, seed=5), tokens(5)
-    apply_lora(model, rank=4, alpha=8, targets=FORWARD_TARGETS)
+    apply_lora(model, rank=4, alpha=8, targets=LORA_TARGETS)
     randomize_adapters(model, seed=5)
     with torch.no_grad():
         unmerged = model(idx)
@@ -200,7 +195,7 @@ def test_merge_lora_equals_unmerged_forward():
         merged = model(idx)
     assert not lora_modules(model)
     assert set(model.state_dict()) == set(random_model(tied=True).state_dict())  # a plain model again
-    assert isinstance(model.model.layers[0].self_attn.q_proj, Linear)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert max_err(merged, unmerged) <= 1e-5
 
 
@@ -229,7 +224,7 @@ def test_chunked_gradients_with_lora_equal_full_sequence():
     the loss and every adapter's gradient; the frozen base gets none. One layer: the Triton interpreter's cost is
     per kernel launch, and chunk_train's own tests cover deeper models; what is new here is LoRA in the chunks."""
     model = random_model(seed=7, layers=1)
-    apply_lora(model, rank=4, alpha=8, targets=FORWARD_TARGETS)
+    apply_lora(model, rank=4, alpha=8, targets=LORA_TARGETS)
     randomize_adapters(model, seed=7)
     model.train()
     idx, targets = tokens(7, seq=96), tokens(8, seq=96)

@@ -1,12 +1,17 @@
 """model.py against naive references and against transformers' Qwen2ForCausalLM (logit parity)."""
 
+import contextlib
 import json
 import math
 
 import pytest
 import torch
 
-from model import DenseAttention, Linear, Model, ModelConfig, apply_rope, preset, rope_cos_sin
+import torch.nn as nn
+
+from kernels import layer_ops
+from model import DenseAttention, Model, ModelConfig, apply_rope, preset, rope_cos_sin
+from precision import FP32GradLinear
 
 
 def naive_rope(x, positions, theta):
@@ -19,37 +24,6 @@ def naive_rope(x, positions, theta):
         a, b = x[..., i].double(), x[..., i + D // 2].double()
         out[..., i], out[..., i + D // 2] = a * c - b * s, a * s + b * c
     return out
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_accumulates_fp32_main_grad(bias):
-    """bf16 Linear with fp32 main_grad tensors: two backwards add dL/dW, dL/db into them (fp32 sums of the bf16
-    products; tolerance: fp32 rounding of 48-term sums), weight.grad stays None, and dL/dx is plain autograd's."""
-    torch.manual_seed(0)
-    layer = Linear(24, 40, bias=bias).to(torch.bfloat16)
-    params = [p for p in (layer.weight, layer.bias) if p is not None]
-    for p in params:
-        p.main_grad = torch.randn_like(p, dtype=torch.float32)  # existing gradient: backward must add to it
-    start = [p.main_grad.clone() for p in params]
-    xs = [torch.randn(2, 12, 24, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
-    gs = [torch.randn(2, 12, 40, dtype=torch.bfloat16) for _ in range(2)]
-    for x, g in zip(xs, gs):
-        layer(x).backward(g)
-    assert all(p.grad is None for p in params)
-    x_all = torch.cat([x.detach() for x in xs]).flatten(0, 1).double()  # [48, 24]
-    g_all = torch.cat(gs).flatten(0, 1).double()  # [48, 40]
-    torch.testing.assert_close(layer.weight.main_grad.double(), start[0].double() + g_all.t() @ x_all,
-                               rtol=1e-5, atol=1e-5)
-    if bias:
-        torch.testing.assert_close(layer.bias.main_grad.double(), start[1].double() + g_all.sum(0),
-                                   rtol=1e-5, atol=1e-5)
-    plain = torch.nn.Linear(24, 40, bias=bias).to(torch.bfloat16)
-    plain.load_state_dict(layer.state_dict())
-    x = xs[0].detach().requires_grad_()
-    plain(x).backward(gs[0])
-    torch.testing.assert_close(xs[0].grad, x.grad, rtol=0, atol=0)
-    with torch.no_grad():  # without grad (or without main_grad) it is nn.Linear
-        torch.testing.assert_close(layer(xs[0]), plain(xs[0]), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("start", [0, 1000, 123456])
@@ -173,10 +147,10 @@ def test_from_pretrained_errors(tmp_path):
 
 @pytest.mark.parametrize("main_grad", [False, True])
 def test_swiglu_down_matches_plain_formula(main_grad):
-    """MLP's fused silu(gate) * up -> down_proj (kernels/layer_ops.py, here under the interpreter on a CPU) vs
-    plain autograd in fp64. With `main_grad` tensors on the weights,
-    the weight gradients must land there (added to what they hold) and weight.grad stay None (with bf16 weights
-    this is chunk_train's set-up; the mixed-dtype GEMM is test_linear_accumulates_fp32_main_grad's)."""
+    """MLP's fused silu(gate) * up -> down_proj (kernels/layer_ops.py, here under the interpreter on a CPU; down_proj
+    saves h as a token, recomputed in backward) vs plain autograd in fp64. With `main_grad`, the Linears are
+    precision.FP32GradLinear with fp32 main_grad tensors on the weights: the weight gradients must land there
+    (added to what they hold, down_proj's from the recomputed h) and weight.grad stay None."""
     from model import MLP
     torch.manual_seed(3)
     cfg = ModelConfig(hidden_size=24, intermediate_size=40, num_attention_heads=2, num_key_value_heads=1)
@@ -188,6 +162,8 @@ def test_swiglu_down_matches_plain_formula(main_grad):
     ref.backward(dy.double())
     start = {}
     if main_grad:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(mlp, name, FP32GradLinear.from_linear(getattr(mlp, name)))
         for name, p in mlp.named_parameters():
             p.main_grad = torch.randn_like(p, dtype=torch.float32)  # backward must add to what it holds
             start[name] = p.main_grad.clone()
@@ -204,16 +180,58 @@ def test_swiglu_down_matches_plain_formula(main_grad):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-def test_layer_saves_only_what_backward_needs():
+@pytest.mark.parametrize("fused", [True, False])
+def test_forward_hooks_fire_on_every_linear(monkeypatch, fused):
+    """Every projection is called as its module on both paths (fused ops: CUDA, or the interpreter on a CPU; plain
+    formulas otherwise): a forward hook on each nn.Linear fires once per forward, and what it returns is used -
+    here doubling every projection's output, checked against a model whose weights and biases are doubled."""
+    if not fused:
+        monkeypatch.setattr(layer_ops, "available", lambda t: False)
+    torch.manual_seed(6)
+    cfg = ModelConfig(**{**preset("tiny").__dict__, "tie_word_embeddings": False})
+    model, doubled = Model(cfg), Model(cfg)
+    idx = torch.randint(0, 256, (2, 9))
+    assert layer_ops.available(model.embed(idx)) == fused  # the path under test
+    doubled.load_state_dict({k: 2 * v if "proj" in k or "lm_head" in k else v for k, v in model.state_dict().items()})
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert len(linears) == 7 * cfg.num_hidden_layers + 1
+    fired = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda mod, args, out, name=name: fired.append(name) or 2 * out)
+    out = model(idx)
+    assert sorted(fired) == sorted(linears)
+    ref = doubled(idx)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)  # dL/dW of the doubled model's weight 2W is half of dL/dW through the hook
+    for (name, p), q in zip(model.named_parameters(), doubled.parameters()):
+        scale = 2 if "proj" in name or "lm_head" in name else 1
+        torch.testing.assert_close(p.grad, scale * q.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_layer_saves_only_what_backward_needs(monkeypatch, wrap_linears, wrapped):
     """The bytes a bf16 layer saves for backward, per token: its two norm inputs, the two normalised inputs (read by
     the projections' weight gradients), the attention output (o_proj's input), gate and up - 5 * hidden +
     2 * intermediate values - plus two fp32 inverse RMS values. (The attention backend's own saves are not counted:
-    this one saves nothing.) The plain formulas saved about twice as much; train.py's memory plan relies on this."""
+    this one saves nothing.) The plain formulas saved about twice as much; train.py's memory plan relies on this.
+    h = silu(gate) * up is never saved: backward recomputes it exactly once (two SwiGLU forward calls in all), even
+    when `wrapped` makes the MLP's Linears LowRankDelta wrappers (two consumers of h in down_proj's) under
+    precision.fp32_gradients; the gate and up wrappers' x @ A [tokens, rank] is then saved as well."""
     from model import Block
+    from precision import fp32_gradients
     torch.manual_seed(4)
     cfg = preset("tiny")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the fused ops run (CPU: the interpreter)
     block = Block(cfg, 0).to(torch.bfloat16).to(device)
+    rank = 3
+    if wrapped:
+        wrap_linears(block.mlp, rank=rank)
+    swiglu_calls = []
+    real_swiglu = layer_ops.swiglu_forward
+    monkeypatch.setattr(layer_ops, "swiglu_forward", lambda *a: swiglu_calls.append(1) or real_swiglu(*a))
     B, T = 2, 16
     x = torch.randn(B, T, cfg.hidden_size, dtype=torch.bfloat16, device=device, requires_grad=True)
     cos, sin = (t.to(device) for t in rope_cos_sin(torch.arange(T), cfg.head_dim, cfg.rope_theta))
@@ -225,12 +243,19 @@ def test_layer_saves_only_what_backward_needs():
             saved[t.data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = block(x, cos, sin, lambda q, k, v, layer: q * 1.0)  # a backend saving nothing
-    want = B * T * (2 * (5 * cfg.hidden_size + 2 * cfg.intermediate_size) + 2 * 4)
-    assert sum(saved.values()) == want, (sorted(saved.values()), want)
-    out.float().sum().backward()  # and the saved tensors suffice for backward
+    with fp32_gradients(block) if wrapped else contextlib.nullcontext():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = block(x, cos, sin, lambda q, k, v, layer: q * 1.0)  # a backend saving nothing
+        want = B * T * (2 * (5 * cfg.hidden_size + 2 * cfg.intermediate_size) + 2 * 4)
+        if wrapped:
+            want += 2 * B * T * rank * 2
+        assert sum(saved.values()) == want, (sorted(saved.values()), want)
+        out.float().sum().backward()  # and the saved tensors suffice for backward
     assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+    assert len(swiglu_calls) == 2
+    if wrapped:  # (k_proj, v_proj get no gradient from this backend)
+        assert all(p.grad is None for p in block.parameters())
+        assert all(p.main_grad.abs().sum() > 0 for p in block.mlp.parameters())
 
 
 def test_sliced_loss_matches_cross_entropy(monkeypatch):
