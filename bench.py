@@ -52,7 +52,8 @@ import triton  # noqa: E402
 
 from chunk_train import backward_chunk, chunked_step, fp32_gradients  # noqa: E402
 from data import TokenData  # noqa: E402
-from kernels.paged_attention import gather_pages, paged_attention_backward, paged_attention_forward  # noqa: E402
+from kernels.paged_attention import paged_attention_backward, paged_attention_forward  # noqa: E402
+from kernels.paged_reference import gather_pages  # noqa: E402
 from model import PRESETS, Model, ModelConfig, preset  # noqa: E402
 from offload import OffloadedKVStore  # noqa: E402
 from paged_kv import PagedKVStore  # noqa: E402

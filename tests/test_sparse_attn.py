@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from chunk_train import chunked_step
-from kernels.paged_attention import paged_attention_backward, paged_attention_forward, paged_attention_reference
+from kernels.paged_attention import paged_attention_backward, paged_attention_forward
+from kernels.paged_reference import paged_attention_reference
 from paged_kv import PagedKVStore
 from sparse_attn import PageSelector, sparse_attention_reference
 from test_chunk_train import assert_grads_match, full_sequence_grads, tiny_model
