@@ -139,6 +139,67 @@ class _Streams:
                 stream.wait_event(event)
 
 
+class _BufferCache:
+    """The GPU buffers and what moves through them: loads of host pages (h2d) and write-backs of gradient pages
+    (d2h), ordered by events (see the module docstring). tables: the store's tables[layer][b] (physical pages)."""
+
+    def __init__(self, pool, streams, tables, batch, cache_pages, page_shape, dtype, grad_dtype, device):
+        self.pool, self.streams, self.tables, self.batch, self.cache_pages = pool, streams, tables, batch, cache_pages
+        self.buffers = [_Buffer(batch, cache_pages, page_shape, dtype, grad_dtype, device) for _ in range(NUM_BUFFERS)]
+        self.clock = 0
+        self.kv_written = [None] * len(tables)  # event: the layer's last K/V append reached the host
+        self.grad_written = [None] * len(tables)  # event: the layer's last gradient write-back reached the host
+
+    def fetch(self, load, avoid=None):
+        """A buffer holding `load`'s pages: the one prefetched for it, or another one, loaded now. Of the others,
+        the least recently used: with three buffers, loading part j + 1 waits neither for part j (computing)
+        nor for part j - 1's write-back (in flight), only for part j - 2's, long done."""
+        self.clock += 1
+        for buf in self.buffers:
+            if buf.load is not None and buf.load.key == load.key:
+                buf.used = self.clock
+                return buf
+        free = [b for b in self.buffers if b is not avoid]
+        buf = min(free, key=lambda b: (b.load is not None, b.used))  # rather not overwrite a prefetched one
+        buf.used = self.clock
+        self._load(buf, load)
+        return buf
+
+    def _load(self, buf, load):
+        cap, pool, streams = self.cache_pages, self.pool, self.streams
+        streams.wait(streams.h2d, *buf.busy)
+        if len(load.history_rows(0)):
+            streams.wait(streams.h2d, self.kv_written[load.layer])
+        if load.backward:
+            streams.wait(streams.h2d, self.grad_written[load.layer])
+        with streams.on(streams.h2d):
+            for b in range(self.batch):
+                # the own pages' K/V come from the compute stream (and in a forward may not be appended yet)
+                history = self.tables[load.layer][b][load.history_rows(b)]
+                pool.copy_in("k", buf.k[b * cap:b * cap + len(history)], history)
+                pool.copy_in("v", buf.v[b * cap:b * cap + len(history)], history)
+                if load.backward:  # gradient pages never written back this step are zero: no copy
+                    pages = self.tables[load.layer][b][load.rows[b]]
+                    slots = slice(b * cap, b * cap + len(pages))
+                    pool.copy_in("dk", buf.dk[slots], pages, pool.dirty[pages])
+                    pool.copy_in("dv", buf.dv[slots], pages, pool.dirty[pages])
+        buf.load, buf.loaded, buf.busy = load, streams.record(streams.h2d), []
+
+    def write_back(self, buf):
+        """Copy the buffer's history gradient pages (updated by the compute stream) back to their host pages."""
+        load, cap, streams = buf.load, self.cache_pages, self.streams
+        streams.wait(streams.d2h, streams.record(None))
+        with streams.on(streams.d2h):
+            for b in range(self.batch):
+                pages = self.tables[load.layer][b][load.history_rows(b)]
+                self.pool.dirty[pages] = True
+                slots = slice(b * cap, b * cap + len(pages))
+                self.pool.copy_out("dk", buf.dk[slots], pages)
+                self.pool.copy_out("dv", buf.dv[slots], pages)
+        self.grad_written[load.layer] = streams.record(streams.d2h)
+        buf.busy.append(self.grad_written[load.layer])
+
+
 class _Call:
     """The attention seam's view of one (layer, chunk) call (attention.History): its parts, streamed."""
     chunk_kv_in_pages = False  # the parts get the chunk's k, v copied in: the backward keeps them
@@ -174,12 +235,10 @@ class OffloadedKVStore:
         self.versions = [0] * num_layers  # see _plan
 
         self.cache_pages = cache_tokens // page_size
-        self.buffers = [_Buffer(batch, self.cache_pages, page_shape, dtype, grad_dtype, device)
-                        for _ in range(NUM_BUFFERS)]
-        self.clock = 0
         self.streams = _Streams(device)
-        self.kv_written = [None] * num_layers  # event: the layer's last K/V append reached the host
-        self.grad_written = [None] * num_layers  # event: the layer's last gradient write-back reached the host
+        self.cache = _BufferCache(self.pool, self.streams, self.tables, batch, self.cache_pages, page_shape, dtype,
+                                  grad_dtype, device)
+        self.buffers = self.cache.buffers
         self.next_call = {}  # (layer, backward) -> the call that followed it last time, for prefetching
         self.last_call = None
         self.kernel = kernel or default_kernel(device)
@@ -258,7 +317,7 @@ class OffloadedKVStore:
         if streams.cuda:
             k.record_stream(streams.d2h)
             v.record_stream(streams.d2h)
-        self.kv_written[layer] = streams.record(streams.d2h)
+        self.cache.kv_written[layer] = streams.record(streams.d2h)
         self.lengths[layer] = start + T
 
     # ------------------------------------------------------------------------------------------ the cache
@@ -298,55 +357,6 @@ class OffloadedKVStore:
                 del self.sparse_plans[next(iter(self.sparse_plans))]
         return self.sparse_plans[key]
 
-    def _fetch(self, load, avoid=None):
-        """A buffer holding `load`'s pages: the one prefetched for it, or another one, loaded now. Of the others,
-        the least recently used: with three buffers, loading part j + 1 waits neither for part j (computing)
-        nor for part j - 1's write-back (in flight), only for part j - 2's, long done."""
-        self.clock += 1
-        for buf in self.buffers:
-            if buf.load is not None and buf.load.key == load.key:
-                buf.used = self.clock
-                return buf
-        free = [b for b in self.buffers if b is not avoid]
-        buf = min(free, key=lambda b: (b.load is not None, b.used))  # rather not overwrite a prefetched one
-        buf.used = self.clock
-        self._load(buf, load)
-        return buf
-
-    def _load(self, buf, load):
-        cap, pool, streams = self.cache_pages, self.pool, self.streams
-        streams.wait(streams.h2d, *buf.busy)
-        if len(load.history_rows(0)):
-            streams.wait(streams.h2d, self.kv_written[load.layer])
-        if load.backward:
-            streams.wait(streams.h2d, self.grad_written[load.layer])
-        with streams.on(streams.h2d):
-            for b in range(self.batch):
-                # the own pages' K/V come from the compute stream (and in a forward may not be appended yet)
-                history = self.tables[load.layer][b][load.history_rows(b)]
-                pool.copy_in("k", buf.k[b * cap:b * cap + len(history)], history)
-                pool.copy_in("v", buf.v[b * cap:b * cap + len(history)], history)
-                if load.backward:  # gradient pages never written back this step are zero: no copy
-                    pages = self.tables[load.layer][b][load.rows[b]]
-                    slots = slice(b * cap, b * cap + len(pages))
-                    pool.copy_in("dk", buf.dk[slots], pages, pool.dirty[pages])
-                    pool.copy_in("dv", buf.dv[slots], pages, pool.dirty[pages])
-        buf.load, buf.loaded, buf.busy = load, streams.record(streams.h2d), []
-
-    def _write_back(self, buf):
-        """Copy the buffer's history gradient pages (updated by the compute stream) back to their host pages."""
-        load, cap, streams = buf.load, self.cache_pages, self.streams
-        streams.wait(streams.d2h, streams.record(None))
-        with streams.on(streams.d2h):
-            for b in range(self.batch):
-                pages = self.tables[load.layer][b][load.history_rows(b)]
-                self.pool.dirty[pages] = True
-                slots = slice(b * cap, b * cap + len(pages))
-                self.pool.copy_out("dk", buf.dk[slots], pages)
-                self.pool.copy_out("dv", buf.dv[slots], pages)
-        self.grad_written[load.layer] = streams.record(streams.d2h)
-        buf.busy.append(self.grad_written[load.layer])
-
     def _stream(self, layer, backward, start, end):
         """Yield (load, buffer) for each part of a call, loaded and ready for the compute stream; the next part
         loads while the caller computes on this one - unless, in a backward, it shares gradient pages with this
@@ -363,17 +373,17 @@ class OffloadedKVStore:
         following = (self._plan(*guess, start, end) or [])[:1] if guess else []
         loads = self._plan(layer, backward, start, end)
         todo = loads + following  # the guessed part is only loaded, not yielded
-        buf = self._fetch(todo[0]) if todo else None
+        buf = self.cache.fetch(todo[0]) if todo else None
         for j, load in enumerate(loads):
             late = backward and load.shares_next
-            nxt = self._fetch(todo[j + 1], avoid=buf) if j + 1 < len(todo) and not late else None
+            nxt = self.cache.fetch(todo[j + 1], avoid=buf) if j + 1 < len(todo) and not late else None
             self.streams.wait(None, buf.loaded)
             yield load, buf
             buf.busy = [self.streams.record(None)]
             if load.backward and len(load.history_rows(0)):  # the own pages' gradient goes to autograd
-                self._write_back(buf)
+                self.cache.write_back(buf)
             buf.load = None
-            buf = self._fetch(todo[j + 1], avoid=buf) if late else nxt
+            buf = self.cache.fetch(todo[j + 1], avoid=buf) if late else nxt
         if backward:
             self.versions[layer] += 1
 

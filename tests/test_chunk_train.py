@@ -3,7 +3,8 @@
 The reference store (contiguous buffers, PyTorch attention) checks the algorithm over many configurations; the paged
 store with the Triton kernel (CPU interpreter here, real kernels on a GPU) checks the real path on fewer, as the
 interpreter is slow, and with the plain-PyTorch reference kernel (attention.ReferenceKernel: what a CPU without the
-interpreter runs) the same store's bookkeeping. All in fp32, where the only differences are summation order: rel. err <= 1e-5 per parameter.
+interpreter runs) the same store's bookkeeping. All in fp32, where the only differences are summation order: rel.
+err <= 1e-5 per parameter.
 """
 
 import os
