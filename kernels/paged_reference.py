@@ -98,9 +98,11 @@ def paged_attention_reference_backward(do, q, lse, delta, k_pages, v_pages, page
     dv = torch.einsum("bkgnil,bnikgd->bknld", p, dob)
     phys, slot, head = idx
     rows = ((phys * k_pages.shape[1] + slot) * Hkv + head).flatten()  # flat [num_pages * page_size * Hkv] rows
-    rows, inverse = torch.unique(rows, return_inverse=True)
+    dk, dv = dk.flatten(0, -2), dv.flatten(0, -2)
+    if nb > 1:  # blocks may share pages: sum each row's contributions first
+        rows, inverse = torch.unique(rows, return_inverse=True)
+        dk, dv = (torch.zeros(len(rows), D, device=q.device).index_add_(0, inverse, g) for g in (dk, dv))
     for pages, grad in ((dk_pages, dk), (dv_pages, dv)):
         flat = pages.view(-1, D)
-        total = flat[rows].float().index_add_(0, inverse, grad.flatten(0, -2))
-        flat[rows] = total.to(pages.dtype)
+        flat[rows] = (flat[rows].float() + grad).to(pages.dtype)
     return dq
