@@ -6,10 +6,10 @@ The KV / KV-gradient store of chunk-recurrent training, in three layers:
 2. `PagedKVStore` - storage: four preallocated pool tensors shaped [num_pages, page_size, n_kv_heads, head_dim],
    K and V in the model's compute dtype, dK and dV in fp32 (gradients of a long sequence are sums of many chunk
    contributions; bf16 accumulation would lose them; bf16 gradient pages are an option where memory decides, each
-   chunk's contribution then being summed in fp32 and rounded once). Each (layer, batch element) has a page table of int32 indices;
-   the attention kernels (attention.py) read K/V through it and add gradients into dK/dV through it. Gradient pages
-   are zeroed when
-   allocated, so nothing from an earlier step can leak into a gradient.
+   chunk's contribution then being summed in fp32 and rounded once). Each (layer, batch element) has a page table
+   of int32 indices; the attention kernels read K/V through it and add gradients into dK/dV through it: attend
+   hands the seam (attention.py) one part, the whole pool seen through the layer's table. Gradient pages are zeroed
+   when allocated, so nothing from an earlier step can leak into a gradient.
 3. `ReferenceKVStore` - the same interface over contiguous per-layer tensors and plain-PyTorch attention, for tests.
 
 The interface chunk_train.py uses:
@@ -23,7 +23,8 @@ The interface chunk_train.py uses:
     store.truncate(layer, length)          drop positions >= length (frees their pages)
 
 With sparse=dict(budget=...) attention is page-level sparse (sparse_attn.py): each block of queries reads only
-its selected history pages and its own chunk.
+its selected history pages and its own chunk. kernel=: the attention kernel (attention.py: Triton, or the
+plain-PyTorch reference, the default for CPU tensors without Triton's interpreter).
 """
 
 import math
