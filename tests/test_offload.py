@@ -102,8 +102,8 @@ def test_sparse_split_covers_the_selection_in_buffer_sized_parts():
 
 
 @pytest.mark.parametrize("batch, lengths, checkpoint, max_copies", [
-    (2, (136, 104), False, 8),  # two steps of different lengths, partial last chunks and parts, batch 2
-    (1, (104,), True, 0),       # layers recomputed inside the chunk: attend runs twice per layer; every
+    (2, (104, 72), False, 8),   # two steps of different lengths, partial last chunks and parts, batch 2
+    (1, (72,), True, 0),        # layers recomputed inside the chunk: attend runs twice per layer; every
 ])                              # page moved by gather/scatter instead of copies
 def test_offload_is_exact_over_steps(batch, lengths, checkpoint, max_copies):
     """Consecutive steps of different lengths on one store (same buffers, pages reused, poisoned first): loss and
@@ -218,12 +218,12 @@ def test_sparse_offload_equals_the_gpu_store():
     column parts, some sharing pages (gradients added across parts). Scattered pages move by gather/scatter."""
     model = tiny_model(7)
     page, chunk, sparse = 16, 32, dict(budget=64, q_block=16)
-    gpu_store = PagedKVStore.for_sequence(model, 2, 192, page, torch.float32, DEVICE, sparse=sparse, kernel=REF)
-    store = OffloadedKVStore.for_sequence(model, 2, 192, page, torch.float32, DEVICE, cache_tokens=6 * page,
+    gpu_store = PagedKVStore.for_sequence(model, 2, 160, page, torch.float32, DEVICE, sparse=sparse, kernel=REF)
+    store = OffloadedKVStore.for_sequence(model, 2, 160, page, torch.float32, DEVICE, cache_tokens=6 * page,
                                           sparse=sparse, kernel=REF)
     store.pool.max_copies = 1  # scattered pages by gather/scatter (a GPU reads the pinned pool in place)
     poison(store)
-    for step, seq in enumerate((192, 160)):
+    for step, seq in enumerate((160, 128)):
         idx, targets = batch_of(10 + step, 2, seq)
         results, logs = [], []
         for s in (gpu_store, store):
