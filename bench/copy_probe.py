@@ -13,7 +13,7 @@ import time
 import torch
 
 sys.path.insert(0, ".")
-from offload import device_view, pinned_empty  # noqa: E402
+from pinned_pool import device_view, pinned_empty  # noqa: E402
 
 
 def timeit(fn, repeats=5):
