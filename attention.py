@@ -2,9 +2,10 @@
 The one seam between the KV stores and the attention kernels: attention of a chunk's queries over stored history.
 
 A store (PagedKVStore in paged_kv.py, OffloadedKVStore in offload.py) answers one question per (layer, chunk):
-which parts of the history does this chunk read, and where do their gradients go. Its answer is a `History`: an
+which parts of the history does this chunk read, and where do their gradients go. Its answer is a history: an
 object whose parts(q, k, v, backward) yields `Part` records, each a set of K/V pages, the gradient pages its
-dK/dV are added into, and the page table through which the kernels see them:
+dK/dV are added into, and the page table through which the kernels see them (and whose chunk_kv_in_pages says
+whether the pages hold the chunk's own K/V already; if not, the backward keeps k, v to pass them to parts again):
 
     in-GPU pages (PagedKVStore)    one part: the pool, the layer's table [B, n] (positions 0..start + C)
     sparse (sparse=...)            one part with a table per (batch row, kv head, query block) [B, Hkv, nb, n]
