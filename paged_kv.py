@@ -6,9 +6,10 @@ The KV / KV-gradient store of chunk-recurrent training, in three layers:
 2. `PagedKVStore` - storage: four preallocated pool tensors shaped [num_pages, page_size, n_kv_heads, head_dim],
    K and V in the model's compute dtype, dK and dV in fp32 (gradients of a long sequence are sums of many chunk
    contributions; bf16 accumulation would lose them; bf16 gradient pages are an option where memory decides, each
-   chunk's contribution then being summed in fp32 and rounded once). Each (layer, batch element) has a page table of int32 indices;
-   the Triton kernel reads K/V through it and adds gradients into dK/dV through it. Gradient pages are zeroed when
-   allocated, so nothing from an earlier step can leak into a gradient.
+   chunk's contribution then being summed in fp32 and rounded once). Each (layer, batch element) has a page table
+   of int32 indices; the attention kernels read K/V through it and add gradients into dK/dV through it: attend
+   hands the seam (attention.py) one part, the whole pool seen through the layer's table. Gradient pages are zeroed
+   when allocated, so nothing from an earlier step can leak into a gradient.
 3. `ReferenceKVStore` - the same interface over contiguous per-layer tensors and plain-PyTorch attention, for tests.
 
 The interface chunk_train.py uses:
@@ -22,14 +23,17 @@ The interface chunk_train.py uses:
     store.truncate(layer, length)          drop positions >= length (frees their pages)
 
 With sparse=SparseConfig(...) attention is page-level sparse (sparse_attn.py): each block of queries reads only
-its selected history pages and its own chunk.
+its selected history pages and its own chunk. kernel=: the attention kernel (attention.py: Triton, or the
+plain-PyTorch reference, the default for CPU tensors without Triton's interpreter).
 """
 
 import math
 
 import torch
 
-from kernels.paged_attention import paged_attention, paged_attention_forward, paged_attention_reference
+from attention import OnePart, Part, default_kernel
+from kept_outputs import KeptOutputs
+from kernels.paged_reference import paged_attention_reference
 from sparse_attn import PageSelector
 
 
@@ -67,7 +71,9 @@ class PageAllocator:
 
 class PagedKVStore:
     def __init__(self, num_layers, batch, n_kv_heads, head_dim, page_size, num_pages, dtype, device,
-                 grad_dtype=torch.float32, sparse=None, output_cache_bytes=0):
+                 grad_dtype=torch.float32, sparse=None, output_cache_bytes=0, kernel=None):
+        """kernel: the attention kernel (attention.py); default: Triton for CUDA tensors or under Triton's
+        interpreter, else the plain-PyTorch reference."""
         if page_size < 16 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
         if grad_dtype not in (torch.float32, torch.bfloat16):
@@ -89,20 +95,19 @@ class PagedKVStore:
         # sparse attention (sparse_attn.py): sparse=SparseConfig(...) keeps page summaries and selections
         self.selector = PageSelector(num_pages, n_kv_heads, head_dim, page_size, sparse, dtype,
                                      device) if sparse else None
-        # Attention outputs kept from stage 1 for stage 2, which would recompute them exactly: (layer, chunk start,
-        # chunk length) -> (o, lse), at most output_cache_bytes of them. When full, the chunks furthest left give way: stage 2 reaches
-        # them last, and their attention, over the shortest history, is the cheapest to recompute.
-        self.output_cache_bytes = output_cache_bytes
-        self._outputs, self._kept_bytes = {}, 0
+        # attention outputs kept from stage 1 for stage 2, which would recompute them exactly (kept_outputs.py)
+        self.kept_outputs = KeptOutputs(output_cache_bytes)
+        self.kernel = kernel or default_kernel(device)
 
     @classmethod
     def for_sequence(cls, model, batch, seq_len, page_size, dtype, device, grad_dtype=torch.float32, sparse=None,
-                     output_cache_bytes=0):
+                     output_cache_bytes=0, kernel=None):
         """A pool exactly large enough for every layer's K/V of `batch` sequences of `seq_len` tokens."""
         cfg = model.config
         num_pages = cfg.num_hidden_layers * batch * math.ceil(seq_len / page_size)
         return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, page_size, num_pages,
-                   dtype, device, grad_dtype=grad_dtype, sparse=sparse, output_cache_bytes=output_cache_bytes)
+                   dtype, device, grad_dtype=grad_dtype, sparse=sparse, output_cache_bytes=output_cache_bytes,
+                   kernel=kernel)
 
     @staticmethod
     def output_bytes_per_token(cfg, dtype) -> int:
@@ -162,40 +167,20 @@ class PagedKVStore:
         self._device_tables[layer] = self._device_tables[layer][:, :keep]  # a prefix: no copy
         if self.selector is not None:
             self.selector.truncate(layer, length)
-        for key in [key for key in self._outputs if key[0] == layer and key[1] + key[2] > length]:
-            self._forget(key)  # they attended over positions that are gone
+        self.kept_outputs.forget_from(layer, length)  # they attended over positions that are gone
 
     def attend(self, layer, q, k, v, keep_output=False):
-        """keep_output: remember the output (without grad, within output_cache_bytes) for a later attend of the
-        same queries over the same positions, which then skips the forward kernel."""
+        """The chunk's attention over the layer's pages: one part (attention.py), the whole pool seen through the
+        layer's table, or with sparse attention through a table per kv head and query block. keep_output: keep the
+        output (without grad, within output_cache_bytes) for a later attend of the same queries over the same
+        positions, which then skips the forward kernels."""
         start = self.lengths[layer] - q.shape[1]  # the chunk's first position
         table, q_start, q_block = self.page_table(layer), start, None
         if self.selector is not None:
             table, q_start = self.selector.page_table(layer, q, table, start)  # per kv head and query block
             q_block = self.selector.q_block
-        key = (layer, start, q.shape[1])
-        known = self._forget(key) if key in self._outputs else None
-        size = q.numel() * q.element_size() + q.shape[0] * q.shape[2] * q.shape[1] * 4  # o and the fp32 lse
-        if keep_output and known is None and not torch.is_grad_enabled() and self._make_room(key, size):
-            known = self._outputs[key] = paged_attention_forward(q, self.k, self.v, table, q_start,
-                                                                 q_block=q_block)
-            self._kept_bytes += size
-        return paged_attention(q, k, v, self.k, self.v, self.dk, self.dv, table, q_start, q_block=q_block,
-                               known=known)
-
-    def _forget(self, key):
-        o, lse = self._outputs.pop(key)
-        self._kept_bytes -= o.numel() * o.element_size() + lse.numel() * lse.element_size()
-        return o, lse
-
-    def _make_room(self, key, size):
-        """Evict kept outputs of chunks left of key's until `size` more bytes fit; False if they cannot."""
-        if self._kept_bytes + size > self.output_cache_bytes:
-            for old in sorted(self._outputs, key=lambda k: k[1]):
-                if self._kept_bytes + size <= self.output_cache_bytes or old[1] >= key[1]:
-                    break
-                self._forget(old)
-        return self._kept_bytes + size <= self.output_cache_bytes
+        history = OnePart(Part(self.k, self.v, self.dk, self.dv, table, q_start, q_block=q_block))
+        return self.kept_outputs.attend((layer, start, q.shape[1]), history, q, k, v, self.kernel, keep=keep_output)
 
 
 class _AddStoredGrad(torch.autograd.Function):

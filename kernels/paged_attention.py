@@ -4,7 +4,8 @@ Chunk-recurrent training processes a long sequence chunk by chunk. The K/V of ev
 seen so far live in a pool of fixed-size pages:
 
     k_pages, v_pages   [num_pages, page_size, n_kv_heads, head_dim]   model dtype (fp32/bf16/fp16)
-    dk_pages, dv_pages [num_pages, page_size, n_kv_heads, head_dim]   always fp32 (grad accumulators)
+    dk_pages, dv_pages [num_pages, page_size, n_kv_heads, head_dim]   fp32, or bf16 (grad accumulators; each
+                       call's sum is formed in fp32 and rounded once)
     page_table         [B, n_table] int32: logical page j of batch row b is physical page
                        page_table[b, j]; position t lives at pages[page_table[b, t // ps], t % ps]
 
@@ -29,6 +30,10 @@ device by a sort) and loops over those blocks only.
 lse convention: the forward returns the NATURAL-log log-sum-exp of the scaled scores,
 lse = log(sum_j exp(scale * q.k_j)), fp32 [B, n_heads, C]. Kernels work in base 2 internally
 (exp2 is cheaper) and convert at the boundary.
+
+These are launchers of one kernel call over one part of the history; attention.py runs them over the parts a store
+provides (its TritonKernel) under one autograd Function, and kernels/paged_reference.py holds their plain-PyTorch
+fp32 meaning.
 """
 import math
 
@@ -564,109 +569,3 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
             scale * LOG2E, scale, *strides, table.stride(0), N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads,
             Q_BLOCK=bm, BLOCK_M=bm, BLOCK_N=bn, **common, SPARSE=False, num_warps=warps, num_stages=stages)
     return dq
-
-
-# ------------------------------------------------------------------------------------ autograd
-
-
-class PagedAttention(torch.autograd.Function):
-    """o = attention(q, pages); k/v are the chunk's own K/V (already in the pages at positions
-    q_start..q_start+C-1), taken as inputs only so autograd can route their gradient.
-
-    The pages are held by reference, not via save_for_backward: the caller writes into the pool
-    between forward and backward (bumping version counters) and must guarantee that positions
-    0..kv_len-1 still hold the same K/V when backward runs.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None, q_block=None,
-                known=None):
-        want = (q.shape[0], q.shape[1], k_pages.shape[2], q.shape[3])
-        if k.shape != want or v.shape != want:
-            raise ValueError(f"k/v must be the chunk's [B, C, n_kv_heads, D] = {want}, "
-                             f"got {tuple(k.shape)} / {tuple(v.shape)}")
-        if known is None:
-            o, lse = paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale, q_block=q_block)
-        else:
-            o, lse = known
-            B, C, H, _ = q.shape
-            _check_out("known o", o, q.shape, (q.dtype,), q.device)
-            _check_out("known lse", lse, (B, H, C), (torch.float32,), q.device)
-        # (under torch.no_grad autograd drops saved tensors and ctx itself right away)
-        ctx.save_for_backward(q, o, lse)
-        ctx.pages = (k_pages, v_pages, dk_pages, dv_pages, page_table)
-        ctx.q_start, ctx.scale, ctx.q_block, ctx.kv_dtypes = int(q_start), scale, q_block, (k.dtype, v.dtype)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, o, lse = ctx.saved_tensors
-        k_pages, v_pages, dk_pages, dv_pages, page_table = ctx.pages
-        dq = paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, ctx.q_start,
-                                      dk_pages, dv_pages, ctx.scale, q_block=ctx.q_block)
-        # The chunk's rows now hold everything: what later chunks added earlier + this chunk.
-        C = q.shape[1]
-        table = page_table if page_table.dim() == 2 else page_table[:, 0, 0]  # own pages: the same in every row
-        dk = gather_pages(dk_pages, table, ctx.q_start, C).to(ctx.kv_dtypes[0])
-        dv = gather_pages(dv_pages, table, ctx.q_start, C).to(ctx.kv_dtypes[1])
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
-
-
-def paged_attention(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale=None, q_block=None,
-                    known=None):
-    """Autograd entry point; see PagedAttention (page_table 2-D, or 4-D per query block with q_block, as in
-    paged_attention_forward). Without grad (torch.no_grad, stage-1 pass) it is just the forward kernel, nothing is
-    saved, and dk_pages/dv_pages may be None.
-
-    known=(o, lse): the forward's own result for these q over the same pages, kept from an earlier pass (stage 1
-    of chunk-recurrent training computes exactly this); the forward kernel is then skipped and o returned."""
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        if known is not None:
-            return known[0]
-        return paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale, q_block=q_block)[0]
-    if dk_pages is None or dv_pages is None:
-        raise ValueError("dk_pages/dv_pages are required when gradients are needed")
-    return PagedAttention.apply(q, k, v, k_pages, v_pages, dk_pages, dv_pages, page_table, q_start, scale, q_block,
-                                known)
-
-
-# ----------------------------------------------------------------------------------- reference
-
-
-def gather_pages(pages, page_table, start, length):
-    """Rows of positions start..start+length-1 of every batch row -> [B, length, Hkv, D].
-    Differentiable w.r.t. pages (plain advanced indexing)."""
-    page_size = pages.shape[1]
-    pos = torch.arange(start, start + length, device=pages.device)
-    phys = page_table.to(device=pages.device, dtype=torch.long)[:, pos // page_size]  # [B, length]
-    return pages[phys, pos % page_size]
-
-
-def paged_attention_reference(q, k_pages, v_pages, page_table, q_start, scale=None, return_lse=False, kv_len=None,
-                              q_block=None):
-    """Plain-PyTorch fp32 reference: o [B, C, H, D] fp32 (and natural-log lse [B, H, C]), for 2-D page tables and
-    4-D ones (one per kv head and block of q_block queries; see paged_attention_forward). Query i of the chunk
-    (position q_start + i) sees the positions p < kv_len of its block's table with p <= q_start + i."""
-    B, C, H, D = q.shape
-    kv_len = q_start + C if kv_len is None else kv_len
-    Hkv = k_pages.shape[2]
-    group = H // Hkv
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if page_table.dim() == 2:  # every head and block reads the same table
-        q_block = C
-        page_table = page_table[:, None, None].expand(B, Hkv, 1, page_table.shape[1])
-    nb = page_table.shape[2]
-    kv_pos = torch.arange(kv_len, device=q.device)
-    phys = page_table.to(device=q.device, dtype=torch.long)[..., kv_pos // k_pages.shape[1]]  # [B, Hkv, nb, L]
-    slot = kv_pos % k_pages.shape[1]
-    kv_head = torch.arange(Hkv, device=q.device)[None, :, None, None]
-    k = k_pages[phys, slot, kv_head].float()  # [B, Hkv, nb, L, D]
-    v = v_pages[phys, slot, kv_head].float()
-    pad = nb * q_block - C
-    qb = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, pad)).view(B, nb, q_block, Hkv, group, D)
-    s = torch.einsum("bnikgd,bknld->bkgnil", qb, k) * scale  # [B, Hkv, group, nb, q_block, L]
-    q_pos = q_start + torch.arange(nb * q_block, device=q.device).view(nb, q_block)
-    s = s.masked_fill(kv_pos > q_pos[..., None], float("-inf"))
-    o = torch.einsum("bkgnil,bknld->bnikgd", torch.softmax(s, dim=-1), v).reshape(B, nb * q_block, H, D)[:, :C]
-    lse = torch.logsumexp(s, dim=-1).reshape(B, H, nb * q_block)[..., :C]
-    return (o, lse) if return_lse else o

@@ -2,13 +2,20 @@
 
 The reference store (contiguous buffers, PyTorch attention) checks the algorithm over many configurations; the paged
 store with the Triton kernel (CPU interpreter here, real kernels on a GPU) checks the real path on fewer, as the
-interpreter is slow. All in fp32, where the only differences are summation order: rel. err <= 1e-5 per parameter.
+interpreter is slow, and with the plain-PyTorch reference kernel (attention.ReferenceKernel: what a CPU without the
+interpreter runs) the same store's bookkeeping. All in fp32, where the only differences are summation order: rel.
+err <= 1e-5 per parameter.
 """
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from attention import ReferenceKernel
 from chunk_train import chunked_loss, chunked_step, fill_kv
 from model import Model, ModelConfig, preset
 from paged_kv import OutOfPages, PagedKVStore, ReferenceKVStore
@@ -83,37 +90,84 @@ def test_paged_triton_path_is_exact(batch, seq, chunk, page, heads, kv_heads, hi
         torch.testing.assert_close(p.grad, first[n], rtol=1e-6, atol=1e-9)
 
 
+class CountingKernel(ReferenceKernel):
+    """The reference kernel, counting its forward calls (one per part: what a forward kernel launch is)."""
+
+    def __init__(self):
+        self.forwards = 0
+
+    def forward(self, *args, **kwargs):
+        self.forwards += 1
+        return super().forward(*args, **kwargs)
+
+
 @pytest.mark.parametrize("budget_chunks", [1, 9])
-def test_kept_attention_outputs_skip_stage_two_forwards(monkeypatch, budget_chunks):
+def test_kept_attention_outputs_skip_stage_two_forwards(budget_chunks):
     """With room for budget_chunks chunks' attention outputs (all layers), stage 1 keeps them and stage 2 skips
     those forward kernels: gradients stay exact, and the forward kernel runs exactly as often as predicted.
     seq 200, chunk 64: 4 chunks (the last partial); stage 1 runs chunks 0-2 through every layer but the last
     one's attention. Room for 1 chunk keeps chunk 2's outputs (evicting 0's and 1's), room for 9 keeps all 3."""
-    import kernels.paged_attention as pa
-    import paged_kv
-    calls = []
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    real = pa.paged_attention_forward
-    monkeypatch.setattr(pa, "paged_attention_forward", counting)
-    monkeypatch.setattr(paged_kv, "paged_attention_forward", counting)
     model = tiny_model(8)
     L, B, T, C = model.config.num_hidden_layers, 1, 200, 64
     g = torch.Generator().manual_seed(8)
     idx, targets = (torch.randint(0, 256, (B, T), generator=g).to(DEVICE) for _ in range(2))
     ref_loss, ref_grads = full_sequence_grads(model, idx, targets)
     per_chunk = (L - 1) * PagedKVStore.output_bytes_per_token(model.config, torch.float32) // L * B * C
+    kernel = CountingKernel()
     store = PagedKVStore.for_sequence(model, B, T, 16, torch.float32, idx.device,
-                                      output_cache_bytes=budget_chunks * per_chunk)
+                                      output_cache_bytes=budget_chunks * per_chunk, kernel=kernel)
     loss = chunked_step(model, idx, targets, chunk_size=C, page_size=16, store=store)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
     assert_grads_match(model, ref_grads)
     kept = min(budget_chunks, 3)  # stage 1 runs 3 chunks; the cache keeps the last `kept` of them
-    assert len(calls) == 3 * (L - 1) + 4 * L - kept * (L - 1)
-    assert not store._outputs and store._kept_bytes == 0  # nothing outlives the step
+    assert kernel.forwards == 3 * (L - 1) + 4 * L - kept * (L - 1)
+    assert not len(store.kept_outputs) and store.kept_outputs.bytes == 0  # nothing outlives the step
+
+
+@pytest.mark.parametrize("batch,seq,chunk,page,checkpoint", [
+    (2, 200, 64, 16, False),  # partial last chunk and page, batch 2
+    (1, 160, 32, 16, True),   # layers recomputed inside the chunk
+])
+def test_paged_store_with_the_reference_kernel_is_exact(batch, seq, chunk, page, checkpoint):
+    """The whole chunked step with the plain-PyTorch reference in place of the Triton kernels (swapped through
+    the store's kernel= alone) gives the full-sequence loss and gradients, per parameter."""
+    class ReferencePaged(PagedKVStore):
+        @classmethod
+        def for_sequence(cls, *args, **kwargs):
+            return PagedKVStore.for_sequence(*args, kernel=ReferenceKernel(), **kwargs)
+    _, store, _, _ = check_exact(ReferencePaged, batch, seq, chunk, page, seed=seq + 1, checkpoint=checkpoint)
+    assert isinstance(store.kernel, ReferenceKernel)
+
+
+CPU_STEP = """
+import sys, torch, torch.nn.functional as F
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from attention import ReferenceKernel
+from chunk_train import chunked_step
+from kernels.paged_attention import _interpreting
+from paged_kv import PagedKVStore
+from test_chunk_train import assert_grads_match, full_sequence_grads, tiny_model
+assert not _interpreting()
+model = tiny_model(9)
+idx, targets = torch.randint(0, 256, (2, 256)), torch.randint(0, 256, (2, 256))
+ref_loss, ref = full_sequence_grads(model, idx, targets)
+store = PagedKVStore.for_sequence(model, 2, 256, 16, torch.float32, "cpu")
+assert isinstance(store.kernel, ReferenceKernel), store.kernel
+loss = chunked_step(model, idx, targets, chunk_size=64, page_size=16, store=store)
+assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+assert_grads_match(model, ref)
+print("exact")
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU path without Triton's interpreter")
+def test_chunked_step_on_cpu_without_the_interpreter():
+    """A fresh process without TRITON_INTERPRET (a laptop): the store picks the reference kernel for CPU tensors
+    and the chunked step gives the full-sequence gradients (it used to raise "need Triton's interpreter")."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", CPU_STEP, root], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "exact", run.stderr[-3000:]
 
 
 def test_chunked_loss_equals_full_sequence_loss():

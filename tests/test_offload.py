@@ -1,19 +1,26 @@
 """offload.py: the offloaded store gives the gradients the in-GPU store and full-sequence backprop give.
 
 On a CPU-only machine both the "host" pools and the "GPU" cache are CPU tensors and there are no streams: these
-tests check the bookkeeping (parts, runs of pages, dirty gradient pages, buffer reuse, prefetch keys); the GPU run
-(bench/gpu_run.sh offload) checks the same on real streams. A small cache (2 pages per buffer) makes every call
+tests check the bookkeeping (parts, dirty gradient pages, buffer reuse, prefetch keys), mostly with the
+plain-PyTorch reference kernel (attention.ReferenceKernel: the kernels are tested elsewhere, and the interpreter is
+slow); one test runs the Triton kernels (interpreted). The part planner (offload_plan.py) is tested directly. The GPU
+run (bench/gpu_run.sh offload) checks the same on real streams. Small caches (2-3 pages per buffer) make every call
 stream its history in several parts.
 """
 
+import numpy as np
 import pytest
 import torch
 
+from attention import ReferenceKernel
 from chunk_train import chunked_step, fill_kv
-from offload import OffloadedKVStore, _runs
+from offload import OffloadedKVStore
+from offload_plan import dense_ranges, runs, sparse_split
 from paged_kv import OutOfPages, PagedKVStore
 from sparse_attn import SparseConfig
 from test_chunk_train import DEVICE, assert_grads_match, full_sequence_grads, tiny_model
+
+REF = ReferenceKernel()
 
 
 def batch_of(seed, batch, seq):
@@ -24,24 +31,81 @@ def batch_of(seed, batch, seq):
 
 def poison(store):
     """NaN in every host page and cache slot: nothing may be read before it is written (or zero-filled)."""
-    for t in (store.k, store.v, store.dk, store.dv):
+    for t in (store.pool.k, store.pool.v, store.pool.dk, store.pool.dv):
         t.fill_(float("nan"))
     for buf in store.buffers:
         for t in (buf.k, buf.v, buf.dk, buf.dv):
             t.fill_(float("nan"))
 
 
+# ------------------------------------------------------------------------------------ the planner, pure functions
+
+
 def test_runs_split_on_gaps_and_flags():
-    assert _runs([]) == []
-    assert _runs([5, 6, 7, 9, 3, 4]) == [(0, 5, 3, False), (3, 9, 1, False), (4, 3, 2, False)]
-    flags = torch.tensor([True, True, False, False]).numpy()
-    assert _runs([1, 2, 3, 4], flags) == [(0, 1, 2, True), (2, 3, 2, False)]
+    assert runs([]) == []
+    assert runs([5, 6, 7, 9, 3, 4]) == [(0, 5, 3, False), (3, 9, 1, False), (4, 3, 2, False)]
+    assert runs([1, 2, 3, 4], np.array([True, True, False, False])) == [(0, 1, 2, True), (2, 3, 2, False)]
+
+
+def test_dense_ranges_fill_buffers_and_end_with_the_chunk():
+    assert dense_ranges(0, 2, 3) == [(0, 2)]  # no history: the chunk alone
+    assert dense_ranges(1, 2, 3) == [(0, 3)]  # history and chunk share the one buffer
+    assert dense_ranges(7, 2, 3) == [(0, 3), (3, 6), (6, 9)]
+    assert dense_ranges(8, 2, 3) == [(0, 3), (3, 6), (6, 7), (7, 10)]  # a partial part before the last
+    for history, own, cap in ((13, 1, 4), (5, 3, 3), (40, 2, 7)):
+        ranges = dense_ranges(history, own, cap)
+        assert [a for a, _ in ranges[1:]] == [b for _, b in ranges[:-1]] and ranges[0][0] == 0  # tile [0, end)
+        assert ranges[-1][1] == history + own and all(0 < b - a <= cap for a, b in ranges)
+
+
+def check_split(sel, first_own, own, cap):
+    """sparse_split's contract on a selection [B, Hkv, nb, n]; returns the parts."""
+    B, Hkv, nb, n = sel.shape
+    parts = sparse_split(sel, first_own, own, cap)
+    assert parts[0].columns[0] == 0 and parts[-1].columns[1] == n
+    assert all(a.columns[1] == b.columns[0] for a, b in zip(parts, parts[1:]))  # consecutive column ranges
+    loaded = [set() for _ in range(B)]
+    for j, p in enumerate(parts):
+        c0, c1 = p.columns
+        assert p.own == (own if j == len(parts) - 1 else 0)
+        assert p.slots.dtype == np.int32 and p.slots.shape == (B, Hkv, nb, c1 - c0 + p.own)
+        for b in range(B):
+            assert len(p.rows[b]) <= cap
+            pages = p.rows[b][p.slots[b] - b * cap]  # what each block's table reads through the slots
+            assert np.array_equal(pages[..., :c1 - c0], sel[b, ..., c0:c1])
+            assert (pages[..., c1 - c0:] == np.arange(first_own, first_own + p.own)).all()
+            history = p.rows[b][:len(p.rows[b]) - p.own]
+            assert np.array_equal(history, np.unique(sel[b, ..., c0:c1]))  # exactly the pages named, sorted
+            loaded[b].update(history.tolist())
+        nxt = parts[j + 1] if j + 1 < len(parts) else None
+        assert p.shares_next == (nxt is not None and any(set(p.rows[b]) & set(nxt.rows[b]) for b in range(B)))
+    assert loaded == [set(sel[b].flatten().tolist()) for b in range(B)]  # every selected page, no other
+    return parts
+
+
+def test_sparse_split_covers_the_selection_in_buffer_sized_parts():
+    rng = np.random.default_rng(0)
+    B, Hkv, nb, n, history = 2, 2, 3, 4, 20
+    sel = np.sort(np.stack([rng.choice(history, n, replace=False) for _ in range(B * Hkv * nb)]), -1)
+    sel = sel.reshape(B, Hkv, nb, n)
+    assert len(check_split(sel, history, 2, 64)) == 1  # a roomy buffer: one part with every column
+    parts = check_split(sel, history, 2, 8)  # 6 history slots for up to 24 distinct pages: several parts
+    assert len(parts) > 1
+    # block 1 is one page ahead of block 0: its column j is block 0's column j + 1
+    ahead = np.broadcast_to(np.array([[0, 1, 2, 3], [1, 2, 3, 4]]), (B, 1, 2, n))
+    parts = check_split(ahead, 5, 1, 3)  # room for 2 history pages: one column per part, neighbours share a page
+    assert len(parts) == n and all(p.shares_next for p in parts[:-1])
+    with pytest.raises(ValueError, match="raise cache_tokens"):
+        sparse_split(sel, history, 3, 8)  # 6 (kv head, block) pairs do not fit 8 - 3 slots
+
+
+# ------------------------------------------------------------------------------------ the store
 
 
 @pytest.mark.parametrize("batch, lengths, checkpoint, max_copies", [
-    (2, (200, 136, 168), False, 8),  # three steps of different lengths, partial last chunks, batch 2
-    (1, (168,), True, 0),            # layers recomputed inside the chunk: attend runs twice per layer; every
-])                                   # page moved by gather/scatter instead of copies
+    (2, (104, 72), False, 8),   # two steps of different lengths, partial last chunks and parts, batch 2
+    (1, (72,), True, 0),        # layers recomputed inside the chunk: attend runs twice per layer; every
+])                              # page moved by gather/scatter instead of copies
 def test_offload_is_exact_over_steps(batch, lengths, checkpoint, max_copies):
     """Consecutive steps of different lengths on one store (same buffers, pages reused, poisoned first): loss and
     every parameter gradient equal full-sequence autograd, and the pool is whole after each step. Chunk 32 and
@@ -49,8 +113,8 @@ def test_offload_is_exact_over_steps(batch, lengths, checkpoint, max_copies):
     model = tiny_model(3)
     page, chunk = 16, 32
     store = OffloadedKVStore.for_sequence(model, batch, max(lengths), page, torch.float32, DEVICE,
-                                          cache_tokens=3 * page)
-    store.max_copies = max_copies
+                                          cache_tokens=3 * page, kernel=REF)
+    store.pool.max_copies = max_copies
     poison(store)
     for step, seq in enumerate(lengths):
         idx, targets = batch_of(step, batch, seq)
@@ -64,15 +128,17 @@ def test_offload_is_exact_over_steps(batch, lengths, checkpoint, max_copies):
 
 
 def test_offload_equals_paged_store_and_prefetches():
-    """Same gradients as PagedKVStore; after the first chunks, the guessed next part is what the next call wants."""
+    """Through the Triton kernels (interpreted on a CPU): same gradients as PagedKVStore; after the first chunks,
+    the guessed next part is what the next call wants."""
     model = tiny_model(4)
-    idx, targets = batch_of(9, 1, 256)
+    idx, targets = batch_of(9, 1, 96)
     grads = []
-    for store in (PagedKVStore.for_sequence(model, 1, 256, 16, torch.float32, DEVICE),
-                  OffloadedKVStore.for_sequence(model, 1, 256, 16, torch.float32, DEVICE, cache_tokens=64)):
-        loss = chunked_step(model, idx, targets, chunk_size=64, page_size=16, store=store)
+    for store in (PagedKVStore.for_sequence(model, 1, 96, 16, torch.float32, DEVICE),
+                  OffloadedKVStore.for_sequence(model, 1, 96, 16, torch.float32, DEVICE, cache_tokens=32)):
+        loss = chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=store)
         grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
         model.zero_grad(set_to_none=True)
+    assert type(store.kernel).__name__ == "TritonKernel"
     (loss_a, ref), (loss_b, _) = grads
     assert abs(loss_a - loss_b) <= 1e-6 * abs(loss_a)
     for name, p in model.named_parameters():
@@ -86,25 +152,25 @@ def test_offload_equals_paged_store_and_prefetches():
 
 def test_gradient_pages_dirty_only_after_write_back():
     model = tiny_model(5)
-    store = OffloadedKVStore.for_sequence(model, 1, 128, 16, torch.float32, DEVICE, cache_tokens=32)
+    store = OffloadedKVStore.for_sequence(model, 1, 128, 16, torch.float32, DEVICE, cache_tokens=32, kernel=REF)
     idx, targets = batch_of(1, 1, 128)
     fill_kv(model, idx, store, 32)
-    assert not store.dirty.any()  # appends alone write no gradient
+    assert not store.pool.dirty.any()  # appends alone write no gradient
     store.reset()
     chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=store)
     # every page but the last chunk's was history to a later chunk, so was written back (then released)
-    assert store.dirty.sum() == model.config.num_hidden_layers * (128 - 32) // 16
+    assert store.pool.dirty.sum() == model.config.num_hidden_layers * (128 - 32) // 16
 
 
 def test_bf16_gradient_pages_stay_close():
     """grad_dtype=bfloat16 halves host memory for dK/dV; each chunk's sum is formed in fp32 and rounded once."""
     model = tiny_model(6)
-    idx, targets = batch_of(2, 1, 256)
+    idx, targets = batch_of(2, 1, 128)
     _, ref = full_sequence_grads(model, idx, targets)
-    store = OffloadedKVStore.for_sequence(model, 1, 256, 16, torch.float32, DEVICE, cache_tokens=64,
-                                          grad_dtype=torch.bfloat16)
-    assert store.dk.dtype == torch.bfloat16
-    chunked_step(model, idx, targets, chunk_size=64, page_size=16, store=store)
+    store = OffloadedKVStore.for_sequence(model, 1, 128, 16, torch.float32, DEVICE, cache_tokens=32,
+                                          grad_dtype=torch.bfloat16, kernel=REF)
+    assert store.pool.dk.dtype == torch.bfloat16
+    chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=store)
     assert_grads_match(model, ref, tol=2e-2)
 
 
@@ -114,7 +180,7 @@ def test_out_of_pages_leaks_nothing():
     store = OffloadedKVStore.for_sequence(model, 2, 64, 16, torch.float32, DEVICE)
     k = torch.zeros(2, 48, 2, 16, device=DEVICE)
     store.append(0, k, k)
-    store.allocators[0][1].alloc(1)  # row 1 now has 0 of its 4 pages free, row 0 still has 1
+    store.pool.allocators[0][1].alloc(1)  # row 1 now has 0 of its 4 pages free, row 0 still has 1
     free = store.num_free_pages()
     with pytest.raises(OutOfPages, match="1 pages needed, 0 of 4 free"):
         store.append(0, k[:, :16], k[:, :16])
@@ -138,46 +204,27 @@ def test_bad_arguments():
         store.append(0, k, k)
     with pytest.raises(ValueError, match="page boundaries"):
         store.truncate(0, 5)
-    store.reset()
+    store = make(cache_tokens=32)  # 32 tokens per buffer < a 48-token chunk
     q = torch.zeros(1, 48, 4, 16, device=DEVICE)
     k = torch.zeros(1, 48, 2, 16, device=DEVICE)
-    store.cache_pages = 2  # 32 tokens per buffer < the 48-token chunk
     store.append(0, k, k)
     with pytest.raises(ValueError, match="cache"):
         store.attend(0, q, k, k)
 
 
-def test_sparse_offload_moves_selected_pages_only_and_equals_the_gpu_store():
+def test_sparse_offload_equals_the_gpu_store():
     """Sparse attention with offloaded pages: two steps of different lengths on one (poisoned) store give the
-    loss and gradients of the in-GPU sparse store, with the same selections; the pages loaded for each call are
-    exactly those its selection names. Buffers of 6 pages (4 beside the chunk's own 2) against selections of 4
-    pages x 4 (kv head, query block) pairs: calls split into several column parts, some sharing pages (gradients
-    added across parts)."""
+    loss and gradients of the in-GPU sparse store, with the same selections. Buffers of 6 pages (4 beside the
+    chunk's own 2) against selections of 4 pages x 4 (kv head, query block) pairs: calls split into several
+    column parts, some sharing pages (gradients added across parts). Scattered pages move by gather/scatter."""
     model = tiny_model(7)
     page, chunk, sparse = 16, 32, SparseConfig(budget=64, q_block=16)
-    gpu_store = PagedKVStore.for_sequence(model, 2, 256, page, torch.float32, DEVICE, sparse=sparse)
-    store = OffloadedKVStore.for_sequence(model, 2, 256, page, torch.float32, DEVICE, cache_tokens=6 * page,
-                                          sparse=sparse)
-    store.max_copies = 1  # scattered pages by gather/scatter (a GPU reads the pinned pool in place)
+    gpu_store = PagedKVStore.for_sequence(model, 2, 160, page, torch.float32, DEVICE, sparse=sparse, kernel=REF)
+    store = OffloadedKVStore.for_sequence(model, 2, 160, page, torch.float32, DEVICE, cache_tokens=6 * page,
+                                          sparse=sparse, kernel=REF)
+    store.pool.max_copies = 1  # scattered pages by gather/scatter (a GPU reads the pinned pool in place)
     poison(store)
-    loaded, splits = {}, []  # (layer, what, start) -> pages per row; the column splits made
-    load, split = store._load, store._split
-
-    def recording_load(buf, part):
-        if part.table is not None:  # a sparse history part: key name (start, columns)
-            rows = loaded.setdefault((part.layer, part.what, part.key[3][0]), [set(), set()])
-            for b in range(2):
-                rows[b].update(part.history_rows(b).tolist())
-        return load(buf, part)
-
-    def recording_split(layer, start, own):
-        result = split(layer, start, own)
-        if result is not None and not any(result is s for s in splits):
-            splits.append(result)
-        return result
-    store._load, store._split = recording_load, recording_split
-
-    for step, seq in enumerate((192, 160)):
+    for step, seq in enumerate((160, 128)):
         idx, targets = batch_of(10 + step, 2, seq)
         results, logs = [], []
         for s in (gpu_store, store):
@@ -188,14 +235,13 @@ def test_sparse_offload_moves_selected_pages_only_and_equals_the_gpu_store():
             model.zero_grad(set_to_none=True)
         (ref_loss, ref), (loss, grads) = results
         assert logs[0].keys() == logs[1].keys() and all(torch.equal(logs[0][k], logs[1][k]) for k in logs[0])
+        # the selections are the kind the planner splits into several parts, some sharing pages
+        splits = [sparse_split(sel.numpy(), start // page, chunk // page, 6) for (_, start), sel in logs[1].items()
+                  if start]
+        assert any(len(s) > 1 for s in splits) and any(p.shares_next for s in splits for p in s)
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), f"step {step}"
         for name, p in model.named_parameters():
             p.grad = grads[name]
         assert_grads_match(model, ref)
         model.zero_grad(set_to_none=True)
         assert store.num_free_pages() == store.num_pages
-        for (layer, what, start), rows in loaded.items():
-            sel = logs[1][(layer, start)]
-            assert rows == [set(sel[b].flatten().tolist()) for b in range(2)], (layer, what, start)
-        loaded.clear()
-    assert any(len(s) > 1 for s in splits) and any(part[4] for s in splits for part in s)  # split, shared pages

@@ -17,14 +17,9 @@ if not torch.cuda.is_available():  # before triton is imported: kernels are buil
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.paged_attention import (  # noqa: E402
-    gather_pages,
-    paged_attention,
-    paged_attention_backward,
-    paged_attention_forward,
-    paged_attention_reference,
-    softmax_delta,
-)
+from attention import OnePart, Part, ReferenceKernel, TritonKernel, attend  # noqa: E402
+from kernels.paged_attention import paged_attention_backward, paged_attention_forward, softmax_delta  # noqa: E402
+from kernels.paged_reference import gather_pages, paged_attention_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Tolerances relative to the largest reference magnitude of each compared tensor (at least 1:
@@ -163,8 +158,13 @@ def test_backward_is_deterministic(dtype):
         assert torch.equal(a, b)
 
 
+KERNELS = [TritonKernel(), ReferenceKernel()]
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: type(k).__name__)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_autograd_wrapper(dtype):
+def test_autograd_seam(dtype, kernel):
+    """attention.attend over one part (PagedKVStore's case), with either kernel."""
     B, C, hist, H, Hkv, D = 2, 19, 37, 4, 2, 16
     p = make_problem(B, C, hist, H, Hkv, D, 32, dtype, seed=seed_of("autograd", dtype))
     _, _, ref_dq, ref_dk, ref_dv = reference_grads(p)
@@ -175,10 +175,10 @@ def test_autograd_wrapper(dtype):
     dk_pages, dv_pages = (t.clone() for t in p["prefill"])
 
     with torch.no_grad():  # stage-1 style call: no graph, grad pages not needed
-        o_ng = paged_attention(q, k, v, p["k_pages"], p["v_pages"], None, None, p["table"], hist)
-    assert o_ng.grad_fn is None
+        o_ng = attend(OnePart(Part(p["k_pages"], p["v_pages"], None, None, p["table"], hist)), q, k, v, kernel)
+    assert o_ng.grad_fn is None and o_ng.dtype == dtype
 
-    o = paged_attention(q, k, v, p["k_pages"], p["v_pages"], dk_pages, dv_pages, p["table"], hist)
+    o = attend(OnePart(Part(p["k_pages"], p["v_pages"], dk_pages, dv_pages, p["table"], hist)), q, k, v, kernel)
     assert torch.equal(o.detach(), o_ng)
     o.backward(p["do"])
     assert_close(q.grad, ref_dq, dtype, "dq")
@@ -191,9 +191,10 @@ def test_autograd_wrapper(dtype):
     assert torch.equal(v.grad, gather_pages(dv_pages, p["table"], hist, C).to(dtype))
 
 
-def test_chunk_recurrent_matches_full_sequence():
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: type(k).__name__)
+def test_chunk_recurrent_matches_full_sequence(kernel):
     """Two chunks processed like stage 2 of chunk-recurrent training (last chunk first), with
-    K/V through the autograd wrapper, give the gradients of plain attention over the sequence."""
+    K/V through the attention seam (either kernel), give the gradients of plain attention over the sequence."""
     B, L, C, H, Hkv, D, ps = 2, 56, 28, 4, 2, 16, 16
     g = torch.Generator().manual_seed(seed_of("recurrent"))
     q, k, v = (torch.randn(B, L, n, D, generator=g).to(DEVICE) for n in (H, Hkv, Hkv))
@@ -209,7 +210,7 @@ def test_chunk_recurrent_matches_full_sequence():
     grads = {}
     for start in (C, 0):
         qc, kc, vc = (t[:, start:start + C].clone().requires_grad_() for t in (q, k, v))
-        o = paged_attention(qc, kc, vc, k_pages, v_pages, dk_pages, dv_pages, table, start)
+        o = attend(OnePart(Part(k_pages, v_pages, dk_pages, dv_pages, table, start)), qc, kc, vc, kernel)
         o.backward(do[:, start:start + C])
         grads[start] = (qc.grad, kc.grad, vc.grad)
     got = [torch.cat([grads[0][i], grads[C][i]], dim=1) for i in range(3)]
@@ -222,40 +223,40 @@ def test_chunk_recurrent_matches_full_sequence():
         assert_close(a, b, torch.float32, name)
 
 
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: type(k).__name__)
 @pytest.mark.parametrize("dtype, page_size, grad_dtype", [(torch.float32, 16, torch.float32),
                                                          (torch.bfloat16, 32, torch.float32),
                                                          (torch.bfloat16, 16, torch.bfloat16)])
-def test_split_over_kv_parts_matches_whole(dtype, page_size, grad_dtype):
+def test_split_over_kv_parts_matches_whole(dtype, page_size, grad_dtype, kernel):
     """Attention split the way offload.py streams it: history parts [0, a), [a, hist) and the
-    chunk itself, each a call over its own slice of the page table with kv_len and a shifted
+    chunk itself, each a Part over its own slice of the page table with kv_len and a shifted
     q_start; forward merged by lse, backward with shared lse/delta accumulating dq. Equals the
-    single call and the reference. bf16 grad pages: the kernel sums in fp32, rounds once."""
+    single call and the reference, for the Triton kernels and the plain-PyTorch one. bf16 grad
+    pages: the kernel sums in fp32, rounds once."""
     B, C, H, Hkv, D = 2, 37, 4, 2, 16
     hist = 5 * page_size
     p = make_problem(B, C, hist, H, Hkv, D, page_size, dtype, seed=seed_of("split", dtype, page_size, grad_dtype))
     ref_o, ref_lse, ref_dq, ref_dk, ref_dv = reference_grads(p)
     q, table = p["q"], p["table"]
-    parts = [(0, 2 * page_size), (2 * page_size, hist), (hist, hist + C)]  # kv position ranges
+    dk_pages, dv_pages = (t.to(grad_dtype, copy=True) for t in p["prefill"])
+    parts = [Part(p["k_pages"], p["v_pages"], dk_pages, dv_pages, table[:, lo // page_size:-(-hi // page_size)],
+                  hist - lo, hi - lo) for lo, hi in [(0, 2 * page_size), (2 * page_size, hist), (hist, hist + C)]]
 
     o = torch.empty(q.shape, dtype=torch.float32, device=DEVICE)
     lse = torch.empty(B, H, C, device=DEVICE)
-    for i, (lo, hi) in enumerate(parts):
-        cols = table[:, lo // page_size:-(-hi // page_size)]
-        paged_attention_forward(q, p["k_pages"], p["v_pages"], cols, hist - lo, kv_len=hi - lo,
-                                out=(o, lse), merge=i > 0)
+    for i, part in enumerate(parts):
+        kernel.forward(q, part, out=(o, lse), merge=i > 0)
     assert_close(o, ref_o, dtype, "merged o")
     assert_close(lse, ref_lse, torch.float32, "merged lse")
-    whole_o, whole_lse = paged_attention_forward(q, p["k_pages"], p["v_pages"], table, hist)
+    whole_o, whole_lse = kernel.forward(q, Part(p["k_pages"], p["v_pages"], None, None, table, hist))
+    assert whole_o.dtype == dtype
     assert_close(o, whole_o.float(), dtype, "merged o vs single call")
 
     o = o.to(dtype)
     delta = softmax_delta(p["do"], o)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=DEVICE)
-    dk_pages, dv_pages = (t.to(grad_dtype, copy=True) for t in p["prefill"])
-    for lo, hi in parts[::-1]:
-        cols = table[:, lo // page_size:-(-hi // page_size)]
-        out = paged_attention_backward(p["do"], q, None, lse, p["k_pages"], p["v_pages"], cols, hist - lo,
-                                       dk_pages, dv_pages, kv_len=hi - lo, delta=delta, dq=dq)
+    for part in parts[::-1]:
+        out = kernel.backward(p["do"], q, lse, delta, part, dq=dq)
         assert out is dq
     assert_close(dq, ref_dq, dtype, "accumulated dq")
     t = p["touched"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.paged_attention import gather_pages
+from kernels.paged_reference import gather_pages
 from paged_kv import OutOfPages, PageAllocator, PagedKVStore
 
 

@@ -16,8 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attention import Part, ReferenceKernel
 from chunk_train import chunked_step
-from kernels.paged_attention import paged_attention_backward, paged_attention_forward, paged_attention_reference
+from kernels.paged_attention import paged_attention_backward, paged_attention_forward, softmax_delta
+from kernels.paged_reference import paged_attention_reference
 from paged_kv import PagedKVStore
 from sparse_attn import MeanKey, PageSelector, Quest, SparseConfig, sparse_attention_reference
 from test_chunk_train import assert_grads_match, full_sequence_grads, tiny_model
@@ -299,3 +301,27 @@ def test_bad_page_tables():
         paged_attention_forward(*args, p["table"], p["q_start"] + 1, q_block=16)
     with pytest.raises(ValueError, match="2-D or 4-D"):
         paged_attention_forward(*args, p["table"][0], p["q_start"], q_block=16)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_reference_kernel_backward_adds_per_block_gradients(grad_dtype):
+    """attention.ReferenceKernel's explicit backward over a 4-D table (pages selected by several blocks: their
+    contributions summed, in fp32, rounded once) equals autograd through the plain-PyTorch reference."""
+    B, C, H, Hkv, D, ps, q_block = 2, 40, 4, 2, 16, 16, 16
+    p = make_sparse_problem(B, C, 6, 4, H, Hkv, D, ps, q_block, torch.float32, seed_of("ref-bwd", grad_dtype))
+    q = p["q"].float().requires_grad_()
+    kp, vp = (p[name].float().requires_grad_() for name in ("k_pages", "v_pages"))
+    ref_o, ref_lse = paged_attention_reference(q, kp, vp, p["table"], p["q_start"], return_lse=True, q_block=q_block)
+    ref_o.backward(p["do"])
+    dk, dv = (t.to(grad_dtype, copy=True) for t in p["prefill"])
+    part = Part(p["k_pages"], p["v_pages"], dk, dv, p["table"], p["q_start"], q_block=q_block)
+    kernel = ReferenceKernel()
+    o, lse = kernel.forward(p["q"], part)
+    assert_close(o, ref_o, torch.float32, "o")
+    dq = kernel.backward(p["do"], p["q"], lse, softmax_delta(p["do"], o), part)
+    assert_close(dq, q.grad, torch.float32, "dq")
+    touched = (kp.grad != 0).any(-1).any(-1)
+    tol = torch.float32 if grad_dtype == torch.float32 else torch.bfloat16
+    for name, got, pre, ref in (("dk", dk, p["prefill"][0], kp.grad), ("dv", dv, p["prefill"][1], vp.grad)):
+        assert_close(got[touched].float(), pre.to(grad_dtype)[touched].float() + ref[touched], tol, name)
+        assert torch.equal(got[~touched], pre.to(grad_dtype)[~touched]), f"{name} written outside the selection"

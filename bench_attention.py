@@ -1,0 +1,289 @@
+"""bench.py kernel / exact / fidelity: the paged attention kernels against SDPA (TFLOP/s and errors), chunked bf16
+gradients against an fp32 full-sequence reference, and sparse attention's gradient fidelity on a trained model. See
+bench.py for commands."""
+
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from bench_lib import (build_model, free_memory, full_sequence_step, over_budget, r, random_tokens, run_point,
+                       timed)
+from chunk_train import chunked_step
+from data import TokenData
+from kernels.paged_attention import paged_attention_backward, paged_attention_forward
+from kernels.paged_reference import gather_pages
+from model import Model, ModelConfig
+from offload import OffloadedKVStore
+from paged_kv import PagedKVStore
+from sparse_attn import RULES, SparseConfig
+
+# ------------------------------------------------------------------------------------------------ 2. kernel
+
+
+def attention_flops(batch, heads, head_dim, q_len, kv_len):
+    """Forward FLOPs of causal attention of the last q_len queries over kv_len positions: 2 matmuls (QK^T, PV) of
+    2 FLOPs per multiply-add over the visible (query, key) pairs, counted as q_len * (kv_len - q_len) history pairs
+    plus q_len^2 / 2 on the diagonal block (for q_len = kv_len = T: the usual 4 * B * H * T^2 * D / 2).
+    Convention (FlashAttention's): backward = 2.5 x forward (it recomputes QK^T), so forward+backward = 3.5 x forward.
+    The same counts are used for SDPA and the paged kernel, so their TFLOP/s compare directly."""
+    pairs = q_len * (kv_len - q_len) + q_len * q_len / 2
+    return 4 * batch * heads * head_dim * pairs
+
+
+FWD_BWD = 3.5  # forward+backward FLOPs / forward FLOPs (see attention_flops)
+
+
+def rel_err(x, ref):
+    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def bench_kernel(args, device, rec):
+    """Paged attention (forward, forward+backward) vs SDPA, plus the chunk-at-the-end configuration."""
+    B, H, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
+    dtype = torch.bfloat16
+    sdpa_kw = dict(is_causal=True, enable_gqa=H != Hkv)
+    print(f"kernel: B {B}, heads {H}/{Hkv}, head_dim {D}, {dtype} on {device}", flush=True)
+    for T in sorted(args.lengths):
+        if over_budget(args):
+            rec.emit(dict(mode="kernel", length=T, status="skipped", error="time budget"))
+            continue
+        g = torch.Generator(device=device).manual_seed(args.seed + T)
+        q = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=g)  # the kernel's layout [B, T, H, D]
+        k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, generator=g)
+        v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, generator=g)
+        do = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=g)
+        fwd_flops = attention_flops(B, H, D, T, T)
+        base = dict(mode="kernel", length=T, batch=B, heads=H, kv_heads=Hkv, head_dim=D, dtype="bfloat16")
+
+        # --- SDPA on contiguous [B, H, T, D] copies; its output is also the reference for the kernel
+        ref = {}
+
+        def sdpa_body():
+            qs, ks, vs, dos = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))
+            with torch.no_grad():
+                t_fwd, o = timed(lambda: F.scaled_dot_product_attention(qs, ks, vs, **sdpa_kw), device,
+                                 args.warmup, args.repeats, events=True)
+            ref["o"] = o.transpose(1, 2)  # [B, T, H, D]
+            qs.requires_grad_(), ks.requires_grad_(), vs.requires_grad_()
+
+            def fwd_bwd():  # autograd.grad: no accumulation into .grad between repeats
+                o = F.scaled_dot_product_attention(qs, ks, vs, **sdpa_kw)
+                return torch.autograd.grad(o, (qs, ks, vs), dos)
+
+            t_fb, (dq, dk, dv) = timed(fwd_bwd, device, args.warmup, args.repeats, events=True)
+            ref.update(dq=dq.transpose(1, 2), dk=dk.transpose(1, 2), dv=dv.transpose(1, 2))
+            fwd_ms, fb_ms = statistics.median(t_fwd) * 1e3, statistics.median(t_fb) * 1e3
+            return dict(fwd_ms=r(fwd_ms, 3), fwdbwd_ms=r(fb_ms, 3), fwd_tflops=r(fwd_flops / fwd_ms / 1e9, 1),
+                        fwdbwd_tflops=r(FWD_BWD * fwd_flops / fb_ms / 1e9, 1))
+
+        if not args.no_sdpa:
+            rec.emit(run_point(dict(base, impl="sdpa", config="full", q_len=T, page_size=None), sdpa_body, device))
+
+        for page_size in args.page_size:
+            if T % page_size:
+                rec.emit(dict(base, impl="paged", page_size=page_size, status="skipped",
+                              error=f"length {T} is not a multiple of page size {page_size}"))
+                continue
+
+            # --- the pool: every batch row gets its own pages, in a shuffled order, plus one spare page
+            n = T // page_size
+            num_pages = B * n + 1
+            perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(args.seed))[:B * n]
+            table = perm.view(B, n).to(device=device, dtype=torch.int32)
+            pos = torch.arange(T, device=device)
+            phys, slot = table[:, pos // page_size].long(), pos % page_size  # [B, T], [T]
+            k_pages = torch.zeros(num_pages, page_size, Hkv, D, device=device, dtype=dtype)
+            v_pages = torch.zeros_like(k_pages)
+            k_pages[phys, slot], v_pages[phys, slot] = k, v  # the same K/V as SDPA's inputs
+            dk_pages = torch.zeros(k_pages.shape, device=device, dtype=torch.float32)
+            dv_pages = torch.zeros_like(dk_pages)
+
+            configs = [("full", T)] + ([("chunk", args.chunk)] if args.chunk < T else [])
+            for config, C in configs:
+                if over_budget(args):
+                    rec.emit(dict(base, impl="paged", config=config, page_size=page_size, status="skipped",
+                                  error="time budget"))
+                    continue
+                q_start = T - C  # queries are the last C positions; all T positions are in the pages
+                qc, doc = q[:, q_start:].contiguous(), do[:, q_start:].contiguous()
+                flops = attention_flops(B, H, D, C, T)
+
+                def paged_body():
+                    out = {}
+                    # correctness, once: forward vs SDPA's output, and (full config) gradients vs SDPA's
+                    if "o" in ref:
+                        o, lse = paged_attention_forward(qc, k_pages, v_pages, table, q_start)
+                        out["o_rel_err"] = r(rel_err(o, ref["o"][:, q_start:]), 6)
+                        if config == "full" and "dq" in ref:
+                            dk_pages.zero_(), dv_pages.zero_()
+                            dq = paged_attention_backward(doc, qc, o, lse, k_pages, v_pages, table, q_start,
+                                                          dk_pages, dv_pages)
+                            out["dq_rel_err"] = r(rel_err(dq, ref["dq"]), 6)
+                            out["dk_rel_err"] = r(rel_err(gather_pages(dk_pages, table, 0, T), ref["dk"]), 6)
+                            out["dv_rel_err"] = r(rel_err(gather_pages(dv_pages, table, 0, T), ref["dv"]), 6)
+                        del o, lse
+
+                    def fwd():
+                        return paged_attention_forward(qc, k_pages, v_pages, table, q_start)
+
+                    def fwd_bwd():  # the backward adds into dk/dv pages; their values do not matter here
+                        o, lse = fwd()
+                        return paged_attention_backward(doc, qc, o, lse, k_pages, v_pages, table, q_start,
+                                                        dk_pages, dv_pages)
+
+                    t_fwd, _ = timed(fwd, device, args.warmup, args.repeats, events=True)
+                    t_fb, _ = timed(fwd_bwd, device, args.warmup, args.repeats, events=True)
+                    fwd_ms, fb_ms = statistics.median(t_fwd) * 1e3, statistics.median(t_fb) * 1e3
+                    out.update(fwd_ms=r(fwd_ms, 3), fwdbwd_ms=r(fb_ms, 3), fwd_tflops=r(flops / fwd_ms / 1e9, 1),
+                               fwdbwd_tflops=r(FWD_BWD * flops / fb_ms / 1e9, 1))
+                    return out
+
+                record = dict(base, impl="paged", config=config, q_len=C, page_size=page_size)
+                rec.emit(run_point(record, paged_body, device))
+            del k_pages, v_pages, dk_pages, dv_pages
+        del q, k, v, do, ref
+        free_memory(device)
+
+
+# ------------------------------------------------------------------------------------------------ 3. exact
+
+
+def check_exact(args, device, rec):
+    """Acceptance bar: chunked bf16 gradients vs an fp32 full-sequence reference are no worse than full-sequence
+    bf16 gradients vs that reference. Also chunked fp32 vs the reference (should be ~1e-5 or better)."""
+    # the reference must be true fp32: no TF32 in matmuls (and so in SDPA's fp32 math)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name in args.model:
+            for page_size in args.page_size:
+                if over_budget(args):
+                    rec.emit(dict(mode="exact", model=name, status="skipped", error="time budget"))
+                    continue
+                _check_exact_one(args, device, rec, name, page_size)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _check_exact_one(args, device, rec, name, page_size):
+    model = build_model(name, device, args.seed)
+    cfg = model.config
+    named = list(model.named_parameters())  # a tied weight once
+    idx, tgt = random_tokens(cfg.vocab_size, args.batch, args.seq, device, args.seed)
+
+    B, T, bf16 = args.batch, args.seq, torch.bfloat16
+
+    def offloaded(grad_dtype):
+        return OffloadedKVStore.for_sequence(model, B, T, page_size, bf16, device, cache_tokens=max(args.chunk, 8192),
+                                             grad_dtype=grad_dtype)
+
+    variants = {
+        "full_fp32": lambda: full_sequence_step(model, idx, tgt, torch.float32),  # the reference
+        "full_bf16": lambda: full_sequence_step(model, idx, tgt, bf16),
+        "chunked_bf16": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, bf16),
+        "chunked_fp32": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, torch.float32),
+        # offloaded pages (host memory, copy streams, history in parts of 8K tokens): dK/dV pages fp32, then bf16
+        "offload_bf16": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, bf16,
+                                             store=offloaded(torch.float32)),
+        "offload_bf16_grad_pages_bf16": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, bf16,
+                                                             store=offloaded(bf16)),
+    }
+    ref_grads, ref_loss, errs = None, None, {}
+    base = dict(mode="exact", model=name, head_dim=cfg.head_dim, batch=args.batch, length=args.seq,
+                chunk=args.chunk, page_size=page_size)
+    for variant, fn in variants.items():
+        model.zero_grad(set_to_none=True)
+
+        def body():
+            loss = fn()
+            grads = [p.grad.detach().clone() for _, p in named]
+            out = dict(loss=r(loss, 6))
+            if ref_grads is None:
+                out["_grads"] = grads
+                return out
+            cmp = compare_grads(grads, ref_grads, [n for n, _ in named])
+            out.update(loss_diff=r(loss - ref_loss, 8), grad_rel_err=cmp["rel_err"], worst_param=cmp["worst_param"],
+                       worst_param_rel_err=cmp["worst_param_rel_err"],
+                       median_param_rel_err=cmp["median_param_rel_err"])
+            return out
+
+        record = run_point(dict(base, variant=variant), body, device)
+        if variant == "full_fp32":
+            if record["status"] != "ok":
+                rec.emit(record)
+                break  # nothing to compare against
+            ref_grads, ref_loss = record.pop("_grads"), record["loss"]
+        else:
+            errs[variant] = record.get("grad_rel_err")
+        if "_bf16" in variant and variant != "full_bf16" and errs.get("full_bf16") and errs.get(variant) is not None:
+            ratio = errs[variant] / errs["full_bf16"]
+            record.update(ratio_vs_full_bf16=r(ratio), passes=ratio <= 1.0)
+        rec.emit(record)
+    del model, named, ref_grads
+    free_memory(device)
+
+
+def compare_grads(grads, ref_grads, names) -> dict:
+    """Gradients vs reference gradients (lists of tensors, one per parameter): relative error and cosine similarity
+    of all parameters as one vector; the parameter with the largest relative error and the median over parameters
+    (those whose reference gradient is not zero). k_proj.bias is usually the worst: softmax ignores a per-query
+    constant, so its true gradient is tiny and its relative error mostly noise; hence also the median."""
+    dot = sum((g.double() * gr.double()).sum().item() for g, gr in zip(grads, ref_grads))
+    norm2 = sum(g.double().pow(2).sum().item() for g in grads)
+    ref2 = sum(gr.double().pow(2).sum().item() for gr in ref_grads)
+    diff2 = sum((g.double() - gr.double()).pow(2).sum().item() for g, gr in zip(grads, ref_grads))
+    per = {n: ((g.double() - gr.double()).norm() / gr.double().norm()).item()
+           for n, g, gr in zip(names, grads, ref_grads) if gr.abs().max() > 0}
+    worst = max(per, key=per.get)
+    return dict(rel_err=math.sqrt(diff2 / ref2), cosine=dot / math.sqrt(norm2 * ref2), worst_param=worst,
+                worst_param_rel_err=per[worst], median_param_rel_err=statistics.median(per.values()))
+
+
+def sparse_fidelity(args, device, rec):
+    """Gradient fidelity of sparse attention: on a trained model (random weights attend almost uniformly, which would
+    flatter no summary and mislead), the chunked sparse gradient for each selection rule (--rule), query block and
+    budget vs the dense chunked one (exact), both with bf16 compute: cosine similarity and relative error of all
+    parameters as one vector, the worst parameter, and the loss. Batches come from the validation split."""
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    model = Model(ModelConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    named = list(model.named_parameters())
+    data = TokenData(args.data)
+    base = dict(mode="fidelity", ckpt=args.ckpt, trained_steps=ckpt["step"], seq=args.seq, chunk=args.chunk,
+                page_size=args.page_size, batch=args.batch)
+    print(f"fidelity: {model.num_params() / 1e6:.1f}M params trained {ckpt['step']} steps, seq {args.seq}, "
+          f"chunk {args.chunk}, budgets {args.budgets}, rules {args.rule}", flush=True)
+
+    def grads_of(budget, q_block=None, rule=None):
+        """[per batch: (loss, flat fp32 gradient)] of the chunked step, dense if budget is None."""
+        out = []
+        for i in range(args.batches):
+            x, y = (t.to(device) for t in data.batch("val", args.batch, args.seq, seed=10_000 + i))
+            store = PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, torch.bfloat16, device,
+                                              sparse=SparseConfig(budget, q_block, rule=rule) if budget else None)
+            model.zero_grad(set_to_none=True)
+            loss = chunked_step(model, x, y, args.chunk, args.page_size, torch.bfloat16, store=store)
+            out.append((loss, [p.grad.detach().clone() for _, p in named]))
+            del store
+        return out
+
+    dense = grads_of(None)
+    for name, q_block, budget in [(n, q, b) for n in args.rule for q in args.q_blocks for b in args.budgets]:
+        def body():
+            sparse = grads_of(budget, q_block, RULES[name]())
+            cmps = [compare_grads(g_s, g_d, [n for n, _ in named]) for (_, g_d), (_, g_s) in zip(dense, sparse)]
+            worst = max(cmps, key=lambda c: c["worst_param_rel_err"])
+            return dict(grad_cosine=r(statistics.mean(c["cosine"] for c in cmps), 6),
+                        grad_rel_err=r(statistics.mean(c["rel_err"] for c in cmps)),
+                        loss_dense=r(statistics.mean(l for l, _ in dense), 5),
+                        loss_diff=r(statistics.mean(l_s - l_d for (l_d, _), (l_s, _) in zip(dense, sparse)), 6),
+                        worst_param=worst["worst_param"], worst_param_rel_err=r(worst["worst_param_rel_err"]))
+        point = dict(base, rule=name, budget=budget, q_block=q_block, history_fraction=r(budget / args.seq))
+        rec.emit(run_point(point, body, device))
+    del model, named, dense
+    free_memory(device)
+
+

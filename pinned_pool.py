@@ -1,0 +1,136 @@
+"""
+The host side of the offloaded store (offload.py): page pools in page-locked host memory, their free lists, and how
+pages move between them and GPU buffers.
+
+    k, v    [num_pages, page_size, Hkv, D] model dtype   pinned host memory (plain CPU tensors on a CPU-only machine)
+    dk, dv  the same shape in grad_dtype (fp32 or bf16)
+
+The pool is split into one contiguous range per (layer, batch row), each with its own free list: a row's pages of a
+layer come out consecutive, so a part of the history moves in one copy per tensor, not one per chunk.
+
+Pages move by one copy per run of consecutive host pages (copy engines, no GPU cores) when there are few runs, as
+in dense parts; scattered pages, as in sparse parts, by one gather (scatter) kernel that reads (writes) the pinned
+pool in place through its device view: per-page copies cost 10-20 us of host time each and reach 0.8-1.5 GB/s at
+16 KB pages, the kernel ~45 GB/s (bench/RESULTS.md). Copies are issued on the caller's current stream.
+"""
+import weakref
+
+import numpy as np
+import torch
+
+from offload_plan import runs
+from paged_kv import OutOfPages, PageAllocator, to_device
+
+
+def pinned_empty(shape, dtype):
+    """A host tensor page-locked in place (cudaHostRegister): exactly its size, unlike pin_memory(), whose caching
+    allocator rounds every block up to a power of two (+60% for a 40 GB pool in the worst case)."""
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes:
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({err}): not enough lockable "
+                               f"host memory")
+        weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
+    return t
+
+
+def device_view(t, device):
+    """The GPU's view of a page-locked host tensor: a CUDA tensor at the same address (unified virtual addressing
+    maps registered host memory into the GPU's address space), which kernels read and write in place over PCIe."""
+    class Interface:
+        __cuda_array_interface__ = dict(shape=(t.numel() * t.element_size(),), typestr="|u1",
+                                        data=(t.data_ptr(), False), version=2)
+    return torch.as_tensor(Interface(), device=device).view(t.dtype).view(t.shape)
+
+
+class PinnedPagePool:
+    max_copies = 8  # per tensor and batch row: pages in more runs than this move by a gather/scatter kernel instead
+
+    def __init__(self, num_layers, batch, page_shape, num_pages, dtype, grad_dtype, device):
+        self.device, cuda = device, device.type == "cuda"
+        per_row = num_pages // (num_layers * batch)
+        if per_row < 1:
+            raise ValueError(f"num_pages {num_pages} < num_layers x batch = {num_layers * batch}")
+        self.num_pages = per_row * num_layers * batch
+        shape = (num_pages, *page_shape)
+        host = pinned_empty if cuda else (lambda s, d: torch.empty(s, dtype=d))
+        self.k, self.v = host(shape, dtype), host(shape, dtype)
+        self.dk, self.dv = host(shape, grad_dtype), host(shape, grad_dtype)
+        # the same pools as the GPU addresses them (on the CPU: themselves), for gathers of scattered pages
+        self.device_views = {name: device_view(getattr(self, name), device) if cuda else getattr(self, name)
+                             for name in ("k", "v", "dk", "dv")}
+        self.allocators = [[PageAllocator(per_row, (layer * batch + b) * per_row) for b in range(batch)]
+                           for layer in range(num_layers)]
+        self.dirty = np.zeros(num_pages, dtype=bool)  # gradient page written back since it was allocated
+        self.bytes_moved = {"h2d": 0, "d2h": 0}  # counters for benchmarks
+
+    def num_free(self) -> int:
+        return sum(a.num_free for row in self.allocators for a in row)
+
+    def alloc(self, layer, n) -> np.ndarray:
+        """n new pages for every batch row of `layer`: [B, n] int64 physical ids, their gradients clean (zero until
+        written back). If one row's pool cannot serve, raises OutOfPages and takes nothing."""
+        new = []
+        try:
+            for allocator in self.allocators[layer]:
+                new.append(allocator.alloc(n))
+        except OutOfPages:  # give back the rows already served, so the failed append leaks nothing
+            for allocator, pages in zip(self.allocators[layer], new):
+                allocator.release(pages)
+            raise
+        new = np.array(new, dtype=np.int64).reshape(len(self.allocators[layer]), n)
+        self.dirty[new] = False
+        return new
+
+    def release(self, layer, tables):
+        """Give back [pages of row b] for every batch row b of `layer`."""
+        for allocator, pages in zip(self.allocators[layer], tables):
+            allocator.release(pages.tolist())
+
+    def _indices(self, ids):
+        return to_device(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), self.device)
+
+    def copy_in(self, name, dst, pages, load=None):
+        """dst[i] = pool `name`[pages[i]] (buffer slots <- host pages), or zero where load[i] is False."""
+        src, load = getattr(self, name), np.ones(len(pages), dtype=bool) if load is None else load
+        if len(pages) == 0:
+            return
+        page_runs = runs(pages, load)
+        if len(page_runs) <= self.max_copies:
+            for i, page, count, copy in page_runs:
+                if copy:
+                    dst[i:i + count].copy_(src[page:page + count], non_blocking=True)
+                else:
+                    dst[i:i + count].zero_()
+        elif load.all():
+            torch.index_select(self.device_views[name], 0, self._indices(pages), out=dst)
+        else:
+            dst.index_copy_(0, self._indices(np.flatnonzero(load)),
+                            self.device_views[name].index_select(0, self._indices(pages[load])))
+            dst.index_fill_(0, self._indices(np.flatnonzero(~load)), 0)
+        self.bytes_moved["h2d"] += int(load.sum()) * dst[0].nbytes
+
+    def copy_out(self, name, src, pages):
+        """pool `name`[pages[i]] = src[i] (host pages <- buffer slots)."""
+        dst, page_runs = getattr(self, name), runs(pages)
+        if len(page_runs) <= self.max_copies:
+            for i, page, count, _ in page_runs:
+                dst[page:page + count].copy_(src[i:i + count], non_blocking=True)
+        else:
+            self.device_views[name].index_copy_(0, self._indices(pages), src)
+        self.bytes_moved["d2h"] += src.nbytes
+
+    def write_tokens(self, pages, k, v):
+        """K/V of freshly appended tokens k, v [B, T, Hkv, D] into new pages [B, n] (from position 0 of the first;
+        the last may be partial), one copy per run of consecutive pages."""
+        B, T = k.shape[:2]
+        page_size = self.k.shape[1]
+        for b in range(B):
+            for i, page, count, _ in runs(pages[b]):
+                t0, t1 = i * page_size, min((i + count) * page_size, T)
+                for src, dst in ((k, self.k), (v, self.v)):
+                    dst.view(-1, *dst.shape[2:])[page * page_size:][:t1 - t0].copy_(src[b, t0:t1], non_blocking=True)
+                    self.bytes_moved["d2h"] += src[b, t0:t1].nbytes
