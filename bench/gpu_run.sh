@@ -4,16 +4,16 @@
 #     OUT=/some/dir bash bench/gpu_run.sh STAGE [STAGE ...]
 #
 # Stages (each under its own `timeout`, so a hang cannot eat the call; name stages whose limits fit one device
-# call of 10 minutes: e.g. `tests exact kernel step-7b`, then `step-7b-128k offload-7b-1m`, then `train-1m fidelity
+# call of 10 minutes: e.g. `tests step-7b train-1m fidelity`, then `step-7b-128k offload-7b-1m`, then `kernel exact
 # train`):
-#   tests         versions, then the GPU-relevant tests (compiled kernels vs references, chunked vs full)  240 s
+#   tests         versions, then the GPU-relevant tests, 8 processes (compiled kernels vs references)      150 s
 #   exact         chunked bf16 gradients vs an fp32 full-sequence reference, head_dim 64 and 128             90 s
 #   kernel        paged attention vs SDPA (cuDNN), Qwen2.5-7B heads, 16K/64K, fwd and fwd+bwd                 120 s
-#   step-7b       Qwen2.5-7B at 16K and 32K: chunked vs model.py's full sequence + checkpointing            150 s
-#   step-7b-128k  Qwen2.5-7B at 128K, dense and sparse, pages on the GPU                                    240 s
-#   offload-7b-1m Qwen2.5-7B, one whole sparse step at 1M tokens, pages in pinned host memory               400 s
-#   train-1m      python train.py --seq 1000000 --steps 6 (the README's front door, a few steps)           330 s
-#   fidelity      sparse vs exact gradients of the train-1m model, both selection rules                     150 s
+#   step-7b       Qwen2.5-7B at 16K and 32K: chunked vs model.py's full sequence + checkpointing            140 s
+#   step-7b-128k  Qwen2.5-7B at 128K, dense and sparse, pages on the GPU                                    170 s
+#   offload-7b-1m Qwen2.5-7B, one whole sparse step at 1M tokens, pages in pinned host memory               360 s
+#   train-1m      python train.py --seq 1000000 --steps 6 (the README's front door, a few steps)           200 s
+#   fidelity      sparse vs exact gradients of the train-1m model, both selection rules                     100 s
 #   train         python train.py --steps 300 (the default small model)                                    120 s
 #   hf-baseline   HF transformers' Qwen2ForCausalLM anchors (needs shared/bench/hf_baseline.py in the repo) 150 s
 #
@@ -47,15 +47,16 @@ stage() {
     echo "[$name] rc=$rc$note ($((SECONDS - t0)) s, total $((SECONDS - START)) s)"
 }
 
-# a training-step point: Qwen2.5-7B, bf16 weights with fp32 gradient accumulation, 64-token pages
-step7b() { "$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --page-size 64 "$@"; }
+# a training-step point: Qwen2.5-7B, bf16 weights with fp32 gradient accumulation, 64-token pages (an array, not a
+# function: `timeout` runs programs)
+STEP7B=("$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --page-size 64)
 
 for name in "$@"; do
     case $name in
     tests)
-        stage tests 240 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
+        stage tests 150 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
             $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__)'; \
-            $PY -m pytest -q tests/test_paged_attention.py tests/test_paged_kv.py tests/test_chunk_train.py \
+            $PY -m pytest -q -n 8 tests/test_paged_attention.py tests/test_paged_kv.py tests/test_chunk_train.py \
             tests/test_offload.py tests/test_sparse_attn.py tests/test_model.py tests/test_layer_ops.py \
             tests/test_precision.py tests/test_lora.py tests/test_sample.py >'$OUT/pytest.txt' 2>&1; rc=\$?; \
             tail -15 '$OUT/pytest.txt'; exit \$rc" ;;
@@ -66,24 +67,22 @@ for name in "$@"; do
         stage kernel 120 "$PY" bench.py kernel --lengths 16384,65536 --page-size 64 --chunk 4096 --heads 28 \
             --kv-heads 4 --head-dim 128 --warmup 1 --repeats 5 --time-budget 110 ;;
     step-7b)  # 8192-token chunks and 4 GiB of kept stage-1 outputs: the settings of the README's 16K row
-        stage step-7b 150 step7b --lengths 16384,32768 --chunk 8192 --output-cache 4 --warmup 1 --repeats 2 \
-            --point-budget 20 --time-budget 140 ;;
+        stage step-7b 140 "${STEP7B[@]}" --lengths 16384,32768 --chunk 8192 --output-cache 4 --warmup 1 --repeats 2 \
+            --point-budget 20 --time-budget 130 ;;
     step-7b-128k)
-        stage step-7b-128k 240 step7b --lengths 131072 --chunk 8192 --stores paged,sparse --budget 4096 \
+        stage step-7b-128k 170 "${STEP7B[@]}" --lengths 131072 --chunk 8192 --stores paged,sparse --budget 4096 \
             --warmup 0 --repeats 1 --no-baseline ;;
     offload-7b-1m)  # one selection per 4096-token chunk (q-block = chunk), bf16 dK/dV pages: 112 GiB pinned
-        stage offload-7b-1m 400 step7b --lengths 1048576 --chunk 4096 --checkpoint --stores sparse-offload \
+        stage offload-7b-1m 360 "${STEP7B[@]}" --lengths 1048576 --chunk 4096 --checkpoint --stores sparse-offload \
             --grad-pages bfloat16 --budget 4096 --q-block 4096 --warmup 0 --repeats 1 --no-baseline ;;
     train-1m)
         rm -rf /tmp/run1m
-        stage train-1m 330 bash -c "t0=\$(date +%s); $PY train.py --seq 1000000 --steps 6 --eval-interval 6 \
+        stage train-1m 200 bash -c "t0=\$(date +%s); $PY train.py --seq 1000000 --steps 6 --eval-interval 6 \
             --out /tmp/run1m 2>&1 | tr '\r' '\n' | grep -vE '^ *$' | grep -vE 'it/s|s/it' ; \
             echo \"wall \$((\$(date +%s) - t0)) s\"; cp /tmp/run1m/log.jsonl '$OUT/train_1m.jsonl'" ;;
-    fidelity)  # on the train-1m model: the validation split at 16K, budgets as fractions of the history
-        for rule in meankey quest; do
-            stage "fidelity-$rule" 75 "$PY" bench.py fidelity --ckpt /tmp/run1m/ckpt.pt --seq 16384 --chunk 1024 \
-                --budgets 1024,4096 --q-blocks 128 --batches 2 --rule "$rule"
-        done ;;
+    fidelity)  # on the train-1m model: validation batches of 16K tokens, two budgets, both selection rules
+        stage fidelity 100 "$PY" bench.py fidelity --ckpt /tmp/run1m/ckpt.pt --seq 16384 --chunk 1024 \
+            --budgets 1024,4096 --q-blocks 128 --batches 2 --rule meankey,quest ;;
     train)
         rm -rf /tmp/run
         stage train 120 bash -c "$PY train.py --steps 300 --out /tmp/run 2>&1 | tr '\r' '\n' | \
