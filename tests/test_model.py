@@ -189,8 +189,9 @@ def test_forward_hooks_fire_on_every_linear(monkeypatch, fused):
         monkeypatch.setattr(layer_ops, "available", lambda t: False)
     torch.manual_seed(6)
     cfg = ModelConfig(**{**preset("tiny").__dict__, "tie_word_embeddings": False})
-    model, doubled = Model(cfg), Model(cfg)
-    idx = torch.randint(0, 256, (2, 9))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the fused ops run (CPU: the interpreter)
+    model, doubled = Model(cfg).to(device), Model(cfg).to(device)
+    idx = torch.randint(0, 256, (2, 9), device=device)
     assert layer_ops.available(model.embed(idx)) == fused  # the path under test
     doubled.load_state_dict({k: 2 * v if "proj" in k or "lm_head" in k else v for k, v in model.state_dict().items()})
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
