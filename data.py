@@ -42,6 +42,16 @@ def stdlib_corpus() -> np.ndarray:
     return np.frombuffer(b"".join(chunks), dtype=np.uint8)
 
 
+def read_json(path: str, error=ValueError):
+    """The parsed JSON file at `path`; a file that is not UTF-8 JSON raises `error` with one line naming it (configs,
+    sidecars and adapter files that users bring all go through here)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
 def write_tokens(path: str, ids, vocab_size: int):
     """Write token ids as FILE.bin plus the FILE.bin.json sidecar that records dtype, vocabulary size and length."""
     ids = np.asarray(ids)

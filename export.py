@@ -24,6 +24,7 @@ import shutil
 
 import torch
 
+from data import read_json
 from model import Model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -44,11 +45,7 @@ def read_init_config(init_dir: str) -> dict:
     file = os.path.join(init_dir, "config.json")
     if not os.path.isfile(file):
         raise ValueError(f"{file}: not found (init_dir must be a Hugging Face checkpoint directory)")
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    config = read_json(file)
     if not isinstance(config, dict):
         raise ValueError(f"{file}: not a JSON object")
     return config

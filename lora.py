@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import read_json
+
 # The seven projections of a Qwen2 layer; LoRA's usual "all linear layers" (the LM head and embedding excluded).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -181,11 +183,7 @@ def read_adapter_config(path: str) -> dict:
     file = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(file):
         raise AdapterError(f"{file}: not found (expected a PEFT adapter directory)")
-    try:
-        with open(file) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{file}: not valid JSON ({e})") from None
+    cfg = read_json(file, AdapterError)
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         raise AdapterError(f"{file}: peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else None!r} "
                            f"is not supported (only 'LORA')")

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from data import read_json
+
 FORMAT = 1  # bump when the cache layout or the framing rules change: old caches are then rebuilt
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}  # as data.py
 PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this many characters (see _pieces)
@@ -73,14 +75,6 @@ class TokenizedCorpus:
     reused: bool  # True if read from an existing cache
 
 
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-
-
 def _special_token(value):
     """tokenizer_config.json names a special token as a string or as {"content": ...} (AddedToken); null = none."""
     return value.get("content") if isinstance(value, dict) else value
@@ -98,8 +92,8 @@ def load_tokenizer(checkpoint_dir: str) -> CheckpointTokenizer:
     except Exception as e:  # the library raises a bare Exception for a malformed file
         raise DataError(f"{tok_path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else e})") from None
     cfg_path, tcfg_path = (os.path.join(checkpoint_dir, n) for n in ("config.json", "tokenizer_config.json"))
-    cfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
-    tcfg = _read_json(tcfg_path) if os.path.isfile(tcfg_path) else {}
+    cfg = read_json(cfg_path, DataError) if os.path.isfile(cfg_path) else {}
+    tcfg = read_json(tcfg_path, DataError) if os.path.isfile(tcfg_path) else {}
 
     def token_id(name, source):
         ident = tokenizer.token_to_id(name)
@@ -255,7 +249,7 @@ def load_corpus(bin_path, meta=None, reused=False) -> TokenizedCorpus:
     if meta is None:
         if not os.path.isfile(meta_path):
             raise DataError(f"{bin_path}: no sidecar {meta_path}")
-        meta = _read_json(meta_path)
+        meta = read_json(meta_path, DataError)
     try:
         dtype, vocab_size, n = meta["dtype"], int(meta["vocab_size"]), int(meta["n_tokens"])
         offsets = np.asarray(meta["doc_offsets"], dtype=np.int64)
@@ -340,7 +334,7 @@ def tokenize_corpus(src: str, tokenizer_dir: str, out_prefix: str | None = None,
     fingerprint = source_fingerprint(src)
     bin_path, meta_path, _ = _paths(prefix)
     if os.path.isfile(meta_path):
-        meta = _read_json(meta_path)
+        meta = read_json(meta_path, DataError)
         if (isinstance(meta, dict) and meta.get("tokenizer_sha256") == tok.sha256
                 and meta.get("source_fingerprint") == fingerprint):
             return load_corpus(bin_path, meta, reused=True)  # a cache that disagrees with its sidecar is an error
