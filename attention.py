@@ -32,7 +32,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from kernels.paged_attention import _interpreting, paged_attention_backward, paged_attention_forward, softmax_delta
+from kernels.paged_attention import _interpreting, paged_attention_forward, softmax_delta
+from kernels.paged_attention_backward import paged_attention_backward
 from kernels.paged_reference import gather_pages, paged_attention_reference, paged_attention_reference_backward
 
 

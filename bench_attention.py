@@ -12,7 +12,8 @@ from bench_lib import (build_model, free_memory, full_sequence_step, over_budget
                        timed)
 from chunk_train import chunked_step
 from data import TokenData
-from kernels.paged_attention import paged_attention_backward, paged_attention_forward
+from kernels.paged_attention import paged_attention_forward
+from kernels.paged_attention_backward import paged_attention_backward
 from kernels.paged_reference import gather_pages
 from model import Model, ModelConfig
 from offload import OffloadedKVStore

@@ -18,7 +18,8 @@ if not torch.cuda.is_available():  # before triton is imported: kernels are buil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention import OnePart, Part, ReferenceKernel, TritonKernel, attend  # noqa: E402
-from kernels.paged_attention import paged_attention_backward, paged_attention_forward, softmax_delta  # noqa: E402
+from kernels.paged_attention import paged_attention_forward, softmax_delta  # noqa: E402
+from kernels.paged_attention_backward import paged_attention_backward  # noqa: E402
 from kernels.paged_reference import gather_pages, paged_attention_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

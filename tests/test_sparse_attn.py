@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from attention import Part, ReferenceKernel
 from chunk_train import chunked_step
-from kernels.paged_attention import paged_attention_backward, paged_attention_forward, softmax_delta
+from kernels.paged_attention import paged_attention_forward, softmax_delta
+from kernels.paged_attention_backward import paged_attention_backward
 from kernels.paged_reference import paged_attention_reference
 from paged_kv import PagedKVStore
 from sparse_attn import MeanKey, PageSelector, Quest, SparseConfig, sparse_attention_reference

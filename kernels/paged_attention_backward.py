@@ -1,0 +1,247 @@
+"""The backward of kernels/paged_attention.py's causal paged attention (Triton): dQ, and dK/dV added into the gradient
+pages. Layouts, the lse convention and the sparse 4-D page tables are described there.
+
+It is deterministic and uses no atomics. dQ: a program owns a query tile and streams K/V tiles through the page table.
+dK/dV: each program owns one kv tile of one (batch row, kv head), loops over the query heads of its GQA group and over
+query tiles, and then does a read-modify-write of its own slice of the gradient pages (fp32, or bf16 with the sum
+formed in fp32). This assumes no physical page is referenced twice within 0..kv_len-1 of the page tables (no shared
+prefixes). With per-block tables a history page's owner is found through an inverse index (which blocks selected the
+page, built on the device by a sort) and loops over those blocks only.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.paged_attention import (_DTYPES, _LOG2E, LOG2E, _check_inputs, _check_out, _dot_flags, _load_kv, _mm,
+                                     _page_rows, _query_tile, _table_strides, _tiles, _visible, softmax_delta)
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk_scale,
+              stride_page, stride_tok, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dq += dS @ K over kv tiles lo..hi, with P recomputed from the saved lse (base 2)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        rows = _page_rows(pt_row, n0, kv_len, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
+        k, v = _load_kv(K, V, rows, n0, kv_len, offs_d, BLOCK_N, MASKED)
+        p = tl.exp2(_mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            p = tl.where(_visible(n0, q_pos, kv_len, BLOCK_N), p, 0.0)
+        dp = _mm(do, tl.trans(v), DOT_PREC, UPCAST)  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])  # softmax backward: dS = P * (dP - rowsum(dO * O))
+        dq += _mm(ds.to(k.dtype), k, DOT_PREC, UPCAST)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, DO, DQ, LSE, DELTA, K, V, PT, q_start, C, kv_len, qk_scale, sm_scale,
+               stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb, stride_pth, stride_ptq,
+               N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+               Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr):
+    # grid: (cdiv(C, BLOCK_M), B * N_HEADS); same tiling and kv loop bounds as _fwd_kernel.
+    # ACCUMULATE: DQ (fp32) += this part's dq, for attention split over disjoint kv parts.
+    bh, offs_m, offs_d, row_ok, q_offs, q_pos, kv_off, pt_row, n_full, hi = _query_tile(
+        q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb, stride_pth, stride_ptq,
+        N_HEADS, GROUP, HEAD_DIM, Q_BLOCK, BLOCK_M, BLOCK_N)
+    q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    do = tl.load(DO + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    lse2 = tl.load(LSE + bh * C + offs_m, mask=row_ok, other=0.0) * _LOG2E  # [BLOCK_M]
+    delta = tl.load(DELTA + bh * C + offs_m, mask=row_ok, other=0.0)  # [BLOCK_M]
+
+    # ACCUMULATE: start from DQ's (unscaled) value rather than adding it after the loop, where the compiler may
+    # hoist the load and keep a second fp32 [BLOCK_M, D] tile live through the loop (a 0.5B offloaded step's dq
+    # kernel took 1.6x as long as the non-accumulating one; bench/RESULTS.md)
+    if ACCUMULATE:
+        dq = tl.load(DQ + q_offs, mask=row_ok[:, None], other=0.0) / sm_scale
+    else:
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, 0, n_full, kv_len,
+                   qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, n_full, hi, kv_len,
+                   qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True, DOT_PREC, UPCAST)
+    dq = dq * sm_scale
+    tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, lo, hi, q_start, C, qk_scale, stride_qm, offs_d,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One query head's contribution to a resident kv tile, over query tiles lo..hi.
+    Q, DO point at (b, h) of [B, C, H, D]; LSE, DELTA at row (b, h) of [B, H, C].
+    Works on transposed scores sT [BLOCK_N, BLOCK_M] so dk/dv come out as [BLOCK_N, D]."""
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < C
+        q_offs = offs_m[:, None] * stride_qm + offs_d[None, :]
+        q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        do = tl.load(DO + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        # padded rows (>= C) get lse = +inf, so their P, and hence dS, are exactly 0
+        lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * _LOG2E
+        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        pT = tl.exp2(_mm(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
+        if MASKED:
+            pT = tl.where(kv_pos[:, None] <= (q_start + offs_m)[None, :], pT, 0.0)
+        dv += _mm(pT.to(do.dtype), do, DOT_PREC, UPCAST)
+        dsT = pT * (_mm(v, tl.trans(do), DOT_PREC, UPCAST) - delta[None, :])
+        dk += _mm(dsT.to(q.dtype), q, DOT_PREC, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, q_start, C, kv_len, n_pool,
+                 qk_scale, sm_scale, stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh,
+                 stride_gpage, stride_gtok, stride_gkvh, stride_ptb,
+                 N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPARSE: tl.constexpr):
+    # One program = one kv tile of one (b, kv head). It is the only writer of its rows of dk/dv pages, so no
+    # atomics and a fixed summation order.
+    # Dense (grid (cdiv(kv_len, BLOCK_N), B * N_KV_HEADS)): the tile at positions n0.. of the batch row's page
+    #   table; every query at or after it attends to it (causal).
+    # SPARSE (grid (len(KEYS), PAGE_SIZE // BLOCK_N)): history pages chosen per block of Q_BLOCK queries. KEYS
+    #   [n] int64 = (b * N_KV_HEADS + kv head) * n_pool + physical page, sorted, one entry per (block, page)
+    #   selection; QBLOCKS [n] the selecting block of each entry, RUN_END [n] one past the last entry with the same
+    #   key. The first entry of each run owns the page's tile and loops over the run's blocks, whose queries all
+    #   see the whole page; programs of the other entries do no work and write nothing.
+    offs_d = tl.arange(0, HEAD_DIM)
+    if SPARSE:
+        i = tl.program_id(0)
+        n0 = tl.program_id(1) * BLOCK_N
+        key = tl.load(KEYS + i)
+        owner = (i == 0) | (tl.load(KEYS + tl.maximum(i - 1, 0)) != key)
+        run_end = tl.where(owner, tl.load(RUN_END + i).to(tl.int32), i)  # an empty loop for non-owners
+        bk = (key // n_pool).to(tl.int32)
+        slot = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rows = (key % n_pool) * stride_page + slot * stride_tok
+        grows = (key % n_pool) * stride_gpage + slot * stride_gtok
+        # history pages are full: all rows for the owner, none for the others (a [BLOCK_N] vector built by
+        # addition: the interpreter rejects masks made by and-ing a vector with a scalar)
+        ok = tl.zeros([BLOCK_N], tl.int32) + owner.to(tl.int32) > 0
+    else:
+        n0 = tl.program_id(0) * BLOCK_N
+        bk = tl.program_id(1)
+        pt_row = PT + bk // N_KV_HEADS * stride_ptb
+        rows = _page_rows(pt_row, n0, kv_len, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
+        grows = _page_rows(pt_row, n0, kv_len, stride_gpage, stride_gtok, PAGE_SIZE, BLOCK_N)
+        ok = n0 + tl.arange(0, BLOCK_N) < kv_len
+    b, kvh = bk // N_KV_HEADS, bk % N_KV_HEADS
+    kv_pos = n0 + tl.arange(0, BLOCK_N)
+    k, v = _load_kv(K + kvh * stride_kvh, V + kvh * stride_kvh, rows, n0, kv_len, offs_d, BLOCK_N,
+                    not SPARSE)  # [BLOCK_N, D]
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # Dense: query tiles ending before position n0 see none of this tile: start at m_lo. Tiles in
+    # [m_lo, m_mid) cross the diagonal; from m_mid on, every query sees the whole kv tile.
+    m_lo = tl.maximum(n0 - q_start, 0) // BLOCK_M * BLOCK_M
+    m_mid = tl.minimum((tl.maximum(n0 + BLOCK_N - 1 - q_start, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, C)
+    for g in range(GROUP):  # the query heads sharing this kv head, in a fixed order
+        h = kvh * GROUP + g
+        q_base = b.to(tl.int64) * stride_qb + h * stride_qh
+        row = (b * (N_KV_HEADS * GROUP) + h) * C
+        if SPARSE:
+            for j in range(i, run_end):  # the blocks that selected this page, in increasing order
+                m0 = tl.load(QBLOCKS + j) * Q_BLOCK
+                dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m0,
+                                     tl.minimum(m0 + Q_BLOCK, C), q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M,
+                                     False, DOT_PREC, UPCAST)
+        else:
+            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m_lo,
+                                 m_mid, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST)
+            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m_mid, C,
+                                 q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, False, DOT_PREC, UPCAST)
+    # read-modify-write (+=) of this tile's rows of the gradient pages, summed in fp32
+    offs = grows[:, None] + kvh * stride_gkvh + offs_d[None, :]
+    ok = ok[:, None]
+    dk = dk * sm_scale + tl.load(DK + offs, mask=ok, other=0.0).to(tl.float32)
+    dv += tl.load(DV + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+# --------------------------------------------------------------------------------- launchers
+
+
+def selection_index(history_table, n_pool):
+    """The inverse of a sparse selection, for the dK/dV kernel: which query blocks read each history page.
+    history_table [B, n_kv_heads, n_blocks, n] int32 physical pages (no page twice in a row) ->
+    keys [B * n_kv_heads * n_blocks * n] int64 = (b * n_kv_heads + kv head) * n_pool + page, sorted; the block of
+    each entry; and one past the last entry with the same key. Built on the device without a host sync."""
+    B, Hkv, nb, n = history_table.shape
+    bk = torch.arange(B * Hkv, device=history_table.device).view(B, Hkv, 1, 1)
+    keys = (bk * n_pool + history_table.long()).flatten()
+    keys, order = torch.sort(keys, stable=True)  # stable: blocks in increasing order within a page's run
+    blocks = (order // n % nb).to(torch.int32)
+    run_end = torch.searchsorted(keys, keys, right=True)
+    return keys, blocks, run_end
+
+
+def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages,
+                             scale=None, kv_len=None, delta=None, dq=None, q_block=None):
+    """Backward of paged_attention_forward. Returns dq (q.dtype, q's shape) and ADDS the
+    gradients of kv positions 0..kv_len-1 into dk_pages / dv_pages in place (fp32, or bf16
+    pages with the sum formed in fp32). With a 4-D (sparse) page table, each history page gets the
+    gradient of the query blocks that selected it, and no other page is touched.
+
+    For attention split into parts (see the forward): lse is the merged one, delta
+    ([B, H, C] fp32, rowsum(do * o) of the merged o; computed from o if None) is shared by the
+    parts, and a given fp32 dq is accumulated into (+=) and returned."""
+    q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len, q_block)
+    B, C, H, D = q.shape
+    page_size, n_kv_heads = k_pages.shape[1], k_pages.shape[2]
+    grad_dtypes = (torch.float32, torch.bfloat16)
+    checks = [("do", do, q.shape, _DTYPES), ("lse", lse, (B, H, C), (torch.float32,)),
+              ("dk_pages", dk_pages, k_pages.shape, grad_dtypes), ("dv_pages", dv_pages, k_pages.shape, grad_dtypes),
+              ("o", o, q.shape, _DTYPES) if delta is None else ("delta", delta, (B, H, C), (torch.float32,))]
+    for name, t, shape, dtypes in checks:
+        if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype not in dtypes:
+            raise ValueError(f"{name} must be a {'/'.join(map(str, dtypes))} tensor of shape {tuple(shape)}, "
+                             f"got {getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if dk_pages.stride(-1) != 1 or dk_pages.stride() != dv_pages.stride() or dk_pages.dtype != dv_pages.dtype:
+        raise ValueError("dk_pages/dv_pages need one dtype, unit stride in head_dim and identical strides")
+    if dq is not None:
+        _check_out("dq", dq, q.shape, (torch.float32,), q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, page_table, lse = q.contiguous(), page_table.contiguous(), lse.contiguous()
+    do = do.to(q.dtype).contiguous()  # same layout as q, so the kernels share q's strides
+    if delta is None:
+        delta = softmax_delta(do, o)
+    accumulate = dq is not None
+    dq = dq if accumulate else torch.empty_like(q)
+    sparse = page_table.dim() == 4
+    q_block = q_block if sparse else None
+    prec, upcast = _dot_flags(q.dtype)
+    common = dict(HEAD_DIM=D, PAGE_SIZE=page_size, DOT_PREC=prec, UPCAST=upcast)
+
+    bm, bn, warps, stages = _tiles("dq", D, page_size, q.dtype, q.device, q_block)
+    _dq_kernel[(triton.cdiv(C, bm), B * H)](
+        q, do, dq, lse, delta, k_pages, v_pages, page_table, q_start, C, kv_len, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        *_table_strides(page_table), N_HEADS=H, GROUP=H // n_kv_heads, Q_BLOCK=q_block or bm, BLOCK_M=bm,
+        BLOCK_N=bn, **common, ACCUMULATE=accumulate, num_warps=warps, num_stages=stages)
+
+    bm, bn, warps, stages = _tiles("dkdv", D, page_size, q.dtype, q.device, q_block)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+               dk_pages.stride(0), dk_pages.stride(1), dk_pages.stride(2))
+    kv_args = (q, do, lse, delta, k_pages, v_pages, dk_pages, dv_pages)
+    n_hist = q_start // page_size if sparse else 0
+    if n_hist:  # the selected history pages, each by the blocks that chose it
+        keys, blocks, run_end = selection_index(page_table[..., :n_hist], k_pages.shape[0])
+        bn_page = min(bn, page_size)  # a program owns (a part of) one selected page
+        _dkdv_kernel[(keys.numel(), page_size // bn_page)](
+            *kv_args, page_table, keys, blocks, run_end, q_start, C, kv_len, k_pages.shape[0], scale * LOG2E,
+            scale, *strides, 0, N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads, Q_BLOCK=q_block, BLOCK_M=bm,
+            BLOCK_N=bn_page, **common, SPARSE=True, num_warps=warps, num_stages=stages)
+    if kv_len > n_hist * page_size:  # dense: the whole table, or a sparse table's own chunk pages (causal)
+        table = page_table[:, 0, 0, n_hist:] if sparse else page_table
+        _dkdv_kernel[(triton.cdiv(kv_len - n_hist * page_size, bn), B * n_kv_heads)](
+            *kv_args, table, table, table, table, q_start - n_hist * page_size, C, kv_len - n_hist * page_size, 1,
+            scale * LOG2E, scale, *strides, table.stride(0), N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads,
+            Q_BLOCK=bm, BLOCK_M=bm, BLOCK_N=bn, **common, SPARSE=False, num_warps=warps, num_stages=stages)
+    return dq
