@@ -6,6 +6,11 @@ Layouts as in kernels/paged_attention.py: q [B, C, H, D] at positions q_start..;
 Hkv, D]; page_table [B, n] (one table per batch row) or [B, Hkv, cdiv(C, q_block), n] (one per kv head and block
 of q_block queries, sparse attention); lse [B, H, C] natural log. Everything is gathered into dense fp32 tensors,
 so memory grows as C x kv_len: a reference, and a CPU fallback, not a long-sequence kernel.
+
+A 2-D table (the chunked step's common case) takes a dense path (_dense_forward, _dense_backward): K/V gathered
+once as [B, Hkv, L, D], the G = H // Hkv query heads of a kv head stacked as [B, Hkv, G*C, D] rows, so scores are
+one batched matmul [B, Hkv, G*C, L] without permute copies, one exp in each direction and in-place elementwise
+work. A 4-D table takes the generic einsum path over [B, Hkv, group, blocks, q_block, L].
 """
 import math
 
@@ -48,6 +53,89 @@ def _scores(q, k, q_start, q_block, scale):
     return s.masked_fill(torch.arange(L, device=q.device) > q_pos[..., None], float("-inf")), qb
 
 
+def _dense_kv(pages, page_table, kv_len):
+    """Positions 0..kv_len-1 of every batch row through a 2-D table: fp32 [B, Hkv, L, D] contiguous, and the flat
+    (page, slot) row [B * L] of each position in pages.view(-1, Hkv, D)."""
+    page_size = pages.shape[1]
+    pos = torch.arange(kv_len, device=pages.device)
+    rows = page_table.to(device=pages.device, dtype=torch.long)[:, pos // page_size] * page_size + pos % page_size
+    rows = rows.flatten()  # [B * L]
+    kv = pages.view(-1, *pages.shape[2:]).index_select(0, rows)  # [B * L, Hkv, D] of [num_pages * page_size, ...]
+    return kv.view(page_table.shape[0], kv_len, *pages.shape[2:]).transpose(1, 2).float().contiguous(), rows
+
+
+def _heads_as_rows(t, Hkv):
+    """[B, C, H, D] -> fp32 [B, Hkv, G*C, D]: row g*C + i is query i of head kv*G + g (may be a view of t)."""
+    B, C, H, D = t.shape
+    return t.float().view(B, C, Hkv, H // Hkv, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, H // Hkv * C, D)
+
+
+def _rows_as_heads(t, C):
+    """[B, Hkv, G*C, D] -> [B, C, H, D] (the inverse of _heads_as_rows)."""
+    B, Hkv, GC, D = t.shape
+    return t.view(B, Hkv, GC // C, C, D).permute(0, 3, 1, 2, 4).reshape(B, C, Hkv * (GC // C), D)
+
+
+def _dense_scores(qs, k, C, q_start):
+    """Masked scores [B, Hkv, G*C, L] of pre-scaled rows qs [B, Hkv, G*C, D] against k [B, Hkv, L, D]: key position
+    j is hidden from query i (position q_start + i) where j > q_start + i (one in-place masked_fill_)."""
+    s = qs @ k.transpose(-1, -2)
+    B, Hkv, GC, L = s.shape
+    if L > q_start + 1:  # positions 0..q_start are visible to every query: mask only the columns after them
+        cols = torch.arange(q_start + 1, L, device=k.device)
+        hidden = cols > (q_start + torch.arange(C, device=k.device))[:, None]  # [C, L - q_start - 1]
+        s.view(B, Hkv, GC // C, C, L)[..., q_start + 1:].masked_fill_(hidden, float("-inf"))
+    return s
+
+
+def _dense_forward(q, k_pages, v_pages, page_table, q_start, scale, kv_len):
+    """o [B, C, H, D] fp32 and lse [B, H, C] for a 2-D table: lse = logsumexp(s) and p = exp(s - lse) from one
+    exp (s - max, exponentiated in place), o = p @ v. A row with no visible position gets o = 0, lse = -inf."""
+    B, C, H, D = q.shape
+    Hkv = k_pages.shape[2]
+    k, _ = _dense_kv(k_pages, page_table, kv_len)  # [B, Hkv, L, D]
+    v, _ = _dense_kv(v_pages, page_table, kv_len)
+    s = _dense_scores(_heads_as_rows(q, Hkv) * scale, k, C, q_start)  # [B, Hkv, G*C, L]
+    # Under autograd (the tests differentiate through this function) the same steps out of place; the shift m is
+    # a constant either way (lse = m + log(sum(exp(s - m))) does not depend on it).
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_pages, v_pages))
+    m = s.detach().amax(dim=-1, keepdim=True)  # [B, Hkv, G*C, 1]
+    m.masked_fill_(m == float("-inf"), 0.0)  # rows with nothing visible: exp(-inf - 0) = 0
+    p = torch.exp(s - m) if grad else s.sub_(m).exp_()
+    l = p.sum(dim=-1, keepdim=True)
+    lse = (m + l.log()).view(B, H, C)  # head kv*G + g, query i: row g*C + i of kv head kv
+    l = l.masked_fill(l == 0, 1.0)
+    p = p / l if grad else p.div_(l)
+    return _rows_as_heads(p @ v, C), lse
+
+
+def _dense_backward(do, q, lse, delta, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages, scale, kv_len):
+    """paged_attention_reference_backward for a 2-D table: s recomputed, p = exp(s - lse), dS = p * (dP - delta)
+    in place; dq = dS @ k * scale, dk = dS^T @ (q * scale), dv = p^T @ do; each kv position read once, so the
+    page add is one indexed read-add-write per page tensor (sum in fp32, rounded once)."""
+    B, C, H, D = q.shape
+    Hkv = k_pages.shape[2]
+    k, rows = _dense_kv(k_pages, page_table, kv_len)  # [B, Hkv, L, D], [B * L]
+    v, _ = _dense_kv(v_pages, page_table, kv_len)
+    qs = _heads_as_rows(q, Hkv) * scale  # [B, Hkv, G*C, D] (a new tensor: the rows may be a view of q)
+    dog = _heads_as_rows(do, Hkv)
+    lse = lse.float().reshape(B, Hkv, -1, 1)  # [B, Hkv, G*C, 1]
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # rows with nothing visible: p = 0
+    p = _dense_scores(qs, k, C, q_start).sub_(lse).exp_()  # [B, Hkv, G*C, L], 0 where masked
+    ds = (dog @ v.transpose(-1, -2)).sub_(delta.float().reshape(B, Hkv, -1, 1)).mul_(p)  # dP -> dS in place
+    dq = _rows_as_heads((ds @ k).mul_(scale), C)
+    dk = ds.transpose(-1, -2) @ qs  # [B, Hkv, L, D]
+    dv = p.transpose(-1, -2) @ dog
+    for pages, grad in ((dk_pages, dk), (dv_pages, dv)):
+        flat = pages.view(-1, Hkv, D)  # [num_pages * page_size, Hkv, D]
+        grad = grad.transpose(1, 2).reshape(-1, Hkv, D)  # [B * L, Hkv, D], the order of rows
+        if pages.dtype == torch.float32:
+            flat.index_add_(0, rows, grad)
+        else:  # the sum in fp32, rounded once
+            flat.index_copy_(0, rows, flat.index_select(0, rows).float().add_(grad).to(pages.dtype))
+    return dq
+
+
 def _blocked(t, nb, q_block, Hkv, pad_value):
     """[B, H, C] per-query values -> [B, Hkv, group, nb, q_block], padded rows set to pad_value."""
     B, H, C = t.shape
@@ -63,6 +151,9 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, q_start, scale=No
     B, C, H, D = q.shape
     kv_len = q_start + C if kv_len is None else kv_len
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if page_table.dim() == 2:
+        o, lse = _dense_forward(q, k_pages, v_pages, page_table, q_start, scale, kv_len)
+        return (o, lse) if return_lse else o
     page_table, q_block = _per_block(q, page_table, q_block)
     idx = _kv_index(page_table, kv_len, k_pages.shape[1], k_pages.shape[2], q.device)
     k, v = k_pages[idx].float(), v_pages[idx].float()  # [B, Hkv, nb, L, D]
@@ -84,6 +175,9 @@ def paged_attention_reference_backward(do, q, lse, delta, k_pages, v_pages, page
     Hkv = k_pages.shape[2]
     kv_len = q_start + C if kv_len is None else kv_len
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if page_table.dim() == 2:
+        return _dense_backward(do, q, lse, delta, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages, scale,
+                               kv_len)
     page_table, q_block = _per_block(q, page_table, q_block)
     idx = _kv_index(page_table, kv_len, k_pages.shape[1], Hkv, q.device)
     k, v = k_pages[idx].float(), v_pages[idx].float()  # [B, Hkv, nb, L, D]
@@ -104,5 +198,8 @@ def paged_attention_reference_backward(do, q, lse, delta, k_pages, v_pages, page
         dk, dv = (torch.zeros(len(rows), D, device=q.device).index_add_(0, inverse, g) for g in (dk, dv))
     for pages, grad in ((dk_pages, dk), (dv_pages, dv)):
         flat = pages.view(-1, D)
-        flat[rows] = (flat[rows].float() + grad).to(pages.dtype)
+        if pages.dtype == torch.float32:
+            flat.index_add_(0, rows, grad)
+        else:  # the sum in fp32, rounded once
+            flat.index_copy_(0, rows, flat.index_select(0, rows).float().add_(grad).to(pages.dtype))
     return dq

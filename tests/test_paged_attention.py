@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention import OnePart, Part, ReferenceKernel, TritonKernel, attend  # noqa: E402
 from kernels.paged_attention import paged_attention_forward, softmax_delta  # noqa: E402
 from kernels.paged_attention_backward import paged_attention_backward  # noqa: E402
-from kernels.paged_reference import gather_pages, paged_attention_reference  # noqa: E402
+from kernels.paged_reference import (gather_pages, paged_attention_reference,  # noqa: E402
+                                     paged_attention_reference_backward)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Tolerances relative to the largest reference magnitude of each compared tensor (at least 1:
@@ -266,6 +267,53 @@ def test_split_over_kv_parts_matches_whole(dtype, page_size, grad_dtype, kernel)
         assert got.dtype == grad_dtype
         assert_close(got[t].float(), pre.to(grad_dtype)[t].float() + ref[t], gtol, f"{name}_pages")
         assert torch.equal(got[~t], pre.to(grad_dtype)[~t]), f"{name}_pages written outside the kv parts"
+
+
+
+@pytest.mark.parametrize("H, Hkv", [(4, 2), (2, 2)])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv", ["whole", "history part", "chunk part"])
+def test_reference_dense_table_matches_per_block_expansion(H, Hkv, grad_dtype, kv):
+    """The reference's dense path (a 2-D table: one batched matmul per kv head, in-place softmax) computes what its
+    generic path does for the same table expanded to 4-D (every kv head and block of 16 queries sharing it):
+    forward o/lse, with and without autograd, and the backward's dq and dK/dV page adds (fp32 and bf16 pages,
+    summed in fp32 and rounded once), also for parts (kv_len, shifted q_start) and GQA. q is left untouched."""
+    B, C, D, page_size, q_block = 2, 37, 16, 16, 16
+    hist = 3 * page_size
+    p = make_problem(B, C, hist, H, Hkv, D, page_size, torch.float32, seed=seed_of("dense", H, Hkv, grad_dtype, kv))
+    q, table = p["q"], p["table"]
+    lo, hi = {"whole": (0, hist + C), "history part": (page_size, hist), "chunk part": (hist, hist + C)}[kv]
+    table = table[:, lo // page_size:-(-hi // page_size)]
+    q_start, kv_len = hist - lo, hi - lo
+    table4 = table[:, None, None].expand(B, Hkv, -(-C // q_block), table.shape[1])
+    args = dict(q_start=q_start, return_lse=True, kv_len=kv_len)
+    q_before = q.clone()
+    with torch.no_grad():
+        o2, lse2 = paged_attention_reference(q, p["k_pages"], p["v_pages"], table, **args)
+    assert torch.equal(q, q_before)
+    o4, lse4 = paged_attention_reference(q, p["k_pages"], p["v_pages"], table4, q_block=q_block, **args)
+    assert_close(o2, o4, torch.float32, "dense o")
+    assert_close(lse2, lse4, torch.float32, "dense lse")
+    qg = q.clone().requires_grad_()
+    o_ad, lse_ad = paged_attention_reference(qg, p["k_pages"], p["v_pages"], table, **args)
+    assert_close(o_ad.detach(), o4, torch.float32, "dense o under autograd")
+    assert_close(lse_ad.detach(), lse4, torch.float32, "dense lse under autograd")
+
+    delta = softmax_delta(p["do"], o4)
+    grads = []
+    for t, extra in ((table, {}), (table4, dict(q_block=q_block))):
+        dk_pages, dv_pages = (x.to(grad_dtype, copy=True) for x in p["prefill"])
+        dq = paged_attention_reference_backward(p["do"], q, lse4, delta, p["k_pages"], p["v_pages"], t, q_start,
+                                                dk_pages, dv_pages, kv_len=kv_len, **extra)
+        grads.append((dq, dk_pages, dv_pages))
+    assert torch.equal(q, q_before)
+    (dq2, dk2, dv2), (dq4, dk4, dv4) = grads
+    assert_close(dq2, dq4, torch.float32, "dense dq")
+    gtol = torch.float32 if grad_dtype == torch.float32 else torch.bfloat16
+    for name, got, ref, pre in (("dk", dk2, dk4, p["prefill"][0]), ("dv", dv2, dv4, p["prefill"][1])):
+        assert got.dtype == grad_dtype
+        assert_close(got.float(), ref.float(), gtol, f"dense {name}_pages")
+        assert not torch.equal(got, pre.to(grad_dtype)), f"{name}: nothing added"
 
 
 def _bad(**changes):
