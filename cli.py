@@ -77,6 +77,10 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     run.add_argument("--overwrite", action="store_true",
                      help="start afresh in an --out that holds a run, deleting its ckpt.pt and log.jsonl")
     run.add_argument("--plan", action="store_true", help="print the memory plan (FITS or REFUSED) and exit")
+    run.add_argument("--export", nargs="?", const=True, default=None, metavar="DIR",
+                     help="write a Hugging Face checkpoint to OUT/hf/ at the end of the run (config, safetensors, "
+                          "the --init-from tokenizer files; LoRA runs: the merged model); `--export DIR` trains "
+                          "nothing and exports DIR/ckpt.pt to DIR/hf/ (default: no export)")
     run.add_argument("--eval-interval", type=int, default=None,
                      help="evaluate and save a checkpoint every N steps (default: steps / 10)")
     run.add_argument("--eval-iters", type=int, default=None,
@@ -290,9 +294,24 @@ def open_data(path):
         raise UserError(f"--data: {e}") from None
 
 
+def prepare_export(args) -> Prepared:
+    """`--export DIR`: no training, so no --out and no --data; only DIR's checkpoint must be there."""
+    path = os.path.join(args.export_only, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"--export: no checkpoint at {path} (--export DIR exports a run's ckpt.pt)")
+    for flag in ("resume", "overwrite", "plan"):
+        if getattr(args, flag):
+            raise UserError(f"--export {args.export_only} exports a finished checkpoint: {_flag(flag)} does not apply")
+    return Prepared(args, None)
+
+
 def prepare(argv=None, description=None) -> Prepared:
     """Parse and check everything that needs no model: the arguments, --out (created unless --plan) and --data."""
     args = parse_args(argv, description)
+    args.export_only = args.export if isinstance(args.export, str) else None
+    args.export = args.export is not None
+    if args.export_only is not None:
+        return prepare_export(args)
     check_values(args)
     resolve(args, device_is_gpu(args.device))
     if not args.plan:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import finetune
 import plan as planner
 from chunk_train import chunked_loss, chunked_step
 from cli import UserError, chunked
@@ -53,24 +54,24 @@ def save_checkpoint(path, model, optimizer, step, args):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, flag="--resume") -> dict:
     """A checkpoint written by save_checkpoint, its keys and config checked; anything else is a UserError naming
-    the file."""
+    the file (and the flag that asked for it)."""
     if not os.path.isfile(path):
-        raise UserError(f"--resume: no checkpoint at {path}")
+        raise UserError(f"{flag}: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types here; its advice (weights_only=False) would be unsafe
-        raise UserError(f"--resume: {path} is not a checkpoint of train.py (torch.load: {type(e).__name__})") from None
+        raise UserError(f"{flag}: {path} is not a checkpoint of train.py (torch.load: {type(e).__name__})") from None
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
     if missing:
-        raise UserError(f"--resume: {path} is not a checkpoint of train.py (no {', '.join(missing)})")
+        raise UserError(f"{flag}: {path} is not a checkpoint of train.py (no {', '.join(missing)})")
     if not isinstance(ckpt["step"], int) or ckpt["step"] < 0 or not isinstance(ckpt["args"], dict):
-        raise UserError(f"--resume: {path} holds a bad step ({ckpt['step']!r}) or args")
+        raise UserError(f"{flag}: {path} holds a bad step ({ckpt['step']!r}) or args")
     try:
         ckpt["config"] = ModelConfig(**ckpt["config"])
     except (TypeError, ValueError) as e:
-        raise UserError(f"--resume: {path} holds a bad model config ({e})") from None
+        raise UserError(f"{flag}: {path} holds a bad model config ({e})") from None
     return ckpt
 
 
@@ -252,6 +253,9 @@ def check_device(device):
 
 def run(args, data):
     """Everything after cli.prepare: the checks that need the model's shape, the plan, then training."""
+    if args.export_only is not None:
+        print(f"exported {finetune.export_checkpoint(args.export_only, load_checkpoint)}")
+        return 0
     device = torch.device(args.device)
     check_device(device)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
@@ -335,6 +339,8 @@ def run(args, data):
     # the loop ran at least once (a finished run returned above) and its last step evaluated
     print(f"done: {args.steps} steps | final loss {loss:.4f} | val loss {val_loss:.4f} | "
           f"{float(np.median(rates)):,.0f} tok/s (median) | checkpoint {ckpt_path}")
+    if args.export:
+        print(f"exported {finetune.export_run(model, args.out, args.init_from)}")
     return 0
 
 

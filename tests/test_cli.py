@@ -113,6 +113,8 @@ CASES = [
     (["--data", "{sidecar}"], "records 100 uint16 tokens"),
     (["--data", "{nosidecar}"], "has no sidecar"),
     (["--seq", "5000"], "--seq 5000 is longer than the training split"),
+    (["--export", "{out}"], "--export: no checkpoint at"),
+    (["--export", "{run}", "--resume"], "--resume does not apply"),
     # after torch: checkpoints, the model's vocabulary, the memory plan
     (["--out", "{garbage}", "--resume"], "garbage/ckpt.pt is not a checkpoint of train.py"),
     (["--out", "{nokeys}", "--resume"], "nokeys/ckpt.pt is not a checkpoint of train.py (no model, optimizer"),

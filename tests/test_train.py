@@ -95,3 +95,36 @@ def test_chunked_path_follows_the_full_sequence_path(tmp_path):
     assert train.main(chunked + ["--offload", "on", "--cache-tokens", "32", "--out", str(tmp_path / "offload")]) == 0
     for a, b, c in zip(losses(tmp_path / "full"), losses(tmp_path / "chunked"), losses(tmp_path / "offload")):
         assert abs(a - b) <= 1e-5 * a and abs(a - c) <= 1e-5 * a
+
+
+def assert_export_matches(out, tmp_path):
+    """OUT/hf loads in transformers with the logits of OUT/ckpt.pt's model (fp32, 1e-4)."""
+    transformers = pytest.importorskip("transformers")
+    ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    model = train.Model(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf"), dtype=torch.float32).eval()
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = (model.eval()(idx) - hf(idx).logits).abs().max().item()
+    assert err <= 1e-4, err
+
+
+def test_export_at_the_end_and_from_a_checkpoint(tmp_path):
+    """--export writes OUT/hf (with the --init-from tokenizer); `--export OUT` alone rewrites it from OUT/ckpt.pt."""
+    from test_model import make_hf_checkpoint
+    from tiny_tokenizer import make_tokenizer_dir
+
+    init = tmp_path / "init"
+    make_hf_checkpoint(init, tied=False, shard=False)
+    make_tokenizer_dir(init)  # its config.json (the checkpoint's) stays
+    out = str(tmp_path / "run")
+    args = ["--init-from", str(init), "--device", "cpu", "--seq", "32", "--batch", "2", "--steps", "2",
+            "--eval-iters", "1", "--out", out]
+    assert train.main(args + ["--export"]) == 0
+    assert os.path.isfile(os.path.join(out, "hf", "tokenizer.json"))
+    assert_export_matches(out, tmp_path)
+    os.remove(os.path.join(out, "hf", "config.json"))
+    assert train.main(["--export", out]) == 0  # no training: the log keeps its two steps
+    assert len(losses(out)) == 2 and os.path.isfile(os.path.join(out, "hf", "config.json"))
+    assert_export_matches(out, tmp_path)
