@@ -31,6 +31,8 @@ RUN_FILES = ("ckpt.pt", "log.jsonl")  # what makes a directory hold a run
 # --attn auto picks sparse attention when --seq exceeds this many times --budget: shorter, the history a query block
 # skips is too small a share of its chunk's attention for the selection's overhead to pay off
 SPARSE_AUTO_RATIO = 16
+# lora.LORA_TARGETS, named here so that parsing needs no torch (tests/test_cli.py checks that they agree)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIN_PAGE_SIZE = 16  # the paged-attention kernels' smallest tile side (kernels/paged_attention.py)
 
 
@@ -99,6 +101,15 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     opt.add_argument("--grad-clip", type=float, default=1.0,
                      help="clip the gradient norm; 0: off (default: %(default)s)")
 
+    lora = p.add_argument_group("LoRA (lora.py): base weights frozen, low-rank fp32 adapters trained")
+    lora.add_argument("--lora-rank", type=int, default=None,
+                      help="train LoRA adapters of this rank instead of every weight; checkpoints hold them, and "
+                           "OUT/lora/ (PEFT format) is written with each checkpoint (default: off, full fine-tuning)")
+    lora.add_argument("--lora-alpha", type=float, default=None,
+                      help="LoRA scale numerator: adapters add alpha / rank * B A (default: 2 x --lora-rank)")
+    lora.add_argument("--lora-targets", default=None,
+                      help=f"comma-separated projections to adapt (default: all seven, {','.join(LORA_TARGETS)})")
+
     chunk = p.add_argument_group("chunked path (a --seq longer than --chunk)")
     chunk.add_argument("--chunk", type=int, default=4096,
                        help="a --seq longer than this trains chunk-recurrently (chunk_train.py) in chunks of this "
@@ -143,12 +154,12 @@ def _flag(name: str) -> str:
 
 def check_values(args):
     """Each number the user gave, on its own: finite and in range. (Defaults are in range by construction.)"""
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "host_memory"):
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "host_memory", "lora_alpha"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UserError(f"{_flag(name)} must be a finite number, got {value}")
     positive = ("seq", "batch", "steps", "chunk", "page_size", "cache_tokens", "budget", "q_block", "eval_interval",
-                "eval_iters", "lr", "host_memory")
+                "eval_iters", "lr", "host_memory", "lora_rank", "lora_alpha")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -165,6 +176,26 @@ def check_values(args):
         raise UserError(f"--init-from {args.init_from} is not a directory (expected a Hugging Face checkpoint)")
     if args.init_from and args.model:
         raise UserError("--model and --init-from both choose the model: give one of them")
+    check_lora(args)
+
+
+def check_lora(args):
+    """--lora-alpha and --lora-targets only with --lora-rank; the targets a comma list of distinct projections.
+    Fills the defaults: alpha 2 x rank, all seven targets (a tuple)."""
+    if args.lora_rank is None:
+        for name in ("lora_alpha", "lora_targets"):
+            _unused(args, name, "LoRA is off (no --lora-rank)")
+        return
+    args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    if args.lora_targets is None:
+        args.lora_targets = LORA_TARGETS
+        return
+    targets = [t.strip() for t in args.lora_targets.split(",")]
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets or len(set(targets)) != len(targets):
+        raise UserError(f"--lora-targets {args.lora_targets!r} must be distinct names among "
+                        f"{','.join(LORA_TARGETS)} (comma-separated)")
+    args.lora_targets = tuple(t for t in LORA_TARGETS if t in targets)
 
 
 def device_is_gpu(device: str) -> bool:

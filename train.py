@@ -47,11 +47,13 @@ CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "args")
 
 
 def save_checkpoint(path, model, optimizer, step, args):
-    """Atomic: write a temp file in the same directory, then rename over the old checkpoint."""
+    """Atomic: write a temp file in the same directory, then rename over the old checkpoint. A LoRA run also
+    writes its adapters to OUT/lora/ (PEFT format)."""
     tmp = path + ".tmp"
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "config": asdict(model.config), "args": vars(args)}, tmp)
     os.replace(tmp, path)
+    finetune.save_adapter(model, os.path.dirname(path), args.init_from)
 
 
 def load_checkpoint(path, flag="--resume") -> dict:
@@ -92,11 +94,12 @@ def build_model(args, cfg, ckpt, device) -> Model:
     seeded random init."""
     if args.init_from and ckpt is None:
         try:
-            return Model.from_pretrained(args.init_from).to(device)
+            model = Model.from_pretrained(args.init_from)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"--init-from: {e}") from None
+        return finetune.attach_lora(model, vars(args), args.seed).to(device)
     torch.manual_seed(args.seed)
-    model = Model(cfg)
+    model = finetune.attach_lora(Model(cfg), vars(args), args.seed)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -106,9 +109,10 @@ def build_model(args, cfg, ckpt, device) -> Model:
 
 
 def build_optimizer(args, model, device):
-    # no weight decay on biases and norm weights
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # only what trains (LoRA: the adapters); no weight decay on biases and norm weights
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if args.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
@@ -240,7 +244,10 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
         f"optimizer: {args.optimizer}, lr {args.lr:g} -> {args.min_lr:g} (warm-up {args.warmup}, cosine to step "
         f"{args.steps}), weight decay {args.weight_decay:g}, grad clip {args.grad_clip:g} | seed {args.seed} | "
         f"out: {args.out} | eval every {args.eval_interval} steps x {args.eval_iters} batches"
-        + (f" | resuming at step {start}" if start else ""),
+        + (f" | resuming at step {start}" if start else "")
+        + (f" | LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, {','.join(args.lora_targets)} "
+           f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, base frozen)"
+           if args.lora_rank else ""),
     ]
 
 
@@ -263,6 +270,8 @@ def run(args, data):
     if ckpt is not None and ckpt["args"].get("optimizer", args.optimizer) != args.optimizer:
         raise UserError(f"--optimizer {args.optimizer}, but {ckpt_path} was trained with "
                         f"{ckpt['args']['optimizer']}: resume with the same optimizer")
+    if ckpt is not None and finetune.lora_mismatch(args, ckpt["args"]):
+        raise UserError(f"--resume: {finetune.lora_mismatch(args, ckpt['args'])}")
     cfg = model_config(args, ckpt)
     if ckpt is not None and args.model and preset(args.model) != cfg:
         raise UserError(f"--model {args.model}, but {ckpt_path} holds a different model ({cfg.num_hidden_layers} "

@@ -31,9 +31,10 @@ def test_smoke_loss_decreases(tmp_path):
     assert os.path.isfile(os.path.join(out, "ckpt.pt")) and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch, optimizer):
-    args = TINY + ["--steps", "8", "--eval-interval", "3", "--optimizer", optimizer]
+@pytest.mark.parametrize("optimizer, extra", [("adamw", []), ("adafactor", []), ("adamw", ["--lora-rank", "4"])],
+                         ids=["adamw", "adafactor", "lora"])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch, optimizer, extra):
+    args = TINY + ["--steps", "8", "--eval-interval", "3", "--optimizer", optimizer] + extra
     full = str(tmp_path / "full")
     assert train.main(args + ["--out", full]) == 0
 
@@ -86,9 +87,12 @@ def test_mismatched_checkpoint_shapes(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 0 and "--init-from" in err and "shape" in err, err
 
 
-def test_chunked_path_follows_the_full_sequence_path(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-targets", "q_proj,down_proj"]],
+                         ids=["full", "lora"])
+def test_chunked_path_follows_the_full_sequence_path(tmp_path, extra):
     """--seq > --chunk trains chunk-recurrently; its gradients are exact, so two steps give the same losses."""
     args = ["--model", "tiny", "--device", "cpu", "--seq", "96", "--batch", "1", "--steps", "2", "--eval-iters", "1"]
+    args += extra
     assert train.main(args + ["--out", str(tmp_path / "full")]) == 0
     chunked = args + ["--chunk", "32", "--page-size", "16"]
     assert train.main(chunked + ["--out", str(tmp_path / "chunked")]) == 0
@@ -128,3 +132,34 @@ def test_export_at_the_end_and_from_a_checkpoint(tmp_path):
     assert train.main(["--export", out]) == 0  # no training: the log keeps its two steps
     assert len(losses(out)) == 2 and os.path.isfile(os.path.join(out, "hf", "config.json"))
     assert_export_matches(out, tmp_path)
+
+
+def test_lora_run_saves_peft_adapters_and_exports_the_merged_model(tmp_path):
+    """--lora-rank: only the adapters change; OUT/lora loads through peft onto transformers' Qwen2ForCausalLM with
+    our logits, and --export writes the merged model with the same logits (fp32, 1e-4)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from test_model import make_hf_checkpoint
+
+    import lora
+
+    init = tmp_path / "init"
+    make_hf_checkpoint(init, tied=True, shard=False)
+    out = str(tmp_path / "run")
+    assert train.main(["--init-from", str(init), "--device", "cpu", "--seq", "32", "--batch", "2", "--steps", "3",
+                       "--eval-iters", "1", "--lr", "1e-2", "--lora-rank", "4", "--out", out, "--export"]) == 0
+    ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    base = train.Model.from_pretrained(str(init))
+    for name, tensor in base.state_dict().items():  # the base weights are frozen
+        assert torch.equal(ckpt["model"][name.replace("_proj.", "_proj.base.")], tensor), name
+    assert any(k.endswith("lora_B") and ckpt["model"][k].abs().max() > 0 for k in ckpt["model"])  # adapters trained
+    ours = lora.apply_lora(train.Model(ckpt["config"]), 4, 8.0)
+    ours.load_state_dict(ckpt["model"])
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(str(init), dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, os.path.join(out, "lora")).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf"), dtype=torch.float32).eval()
+    idx = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours.eval()(idx)
+        assert (logits - hf(input_ids=idx).logits).abs().max().item() <= 1e-4
+        assert (logits - merged(idx).logits).abs().max().item() <= 1e-4
