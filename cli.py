@@ -73,6 +73,10 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     run.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                      help="compute dtype; weights and gradients stay fp32 (default: bfloat16 on GPU, float32 on CPU)")
+    run.add_argument("--params-dtype", default="float32", choices=DTYPE_NAMES,
+                     help="dtype of the weights: bfloat16 keeps fp32 gradients (main_grad) and fp32 master weights "
+                          "in the optimizer (optim.MixedPrecisionAdamW; 7B at long context wants it) and needs "
+                          "--dtype bfloat16 (default: %(default)s)")
     run.add_argument("--seed", type=int, default=1337, help="seeds the init and every batch (default: %(default)s)")
     run.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
@@ -92,6 +96,8 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     opt.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"],
                      help="adamw, or adafactor: factored second moments, no first moment (memory-lean) "
                           "(default: %(default)s)")
+    opt.add_argument("--moments", default=None, choices=("fp32", "bf16", "int8"),
+                     help="--params-dtype bfloat16: how AdamW stores its two moments (optim.py) (default: int8)")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     opt.add_argument("--min-lr", type=float, default=None,
                      help="final learning rate of the cosine decay (default: lr / 10)")
@@ -177,6 +183,22 @@ def check_values(args):
     if args.init_from and args.model:
         raise UserError("--model and --init-from both choose the model: give one of them")
     check_lora(args)
+
+
+def check_params_dtype(args):
+    """--params-dtype bfloat16: AdamW (MixedPrecisionAdamW), bf16 compute, full fine-tuning; --moments only then.
+    Run after resolve filled --dtype."""
+    if args.params_dtype != "bfloat16":
+        _unused(args, "moments", "--params-dtype float32 trains with torch's AdamW (fp32 moments)")
+        return
+    if args.optimizer != "adamw":
+        raise UserError(f"--params-dtype bfloat16 trains with AdamW (fp32 masters), not --optimizer {args.optimizer}")
+    if args.dtype != "bfloat16":
+        raise UserError(f"--params-dtype bfloat16 needs --dtype bfloat16 (compute), got --dtype {args.dtype}")
+    if args.lora_rank is not None:
+        _unused(args, "moments", "LoRA adapters are fp32 and train with torch's AdamW")
+        return
+    args.moments = args.moments or "int8"  # planner-chosen moments (optim.choose_moments): not wired yet
 
 
 def check_lora(args):
@@ -345,6 +367,7 @@ def prepare(argv=None, description=None) -> Prepared:
         return prepare_export(args)
     check_values(args)
     resolve(args, device_is_gpu(args.device))
+    check_params_dtype(args)
     if not args.plan:
         prepare_out(args)
     data = open_data(args.data)

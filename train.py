@@ -32,13 +32,16 @@ import torch
 from tqdm import tqdm
 
 import finetune
+import optim
 import plan as planner
 from chunk_train import chunked_loss, chunked_step
 from cli import UserError, chunked
 from model import Model, ModelConfig, preset
 from offload import OffloadedKVStore
 from paged_kv import PagedKVStore
+from optim import MixedPrecisionAdamW
 from plan import DTYPES
+from precision import fp32_gradients, low_precision_params
 
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "args")
 
@@ -94,12 +97,12 @@ def build_model(args, cfg, ckpt, device) -> Model:
     seeded random init."""
     if args.init_from and ckpt is None:
         try:
-            model = Model.from_pretrained(args.init_from)
+            model = Model.from_pretrained(args.init_from, dtype=DTYPES[args.params_dtype])
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"--init-from: {e}") from None
         return finetune.attach_lora(model, vars(args), args.seed).to(device)
     torch.manual_seed(args.seed)
-    model = finetune.attach_lora(Model(cfg), vars(args), args.seed)
+    model = finetune.attach_lora(Model(cfg).to(DTYPES[args.params_dtype]), vars(args), args.seed)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -114,6 +117,9 @@ def build_optimizer(args, model, device):
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if low_precision_params(model):  # bf16 weights: fp32 masters, moments as --moments
+        return MixedPrecisionAdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, moments=args.moments,
+                                   seed=args.seed)
     if args.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     return torch.optim.Adafactor(groups, lr=args.lr)
@@ -165,20 +171,22 @@ def open_log(path, start):
 
 
 def autocast(args, device):
-    enabled = DTYPES[args.dtype] != torch.float32
+    enabled = DTYPES[args.dtype] != DTYPES[args.params_dtype]
     return torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=enabled)
 
 
 def train_step(model, x, y, args, device, store) -> float:
-    """Forward + backward of one batch; leaves the gradient of the mean token loss in param.grad."""
-    if chunked(args):
-        return chunked_step(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store,
-                            progress=args.seq >= 8 * args.chunk)
-    with autocast(args, device):
-        hidden = model.hidden(x)
-        loss, dx = model.loss(hidden, y, scale=1.0 / y.numel(), backward=True)  # the head's backward, sliced
-    hidden.backward(dx)
-    return loss.item()
+    """Forward + backward of one batch; leaves the gradient of the mean token loss in param.grad (bf16 weights:
+    in fp32 param.main_grad, precision.fp32_gradients)."""
+    with fp32_gradients(model):
+        if chunked(args):
+            return chunked_step(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store,
+                                progress=args.seq >= 8 * args.chunk)
+        with autocast(args, device):
+            hidden = model.hidden(x)
+            loss, dx = model.loss(hidden, y, scale=1.0 / y.numel(), backward=True)  # the head's backward, sliced
+        hidden.backward(dx)
+        return loss.item()
 
 
 @torch.no_grad()
@@ -228,6 +236,8 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
     """What the run is about to do, every setting that shapes it named (defaults included)."""
     name = f"{args.out}/ckpt.pt" if args.resume else (args.init_from or args.model)
     device_tier, host_tier = memory.tiers
+    weights = ("bf16 (fp32 main_grad and masters; --moments " + args.moments + (", int8 by default: the planner "
+               "does not choose yet)" if args.moments == "int8" else ")")) if low_precision_params(model) else "fp32"
     if chunked(args):
         where = f"in {host_tier} memory (offloaded)" if plan.offload else f"on the {device_tier}"
         attention = (f"sparse attention, {args.budget} history tokens per {plan.q_block}-query block"
@@ -239,7 +249,7 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
     return [
         f"model: {name}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {model.num_params() / 1e6:.1f}M "
         f"params | data: {data.path}, {len(data.splits['train']):,} train tokens, vocab {data.vocab_size}",
-        f"run: seq {args.seq} x batch {args.batch} | {path} | {args.dtype} compute, fp32 weights on {device} | "
+        f"run: seq {args.seq} x batch {args.batch} | {path} | {args.dtype} compute, {weights} weights on {device} | "
         f"memory: {planner.summary(plan, memory)} (--plan for the parts)",
         f"optimizer: {args.optimizer}, lr {args.lr:g} -> {args.min_lr:g} (warm-up {args.warmup}, cosine to step "
         f"{args.steps}), weight decay {args.weight_decay:g}, grad clip {args.grad_clip:g} | seed {args.seed} | "
@@ -270,6 +280,11 @@ def run(args, data):
     if ckpt is not None and ckpt["args"].get("optimizer", args.optimizer) != args.optimizer:
         raise UserError(f"--optimizer {args.optimizer}, but {ckpt_path} was trained with "
                         f"{ckpt['args']['optimizer']}: resume with the same optimizer")
+    for name in ("params_dtype", "moments"):  # checkpoints from before these flags: fp32 weights, no moments
+        had = ckpt["args"].get(name, "float32" if name == "params_dtype" else None) if ckpt is not None else None
+        if ckpt is not None and had != getattr(args, name):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}, but {ckpt_path} was trained with "
+                            f"{had}: resume with the same")
     if ckpt is not None and finetune.lora_mismatch(args, ckpt["args"]):
         raise UserError(f"--resume: {finetune.lora_mismatch(args, ckpt['args'])}")
     cfg = model_config(args, ckpt)
@@ -319,7 +334,9 @@ def run(args, data):
                 group["lr"] = lr_at(step, args)
             x, y = data.batch("train", args.batch, args.seq, seed=[args.seed, 0, step])
             loss = train_step(model, x.to(device), y.to(device), args, device, store)
-            if args.grad_clip > 0:
+            if args.grad_clip > 0 and isinstance(optimizer, MixedPrecisionAdamW):
+                optim.clip_grad_norm_(model.parameters(), args.grad_clip)  # main_grad
+            elif args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -31,8 +31,9 @@ def test_smoke_loss_decreases(tmp_path):
     assert os.path.isfile(os.path.join(out, "ckpt.pt")) and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
 
 
-@pytest.mark.parametrize("optimizer, extra", [("adamw", []), ("adafactor", []), ("adamw", ["--lora-rank", "4"])],
-                         ids=["adamw", "adafactor", "lora"])
+@pytest.mark.parametrize("optimizer, extra", [("adamw", []), ("adafactor", []), ("adamw", ["--lora-rank", "4"]),
+                                              ("adamw", ["--params-dtype", "bfloat16", "--dtype", "bfloat16"])],
+                         ids=["adamw", "adafactor", "lora", "bf16-params-int8"])
 def test_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch, optimizer, extra):
     args = TINY + ["--steps", "8", "--eval-interval", "3", "--optimizer", optimizer] + extra
     full = str(tmp_path / "full")
