@@ -97,7 +97,8 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                      help="adamw, or adafactor: factored second moments, no first moment (memory-lean) "
                           "(default: %(default)s)")
     opt.add_argument("--moments", default=None, choices=("fp32", "bf16", "int8"),
-                     help="--params-dtype bfloat16: how AdamW stores its two moments (optim.py) (default: int8)")
+                     help="--params-dtype bfloat16: how AdamW stores its two moments (optim.py) (default: fp32 "
+                          "when the plan fits, else the most precise that fits; resumed: the checkpoint's)")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     opt.add_argument("--min-lr", type=float, default=None,
                      help="final learning rate of the cosine decay (default: lr / 10)")
@@ -188,6 +189,7 @@ def check_values(args):
 def check_params_dtype(args):
     """--params-dtype bfloat16: AdamW (MixedPrecisionAdamW), bf16 compute, full fine-tuning; --moments only then.
     Run after resolve filled --dtype."""
+    args.moments_why = None
     if args.params_dtype != "bfloat16":
         _unused(args, "moments", "--params-dtype float32 trains with torch's AdamW (fp32 moments)")
         return
@@ -198,7 +200,7 @@ def check_params_dtype(args):
     if args.lora_rank is not None:
         _unused(args, "moments", "LoRA adapters are fp32 and train with torch's AdamW")
         return
-    args.moments = args.moments or "int8"  # planner-chosen moments (optim.choose_moments): not wired yet
+    args.moments_why = "given" if args.moments else None  # None: train.py picks them with the plan
 
 
 def check_lora(args):

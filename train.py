@@ -236,8 +236,8 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
     """What the run is about to do, every setting that shapes it named (defaults included)."""
     name = f"{args.out}/ckpt.pt" if args.resume else (args.init_from or args.model)
     device_tier, host_tier = memory.tiers
-    weights = ("bf16 (fp32 main_grad and masters; --moments " + args.moments + (", int8 by default: the planner "
-               "does not choose yet)" if args.moments == "int8" else ")")) if low_precision_params(model) else "fp32"
+    weights = (f"bf16 (fp32 main_grad and masters; --moments {args.moments}: {args.moments_why})"
+               if low_precision_params(model) else "fp32")
     if chunked(args):
         where = f"in {host_tier} memory (offloaded)" if plan.offload else f"on the {device_tier}"
         attention = (f"sparse attention, {args.budget} history tokens per {plan.q_block}-query block"
@@ -268,6 +268,21 @@ def check_device(device):
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
+def plan_with_moments(cfg, args, memory):
+    """planner.plan_run; bf16 weights without --moments: the most precise moments (optim.MOMENTS order) whose plan
+    fits, else int8 (and the plan refuses)."""
+    if args.params_dtype != "bfloat16" or args.lora_rank is not None or args.moments is not None:
+        return planner.plan_run(cfg, args, memory)
+    for moments in optim.MOMENTS:
+        args.moments = moments
+        plan = planner.plan_run(cfg, args, memory)
+        if plan.fits:
+            args.moments_why = ("the most precise whose plan fits" if moments != "fp32" else "the plan fits")
+            return plan
+    args.moments_why = "none fits"
+    return plan
+
+
 def run(args, data):
     """Everything after cli.prepare: the checks that need the model's shape, the plan, then training."""
     if args.export_only is not None:
@@ -280,6 +295,8 @@ def run(args, data):
     if ckpt is not None and ckpt["args"].get("optimizer", args.optimizer) != args.optimizer:
         raise UserError(f"--optimizer {args.optimizer}, but {ckpt_path} was trained with "
                         f"{ckpt['args']['optimizer']}: resume with the same optimizer")
+    if ckpt is not None and args.moments is None and args.params_dtype == "bfloat16":
+        args.moments, args.moments_why = ckpt["args"].get("moments"), "the checkpoint's"
     for name in ("params_dtype", "moments"):  # checkpoints from before these flags: fp32 weights, no moments
         had = ckpt["args"].get(name, "float32" if name == "params_dtype" else None) if ckpt is not None else None
         if ckpt is not None and had != getattr(args, name):
@@ -294,9 +311,10 @@ def run(args, data):
     if data.vocab_size > cfg.vocab_size:
         raise UserError(f"data {data.path} has vocab_size {data.vocab_size}, the model only {cfg.vocab_size}")
     memory = planner.measure(device, args.host_memory)
-    plan = planner.plan_run(cfg, args, memory)  # before anything is allocated on the device
+    plan = plan_with_moments(cfg, args, memory)  # before anything is allocated on the device
     if args.plan:
-        print("\n".join(planner.describe(plan, memory, args)))
+        moments = [f"AdamW moments: {args.moments} ({args.moments_why})"] if args.moments_why else []
+        print("\n".join(moments + planner.describe(plan, memory, args)))
         return 0
     if ckpt is not None and ckpt["step"] >= args.steps:
         print(f"{ckpt_path} is at step {ckpt['step']}, --steps is {args.steps}: the run is finished, nothing to "

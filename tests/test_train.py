@@ -31,8 +31,11 @@ def test_smoke_loss_decreases(tmp_path):
     assert os.path.isfile(os.path.join(out, "ckpt.pt")) and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
 
 
+BF16_INT8 = ["--params-dtype", "bfloat16", "--dtype", "bfloat16", "--moments", "int8"]
+
+
 @pytest.mark.parametrize("optimizer, extra", [("adamw", []), ("adafactor", []), ("adamw", ["--lora-rank", "4"]),
-                                              ("adamw", ["--params-dtype", "bfloat16", "--dtype", "bfloat16"])],
+                                              ("adamw", BF16_INT8)],
                          ids=["adamw", "adafactor", "lora", "bf16-params-int8"])
 def test_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch, optimizer, extra):
     args = TINY + ["--steps", "8", "--eval-interval", "3", "--optimizer", optimizer] + extra
@@ -164,3 +167,11 @@ def test_lora_run_saves_peft_adapters_and_exports_the_merged_model(tmp_path):
         logits = ours.eval()(idx)
         assert (logits - hf(input_ids=idx).logits).abs().max().item() <= 1e-4
         assert (logits - merged(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_bf16_params_default_to_the_most_precise_moments_that_fit(tmp_path, capsys):
+    args = TINY + ["--params-dtype", "bfloat16", "--dtype", "bfloat16", "--plan", "--out", str(tmp_path / "o")]
+    assert train.main(args) == 0
+    text = capsys.readouterr().out
+    assert "AdamW moments: fp32 (the plan fits)" in text and "weights (bf16)" in text, text
+    assert "gradients (fp32 main_grad)" in text and "optimizer (adamw, fp32 moments, fp32 master)" in text, text
