@@ -61,10 +61,26 @@ def _chunks(seq_len, chunk_size):
     return [(s, min(s + chunk_size, seq_len)) for s in range(0, seq_len, chunk_size)]
 
 
+def _base_dtype(model) -> torch.dtype:
+    """The dtype of the base weights: the frozen parameters' (LoRA: fp32 adapters train beside a bf16 or fp32 base),
+    or with none frozen every parameter's. They must share one; a trainable one is fp32 or that dtype."""
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    dtypes = frozen or {p.dtype for p in model.parameters()}
+    if len(dtypes) != 1:
+        raise ValueError(f"all {'frozen ' if frozen else ''}parameters must share one dtype, found "
+                         f"{sorted(map(str, dtypes))}")
+    base = dtypes.pop()
+    odd = {p.dtype for p in model.parameters() if p.requires_grad} - {base, torch.float32}
+    if odd:
+        raise ValueError(f"trainable parameters must be float32 or the base weights' {base}, found "
+                         f"{sorted(map(str, odd))}")
+    return base
+
+
 def _autocast(model, device, compute_dtype):
     # no weight cache: each weight is used once per chunk, and the cache would pin a bf16 copy of every weight for
     # the whole chunk (15 GB for a 7B model), defeating per-layer recomputation
-    enabled = compute_dtype != next(model.parameters()).dtype
+    enabled = compute_dtype != _base_dtype(model)  # on whenever the compute dtype differs from the base weights'
     return torch.autocast(device.type, dtype=compute_dtype, enabled=enabled, cache_enabled=False)
 
 
@@ -79,9 +95,7 @@ def _check(model, idx, targets, chunk_size, store):
     if page_size and chunk_size % page_size:
         raise ValueError(f"chunk_size {chunk_size} must be a multiple of page_size {page_size}, so that a chunk's "
                          f"pages are its own and stage 2 can release them")
-    dtypes = {p.dtype for p in model.parameters()}
-    if len(dtypes) != 1:
-        raise ValueError(f"all parameters must share one dtype, found {sorted(map(str, dtypes))}")
+    _base_dtype(model)
 
 
 @torch.no_grad()

@@ -31,6 +31,8 @@ RUN_FILES = ("ckpt.pt", "log.jsonl")  # what makes a directory hold a run
 # --attn auto picks sparse attention when --seq exceeds this many times --budget: shorter, the history a query block
 # skips is too small a share of its chunk's attention for the selection's overhead to pay off
 SPARSE_AUTO_RATIO = 16
+# lora.LORA_TARGETS, named here so that parsing needs no torch (tests/test_cli.py checks that they agree)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIN_PAGE_SIZE = 16  # the paged-attention kernels' smallest tile side (kernels/paged_attention.py)
 
 
@@ -71,12 +73,20 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     run.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                      help="compute dtype; weights and gradients stay fp32 (default: bfloat16 on GPU, float32 on CPU)")
+    run.add_argument("--params-dtype", default="float32", choices=DTYPE_NAMES,
+                     help="dtype of the weights: bfloat16 keeps fp32 gradients (main_grad) and fp32 master weights "
+                          "in the optimizer (optim.MixedPrecisionAdamW; 7B at long context wants it) and needs "
+                          "--dtype bfloat16 (default: %(default)s)")
     run.add_argument("--seed", type=int, default=1337, help="seeds the init and every batch (default: %(default)s)")
     run.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
     run.add_argument("--overwrite", action="store_true",
                      help="start afresh in an --out that holds a run, deleting its ckpt.pt and log.jsonl")
     run.add_argument("--plan", action="store_true", help="print the memory plan (FITS or REFUSED) and exit")
+    run.add_argument("--export", nargs="?", const=True, default=None, metavar="DIR",
+                     help="write a Hugging Face checkpoint to OUT/hf/ at the end of the run (config, safetensors, "
+                          "the --init-from tokenizer files; LoRA runs: the merged model); `--export DIR` trains "
+                          "nothing and exports DIR/ckpt.pt to DIR/hf/ (default: no export)")
     run.add_argument("--eval-interval", type=int, default=None,
                      help="evaluate and save a checkpoint every N steps (default: steps / 10)")
     run.add_argument("--eval-iters", type=int, default=None,
@@ -86,6 +96,9 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     opt.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"],
                      help="adamw, or adafactor: factored second moments, no first moment (memory-lean) "
                           "(default: %(default)s)")
+    opt.add_argument("--moments", default=None, choices=("fp32", "bf16", "int8"),
+                     help="--params-dtype bfloat16: how AdamW stores its two moments (optim.py) (default: fp32 "
+                          "when the plan fits, else the most precise that fits; resumed: the checkpoint's)")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     opt.add_argument("--min-lr", type=float, default=None,
                      help="final learning rate of the cosine decay (default: lr / 10)")
@@ -94,6 +107,15 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                      help="AdamW-style decoupled decay of matrices, not of biases and norms (default: %(default)s)")
     opt.add_argument("--grad-clip", type=float, default=1.0,
                      help="clip the gradient norm; 0: off (default: %(default)s)")
+
+    lora = p.add_argument_group("LoRA (lora.py): base weights frozen, low-rank fp32 adapters trained")
+    lora.add_argument("--lora-rank", type=int, default=None,
+                      help="train LoRA adapters of this rank instead of every weight; checkpoints hold them, and "
+                           "OUT/lora/ (PEFT format) is written with each checkpoint (default: off, full fine-tuning)")
+    lora.add_argument("--lora-alpha", type=float, default=None,
+                      help="LoRA scale numerator: adapters add alpha / rank * B A (default: 2 x --lora-rank)")
+    lora.add_argument("--lora-targets", default=None,
+                      help=f"comma-separated projections to adapt (default: all seven, {','.join(LORA_TARGETS)})")
 
     chunk = p.add_argument_group("chunked path (a --seq longer than --chunk)")
     chunk.add_argument("--chunk", type=int, default=4096,
@@ -139,12 +161,12 @@ def _flag(name: str) -> str:
 
 def check_values(args):
     """Each number the user gave, on its own: finite and in range. (Defaults are in range by construction.)"""
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "host_memory"):
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "host_memory", "lora_alpha"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UserError(f"{_flag(name)} must be a finite number, got {value}")
     positive = ("seq", "batch", "steps", "chunk", "page_size", "cache_tokens", "budget", "q_block", "eval_interval",
-                "eval_iters", "lr", "host_memory")
+                "eval_iters", "lr", "host_memory", "lora_rank", "lora_alpha")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -161,6 +183,43 @@ def check_values(args):
         raise UserError(f"--init-from {args.init_from} is not a directory (expected a Hugging Face checkpoint)")
     if args.init_from and args.model:
         raise UserError("--model and --init-from both choose the model: give one of them")
+    check_lora(args)
+
+
+def check_params_dtype(args):
+    """--params-dtype bfloat16: AdamW (MixedPrecisionAdamW), bf16 compute, full fine-tuning; --moments only then.
+    Run after resolve filled --dtype."""
+    args.moments_why = None
+    if args.params_dtype != "bfloat16":
+        _unused(args, "moments", "--params-dtype float32 trains with torch's AdamW (fp32 moments)")
+        return
+    if args.optimizer != "adamw":
+        raise UserError(f"--params-dtype bfloat16 trains with AdamW (fp32 masters), not --optimizer {args.optimizer}")
+    if args.dtype != "bfloat16":
+        raise UserError(f"--params-dtype bfloat16 needs --dtype bfloat16 (compute), got --dtype {args.dtype}")
+    if args.lora_rank is not None:
+        _unused(args, "moments", "LoRA adapters are fp32 and train with torch's AdamW")
+        return
+    args.moments_why = "given" if args.moments else None  # None: train.py picks them with the plan
+
+
+def check_lora(args):
+    """--lora-alpha and --lora-targets only with --lora-rank; the targets a comma list of distinct projections.
+    Fills the defaults: alpha 2 x rank, all seven targets (a tuple)."""
+    if args.lora_rank is None:
+        for name in ("lora_alpha", "lora_targets"):
+            _unused(args, name, "LoRA is off (no --lora-rank)")
+        return
+    args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    if args.lora_targets is None:
+        args.lora_targets = LORA_TARGETS
+        return
+    targets = [t.strip() for t in args.lora_targets.split(",")]
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets or len(set(targets)) != len(targets):
+        raise UserError(f"--lora-targets {args.lora_targets!r} must be distinct names among "
+                        f"{','.join(LORA_TARGETS)} (comma-separated)")
+    args.lora_targets = tuple(t for t in LORA_TARGETS if t in targets)
 
 
 def device_is_gpu(device: str) -> bool:
@@ -290,11 +349,27 @@ def open_data(path):
         raise UserError(f"--data: {e}") from None
 
 
+def prepare_export(args) -> Prepared:
+    """`--export DIR`: no training, so no --out and no --data; only DIR's checkpoint must be there."""
+    path = os.path.join(args.export_only, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"--export: no checkpoint at {path} (--export DIR exports a run's ckpt.pt)")
+    for flag in ("resume", "overwrite", "plan"):
+        if getattr(args, flag):
+            raise UserError(f"--export {args.export_only} exports a finished checkpoint: {_flag(flag)} does not apply")
+    return Prepared(args, None)
+
+
 def prepare(argv=None, description=None) -> Prepared:
     """Parse and check everything that needs no model: the arguments, --out (created unless --plan) and --data."""
     args = parse_args(argv, description)
+    args.export_only = args.export if isinstance(args.export, str) else None
+    args.export = args.export is not None
+    if args.export_only is not None:
+        return prepare_export(args)
     check_values(args)
     resolve(args, device_is_gpu(args.device))
+    check_params_dtype(args)
     if not args.plan:
         prepare_out(args)
     data = open_data(args.data)

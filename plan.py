@@ -151,8 +151,14 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
     tokens = args.batch * (args.chunk if is_chunked else args.seq)  # whose activations and logits exist at once
     loss_slice = min(LOSS_SLICE_LOGITS, tokens * cfg.vocab_size) * (LOSS_COMPUTE_COPIES * compute_bytes
                                                                      + LOSS_FP32_COPIES * FP32)
-    device = {"weights (fp32)": FP32 * n, "gradients (fp32)": FP32 * n,
-              f"optimizer ({args.optimizer})": optimizer_state_bytes(cfg, args.optimizer)}
+    if getattr(args, "params_dtype", "float32") == "bfloat16":  # bf16 weights, fp32 main_grad, MixedPrecisionAdamW
+        from optim import state_bytes_per_param
+        device = {"weights (bf16)": 2 * n, "gradients (fp32 main_grad)": FP32 * n,
+                  f"optimizer (adamw, {args.moments} moments, fp32 master)":
+                      math.ceil(n * state_bytes_per_param(args.moments, master=True))}
+    else:
+        device = {"weights (fp32)": FP32 * n, "gradients (fp32)": FP32 * n,
+                  f"optimizer ({args.optimizer})": optimizer_state_bytes(cfg, args.optimizer)}
     if not is_chunked:
         name = f"activations ({args.seq} tokens)"
         device |= {name: activations * args.seq, "loss slice": loss_slice}

@@ -31,13 +31,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import finetune
+import optim
 import plan as planner
 from chunk_train import chunked_loss, chunked_step
 from cli import UserError, chunked
 from model import Model, ModelConfig, preset
 from offload import OffloadedKVStore
 from paged_kv import PagedKVStore
+from optim import MixedPrecisionAdamW
 from plan import DTYPES
+from precision import fp32_gradients, low_precision_params
 
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "args")
 
@@ -46,31 +50,33 @@ CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "args")
 
 
 def save_checkpoint(path, model, optimizer, step, args):
-    """Atomic: write a temp file in the same directory, then rename over the old checkpoint."""
+    """Atomic: write a temp file in the same directory, then rename over the old checkpoint. A LoRA run also
+    writes its adapters to OUT/lora/ (PEFT format)."""
     tmp = path + ".tmp"
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "config": asdict(model.config), "args": vars(args)}, tmp)
     os.replace(tmp, path)
+    finetune.save_adapter(model, os.path.dirname(path), args.init_from)
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, flag="--resume") -> dict:
     """A checkpoint written by save_checkpoint, its keys and config checked; anything else is a UserError naming
-    the file."""
+    the file (and the flag that asked for it)."""
     if not os.path.isfile(path):
-        raise UserError(f"--resume: no checkpoint at {path}")
+        raise UserError(f"{flag}: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types here; its advice (weights_only=False) would be unsafe
-        raise UserError(f"--resume: {path} is not a checkpoint of train.py (torch.load: {type(e).__name__})") from None
+        raise UserError(f"{flag}: {path} is not a checkpoint of train.py (torch.load: {type(e).__name__})") from None
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
     if missing:
-        raise UserError(f"--resume: {path} is not a checkpoint of train.py (no {', '.join(missing)})")
+        raise UserError(f"{flag}: {path} is not a checkpoint of train.py (no {', '.join(missing)})")
     if not isinstance(ckpt["step"], int) or ckpt["step"] < 0 or not isinstance(ckpt["args"], dict):
-        raise UserError(f"--resume: {path} holds a bad step ({ckpt['step']!r}) or args")
+        raise UserError(f"{flag}: {path} holds a bad step ({ckpt['step']!r}) or args")
     try:
         ckpt["config"] = ModelConfig(**ckpt["config"])
     except (TypeError, ValueError) as e:
-        raise UserError(f"--resume: {path} holds a bad model config ({e})") from None
+        raise UserError(f"{flag}: {path} holds a bad model config ({e})") from None
     return ckpt
 
 
@@ -91,11 +97,12 @@ def build_model(args, cfg, ckpt, device) -> Model:
     seeded random init."""
     if args.init_from and ckpt is None:
         try:
-            return Model.from_pretrained(args.init_from).to(device)
+            model = Model.from_pretrained(args.init_from, dtype=DTYPES[args.params_dtype])
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"--init-from: {e}") from None
+        return finetune.attach_lora(model, vars(args), args.seed).to(device)
     torch.manual_seed(args.seed)
-    model = Model(cfg)
+    model = finetune.attach_lora(Model(cfg).to(DTYPES[args.params_dtype]), vars(args), args.seed)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -105,10 +112,14 @@ def build_model(args, cfg, ckpt, device) -> Model:
 
 
 def build_optimizer(args, model, device):
-    # no weight decay on biases and norm weights
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # only what trains (LoRA: the adapters); no weight decay on biases and norm weights
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if low_precision_params(model):  # bf16 weights: fp32 masters, moments as --moments
+        return MixedPrecisionAdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, moments=args.moments,
+                                   seed=args.seed)
     if args.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     return torch.optim.Adafactor(groups, lr=args.lr)
@@ -160,20 +171,22 @@ def open_log(path, start):
 
 
 def autocast(args, device):
-    enabled = DTYPES[args.dtype] != torch.float32
+    enabled = DTYPES[args.dtype] != DTYPES[args.params_dtype]
     return torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=enabled)
 
 
 def train_step(model, x, y, args, device, store) -> float:
-    """Forward + backward of one batch; leaves the gradient of the mean token loss in param.grad."""
-    if chunked(args):
-        return chunked_step(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store,
-                            progress=args.seq >= 8 * args.chunk)
-    with autocast(args, device):
-        hidden = model.hidden(x)
-        loss, dx = model.loss(hidden, y, scale=1.0 / y.numel(), backward=True)  # the head's backward, sliced
-    hidden.backward(dx)
-    return loss.item()
+    """Forward + backward of one batch; leaves the gradient of the mean token loss in param.grad (bf16 weights:
+    in fp32 param.main_grad, precision.fp32_gradients)."""
+    with fp32_gradients(model):
+        if chunked(args):
+            return chunked_step(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store,
+                                progress=args.seq >= 8 * args.chunk)
+        with autocast(args, device):
+            hidden = model.hidden(x)
+            loss, dx = model.loss(hidden, y, scale=1.0 / y.numel(), backward=True)  # the head's backward, sliced
+        hidden.backward(dx)
+        return loss.item()
 
 
 @torch.no_grad()
@@ -223,6 +236,8 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
     """What the run is about to do, every setting that shapes it named (defaults included)."""
     name = f"{args.out}/ckpt.pt" if args.resume else (args.init_from or args.model)
     device_tier, host_tier = memory.tiers
+    weights = (f"bf16 (fp32 main_grad and masters; --moments {args.moments}: {args.moments_why})"
+               if low_precision_params(model) else "fp32")
     if chunked(args):
         where = f"in {host_tier} memory (offloaded)" if plan.offload else f"on the {device_tier}"
         attention = (f"sparse attention, {args.budget} history tokens per {plan.q_block}-query block"
@@ -234,12 +249,15 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
     return [
         f"model: {name}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {model.num_params() / 1e6:.1f}M "
         f"params | data: {data.path}, {len(data.splits['train']):,} train tokens, vocab {data.vocab_size}",
-        f"run: seq {args.seq} x batch {args.batch} | {path} | {args.dtype} compute, fp32 weights on {device} | "
+        f"run: seq {args.seq} x batch {args.batch} | {path} | {args.dtype} compute, {weights} weights on {device} | "
         f"memory: {planner.summary(plan, memory)} (--plan for the parts)",
         f"optimizer: {args.optimizer}, lr {args.lr:g} -> {args.min_lr:g} (warm-up {args.warmup}, cosine to step "
         f"{args.steps}), weight decay {args.weight_decay:g}, grad clip {args.grad_clip:g} | seed {args.seed} | "
         f"out: {args.out} | eval every {args.eval_interval} steps x {args.eval_iters} batches"
-        + (f" | resuming at step {start}" if start else ""),
+        + (f" | resuming at step {start}" if start else "")
+        + (f" | LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, {','.join(args.lora_targets)} "
+           f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, base frozen)"
+           if args.lora_rank else ""),
     ]
 
 
@@ -250,8 +268,26 @@ def check_device(device):
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
+def plan_with_moments(cfg, args, memory):
+    """planner.plan_run; bf16 weights without --moments: the most precise moments (optim.MOMENTS order) whose plan
+    fits, else int8 (and the plan refuses)."""
+    if args.params_dtype != "bfloat16" or args.lora_rank is not None or args.moments is not None:
+        return planner.plan_run(cfg, args, memory)
+    for moments in optim.MOMENTS:
+        args.moments = moments
+        plan = planner.plan_run(cfg, args, memory)
+        if plan.fits:
+            args.moments_why = ("the most precise whose plan fits" if moments != "fp32" else "the plan fits")
+            return plan
+    args.moments_why = "none fits"
+    return plan
+
+
 def run(args, data):
     """Everything after cli.prepare: the checks that need the model's shape, the plan, then training."""
+    if args.export_only is not None:
+        print(f"exported {finetune.export_checkpoint(args.export_only, load_checkpoint)}")
+        return 0
     device = torch.device(args.device)
     check_device(device)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
@@ -259,6 +295,15 @@ def run(args, data):
     if ckpt is not None and ckpt["args"].get("optimizer", args.optimizer) != args.optimizer:
         raise UserError(f"--optimizer {args.optimizer}, but {ckpt_path} was trained with "
                         f"{ckpt['args']['optimizer']}: resume with the same optimizer")
+    if ckpt is not None and args.moments is None and args.params_dtype == "bfloat16":
+        args.moments, args.moments_why = ckpt["args"].get("moments"), "the checkpoint's"
+    for name in ("params_dtype", "moments"):  # checkpoints from before these flags: fp32 weights, no moments
+        had = ckpt["args"].get(name, "float32" if name == "params_dtype" else None) if ckpt is not None else None
+        if ckpt is not None and had != getattr(args, name):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}, but {ckpt_path} was trained with "
+                            f"{had}: resume with the same")
+    if ckpt is not None and finetune.lora_mismatch(args, ckpt["args"]):
+        raise UserError(f"--resume: {finetune.lora_mismatch(args, ckpt['args'])}")
     cfg = model_config(args, ckpt)
     if ckpt is not None and args.model and preset(args.model) != cfg:
         raise UserError(f"--model {args.model}, but {ckpt_path} holds a different model ({cfg.num_hidden_layers} "
@@ -266,9 +311,10 @@ def run(args, data):
     if data.vocab_size > cfg.vocab_size:
         raise UserError(f"data {data.path} has vocab_size {data.vocab_size}, the model only {cfg.vocab_size}")
     memory = planner.measure(device, args.host_memory)
-    plan = planner.plan_run(cfg, args, memory)  # before anything is allocated on the device
+    plan = plan_with_moments(cfg, args, memory)  # before anything is allocated on the device
     if args.plan:
-        print("\n".join(planner.describe(plan, memory, args)))
+        moments = [f"AdamW moments: {args.moments} ({args.moments_why})"] if args.moments_why else []
+        print("\n".join(moments + planner.describe(plan, memory, args)))
         return 0
     if ckpt is not None and ckpt["step"] >= args.steps:
         print(f"{ckpt_path} is at step {ckpt['step']}, --steps is {args.steps}: the run is finished, nothing to "
@@ -306,7 +352,9 @@ def run(args, data):
                 group["lr"] = lr_at(step, args)
             x, y = data.batch("train", args.batch, args.seq, seed=[args.seed, 0, step])
             loss = train_step(model, x.to(device), y.to(device), args, device, store)
-            if args.grad_clip > 0:
+            if args.grad_clip > 0 and isinstance(optimizer, MixedPrecisionAdamW):
+                optim.clip_grad_norm_(model.parameters(), args.grad_clip)  # main_grad
+            elif args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -335,6 +383,8 @@ def run(args, data):
     # the loop ran at least once (a finished run returned above) and its last step evaluated
     print(f"done: {args.steps} steps | final loss {loss:.4f} | val loss {val_loss:.4f} | "
           f"{float(np.median(rates)):,.0f} tok/s (median) | checkpoint {ckpt_path}")
+    if args.export:
+        print(f"exported {finetune.export_run(model, args.out, args.init_from)}")
     return 0
 
 

@@ -15,6 +15,7 @@ import torch
 import cli
 import train
 from data import write_tokens
+from lora import LORA_TARGETS
 from model import PRESETS
 from sparse_attn import RULES
 
@@ -113,10 +114,21 @@ CASES = [
     (["--data", "{sidecar}"], "records 100 uint16 tokens"),
     (["--data", "{nosidecar}"], "has no sidecar"),
     (["--seq", "5000"], "--seq 5000 is longer than the training split"),
+    (["--export", "{out}"], "--export: no checkpoint at"),
+    (["--lora-alpha", "8"], "--lora-alpha 8.0 is not used: LoRA is off"),
+    (["--lora-rank", "0"], "--lora-rank must be > 0"),
+    (["--moments", "int8"], "--moments int8 is not used: --params-dtype float32"),
+    (["--params-dtype", "bfloat16"], "needs --dtype bfloat16 (compute), got --dtype float32"),
+    (["--params-dtype", "bfloat16", "--dtype", "bfloat16", "--optimizer", "adafactor"], "not --optimizer adafactor"),
+    (["--out", "{run}", "--resume", "--params-dtype", "bfloat16", "--dtype", "bfloat16"], "was trained with float32"),
+    (["--lora-rank", "4", "--lora-targets", "q_proj,lm_head"], "--lora-targets 'q_proj,lm_head' must be distinct"),
+    (["--lora-rank", "4", "--lora-targets", "q_proj,q_proj"], "must be distinct names"),
+    (["--export", "{run}", "--resume"], "--resume does not apply"),
     # after torch: checkpoints, the model's vocabulary, the memory plan
     (["--out", "{garbage}", "--resume"], "garbage/ckpt.pt is not a checkpoint of train.py"),
     (["--out", "{nokeys}", "--resume"], "nokeys/ckpt.pt is not a checkpoint of train.py (no model, optimizer"),
     (["--out", "{run}", "--resume", "--optimizer", "adafactor"], "was trained with adamw"),
+    (["--out", "{run}", "--resume", "--lora-rank", "4"], "but its checkpoint was trained with no LoRA"),
     (["--out", "{run}", "--resume", "--model", "small"], "holds a different model (2 layers, hidden 64)"),
     (["--data", "{vocab300}"], "has vocab_size 300, the model only 256"),
     (["--init-from", "{run}"], "--model and --init-from both choose the model"),
@@ -206,3 +218,4 @@ def test_help_shows_every_default_without_importing_torch():
 def test_presets_and_rules_listed_by_the_cli_are_the_real_ones():
     assert cli.MODEL_PRESETS == tuple(PRESETS)
     assert cli.SELECTION_RULES == tuple(RULES)
+    assert cli.LORA_TARGETS == LORA_TARGETS

@@ -31,9 +31,14 @@ def test_smoke_loss_decreases(tmp_path):
     assert os.path.isfile(os.path.join(out, "ckpt.pt")) and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch, optimizer):
-    args = TINY + ["--steps", "8", "--eval-interval", "3", "--optimizer", optimizer]
+BF16_INT8 = ["--params-dtype", "bfloat16", "--dtype", "bfloat16", "--moments", "int8"]
+
+
+@pytest.mark.parametrize("optimizer, extra", [("adamw", []), ("adafactor", []), ("adamw", ["--lora-rank", "4"]),
+                                              ("adamw", BF16_INT8)],
+                         ids=["adamw", "adafactor", "lora", "bf16-params-int8"])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch, optimizer, extra):
+    args = TINY + ["--steps", "8", "--eval-interval", "3", "--optimizer", optimizer] + extra
     full = str(tmp_path / "full")
     assert train.main(args + ["--out", full]) == 0
 
@@ -86,12 +91,87 @@ def test_mismatched_checkpoint_shapes(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 0 and "--init-from" in err and "shape" in err, err
 
 
-def test_chunked_path_follows_the_full_sequence_path(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-targets", "q_proj,down_proj"]],
+                         ids=["full", "lora"])
+def test_chunked_path_follows_the_full_sequence_path(tmp_path, extra):
     """--seq > --chunk trains chunk-recurrently; its gradients are exact, so two steps give the same losses."""
     args = ["--model", "tiny", "--device", "cpu", "--seq", "96", "--batch", "1", "--steps", "2", "--eval-iters", "1"]
+    args += extra
     assert train.main(args + ["--out", str(tmp_path / "full")]) == 0
     chunked = args + ["--chunk", "32", "--page-size", "16"]
     assert train.main(chunked + ["--out", str(tmp_path / "chunked")]) == 0
     assert train.main(chunked + ["--offload", "on", "--cache-tokens", "32", "--out", str(tmp_path / "offload")]) == 0
     for a, b, c in zip(losses(tmp_path / "full"), losses(tmp_path / "chunked"), losses(tmp_path / "offload")):
         assert abs(a - b) <= 1e-5 * a and abs(a - c) <= 1e-5 * a
+
+
+def assert_export_matches(out, tmp_path):
+    """OUT/hf loads in transformers with the logits of OUT/ckpt.pt's model (fp32, 1e-4)."""
+    transformers = pytest.importorskip("transformers")
+    ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    model = train.Model(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf"), dtype=torch.float32).eval()
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = (model.eval()(idx) - hf(idx).logits).abs().max().item()
+    assert err <= 1e-4, err
+
+
+def test_export_at_the_end_and_from_a_checkpoint(tmp_path):
+    """--export writes OUT/hf (with the --init-from tokenizer); `--export OUT` alone rewrites it from OUT/ckpt.pt."""
+    from test_model import make_hf_checkpoint
+    from tiny_tokenizer import make_tokenizer_dir
+
+    init = tmp_path / "init"
+    make_hf_checkpoint(init, tied=False, shard=False)
+    make_tokenizer_dir(init)  # its config.json (the checkpoint's) stays
+    out = str(tmp_path / "run")
+    args = ["--init-from", str(init), "--device", "cpu", "--seq", "32", "--batch", "2", "--steps", "2",
+            "--eval-iters", "1", "--out", out]
+    assert train.main(args + ["--export"]) == 0
+    assert os.path.isfile(os.path.join(out, "hf", "tokenizer.json"))
+    assert_export_matches(out, tmp_path)
+    os.remove(os.path.join(out, "hf", "config.json"))
+    assert train.main(["--export", out]) == 0  # no training: the log keeps its two steps
+    assert len(losses(out)) == 2 and os.path.isfile(os.path.join(out, "hf", "config.json"))
+    assert_export_matches(out, tmp_path)
+
+
+def test_lora_run_saves_peft_adapters_and_exports_the_merged_model(tmp_path):
+    """--lora-rank: only the adapters change; OUT/lora loads through peft onto transformers' Qwen2ForCausalLM with
+    our logits, and --export writes the merged model with the same logits (fp32, 1e-4)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from test_model import make_hf_checkpoint
+
+    import lora
+
+    init = tmp_path / "init"
+    make_hf_checkpoint(init, tied=True, shard=False)
+    out = str(tmp_path / "run")
+    assert train.main(["--init-from", str(init), "--device", "cpu", "--seq", "32", "--batch", "2", "--steps", "3",
+                       "--eval-iters", "1", "--lr", "1e-2", "--lora-rank", "4", "--out", out, "--export"]) == 0
+    ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    base = train.Model.from_pretrained(str(init))
+    for name, tensor in base.state_dict().items():  # the base weights are frozen
+        assert torch.equal(ckpt["model"][name.replace("_proj.", "_proj.base.")], tensor), name
+    assert any(k.endswith("lora_B") and ckpt["model"][k].abs().max() > 0 for k in ckpt["model"])  # adapters trained
+    ours = lora.apply_lora(train.Model(ckpt["config"]), 4, 8.0)
+    ours.load_state_dict(ckpt["model"])
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(str(init), dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, os.path.join(out, "lora")).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf"), dtype=torch.float32).eval()
+    idx = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours.eval()(idx)
+        assert (logits - hf(input_ids=idx).logits).abs().max().item() <= 1e-4
+        assert (logits - merged(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_bf16_params_default_to_the_most_precise_moments_that_fit(tmp_path, capsys):
+    args = TINY + ["--params-dtype", "bfloat16", "--dtype", "bfloat16", "--plan", "--out", str(tmp_path / "o")]
+    assert train.main(args) == 0
+    text = capsys.readouterr().out
+    assert "AdamW moments: fp32 (the plan fits)" in text and "weights (bf16)" in text, text
+    assert "gradients (fp32 main_grad)" in text and "optimizer (adamw, fp32 moments, fp32 master)" in text, text

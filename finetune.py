@@ -1,0 +1,81 @@
+"""
+train.py's fine-tuning helpers: exporting a run as a Hugging Face checkpoint (export.py), LoRA adapters (lora.py).
+
+    export_run(model, out, init_from)   OUT/hf/: the model (LoRA merged first, in place) with the --init-from
+                                        checkpoint's config fields and tokenizer files
+    export_checkpoint(out)              `train.py --export OUT`: OUT/ckpt.pt's model -> OUT/hf/
+    attach_lora(model, args, seed)      --lora-rank: base weights frozen, fp32 adapters (seeded A init)
+    save_adapter(model, out, init_from) OUT/lora/ in PEFT's format, beside each checkpoint
+    lora_mismatch(args, ckpt_args)      a resumed run's LoRA settings differ from its checkpoint's (message or None)
+"""
+
+import os
+
+import torch
+
+from cli import UserError
+from export import export_hf
+from lora import apply_lora, lora_modules, merge_lora, save_peft_adapter
+from model import Model
+
+
+LORA_ARGS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
+def attach_lora(model, args: dict, seed=None):
+    """With args["lora_rank"]: wrap the target projections in LoRA adapters (fp32, A seeded by `seed` so that a run
+    is reproducible), freezing every other parameter. args: a run's arguments as a dict (a checkpoint's "args")."""
+    if not args.get("lora_rank"):
+        return model
+    if seed is not None:
+        torch.manual_seed(seed)
+    return apply_lora(model, args["lora_rank"], args["lora_alpha"], tuple(args["lora_targets"]))
+
+
+def lora_mismatch(args, ckpt_args: dict):
+    """Why `args` cannot resume a checkpoint made with ckpt_args (LoRA settings), or None."""
+    have = {name: getattr(args, name) for name in LORA_ARGS}
+    had = {name: ckpt_args.get(name) for name in LORA_ARGS}
+    had["lora_targets"] = tuple(had["lora_targets"]) if had["lora_targets"] is not None else None
+    if have == had:
+        return None
+    fmt = lambda d: (f"--lora-rank {d['lora_rank']} --lora-alpha {d['lora_alpha']:g} --lora-targets "  # noqa: E731
+                     f"{','.join(d['lora_targets'])}" if d["lora_rank"] else "no LoRA")
+    return f"this run has {fmt(have)}, but its checkpoint was trained with {fmt(had)}: resume with the same"
+
+
+def save_adapter(model, out: str, init_from=None):
+    """OUT/lora/ (PEFT format: adapter_config.json + adapter_model.safetensors) when the model has adapters."""
+    if lora_modules(model):
+        save_peft_adapter(model, os.path.join(out, "lora"), base_model_name_or_path=init_from)
+
+
+def _init_dir(init_from):
+    """The --init-from directory when it still holds a config.json (its tokenizer files go with the export)."""
+    if init_from and os.path.isfile(os.path.join(init_from, "config.json")):
+        return init_from
+    return None
+
+
+def export_run(model, out: str, init_from=None) -> str:
+    """Write OUT/hf/ from `model`; LoRA adapters are merged into the base weights first (in place: the model is
+    plain afterwards). Returns the directory."""
+    if lora_modules(model):
+        merge_lora(model)
+    try:
+        return export_hf(model, os.path.join(out, "hf"), init_dir=_init_dir(init_from))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--export: {e}") from None
+
+
+def export_checkpoint(out: str, load_checkpoint) -> str:
+    """`train.py --export OUT`: the model of OUT/ckpt.pt (load_checkpoint: train.load_checkpoint), on the CPU,
+    written to OUT/hf/ (a LoRA run's adapters merged)."""
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"), flag="--export")
+    model = attach_lora(Model(ckpt["config"]), ckpt["args"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"--export: {out}/ckpt.pt does not match its own config: "
+                        f"{str(e).splitlines()[1].strip()}") from None
+    return export_run(model, out, ckpt["args"].get("init_from"))
