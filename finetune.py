@@ -73,9 +73,15 @@ def export_checkpoint(out: str, load_checkpoint) -> str:
     written to OUT/hf/ (a LoRA run's adapters merged)."""
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"), flag="--export")
     model = attach_lora(Model(ckpt["config"]), ckpt["args"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"--export: {out}/ckpt.pt does not match its own config: "
-                        f"{str(e).splitlines()[1].strip()}") from None
+    load_weights(model, ckpt["model"], f"--export: {out}/ckpt.pt")
     return export_run(model, out, ckpt["args"].get("init_from"))
+
+
+def load_weights(model, state: dict, what: str):
+    """model.load_state_dict(state); a checkpoint whose weights do not fit its own config is one UserError line
+    naming `what` (train.py's resume and --export both load through here)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{what} does not match its own config: {str(e).splitlines()[1].strip()}") from None
+    return model

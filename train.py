@@ -104,10 +104,7 @@ def build_model(args, cfg, ckpt, device) -> Model:
     torch.manual_seed(args.seed)
     model = finetune.attach_lora(Model(cfg).to(DTYPES[args.params_dtype]), vars(args), args.seed)
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint does not match its own config: {str(e).splitlines()[1].strip()}") from None
+        finetune.load_weights(model, ckpt["model"], "checkpoint")
     return model.to(device)
 
 
