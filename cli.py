@@ -28,6 +28,7 @@ MODEL_PRESETS = ("tiny", "small", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", 
 SELECTION_RULES = ("meankey", "quest")  # sparse_attn.RULES, named here so that parsing needs no torch
 DTYPE_NAMES = ("float32", "bfloat16")
 RUN_FILES = ("ckpt.pt", "log.jsonl")  # what makes a directory hold a run
+SAVE_CHOICES = ("eval", "end", "never")
 # --attn auto picks sparse attention when --seq exceeds this many times --budget: shorter, the history a query block
 # skips is too small a share of its chunk's attention for the selection's overhead to pay off
 SPARSE_AUTO_RATIO = 16
@@ -73,10 +74,11 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     run.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                      help="compute dtype; weights and gradients stay fp32 (default: bfloat16 on GPU, float32 on CPU)")
-    run.add_argument("--params-dtype", default="float32", choices=DTYPE_NAMES,
+    run.add_argument("--params-dtype", default="auto", choices=("auto",) + DTYPE_NAMES,
                      help="dtype of the weights: bfloat16 keeps fp32 gradients (main_grad) and fp32 master weights "
                           "in the optimizer (optim.MixedPrecisionAdamW; 7B at long context wants it) and needs "
-                          "--dtype bfloat16 (default: %(default)s)")
+                          "--dtype bfloat16 and AdamW; auto: float32 when the memory plan fits, else bfloat16 "
+                          "(printed with the reason; resumed: the checkpoint's) (default: %(default)s)")
     run.add_argument("--seed", type=int, default=1337, help="seeds the init and every batch (default: %(default)s)")
     run.add_argument("--out", default="out", help="directory for ckpt.pt and log.jsonl (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
@@ -90,7 +92,12 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     run.add_argument("--eval-interval", type=int, default=None,
                      help="evaluate and save a checkpoint every N steps (default: steps / 10)")
     run.add_argument("--eval-iters", type=int, default=None,
-                     help="validation batches per evaluation (default: 10, fewer above 1M tokens per step)")
+                     help="validation batches per evaluation; 0: no evaluation (default: 10, fewer above 1M tokens "
+                          "per step)")
+    run.add_argument("--save", default="eval", choices=SAVE_CHOICES,
+                     help="when to write OUT/ckpt.pt: at each evaluation point (--eval-interval) and the end, only "
+                          "at the end (and on Ctrl-C), or never (benchmarks: a 7B checkpoint is ~60 GB) "
+                          "(default: %(default)s)")
 
     opt = p.add_argument_group("optimizer")
     opt.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"],
@@ -123,9 +130,9 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                             "size (default: %(default)s)")
     chunk.add_argument("--page-size", type=int, default=None,
                        help="tokens per KV page, a power of two >= 16 (default: 64)")
-    chunk.add_argument("--grad-pages", default=None, choices=DTYPE_NAMES,
-                       help="dtype of the dK/dV pages; bfloat16 halves them, each chunk's sum is still formed in fp32 "
-                            "(default: float32)")
+    chunk.add_argument("--grad-pages", default=None, choices=("auto",) + DTYPE_NAMES,
+                       help="dtype of the dK/dV pages; bfloat16 halves them, each chunk's sum is still formed in fp32; "
+                            "auto: float32 when the memory plan fits, else bfloat16 (default: auto)")
     chunk.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
                        help="keep the KV/dKV pages in pinned host memory (offload.py); auto: only when they do not "
                             "fit on the GPU (default: %(default)s)")
@@ -148,7 +155,7 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                             "about the same gradient fidelity: bench/RESULTS.md)")
     chunk.add_argument("--host-memory", type=float, default=None,
                        help="GiB of host memory the run may pin; on a CPU, the RAM it may use (default: "
-                            "MemAvailable)")
+                            "MemAvailable less max(6 GiB, 4%%) headroom, plan.py; on a CPU all of it)")
     return p.parse_args(argv)
 
 
@@ -166,12 +173,12 @@ def check_values(args):
         if value is not None and not math.isfinite(value):
             raise UserError(f"{_flag(name)} must be a finite number, got {value}")
     positive = ("seq", "batch", "steps", "chunk", "page_size", "cache_tokens", "budget", "q_block", "eval_interval",
-                "eval_iters", "lr", "host_memory", "lora_rank", "lora_alpha")
+                "lr", "host_memory", "lora_rank", "lora_alpha")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"{_flag(name)} must be > 0, got {value}")
-    for name in ("min_lr", "weight_decay", "grad_clip", "warmup"):
+    for name in ("min_lr", "weight_decay", "grad_clip", "warmup", "eval_iters"):
         value = getattr(args, name)
         if value is not None and value < 0:
             raise UserError(f"{_flag(name)} must be >= 0, got {value}")
@@ -188,8 +195,17 @@ def check_values(args):
 
 def check_params_dtype(args):
     """--params-dtype bfloat16: AdamW (MixedPrecisionAdamW), bf16 compute, full fine-tuning; --moments only then.
-    Run after resolve filled --dtype."""
+    auto stays auto for the plan (train.py) unless only fp32 weights can work (Adafactor, fp32 compute), or
+    --moments asks for bf16 weights. Run after resolve filled --dtype."""
     args.moments_why = None
+    if args.params_dtype == "auto" and (args.optimizer != "adamw" or args.dtype != "bfloat16"):
+        args.params_dtype = "float32"  # bf16 weights need both
+    elif args.params_dtype == "auto" and args.moments is not None and args.lora_rank is None:
+        args.params_dtype = "bfloat16"  # moments mean bf16 weights
+    if args.params_dtype == "auto":
+        if args.lora_rank is not None:
+            _unused(args, "moments", "LoRA adapters are fp32 and train with torch's AdamW")
+        return
     if args.params_dtype != "bfloat16":
         _unused(args, "moments", "--params-dtype float32 trains with torch's AdamW (fp32 moments)")
         return
@@ -244,7 +260,7 @@ def _unused(args, name, why):
         raise UserError(f"{_flag(name)} {getattr(args, name)} is not used: {why}")
 
 
-DEFAULTS_CHUNKED = dict(page_size=64, grad_pages="float32", cache_tokens=65536, budget=4096, select="meankey")
+DEFAULTS_CHUNKED = dict(page_size=64, grad_pages="auto", cache_tokens=65536, budget=4096, select="meankey")
 
 
 def resolve(args, gpu: bool):

@@ -7,6 +7,10 @@ train.py's fine-tuning helpers: exporting a run as a Hugging Face checkpoint (ex
     attach_lora(model, args, seed)      --lora-rank: base weights frozen, fp32 adapters (seeded A init)
     save_adapter(model, out, init_from) OUT/lora/ in PEFT's format, beside each checkpoint
     lora_mismatch(args, ckpt_args)      a resumed run's LoRA settings differ from its checkpoint's (message or None)
+    adapters_only(args)                 LoRA over an --init-from base: checkpoints hold the adapters only
+    trainable_state(model)              {name: tensor} of what trains (a LoRA run's adapters)
+    load_adapters(model, state, what)   trainable_state's dict back into a model, every key checked
+    check_base(init_from, cfg, ckpt)    an adapters-only checkpoint's --init-from base is there, with its config
 """
 
 import os
@@ -16,7 +20,7 @@ import torch
 from cli import UserError
 from export import export_hf
 from lora import apply_lora, lora_modules, merge_lora, save_peft_adapter
-from model import Model
+from model import Model, ModelConfig
 
 
 LORA_ARGS = ("lora_rank", "lora_alpha", "lora_targets")
@@ -70,11 +74,56 @@ def export_run(model, out: str, init_from=None) -> str:
 
 def export_checkpoint(out: str, load_checkpoint) -> str:
     """`train.py --export OUT`: the model of OUT/ckpt.pt (load_checkpoint: train.load_checkpoint), on the CPU,
-    written to OUT/hf/ (a LoRA run's adapters merged)."""
-    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"), flag="--export")
-    model = attach_lora(Model(ckpt["config"]), ckpt["args"])
-    load_weights(model, ckpt["model"], f"--export: {out}/ckpt.pt")
-    return export_run(model, out, ckpt["args"].get("init_from"))
+    written to OUT/hf/ (a LoRA run's adapters merged; adapters-only checkpoints over their --init-from base)."""
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = load_checkpoint(path, flag="--export")
+    init_from = ckpt["args"].get("init_from")
+    if ckpt.get("adapters_only"):
+        check_base(init_from, ckpt["config"], path, flag="--export")
+        model = attach_lora(Model.from_pretrained(init_from), ckpt["args"])
+        load_adapters(model, ckpt["model"], f"--export: {path}")
+    else:
+        model = attach_lora(Model(ckpt["config"]), ckpt["args"])
+        load_weights(model, ckpt["model"], f"--export: {path}")
+    return export_run(model, out, init_from)
+
+
+def adapters_only(args) -> bool:
+    """Whether a run's checkpoints hold only its LoRA adapters: the frozen base is an --init-from checkpoint that
+    --resume reloads (a random-init base is saved whole: nothing else could restore it)."""
+    return bool(args.lora_rank and args.init_from)
+
+
+def trainable_state(model) -> dict:
+    """{parameter name: tensor} of the parameters that train (a LoRA run: lora_A, lora_B of every adapter)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapters(model, state: dict, what: str):
+    """trainable_state's dict into `model` (same LoRA settings); other keys or shapes are one UserError line."""
+    expected = trainable_state(model)
+    wrong = sorted(set(state) ^ set(expected)) or [k for k in expected if state[k].shape != expected[k].shape]
+    if wrong:
+        raise UserError(f"{what} does not match this run's LoRA adapters ({wrong[0]}"
+                        f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''})")
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state[name])
+    return model
+
+
+def check_base(init_from, cfg, ckpt_path: str, flag="--resume"):
+    """An adapters-only checkpoint needs its base: --init-from must still hold a checkpoint of the same config."""
+    if not init_from or not os.path.isdir(init_from):
+        raise UserError(f"{flag}: {ckpt_path} holds LoRA adapters only and its base model ({init_from}) is gone: "
+                        f"pass --init-from DIR with the same model")
+    try:
+        base = ModelConfig.from_pretrained(init_from)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"{flag}: the base model of {ckpt_path}: {e}") from None
+    if base != cfg:
+        raise UserError(f"{flag}: {init_from} is not the base model of {ckpt_path} (its config differs: "
+                        f"{base.num_hidden_layers} layers, hidden {base.hidden_size}, vocab {base.vocab_size})")
 
 
 def load_weights(model, state: dict, what: str):

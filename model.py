@@ -357,6 +357,7 @@ class Model(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device="cpu") -> "Model":
         """Load a HF Qwen2 checkpoint directory: config.json + model.safetensors or model.safetensors.index.json."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         cfg = ModelConfig.from_pretrained(path)
@@ -371,33 +372,45 @@ class Model(nn.Module):
         else:
             raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
-        state = {}
+        shapes = {}  # key -> shape, from the files' headers: nothing is loaded before the checks
         for file in files:
             try:
-                state.update(load_file(file, device="cpu"))
+                with safe_open(file, framework="pt") as f:
+                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
             except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
                 raise ValueError(f"{file}: cannot read safetensors ({e})") from None
 
         with torch.device("meta"):
             model = cls(cfg)
         if cfg.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # saved by some exporters; it is the embedding anyway
+            shapes.pop("lm_head.weight", None)  # saved by some exporters; it is the embedding anyway
         expected = {k: v for k, v in model.state_dict(keep_vars=True).items()
                     if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
+        missing = sorted(set(expected) - set(shapes))
+        unexpected = sorted(set(shapes) - set(expected))
         if missing or unexpected:
             raise ValueError(f"{path}: checkpoint does not match its config: missing {missing[:5]}"
                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                              f"{'...' if len(unexpected) > 5 else ''}")
         for k, p in expected.items():
-            if tuple(state[k].shape) != tuple(p.shape):
-                raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, config implies {tuple(p.shape)}")
-        model = model.to_empty(device=device)
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+            if shapes[k] != tuple(p.shape):
+                raise ValueError(f"{path}: {k} has shape {shapes[k]}, config implies {tuple(p.shape)}")
+        # allocated in `dtype` on `device` at once, filled a shard at a time: never a whole copy in another dtype
+        model = model.to(dtype).to_empty(device=device)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # to_empty breaks the tie; restore it
-        return model.to(dtype)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for file in files:
+                try:
+                    shard = load_file(file, device=str(device))
+                except Exception as e:
+                    raise ValueError(f"{file}: cannot read safetensors ({e})") from None
+                for k, v in shard.items():
+                    if k in expected:
+                        params[k].copy_(v)
+                del shard
+        return model
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (fwd + bwd = 3x fwd): 6 * matmul params + causal attention (12 * L * d * T / 2)."""

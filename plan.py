@@ -16,9 +16,23 @@ RAM, so their sum is what must fit.
     chunked path: the KV/dKV page pool (grows with --seq), or offloaded a fixed page cache with the pool on the host;
     sparse attention's page summaries and selections (grow with --seq); stage-1 attention outputs kept for stage 2
     in part of what is left (OUTPUT_CACHE_SHARE).
+
+    weights, gradients and optimizer state by --params-dtype (state_parts):
+      float32               4 + 4 + AdamW 8 (or Adafactor's factors) per parameter
+      bfloat16              2 + 4 (fp32 main_grad) + 12 / 8 / 6.06 (fp32 master + fp32 / bf16 / int8 moments)
+      LoRA (--lora-rank)    the frozen base in its dtype, no gradient or state; the fp32 adapters with fp32
+                            gradients and AdamW state; activations plus each adapter's rank-sized intermediate
+
+Choices left to the plan (plan_auto, before anything is allocated): --params-dtype auto (fp32 when that fits, else bf16
+weights with the most precise --moments that fits), --grad-pages auto (fp32 dK/dV pages when they fit, else bf16),
+each recorded with its reason. A refused plan comes with suggestions (suggest): each candidate change re-planned
+alone (--offload on, a smaller --chunk, --grad-pages bfloat16, --params-dtype bfloat16 --moments X, --lora-rank 16,
+a smaller --batch, the longest --seq), and if none fits alone the smallest combination that does.
 """
 
+import copy
 import functools
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -33,9 +47,16 @@ from sparse_attn import RULES, PageSelector, SparseConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FP32 = 4  # bytes
 
-# The plan uses only this share of the free memory: the CUDA context, cuBLAS/Triton workspaces and the caching
-# allocator's fragmentation are real but are not parts of the plan.
+# The plan uses only this share of the free device memory (GPU; on a CPU-only machine the RAM): the CUDA context,
+# cuBLAS/Triton workspaces and the caching allocator's fragmentation are real but are not parts of the plan.
 USABLE_SHARE = 0.9
+# Pinned host memory (the offloaded pages) may take MemAvailable less this headroom: what the process itself holds in
+# host memory beside its pinned pages - Python, torch and the CUDA context's host side (2-3 GiB), the token data,
+# and torch.save's host copy of one tensor at a time (the 7B's largest, the fp32 master embedding: 2.2 GB) - with
+# room to spare for the rest of the machine. A share (90%) would waste 12 GiB of a 120 GiB host, which at 115 KB per
+# token is 100K tokens: a 7B run at 1M tokens pins 112 GiB out of ~120 GiB available. log.jsonl records the
+# process's peak resident set per step (peak_host_rss_gib) to check this against.
+HOST_HEADROOM_MIN, HOST_HEADROOM_SHARE = 6 * 2**30, 0.04
 
 # Saved for backward per token and layer; tests/test_model.py (test_layer_saves_only_what_backward_needs) pins the
 # first three for the fused layer ops:
@@ -63,8 +84,9 @@ OUTPUT_CACHE = "attention outputs kept for stage 2"
 class Memory:
     """Bytes the run may use."""
     device: int  # free on the training device: GPU memory, or MemAvailable on a CPU
-    host: int  # host memory the run may pin: --host-memory, or MemAvailable
+    host: int  # host memory the run may pin: --host-memory, or MemAvailable less host_headroom
     on_gpu: bool  # False: device and host are one RAM, whose parts are counted together
+    host_available: int | None = None  # MemAvailable when `host` was derived from it (for the printout)
 
     @property
     def tiers(self) -> tuple[str, str]:
@@ -97,13 +119,24 @@ def available_memory(device: torch.device) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
+def host_headroom(available: int) -> int:
+    """Host memory kept back from the pinned pages: max(HOST_HEADROOM_MIN, HOST_HEADROOM_SHARE x MemAvailable)."""
+    return max(HOST_HEADROOM_MIN, int(HOST_HEADROOM_SHARE * available))
+
+
 def measure(device: torch.device, host_memory_gib: float | None) -> Memory:
-    """What the run may use: --host-memory GiB of host memory (default: MemAvailable; on machines whose memory
-    grows as it is used, MemAvailable starts low: pass --host-memory there), and on a CPU that same RAM is all."""
-    host = int(host_memory_gib * 2**30) if host_memory_gib is not None else available_memory(torch.device("cpu"))
+    """What the run may use: --host-memory GiB of host memory to pin (default: MemAvailable less host_headroom; on
+    machines whose memory grows as it is used, MemAvailable starts low: pass --host-memory there), and on a CPU the
+    RAM is all (--host-memory, or MemAvailable, of which the device share USABLE_SHARE applies)."""
+    if host_memory_gib is not None:
+        host, available = int(host_memory_gib * 2**30), None
+    else:
+        available = available_memory(torch.device("cpu"))
+        host = available - host_headroom(available)
     if device.type != "cuda":
-        return Memory(host, host, on_gpu=False)
-    return Memory(available_memory(device), host, on_gpu=True)
+        ram = host if available is None else available
+        return Memory(ram, ram, on_gpu=False)
+    return Memory(available_memory(device), max(0, host), on_gpu=True, host_available=available)
 
 
 def param_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
@@ -127,6 +160,34 @@ def optimizer_state_bytes(cfg: ModelConfig, optimizer: str) -> int:
     return FP32 * sum((s[0] + s[1] if len(s) >= 2 else math.prod(s)) + 1 for s in shapes)
 
 
+def lora_shapes(cfg: ModelConfig, rank: int, targets) -> list[tuple[int, int]]:
+    """(in, out) of every projection LoRA wraps (lora.apply_lora's targets), all layers."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    sizes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+             "up_proj": (h, i), "down_proj": (i, h)}
+    return [sizes[t] for t in targets] * cfg.num_hidden_layers
+
+
+def state_parts(cfg: ModelConfig, args) -> dict[str, int]:
+    """Bytes of the weights, their gradients and the optimizer state (see the module docstring), by part."""
+    n = sum(math.prod(s) for s in param_shapes(cfg))
+    bf16 = getattr(args, "params_dtype", "float32") == "bfloat16"
+    if getattr(args, "lora_rank", None):  # frozen base; fp32 adapters, fp32 grads, torch AdamW (+ a step per tensor)
+        adapters = lora_shapes(cfg, args.lora_rank, args.lora_targets)
+        a = sum(args.lora_rank * (fan_in + fan_out) for fan_in, fan_out in adapters)
+        return {f"base weights ({'bf16' if bf16 else 'fp32'}, frozen)": (2 if bf16 else FP32) * n,
+                f"LoRA adapters (rank {args.lora_rank}, fp32)": FP32 * a, "LoRA gradients (fp32)": FP32 * a,
+                "optimizer (adamw, LoRA adapters)": FP32 * (2 * a + 2 * len(adapters))}
+    if bf16:  # bf16 weights, fp32 main_grad, MixedPrecisionAdamW
+        from optim import state_bytes_per_param
+        return {"weights (bf16)": 2 * n, "gradients (fp32 main_grad)": FP32 * n,
+                f"optimizer (adamw, {args.moments} moments, fp32 master)":
+                    math.ceil(n * state_bytes_per_param(args.moments, master=True))}
+    return {"weights (fp32)": FP32 * n, "gradients (fp32)": FP32 * n,
+            f"optimizer ({args.optimizer})": optimizer_state_bytes(cfg, args.optimizer)}
+
+
 def activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int, full_sequence: bool) -> int:
     """Bytes saved for backward per token of one sequence, all layers, plus one layer's backward temporaries."""
     layer = (FP32 * ACTIVATION_FP32_HIDDEN * cfg.hidden_size + ACTIVATION_NORM_STATS
@@ -144,21 +205,15 @@ def sparse_config(args, q_block) -> SparseConfig:
 
 def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Plan:
     """The parts of a run with settings `args` (cli.resolve's), pages offloaded or not; no verdict yet."""
-    n = sum(math.prod(s) for s in param_shapes(cfg))
     compute_bytes = DTYPES[args.dtype].itemsize
     is_chunked = chunked(args)
     activations = activation_bytes_per_token(cfg, compute_bytes, not is_chunked) * args.batch
+    if getattr(args, "lora_rank", None):  # each adapter saves its [rank] intermediate x A^T per token
+        activations += compute_bytes * args.lora_rank * len(lora_shapes(cfg, 1, args.lora_targets)) * args.batch
     tokens = args.batch * (args.chunk if is_chunked else args.seq)  # whose activations and logits exist at once
     loss_slice = min(LOSS_SLICE_LOGITS, tokens * cfg.vocab_size) * (LOSS_COMPUTE_COPIES * compute_bytes
                                                                      + LOSS_FP32_COPIES * FP32)
-    if getattr(args, "params_dtype", "float32") == "bfloat16":  # bf16 weights, fp32 main_grad, MixedPrecisionAdamW
-        from optim import state_bytes_per_param
-        device = {"weights (bf16)": 2 * n, "gradients (fp32 main_grad)": FP32 * n,
-                  f"optimizer (adamw, {args.moments} moments, fp32 master)":
-                      math.ceil(n * state_bytes_per_param(args.moments, master=True))}
-    else:
-        device = {"weights (fp32)": FP32 * n, "gradients (fp32)": FP32 * n,
-                  f"optimizer ({args.optimizer})": optimizer_state_bytes(cfg, args.optimizer)}
+    device = state_parts(cfg, args)
     if not is_chunked:
         name = f"activations ({args.seq} tokens)"
         device |= {name: activations * args.seq, "loss slice": loss_slice}
@@ -196,23 +251,28 @@ def _add(plan: Plan, tier: str, name: str, size: int, seq: int):
 
 
 def refusal(plan: Plan, memory: Memory, args) -> str | None:
-    """None if the plan fits in USABLE_SHARE of each tier, else one line: the longest --seq that would fit, or, if
-    none would, the parts that alone exceed the memory."""
+    """None if the plan fits in USABLE_SHARE of the device and in the host memory allowed, else one line: the longest
+    --seq that would fit, or, if none would, the parts that alone exceed the memory."""
     device_name = str(args.device)
+    share = f"{USABLE_SHARE:.0%} of {fmt_bytes(memory.device)} free"
     if memory.on_gpu:
-        tiers = [(device_name, plan.device, plan.device_per_token, memory.device),
-                 ("pinned host memory", plan.host, plan.host_per_token, memory.host)]
+        host_why = (f"MemAvailable {fmt_bytes(memory.host_available)} less "
+                    f"{fmt_bytes(memory.host_available - memory.host)} headroom"
+                    if memory.host_available is not None else "--host-memory")
+        tiers = [(device_name, plan.device, plan.device_per_token, memory.device, USABLE_SHARE, share),
+                 ("pinned host memory", plan.host, plan.host_per_token, memory.host, 1.0, host_why)]
     else:  # one RAM
-        tiers = [("RAM", plan.device | plan.host, plan.device_per_token + plan.host_per_token, memory.device)]
-    for where, tier_parts, per_token, free in tiers:
-        need, usable = sum(tier_parts.values()), int(USABLE_SHARE * free)
+        tiers = [("RAM", plan.device | plan.host, plan.device_per_token + plan.host_per_token, memory.device,
+                  USABLE_SHARE, share)]
+    for where, tier_parts, per_token, free, usable_share, why in tiers:
+        need, usable = sum(tier_parts.values()), int(usable_share * free)
         if need <= usable:
             continue
         fixed = {name: size for name, size in tier_parts.items() if name not in plan.growing}
         shortest = args.chunk + 1 if chunked(args) else 1  # on this path
         longest = (usable - sum(fixed.values())) // per_token if per_token else -1
         head = (f"--seq {args.seq} x --batch {args.batch} needs {fmt_bytes(need)} of {where}, "
-                f"{fmt_bytes(usable)} usable ({USABLE_SHARE:.0%} of {fmt_bytes(free)} free)")
+                f"{fmt_bytes(usable)} usable ({why})")
         if longest >= shortest:
             return f"{head}: the longest --seq that fits is {longest}"
         if sum(fixed.values()) < usable:  # the per-token parts at the shortest length do not fit
@@ -244,6 +304,175 @@ def plan_run(cfg: ModelConfig, args, memory: Memory) -> Plan:
         spare = int(USABLE_SHARE * memory.device) - sum(plan.device.values())
         plan.device[OUTPUT_CACHE] = min(need, int(OUTPUT_CACHE_SHARE * max(0, spare)))
     return plan
+
+
+# ------------------------------------------------------------------------------------------------ choices
+
+
+MOMENTS = ("fp32", "bf16", "int8")  # optim.MOMENTS, most precise first
+LORA_SUGGESTED_RANK = 16
+
+
+def _precision_options(args) -> list[tuple[str, str | None]]:
+    """(params_dtype, moments) to try, most precise first. bf16 weights need AdamW and bf16 compute; LoRA's
+    adapters train with torch's AdamW, so no --moments there."""
+    bf16_ok = args.optimizer == "adamw" and args.dtype == "bfloat16"
+    moments = [args.moments] if args.moments else list(MOMENTS)
+    bf16 = [("bfloat16", None)] if args.lora_rank else [("bfloat16", m) for m in moments]
+    if args.params_dtype == "auto":
+        return [("float32", None)] + (bf16 if bf16_ok else [])
+    return bf16 if args.params_dtype == "bfloat16" else [("float32", None)]
+
+
+def plan_auto(cfg: ModelConfig, args, memory: Memory):
+    """plan_run, with the settings left to the plan chosen first: --params-dtype auto, --moments (bf16 weights, not
+    given) and --grad-pages auto, each the most precise whose plan fits. dK/dV pages are tried in fp32 with every
+    weight choice before bf16 ones: they carry the gradient of the whole history, the optimizer's moments only its
+    step. Returns (plan, chosen): `chosen` a copy of args with concrete values, and moments_why / precision_why
+    (phrases saying why; None and [] where nothing was left to choose). args is left alone."""
+    pages = ["float32", "bfloat16"] if chunked(args) and args.grad_pages == "auto" else [args.grad_pages]
+    options = [(g, p, m) for g in pages for p, m in _precision_options(args)]
+    for grad_pages, params_dtype, moments in options:
+        chosen = copy.copy(args)
+        chosen.grad_pages, chosen.params_dtype, chosen.moments = grad_pages, params_dtype, moments
+        plan = plan_run(cfg, chosen, memory)
+        if plan.fits:
+            break
+    why, fits = [], plan.fits
+    if args.params_dtype == "auto":
+        reason = ("bf16 weights need AdamW and --dtype bfloat16" if len(_precision_options(args)) == 1 else
+                  "none fits" if not fits else "the plan fits" if chosen.params_dtype == "float32" else
+                  "fp32 weights do not fit")
+        why.append(f"--params-dtype {chosen.params_dtype} (auto: {reason})")
+    chosen.moments_why = None
+    if chosen.params_dtype == "bfloat16" and not args.lora_rank:
+        chosen.moments_why = ("given" if args.moments else "none fits" if not fits else
+                              "the plan fits" if chosen.moments == "fp32" else "the most precise whose plan fits")
+        why.append(f"--moments {chosen.moments} ({chosen.moments_why})")
+    if len(pages) > 1:
+        reason = ("none fits" if not fits else "the plan fits" if chosen.grad_pages == "float32" else
+                  "fp32 dK/dV pages do not fit")
+        why.append(f"--grad-pages {chosen.grad_pages} (auto: {reason})")
+    chosen.precision_why = why
+    return plan, chosen
+
+
+@dataclass
+class Suggestion:
+    """A change of the command line and the plan it gives (re-planned with it)."""
+    flags: str
+    plan: Plan
+
+    def line(self, memory: Memory) -> str:
+        verdict = "FITS" if self.plan.fits else "REFUSED"
+        return f"{self.flags}: {verdict}, {summary(self.plan, memory)}"
+
+
+def _with(args, **changes):
+    trial = copy.copy(args)
+    for name, value in changes.items():
+        setattr(trial, name, value)
+    return trial
+
+
+def _largest_fitting(cfg, args, memory, name, low, high):
+    """The largest value of integer setting `name` in [low, high] whose plan fits (plans fit for all values below
+    one that fits: memory grows with --seq and --batch), or None."""
+    if low > high or not plan_auto(cfg, _with(args, **{name: low}), memory)[0].fits:
+        return None
+    while low < high:
+        mid = (low + high + 1) // 2
+        if plan_auto(cfg, _with(args, **{name: mid}), memory)[0].fits:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _moves(cfg, args, plan) -> list[tuple[str, dict]]:
+    """The single changes worth re-planning, least intrusive first: (flags, changed args). args: the run's
+    arguments before plan_auto (auto settings still auto)."""
+    moves = []
+    if chunked(args) and not plan.offload and args.offload != "on":
+        moves.append(("--offload on", dict(offload="on")))
+    if chunked(args):
+        smaller = [c for c in (args.chunk >> i for i in range(1, 4)) if c >= max(args.page_size, 512)]
+        for c in smaller:
+            moves.append((f"--chunk {c}", dict(chunk=c)))
+    if chunked(args) and args.grad_pages == "float32":
+        moves.append(("--grad-pages bfloat16", dict(grad_pages="bfloat16")))
+    if args.params_dtype == "float32" or (args.params_dtype == "bfloat16" and args.moments not in (None, "int8")):
+        extra = "" if args.dtype == "bfloat16" else " --dtype bfloat16"
+        extra += "" if args.optimizer == "adamw" else " --optimizer adamw"
+        moves.append((f"--params-dtype bfloat16{extra}",
+                      dict(params_dtype="bfloat16", dtype="bfloat16", optimizer="adamw", moments=None)))
+    if not args.lora_rank:
+        from cli import LORA_TARGETS
+        moves.append((f"--lora-rank {LORA_SUGGESTED_RANK}",
+                      dict(lora_rank=LORA_SUGGESTED_RANK, lora_alpha=2.0 * LORA_SUGGESTED_RANK,
+                           lora_targets=LORA_TARGETS, moments=None)))
+    return moves
+
+
+def _flags(flags: str, chosen) -> str:
+    """A suggestion's flags, with the --moments plan_auto chose for bf16 weights."""
+    if "--params-dtype bfloat16" in flags and chosen.moments:
+        return f"{flags} --moments {chosen.moments}"
+    return flags
+
+
+def suggest(cfg: ModelConfig, args, memory: Memory, plan: Plan) -> list[Suggestion]:
+    """For a refused `plan` of args (as given: auto settings still auto): each change of _moves re-planned alone
+    (of several --chunk values, the largest that fits, else the smallest), the largest smaller --batch and the
+    longest --seq that fit, and, if no change fits alone, the smallest combination of the changes that does (with
+    the longest --seq under all of them if none does). The fitting ones first, in that order."""
+    out, discrete = [], []
+    chunk_moves = []
+    for flags, changes in _moves(cfg, args, plan):
+        new_plan, chosen = plan_auto(cfg, _with(args, **changes), memory)
+        if flags.startswith("--chunk"):
+            chunk_moves.append(Suggestion(flags, new_plan))
+            continue
+        out.append(Suggestion(_flags(flags, chosen), new_plan))
+        discrete.append((flags, changes))
+    if chunk_moves:
+        fitting = [m for m in chunk_moves if m.plan.fits]
+        best = fitting[0] if fitting else chunk_moves[-1]
+        out.insert(1 if out and out[0].flags == "--offload on" else 0, best)
+        discrete.append((best.flags, dict(chunk=int(best.flags.split()[1]))))
+    if args.batch > 1:
+        batch = _largest_fitting(cfg, args, memory, "batch", 1, args.batch - 1)
+        if batch is not None:
+            out.append(Suggestion(f"--batch {batch}", plan_auto(cfg, _with(args, batch=batch), memory)[0]))
+    shortest = args.chunk + 1 if chunked(args) else 1
+    seq = _largest_fitting(cfg, args, memory, "seq", shortest, args.seq - 1)
+    if seq is not None:
+        seq = max(shortest, seq - seq % 1024) if seq >= 4096 else seq  # a round length: it fits too
+        out.append(Suggestion(f"--seq {seq}", plan_auto(cfg, _with(args, seq=seq), memory)[0]))
+    if not any(s.plan.fits for s in out):
+        out.append(_combination(cfg, args, memory, discrete, shortest))
+    return sorted(out, key=lambda s: not s.plan.fits)
+
+
+def _combination(cfg, args, memory, moves, shortest) -> Suggestion:
+    """The fewest of `moves` that fit together (the first such in their order); if even all do not, all of them
+    and the longest --seq that fits with them (or all of them, refused)."""
+    for size in range(2, len(moves) + 1):
+        for combo in itertools.combinations(moves, size):
+            trial = args
+            for _, changes in combo:
+                trial = _with(trial, **changes)
+            plan, chosen = plan_auto(cfg, trial, memory)
+            if plan.fits:
+                return Suggestion(_flags(" ".join(flags for flags, _ in combo), chosen), plan)
+    trial, flags = args, " ".join(flags for flags, _ in moves)
+    for _, changes in moves:
+        trial = _with(trial, **changes)
+    seq = _largest_fitting(cfg, trial, memory, "seq", shortest, args.seq - 1)
+    if seq is not None:
+        trial, flags = _with(trial, seq=seq), f"{flags} --seq {seq}"
+    plan, chosen = plan_auto(cfg, trial, memory)
+    return Suggestion(_flags(flags, chosen), plan)
 
 
 # ------------------------------------------------------------------------------------------------ printing

@@ -19,6 +19,7 @@ if __name__ == "__main__":
     # --help and every bad argument answer at once. main() continues with what was checked.
     PREPARED = cli.prepare_or_exit(description=__doc__)
 
+import copy
 import json
 import math
 import os
@@ -51,9 +52,12 @@ CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "args")
 
 def save_checkpoint(path, model, optimizer, step, args):
     """Atomic: write a temp file in the same directory, then rename over the old checkpoint. A LoRA run also
-    writes its adapters to OUT/lora/ (PEFT format)."""
+    writes its adapters to OUT/lora/ (PEFT format); over an --init-from base, ckpt.pt holds only the adapters
+    (adapters_only: the base reloads from --init-from on --resume), over a random-init base the whole model."""
     tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+    adapters_only = finetune.adapters_only(args)
+    state = finetune.trainable_state(model) if adapters_only else model.state_dict()
+    torch.save({"model": state, "optimizer": optimizer.state_dict(), "step": step, "adapters_only": adapters_only,
                 "config": asdict(model.config), "args": vars(args)}, tmp)
     os.replace(tmp, path)
     finetune.save_adapter(model, os.path.dirname(path), args.init_from)
@@ -65,7 +69,7 @@ def load_checkpoint(path, flag="--resume") -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{flag}: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no 60 GB read up front
     except Exception as e:  # torch raises many types here; its advice (weights_only=False) would be unsafe
         raise UserError(f"{flag}: {path} is not a checkpoint of train.py (torch.load: {type(e).__name__})") from None
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
@@ -93,19 +97,26 @@ def model_config(args, ckpt) -> ModelConfig:
 
 
 def build_model(args, cfg, ckpt, device) -> Model:
-    """The model of shape `cfg` (from model_config) with its weights: the checkpoint's, the HF directory's, or a
-    seeded random init."""
-    if args.init_from and ckpt is None:
+    """The model of shape `cfg` (from model_config) with its weights: the checkpoint's, the HF directory's (a LoRA
+    checkpoint's adapters over it), or a seeded random init. Built on `device` in --params-dtype: no fp32 copy of
+    the model in host memory (30 GB for 7B)."""
+    dtype = DTYPES[args.params_dtype]
+    if args.init_from and (ckpt is None or ckpt.get("adapters_only")):
         try:
-            model = Model.from_pretrained(args.init_from, dtype=DTYPES[args.params_dtype])
+            model = Model.from_pretrained(args.init_from, dtype=dtype, device=device)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"--init-from: {e}") from None
-        return finetune.attach_lora(model, vars(args), args.seed).to(device)
+        model = finetune.attach_lora(model, vars(args), args.seed)
+        if ckpt is not None:
+            finetune.load_adapters(model, ckpt["model"], "checkpoint")
+        return model
     torch.manual_seed(args.seed)
-    model = finetune.attach_lora(Model(cfg).to(DTYPES[args.params_dtype]), vars(args), args.seed)
+    with torch.device(device):  # initialised where it trains (seeded: the same weights on every run)
+        model = Model(cfg)
+    model = finetune.attach_lora(model.to(dtype), vars(args), args.seed)
     if ckpt is not None:
         finetune.load_weights(model, ckpt["model"], "checkpoint")
-    return model.to(device)
+    return model
 
 
 def build_optimizer(args, model, device):
@@ -189,7 +200,7 @@ def train_step(model, x, y, args, device, store) -> float:
 @torch.no_grad()
 def evaluate(model, data, args, device, store) -> float:
     seq = min(args.seq, data.max_window("val"))
-    losses = []
+    losses = []  # --eval-iters >= 1 here: 0 skips evaluation (run)
     for i in range(args.eval_iters):
         x, y = data.batch("val", args.batch, seq, seed=[args.seed, 1, i])
         x, y = x.to(device), y.to(device)
@@ -205,6 +216,11 @@ def peak_memory_gib(device) -> float:
     """Peak GPU memory allocated by tensors since the last reset, or on CPU the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_gib()
+
+
+def peak_rss_gib() -> float:
+    """The process's peak resident set so far (host memory; pinned pages count once touched)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
@@ -234,7 +250,8 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
     name = f"{args.out}/ckpt.pt" if args.resume else (args.init_from or args.model)
     device_tier, host_tier = memory.tiers
     weights = (f"bf16 (fp32 main_grad and masters; --moments {args.moments}: {args.moments_why})"
-               if low_precision_params(model) else "fp32")
+               if low_precision_params(model) else args.params_dtype.replace("float32", "fp32").replace(
+                   "bfloat16", "bf16"))
     if chunked(args):
         where = f"in {host_tier} memory (offloaded)" if plan.offload else f"on the {device_tier}"
         attention = (f"sparse attention, {args.budget} history tokens per {plan.q_block}-query block"
@@ -247,10 +264,13 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
         f"model: {name}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {model.num_params() / 1e6:.1f}M "
         f"params | data: {data.path}, {len(data.splits['train']):,} train tokens, vocab {data.vocab_size}",
         f"run: seq {args.seq} x batch {args.batch} | {path} | {args.dtype} compute, {weights} weights on {device} | "
-        f"memory: {planner.summary(plan, memory)} (--plan for the parts)",
+        f"memory: {planner.summary(plan, memory)} (--plan for the parts)"
+        + (f" | chosen by the plan: {'; '.join(args.precision_why)}" if args.precision_why else ""),
         f"optimizer: {args.optimizer}, lr {args.lr:g} -> {args.min_lr:g} (warm-up {args.warmup}, cosine to step "
         f"{args.steps}), weight decay {args.weight_decay:g}, grad clip {args.grad_clip:g} | seed {args.seed} | "
-        f"out: {args.out} | eval every {args.eval_interval} steps x {args.eval_iters} batches"
+        f"out: {args.out} | "
+        + (f"eval every {args.eval_interval} steps x {args.eval_iters} batches" if args.eval_iters else "no eval")
+        + f" | checkpoints: --save {args.save}"
         + (f" | resuming at step {start}" if start else "")
         + (f" | LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, {','.join(args.lora_targets)} "
            f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, base frozen)"
@@ -265,19 +285,36 @@ def check_device(device):
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
-def plan_with_moments(cfg, args, memory):
-    """planner.plan_run; bf16 weights without --moments: the most precise moments (optim.MOMENTS order) whose plan
-    fits, else int8 (and the plan refuses)."""
-    if args.params_dtype != "bfloat16" or args.lora_rank is not None or args.moments is not None:
-        return planner.plan_run(cfg, args, memory)
-    for moments in optim.MOMENTS:
-        args.moments = moments
-        plan = planner.plan_run(cfg, args, memory)
-        if plan.fits:
-            args.moments_why = ("the most precise whose plan fits" if moments != "fp32" else "the plan fits")
-            return plan
-    args.moments_why = "none fits"
-    return plan
+def plan_and_choose(cfg, args, memory):
+    """planner.plan_auto, its choices (--params-dtype, --moments, --grad-pages) written into args (so that the
+    checkpoint records them and --resume keeps them); for a refused plan also the suggestions, re-planned from the
+    settings as given. Returns (plan, suggestions)."""
+    given = copy.copy(args)
+    plan, chosen = planner.plan_auto(cfg, args, memory)
+    for name in ("params_dtype", "moments", "grad_pages", "moments_why", "precision_why"):
+        setattr(args, name, getattr(chosen, name))
+    return plan, ([] if plan.fits else planner.suggest(cfg, given, memory, plan))
+
+
+def resume_settings(args, ckpt, ckpt_path):
+    """--resume keeps the checkpoint's choices: auto settings take its values; given ones must equal them."""
+    had = ckpt["args"]
+    if args.params_dtype == "auto":  # checkpoints from before these flags: fp32 weights, fp32 gradient pages
+        args.params_dtype = had.get("params_dtype") or "float32"
+    if chunked(args) and args.grad_pages == "auto":
+        args.grad_pages = had.get("grad_pages") if had.get("grad_pages") in planner.DTYPES else "float32"
+    if args.moments is None and args.params_dtype == "bfloat16":
+        args.moments, args.moments_why = had.get("moments"), "the checkpoint's"
+    for name in ("params_dtype", "moments"):
+        was = had.get(name, "float32" if name == "params_dtype" else None)
+        if was != getattr(args, name):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}, but {ckpt_path} was trained with "
+                            f"{was}: resume with the same")
+    if finetune.lora_mismatch(args, had):
+        raise UserError(f"--resume: {finetune.lora_mismatch(args, had)}")
+    if ckpt.get("adapters_only"):  # the base comes from --init-from again: there, and the same model
+        args.init_from = args.init_from or had.get("init_from")
+        finetune.check_base(args.init_from, ckpt["config"], ckpt_path)
 
 
 def run(args, data):
@@ -292,15 +329,8 @@ def run(args, data):
     if ckpt is not None and ckpt["args"].get("optimizer", args.optimizer) != args.optimizer:
         raise UserError(f"--optimizer {args.optimizer}, but {ckpt_path} was trained with "
                         f"{ckpt['args']['optimizer']}: resume with the same optimizer")
-    if ckpt is not None and args.moments is None and args.params_dtype == "bfloat16":
-        args.moments, args.moments_why = ckpt["args"].get("moments"), "the checkpoint's"
-    for name in ("params_dtype", "moments"):  # checkpoints from before these flags: fp32 weights, no moments
-        had = ckpt["args"].get(name, "float32" if name == "params_dtype" else None) if ckpt is not None else None
-        if ckpt is not None and had != getattr(args, name):
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}, but {ckpt_path} was trained with "
-                            f"{had}: resume with the same")
-    if ckpt is not None and finetune.lora_mismatch(args, ckpt["args"]):
-        raise UserError(f"--resume: {finetune.lora_mismatch(args, ckpt['args'])}")
+    if ckpt is not None:
+        resume_settings(args, ckpt, ckpt_path)
     cfg = model_config(args, ckpt)
     if ckpt is not None and args.model and preset(args.model) != cfg:
         raise UserError(f"--model {args.model}, but {ckpt_path} holds a different model ({cfg.num_hidden_layers} "
@@ -308,10 +338,14 @@ def run(args, data):
     if data.vocab_size > cfg.vocab_size:
         raise UserError(f"data {data.path} has vocab_size {data.vocab_size}, the model only {cfg.vocab_size}")
     memory = planner.measure(device, args.host_memory)
-    plan = plan_with_moments(cfg, args, memory)  # before anything is allocated on the device
+    plan, suggestions = plan_and_choose(cfg, args, memory)  # before anything is allocated on the device
     if args.plan:
         moments = [f"AdamW moments: {args.moments} ({args.moments_why})"] if args.moments_why else []
-        print("\n".join(moments + planner.describe(plan, memory, args)))
+        chosen = [f"chosen by the plan: {'; '.join(args.precision_why)}"] if args.precision_why else []
+        lines = moments + chosen + planner.describe(plan, memory, args)
+        if suggestions:
+            lines += ["what would fit (each re-planned):"] + [f"  {s.line(memory)}" for s in suggestions]
+        print("\n".join(lines))
         return 0
     if ckpt is not None and ckpt["step"] >= args.steps:
         print(f"{ckpt_path} is at step {ckpt['step']}, --steps is {args.steps}: the run is finished, nothing to "
@@ -319,7 +353,8 @@ def run(args, data):
         return 0
     if not plan.fits:
         path = f"chunked path (chunk {args.chunk})" if chunked(args) else "full-sequence path"
-        raise UserError(f"{plan.refusal} ({path}; --plan for the parts)")
+        best = (f"; try {suggestions[0].line(memory)}" if suggestions and suggestions[0].plan.fits else "")
+        raise UserError(f"{plan.refusal} ({path}){best} (--plan for the parts and every suggestion)")
     args.q_block = plan.q_block  # chosen with the offload decision; recorded in the checkpoint's args
 
     model = build_model(args, cfg, ckpt, device)
@@ -339,6 +374,7 @@ def run(args, data):
     log = open_log(log_path, start)
     tokens_per_step, step, rates, loss, val_loss = args.seq * args.batch, start, [], float("nan"), None
     mem_label = "mem" if device.type == "cuda" else "rss"  # allocated tensors on a GPU; the whole process on a CPU
+    saves = args.save != "never"
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", dynamic_ncols=True)
     try:
         for step in bar:
@@ -360,26 +396,36 @@ def run(args, data):
             dt = time.perf_counter() - t0
             rates.append(tokens_per_step / dt)
             peak = peak_memory_gib(device)
+            # step_s, peak GPU memory (peak_mem_gib: the process's RSS on a CPU) and peak host RSS, to compare with
+            # the plan's totals
             record = {"step": step + 1, "loss": loss, "lr": lr_at(step, args), "tokens_per_s": rates[-1],
-                      "peak_mem_gib": peak}
-            if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
-                val_loss = record["val_loss"] = evaluate(model, data, args, device, store)
-                save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
+                      "step_s": dt, "peak_mem_gib": peak, "peak_host_rss_gib": peak_rss_gib()}
+            last = step + 1 == args.steps
+            if (step + 1) % args.eval_interval == 0 or last:
+                if args.eval_iters:
+                    val_loss = record["val_loss"] = evaluate(model, data, args, device, store)
+                if args.save == "eval" or (args.save == "end" and last):
+                    save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
             log.write(json.dumps(record) + "\n")
             log.flush()
-            bar.set_postfix({"loss": f"{loss:.4f}", "tok/s": f"{rates[-1]:,.0f}", mem_label: f"{peak:.1f}G"})
+            bar.set_postfix({"loss": f"{loss:.4f}", "tok/s": f"{rates[-1]:,.0f}", mem_label: f"{peak:.1f}G",
+                             **({"host": f"{record['peak_host_rss_gib']:.1f}G"} if device.type == "cuda" else {})})
             if stop.requested:
-                save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
+                if saves:
+                    save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
                 bar.close()
-                print(f"stopped after step {step + 1}; checkpoint saved to {ckpt_path} (continue with --resume)")
+                print(f"stopped after step {step + 1}; " + (f"checkpoint saved to {ckpt_path} (continue with "
+                                                           f"--resume)" if saves else "no checkpoint (--save never)"))
                 return 130
     finally:
         stop.restore()
         log.close()
     bar.close()
     # the loop ran at least once (a finished run returned above) and its last step evaluated
-    print(f"done: {args.steps} steps | final loss {loss:.4f} | val loss {val_loss:.4f} | "
-          f"{float(np.median(rates)):,.0f} tok/s (median) | checkpoint {ckpt_path}")
+    print(f"done: {args.steps} steps | final loss {loss:.4f} | "
+          + (f"val loss {val_loss:.4f} | " if val_loss is not None else "")
+          + f"{float(np.median(rates)):,.0f} tok/s (median) | "
+          + (f"checkpoint {ckpt_path}" if saves else "no checkpoint (--save never)"))
     if args.export:
         print(f"exported {finetune.export_run(model, args.out, args.init_from)}")
     return 0

@@ -76,7 +76,7 @@ CASES = [
     (["--seq", "-5"], "--seq must be > 0"),
     (["--steps", "0"], "--steps must be > 0"),
     (["--eval-interval", "0"], "--eval-interval must be > 0"),
-    (["--eval-iters", "0"], "--eval-iters must be > 0"),
+    (["--eval-iters", "-1"], "--eval-iters must be >= 0"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--lr", "0"], "--lr must be > 0"),
     (["--min-lr", "1"], "must not exceed --lr"),
@@ -198,7 +198,10 @@ def test_plan_prints_a_verdict(files, tmp_path, capsys):
     assert text.rstrip().endswith("FITS") and "KV/dKV page pool [cpu]" in text and "[gpu]" not in text, text
     assert train.main(base + ["--seq", "64", "--batch", "100000000"]) == 0  # ~60 TB of activations
     text = capsys.readouterr().out
-    assert text.splitlines()[-1].startswith("REFUSED: --seq 64 x --batch 100000000 needs"), text
+    lines = text.splitlines()
+    assert any(line.startswith("REFUSED: --seq 64 x --batch 100000000 needs") for line in lines), text
+    assert lines[lines.index("what would fit (each re-planned):") + 1].startswith("  --batch "), text  # FITS first
+    assert "FITS" in lines[lines.index("what would fit (each re-planned):") + 1], text
     assert not out.exists()  # --plan writes nothing
 
 
@@ -211,7 +214,7 @@ def test_help_shows_every_default_without_importing_torch():
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     for default in ("(default: 4096)", "(default: 64)", "(default: 0.001)", "(default: 65536)", "(default: 1337)",
                     "(default: out)", "(default: 0.1)", "(default: 1.0)", "(default: lr / 10)", "(default: adamw)",
-                    "(default: MemAvailable)", "(default: steps / 10)", "(default: float32)"):
+                    "(default: steps / 10)", "(default: auto)", "(default: eval)"):
         assert default in text, default
 
 

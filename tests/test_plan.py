@@ -11,11 +11,16 @@ from model import Model, preset
 GIB = 2**30
 
 
-def settings(*argv, gpu=True):
-    """cli's resolved arguments, as train.py hands them to the planner."""
+def settings(*argv, gpu=True, auto=False):
+    """cli's resolved arguments, as train.py hands them to planner.plan_auto; unless `auto`, with what plan_auto
+    leaves to the plan fixed at fp32 (weights, dK/dV pages), as plan_run and parts take them."""
     args = cli.parse_args([*argv, "--device", "cuda" if gpu else "cpu"])
     cli.check_values(args)
-    return cli.resolve(args, gpu)
+    cli.check_params_dtype(cli.resolve(args, gpu))
+    if not auto:
+        args.params_dtype = "float32" if args.params_dtype == "auto" else args.params_dtype
+        args.grad_pages = "float32" if args.grad_pages == "auto" else args.grad_pages
+    return args
 
 
 def test_plan_matches_the_pool_and_parameter_sizes():

@@ -1,0 +1,154 @@
+"""plan.py's choices and suggestions on Qwen2.5-7B shapes with a fake Memory (meta shapes: nothing is allocated), and
+its model-state parts against the tensors a real (tiny) run holds after a step."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import cli
+import plan as planner
+import train
+from model import preset
+from test_plan import GIB, settings
+
+# the acceptance machine: one H200 (~139 GiB free) and ~120 GiB MemAvailable, less the host headroom
+H200 = planner.Memory(device=139 * GIB, host=120 * GIB - planner.host_headroom(120 * GIB), on_gpu=True,
+                      host_available=120 * GIB)
+SEVEN_B = ("--model", "qwen2.5-7b", "--seq", "1048576")
+
+
+def test_7b_at_1m_fits_with_the_default_flags():
+    """fp32 weights + AdamW (16 B/param, 113 GiB) do not fit beside the rest; fp32 dK/dV pages (168 GiB) exceed the
+    host: auto picks bf16 weights with the most precise moments that fit and bf16 dK/dV pages (112 GiB pinned)."""
+    args = settings(*SEVEN_B, auto=True)
+    assert (args.params_dtype, args.grad_pages, args.moments) == ("auto", "auto", None)
+    plan, chosen = planner.plan_auto(preset("qwen2.5-7b"), args, H200)
+    assert plan.fits and plan.offload
+    assert (chosen.params_dtype, chosen.moments, chosen.grad_pages) == ("bfloat16", "bf16", "bfloat16")
+    assert chosen.precision_why == ["--params-dtype bfloat16 (auto: fp32 weights do not fit)",
+                                    "--moments bf16 (the most precise whose plan fits)",
+                                    "--grad-pages bfloat16 (auto: fp32 dK/dV pages do not fit)"]
+    assert plan.host["KV/dKV pages"] == 114_688 * 2**20  # 112 GiB
+    assert args.params_dtype == "auto"  # plan_auto leaves the given settings alone
+    # a small model at the same length keeps fp32 everywhere on the GPU side; the pages still go bf16 to fit
+    plan, chosen = planner.plan_auto(preset("qwen2.5-0.5b"), settings("--model", "qwen2.5-0.5b", "--seq", "262144",
+                                                                      auto=True), H200)
+    assert plan.fits and (chosen.params_dtype, chosen.grad_pages) == ("float32", "float32")
+
+
+def test_refused_plan_suggests_changes_that_each_re_plan():
+    """fp32 weights and pages given: REFUSED; each suggestion is the plan of that change alone."""
+    cfg = preset("qwen2.5-7b")
+    args = settings(*SEVEN_B, "--params-dtype", "float32", "--grad-pages", "float32")
+    plan, _ = planner.plan_auto(cfg, args, H200)
+    assert not plan.fits
+    found = {s.flags.split()[0] + (" " + s.flags.split()[1] if s.flags.startswith("--grad") else ""): s
+             for s in planner.suggest(cfg, args, H200, plan)}
+    assert {"--grad-pages bfloat16", "--params-dtype", "--lora-rank", "--seq", "--chunk"} <= set(found), found
+    for flags, changes in (("--grad-pages bfloat16", dict(grad_pages="bfloat16")),
+                           ("--lora-rank", dict(lora_rank=16, lora_alpha=32.0, lora_targets=cli.LORA_TARGETS))):
+        direct = planner.plan_run(cfg, planner._with(args, **changes), H200)
+        assert found[flags].plan.device == direct.device and found[flags].plan.host == direct.host
+    assert not found["--grad-pages bfloat16"].plan.fits  # fp32 weights + AdamW still exceed the GPU
+    # the longest --seq: fits, and 1024 tokens more does not; never a length at or below the chunk
+    seq = int(found["--seq"].flags.split()[1])
+    assert seq > args.chunk and found["--seq"].plan.fits
+    assert not planner.plan_run(cfg, planner._with(args, seq=seq + 1024), H200).fits
+    # no single change fits: the smallest combination that does is offered, and fits
+    combined = [s for s in planner.suggest(cfg, args, H200, plan) if s.plan.fits and " --" in s.flags]
+    assert combined and "--grad-pages bfloat16" in combined[0].flags, [s.flags for s in combined]
+    line = combined[0].line(H200)
+    assert ": FITS, " in line and "GiB planned on the gpu + " in line and "pinned host memory" in line, line
+
+
+def test_lora_at_the_longest_length_is_suggested_on_the_host_limit():
+    """LoRA's 7B fits the GPU easily; the host's pages limit the length, which the suggestion names."""
+    cfg = preset("qwen2.5-7b")
+    args = settings("--model", "qwen2.5-7b", "--seq", "2097152", "--lora-rank", "16", auto=True)
+    plan, chosen = planner.plan_auto(cfg, args, H200)
+    assert not plan.fits and "pinned host memory" in plan.refusal
+    seq = [s for s in planner.suggest(cfg, args, H200, plan) if s.flags.startswith("--seq")][0]
+    assert seq.plan.fits and 1_000_000 < int(seq.flags.split()[1]) < 1_100_000, seq.flags
+
+
+def state_bytes(model, optimizer) -> int:
+    """Bytes of the parameters, their gradients (grad or fp32 main_grad) and the optimizer's tensors."""
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * p.element_size()
+        for g in (p.grad, getattr(p, "main_grad", None)):
+            total += g.numel() * g.element_size() if g is not None else 0
+    for state in optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    return total
+
+
+@pytest.mark.parametrize("extra", [[], ["--params-dtype", "bfloat16", "--dtype", "bfloat16", "--moments", "int8"],
+                                   ["--lora-rank", "4"], ["--lora-rank", "4", "--params-dtype", "bfloat16",
+                                                          "--dtype", "bfloat16"]],
+                         ids=["fp32", "bf16-int8", "lora", "lora-bf16"])
+def test_state_parts_match_the_tensors_after_a_step(extra):
+    """The plan's weights + gradients + optimizer state against a tiny model's real tensors after one step, within
+    1% (int8 moments pad each parameter to whole 256-value blocks)."""
+    args = settings("--model", "tiny", "--seq", "32", "--batch", "2", *extra, gpu=False)
+    cfg = preset("tiny")
+    model = train.build_model(args, cfg, None, torch.device("cpu"))
+    optimizer = train.build_optimizer(args, model, torch.device("cpu"))
+    x = torch.randint(0, 256, (2, 33))
+    train.train_step(model, x[:, :-1], x[:, 1:], args, torch.device("cpu"), None)
+    optimizer.step()
+    planned = sum(planner.state_parts(cfg, args).values())
+    real = state_bytes(model, optimizer)
+    assert abs(planned - real) <= 0.01 * real, (planned, real)
+
+
+def test_lora_over_init_from_checkpoints_the_adapters_only_and_resumes_exactly(tmp_path, monkeypatch):
+    """ckpt.pt of a LoRA run over --init-from holds the adapters (the base reloads on --resume), and the resumed
+    run prints the uninterrupted run's losses; a missing base is one error line."""
+    from test_model import make_hf_checkpoint
+
+    init = tmp_path / "init"
+    make_hf_checkpoint(init, tied=True, shard=False)
+    args = ["--init-from", str(init), "--device", "cpu", "--seq", "32", "--batch", "2", "--steps", "4",
+            "--eval-iters", "1", "--eval-interval", "2", "--lora-rank", "4", "--lr", "1e-2"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert train.main(args + ["--out", full]) == 0
+    ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
+    assert ckpt["adapters_only"] and ckpt["model"] and all(k.endswith(("lora_A", "lora_B")) for k in ckpt["model"])
+
+    class StopAfterTwo(train.StopRequest):  # as if Ctrl-C came during step 2
+        reads = 0
+
+        @property
+        def requested(self):
+            StopAfterTwo.reads += 1
+            return StopAfterTwo.reads >= 2
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(train, "StopRequest", StopAfterTwo)
+    assert train.main(args + ["--out", part]) == 130
+    monkeypatch.undo()
+    assert train.main(args[2:] + ["--out", part, "--resume"]) == 0  # the base: the checkpoint's --init-from
+    assert losses(part) == losses(full)  # bit-identical on the CPU
+    os.rename(init, tmp_path / "moved")
+    assert train.main(args[2:] + ["--out", part, "--resume", "--steps", "6"]) == 2
+
+
+def test_no_eval_no_checkpoint_and_the_per_step_record(tmp_path):
+    """--eval-iters 0 --save never: no evaluation, no ckpt.pt; log.jsonl has each step's time and peaks."""
+    out = tmp_path / "run"
+    assert train.main(["--model", "tiny", "--device", "cpu", "--seq", "32", "--batch", "2", "--steps", "2",
+                       "--eval-iters", "0", "--save", "never", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert not (out / "ckpt.pt").exists() and len(records) == 2 and "val_loss" not in records[-1]
+    assert all(r["step_s"] > 0 and r["peak_host_rss_gib"] > 0 for r in records)
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
