@@ -57,6 +57,33 @@ class ChunkAttention:
         return self.store.attend(layer_idx, q, k, v, keep_output=self.keep_outputs)
 
 
+class StepProgress:
+    """One progress bar over a whole step, both stages: stage 1's chunks count 1 each, stage 2's 3 each (a chunk's
+    forward recomputed + its backward: about three forwards), so that the ETA holds across the stages. The postfix
+    says the stage, its chunk and its tokens/s."""
+
+    STAGE_2_WEIGHT = 3
+
+    def __init__(self, stage1_chunks: int, stage2_chunks: int, tokens_per_chunk: int, enabled: bool):
+        self.bar = tqdm(total=stage1_chunks + self.STAGE_2_WEIGHT * stage2_chunks, desc="step", leave=False,
+                        disable=not enabled, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
+                                                        "{postfix}")
+        self.counts, self.tokens_per_chunk = {1: stage1_chunks, 2: stage2_chunks}, tokens_per_chunk
+        self.stage, self.done, self.t0 = 1, 0, None
+
+    def chunk_done(self, stage: int):
+        if stage != self.stage or self.t0 is None:
+            self.stage, self.done, self.t0 = stage, 0, self.bar.format_dict["elapsed"]
+        self.done += 1
+        rate = self.done * self.tokens_per_chunk / max(1e-9, self.bar.format_dict["elapsed"] - self.t0)
+        self.bar.set_postfix_str(f"stage {stage}: chunk {self.done}/{self.counts[stage]}, {rate:,.0f} tok/s",
+                                 refresh=False)
+        self.bar.update(1 if stage == 1 else self.STAGE_2_WEIGHT)
+
+    def close(self):
+        self.bar.close()
+
+
 def _chunks(seq_len, chunk_size):
     return [(s, min(s + chunk_size, seq_len)) for s in range(0, seq_len, chunk_size)]
 
@@ -102,11 +129,12 @@ def _check(model, idx, targets, chunk_size, store):
 def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=None, progress=False):
     """Stage 1: append every layer's K/V of idx [B, T] to `store`, chunk by chunk, left to right.
     With `targets`, also run the head and return the summed token loss (evaluation); without, the last layer stops
-    at its K/V projection and None is returned."""
+    at its K/V projection and None is returned. progress: a bar of its own (True) or a step's StepProgress."""
     B, T = idx.shape
     last = model.config.num_hidden_layers - 1
     loss_sum = torch.zeros((), device=idx.device)
-    for s, e in tqdm(_chunks(T, chunk_size), desc="stage 1", leave=False, disable=not progress):
+    step_bar = progress if isinstance(progress, StepProgress) else None
+    for s, e in tqdm(_chunks(T, chunk_size), desc="stage 1", leave=False, disable=progress is not True):
         backend = ChunkAttention(store, s, keep_outputs=targets is None)
         with _autocast(model, idx.device, compute_dtype):
             x = model.embed(idx[:, s:e])
@@ -119,6 +147,8 @@ def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=
                     x = block(x, cos, sin, backend)
             if targets is not None:
                 loss_sum += model.loss(x, targets[:, s:e])[0]
+        if step_bar is not None:
+            step_bar.chunk_done(1)
     return loss_sum if targets is not None else None
 
 
@@ -137,12 +167,15 @@ def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dty
     store.reset()  # a step interrupted earlier may have left pages allocated
     chunks = _chunks(T, chunk_size)
     # stage 1 skips the last chunk: nothing after it needs its K/V before stage 2 recomputes (and stores) them
-    fill_kv(model, idx[:, :chunks[-1][0]], store, chunk_size, compute_dtype, progress=progress)
+    bar = StepProgress(len(chunks) - 1, len(chunks), B * chunk_size, progress)
+    fill_kv(model, idx[:, :chunks[-1][0]], store, chunk_size, compute_dtype, progress=bar)
 
     total = torch.zeros((), device=idx.device)
     with fp32_gradients(model):
-        for s, e in tqdm(chunks[::-1], desc="stage 2", leave=False, disable=not progress):
+        for s, e in chunks[::-1]:
             total += backward_chunk(model, idx, targets, s, e, store, compute_dtype, checkpoint)
+            bar.chunk_done(2)
+    bar.close()
     return total.item()
 
 

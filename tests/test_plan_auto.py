@@ -46,16 +46,21 @@ def test_refused_plan_suggests_changes_that_each_re_plan():
     assert not plan.fits
     found = {s.flags.split()[0] + (" " + s.flags.split()[1] if s.flags.startswith("--grad") else ""): s
              for s in planner.suggest(cfg, args, H200, plan)}
-    assert {"--grad-pages bfloat16", "--params-dtype", "--lora-rank", "--seq", "--chunk"} <= set(found), found
+    assert {"--grad-pages bfloat16", "--params-dtype", "--lora-rank", "--chunk"} <= set(found), found
+    assert "--seq" not in found  # fp32 weights + AdamW exceed the GPU at any length: no length is offered
     for flags, changes in (("--grad-pages bfloat16", dict(grad_pages="bfloat16")),
                            ("--lora-rank", dict(lora_rank=16, lora_alpha=32.0, lora_targets=cli.LORA_TARGETS))):
         direct = planner.plan_run(cfg, planner._with(args, **changes), H200)
         assert found[flags].plan.device == direct.device and found[flags].plan.host == direct.host
     assert not found["--grad-pages bfloat16"].plan.fits  # fp32 weights + AdamW still exceed the GPU
-    # the longest --seq: fits, and 1024 tokens more does not; never a length at or below the chunk
-    seq = int(found["--seq"].flags.split()[1])
-    assert seq > args.chunk and found["--seq"].plan.fits
-    assert not planner.plan_run(cfg, planner._with(args, seq=seq + 1024), H200).fits
+    # fp32 pages alone (weights left to the plan): the host limits the length; the longest --seq fits, and 1024
+    # tokens more does not
+    pages = settings(*SEVEN_B, "--grad-pages", "float32", auto=True)
+    refused, _ = planner.plan_auto(cfg, pages, H200)
+    longest = [s for s in planner.suggest(cfg, pages, H200, refused) if s.flags.startswith("--seq")][0]
+    seq = int(longest.flags.split()[1])
+    assert 600_000 < seq < 1_000_000 and longest.plan.fits
+    assert not planner.plan_auto(cfg, planner._with(pages, seq=seq + 1024), H200)[0].fits
     # no single change fits: the smallest combination that does is offered, and fits
     combined = [s for s in planner.suggest(cfg, args, H200, plan) if s.plan.fits and " --" in s.flags]
     assert combined and "--grad-pages bfloat16" in combined[0].flags, [s.flags for s in combined]

@@ -153,12 +153,11 @@ def test_lora_run_saves_peft_adapters_and_exports_the_merged_model(tmp_path):
     assert train.main(["--init-from", str(init), "--device", "cpu", "--seq", "32", "--batch", "2", "--steps", "3",
                        "--eval-iters", "1", "--lr", "1e-2", "--lora-rank", "4", "--out", out, "--export"]) == 0
     ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
-    base = train.Model.from_pretrained(str(init))
-    for name, tensor in base.state_dict().items():  # the base weights are frozen
-        assert torch.equal(ckpt["model"][name.replace("_proj.", "_proj.base.")], tensor), name
+    # over an --init-from base the checkpoint holds the adapters only: the base is frozen, reloaded from there
+    assert ckpt["adapters_only"] and all(k.endswith(("lora_A", "lora_B")) for k in ckpt["model"])
     assert any(k.endswith("lora_B") and ckpt["model"][k].abs().max() > 0 for k in ckpt["model"])  # adapters trained
-    ours = lora.apply_lora(train.Model(ckpt["config"]), 4, 8.0)
-    ours.load_state_dict(ckpt["model"])
+    ours = lora.apply_lora(train.Model.from_pretrained(str(init)), 4, 8.0)
+    ours.load_state_dict(ckpt["model"], strict=False)
     hf = transformers.Qwen2ForCausalLM.from_pretrained(str(init), dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, os.path.join(out, "lora")).eval()
     merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf"), dtype=torch.float32).eval()
