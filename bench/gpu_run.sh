@@ -16,6 +16,12 @@
 #   fidelity      sparse vs exact gradients of the train-1m model, both selection rules                     100 s
 #   train         python train.py --steps 300 (the default small model)                                    120 s
 #   hf-baseline   HF transformers' Qwen2ForCausalLM anchors (needs shared/bench/hf_baseline.py in the repo) 150 s
+#   ft-7b-1m      python train.py --model qwen2.5-7b --seq 1048576 --steps 2 --eval-iters 0 --save never: the
+#                 default optimizer, dtypes chosen by the plan; per-step loss/time/peaks vs the plan's totals      590 s
+#   lora-7b       --lora-rank 16 at the longest --seq the plan allows (read from a --plan of 4M tokens)          590 s
+#   ft-7b-short   7B random init at --seq 16384, 20 steps, lr 3e-4: the loss falls                             300 s
+#   ft-0.5b-128k  a random Qwen2.5-0.5B HF checkpoint (bench/check_export.py make), --init-from it at 128K x 3
+#                 steps --export, then with --lora-rank 16; transformers / peft reload and compare logits      500 s
 #
 # Files under $OUT: log.txt (every stage's output), bench.jsonl (bench.py, one JSON object per point),
 # pytest.txt, train_1m.jsonl, train.jsonl, anchors.jsonl (hf_baseline.py). stdout: a status line per stage and
@@ -93,6 +99,33 @@ for name in "$@"; do
         else
             echo "[hf-baseline] skipped: copy ../shared/bench/hf_baseline.py to shared/bench/ first"
         fi ;;
+    ft-7b-1m)  # per step: loss, step_s, peak GPU and host RSS (log.jsonl) against the start line's plan totals
+        rm -rf /tmp/ft7b
+        stage ft-7b-1m 590 bash -c "$PY train.py --model qwen2.5-7b --seq 1048576 --steps 2 --eval-iters 0 \
+            --save never --out /tmp/ft7b 2>&1 | tr '\r' '\n' | grep -E '^(model|run|optimizer|done|error)'; \
+            cat /tmp/ft7b/log.jsonl; cp /tmp/ft7b/log.jsonl '$OUT/ft_7b_1m.jsonl'" ;;
+    lora-7b)  # the longest --seq for LoRA: the plan of an over-long run names it (its "--seq N: FITS" line)
+        rm -rf /tmp/lora7b
+        stage lora-7b 590 bash -c "seq=\$($PY train.py --model qwen2.5-7b --lora-rank 16 --seq 4194304 --plan \
+            | grep -oE '^  --seq [0-9]+: FITS' | grep -oE '[0-9]+'); echo \"longest LoRA --seq: \$seq\"; \
+            [ -n \"\$seq\" ] || exit 3; $PY train.py --model qwen2.5-7b --lora-rank 16 --seq \$seq --steps 2 \
+            --eval-iters 0 --save never --out /tmp/lora7b 2>&1 | tr '\r' '\n' | \
+            grep -E '^(model|run|optimizer|done|error)'; cat /tmp/lora7b/log.jsonl; \
+            cp /tmp/lora7b/log.jsonl '$OUT/lora_7b.jsonl'" ;;
+    ft-7b-short)
+        rm -rf /tmp/ft7bs
+        stage ft-7b-short 300 bash -c "$PY train.py --model qwen2.5-7b --seq 16384 --steps 20 --lr 3e-4 \
+            --eval-iters 1 --eval-interval 20 --save never --out /tmp/ft7bs 2>&1 | tr '\r' '\n' | \
+            grep -E '^(model|run|optimizer|done|error)'; grep -oE '\"step\": [0-9]+, \"loss\": [0-9.]+' \
+            /tmp/ft7bs/log.jsonl; cp /tmp/ft7bs/log.jsonl '$OUT/ft_7b_short.jsonl'" ;;
+    ft-0.5b-128k)
+        rm -rf /tmp/init05 /tmp/ft05 /tmp/ft05lora
+        stage ft-0.5b-128k 500 bash -c "$PY bench/check_export.py make /tmp/init05 && \
+            for run in ft05: ft05lora:--lora-rank=16; do name=\${run%%:*}; extra=\${run#*:}; \
+            $PY train.py --init-from /tmp/init05 --seq 131072 --steps 3 --eval-iters 1 --export \
+            \${extra/=/ } --out /tmp/\$name 2>&1 | tr '\r' '\n' | grep -E '^(model|run|done|exported|error)'; \
+            cat /tmp/\$name/log.jsonl; $PY bench/check_export.py compare /tmp/\$name --init /tmp/init05 || exit 1; \
+            done" ;;
     *)
         echo "unknown stage '$name' (see the header of $0)"; exit 2 ;;
     esac
