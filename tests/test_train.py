@@ -166,6 +166,11 @@ def test_lora_run_saves_peft_adapters_and_exports_the_merged_model(tmp_path):
         logits = ours.eval()(idx)
         assert (logits - hf(input_ids=idx).logits).abs().max().item() <= 1e-4
         assert (logits - merged(idx).logits).abs().max().item() <= 1e-4
+    os.remove(os.path.join(out, "hf", "model.safetensors"))
+    assert train.main(["--export", out]) == 0  # from the adapters-only checkpoint, over the --init-from base
+    merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (logits - merged(idx).logits).abs().max().item() <= 1e-4
 
 
 def test_bf16_params_default_to_the_most_precise_moments_that_fit(tmp_path, capsys):
