@@ -24,7 +24,7 @@ RAM, so their sum is what must fit.
                             gradients and AdamW state; activations plus each adapter's rank-sized intermediate
 
 Choices left to the plan (plan_auto, before anything is allocated): --params-dtype auto (fp32 when that fits, else bf16
-weights with the most precise --moments that fits), --grad-pages auto (fp32 dK/dV pages when they fit, else bf16),
+weights with the most precise --moments that fits; with LoRA the frozen base in bf16), --grad-pages auto (fp32 dK/dV pages when they fit, else bf16),
 each recorded with its reason. A refused plan comes with suggestions (suggest): each candidate change re-planned
 alone (--offload on, a smaller --chunk, --grad-pages bfloat16, --params-dtype bfloat16 --moments X, --lora-rank 16,
 a smaller --batch, the longest --seq), and if none fits alone the smallest combination that does.
@@ -188,6 +188,15 @@ def state_parts(cfg: ModelConfig, args) -> dict[str, int]:
             f"optimizer ({args.optimizer})": optimizer_state_bytes(cfg, args.optimizer)}
 
 
+def weight_cast_bytes(cfg: ModelConfig, args) -> int:
+    """fp32 weights under bf16 autocast: every matmul casts its weight to bf16 and saves that copy for the input
+    gradient, so a chunk's forward holds a bf16 copy of every weight until its backward (2 bytes per parameter;
+    measured on the H200: a 7B LoRA run over an fp32 base peaked 14 GiB above a plan without it)."""
+    if getattr(args, "params_dtype", "float32") != "float32" or DTYPES[args.dtype] == torch.float32:
+        return 0
+    return 2 * sum(math.prod(s) for s in param_shapes(cfg))
+
+
 def activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int, full_sequence: bool) -> int:
     """Bytes saved for backward per token of one sequence, all layers, plus one layer's backward temporaries."""
     layer = (FP32 * ACTIVATION_FP32_HIDDEN * cfg.hidden_size + ACTIVATION_NORM_STATS
@@ -214,6 +223,8 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
     loss_slice = min(LOSS_SLICE_LOGITS, tokens * cfg.vocab_size) * (LOSS_COMPUTE_COPIES * compute_bytes
                                                                      + LOSS_FP32_COPIES * FP32)
     device = state_parts(cfg, args)
+    if weight_cast_bytes(cfg, args):
+        device["bf16 copies of the fp32 weights (autocast)"] = weight_cast_bytes(cfg, args)
     if not is_chunked:
         name = f"activations ({args.seq} tokens)"
         device |= {name: activations * args.seq, "loss slice": loss_slice}
@@ -319,6 +330,10 @@ def _precision_options(args) -> list[tuple[str, str | None]]:
     bf16_ok = args.optimizer == "adamw" and args.dtype == "bfloat16"
     moments = [args.moments] if args.moments else list(MOMENTS)
     bf16 = [("bfloat16", None)] if args.lora_rank else [("bfloat16", m) for m in moments]
+    if args.params_dtype == "auto" and args.lora_rank and bf16_ok:
+        # LoRA's base is frozen: bf16 (a Qwen checkpoint's own precision) loses no update, halves the base and
+        # spares the bf16 copies autocast would make of fp32 weights for every chunk (WEIGHT_CASTS below)
+        return bf16 + [("float32", None)]
     if args.params_dtype == "auto":
         return [("float32", None)] + (bf16 if bf16_ok else [])
     return bf16 if args.params_dtype == "bfloat16" else [("float32", None)]
@@ -341,8 +356,9 @@ def plan_auto(cfg: ModelConfig, args, memory: Memory):
     why, fits = [], plan.fits
     if args.params_dtype == "auto":
         reason = ("bf16 weights need AdamW and --dtype bfloat16" if len(_precision_options(args)) == 1 else
-                  "none fits" if not fits else "the plan fits" if chosen.params_dtype == "float32" else
-                  "fp32 weights do not fit")
+                  "none fits" if not fits else
+                  "LoRA: the frozen base in bf16" if args.lora_rank and chosen.params_dtype == "bfloat16" else
+                  "the plan fits" if chosen.params_dtype == "float32" else "fp32 weights do not fit")
         why.append(f"--params-dtype {chosen.params_dtype} (auto: {reason})")
     chosen.moments_why = None
     if chosen.params_dtype == "bfloat16" and not args.lora_rank:

@@ -19,6 +19,7 @@
 #   ft-7b-1m      python train.py --model qwen2.5-7b --seq 1048576 --steps 2 --eval-iters 0 --save never: the
 #                 default optimizer, dtypes chosen by the plan; per-step loss/time/peaks vs the plan's totals      590 s
 #   lora-7b       --lora-rank 16 at the longest --seq the plan allows (read from a --plan of 4M tokens)          590 s
+#   lora-7b-128k  7B LoRA rank 16 at --seq 131072, 2 steps: the plan against measured peaks                     120 s
 #   ft-7b-short   7B random init at --seq 16384, 20 steps, lr 3e-4: the loss falls                             300 s
 #   ft-0.5b-128k  a random Qwen2.5-0.5B HF checkpoint (bench/check_export.py make), --init-from it at 128K x 3
 #                 steps --export, then with --lora-rank 16; transformers / peft reload and compare logits      500 s
@@ -113,6 +114,11 @@ for name in "$@"; do
             --eval-iters 0 --save never --out /tmp/lora7b 2>&1 | tr '\r' '\n' | \
             grep -E '^(model|run|optimizer|done|error)'; cat /tmp/lora7b/log.jsonl; \
             cp /tmp/lora7b/log.jsonl '$OUT/lora_7b.jsonl'" ;;
+    lora-7b-128k)  # LoRA's plan against its measured peaks, two steps at 128K (the bf16 base auto chooses)
+        rm -rf /tmp/lora7bs
+        stage lora-7b-128k 200 bash -c "$PY train.py --model qwen2.5-7b --lora-rank 16 --seq 131072 --steps 2 \
+            --eval-iters 0 --save never --out /tmp/lora7bs 2>&1 | tr '\r' '\n' | \
+            grep -E '^(model|run|optimizer|done|error)'; cat /tmp/lora7bs/log.jsonl" ;;
     ft-7b-short)
         rm -rf /tmp/ft7bs
         stage ft-7b-short 300 bash -c "$PY train.py --model qwen2.5-7b --seq 16384 --steps 20 --lr 3e-4 \
