@@ -296,6 +296,14 @@ class OffloadedKVStore:
             for key in [key for key in self.sparse_plans if key[0] == layer and key[1] >= length]:
                 del self.sparse_plans[key]
 
+    def clear_grad(self, layer, start, end):
+        """Zero the dK/dV accumulated for the layer's positions [start, min(end, length)) (whole pages from start,
+        a page boundary): they are marked never written back, so the next load zero-fills them on the GPU."""
+        first, last = start // self.page_size, math.ceil(min(end, self.lengths[layer]) / self.page_size)
+        for table in self.tables[layer]:
+            self.pool.dirty[table[first:last]] = False
+        self.versions[layer] += 1  # a buffer loaded before holds the old gradients
+
     def append(self, layer, k, v):
         """k, v: [B, T, Hkv, D] on the GPU -> new host pages at positions [length, length + T), copied on d2h."""
         T = k.shape[1]

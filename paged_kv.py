@@ -21,6 +21,8 @@ The interface chunk_train.py uses:
                                            Backward adds history gradients into the store and returns the chunk's
                                            dk/dv *including* what later chunks accumulated for it.
     store.truncate(layer, length)          drop positions >= length (frees their pages)
+    store.clear_grad(layer, start, end)    zero the gradient accumulated for positions [start, end), start at a
+                                           page boundary (chunked_step's detach_history)
 
 With sparse=SparseConfig(...) attention is page-level sparse (sparse_attn.py): each block of queries reads only
 its selected history pages and its own chunk. kernel=: the attention kernel (attention.py: Triton, or the
@@ -169,6 +171,15 @@ class PagedKVStore:
             self.selector.truncate(layer, length)
         self.kept_outputs.forget_from(layer, length)  # they attended over positions that are gone
 
+    def clear_grad(self, layer, start, end):
+        """Zero the dK/dV accumulated for the layer's positions [start, min(end, length)) (start a multiple of
+        page_size; the pages are the chunk's own, so whole pages are zeroed)."""
+        first, last = start // self.page_size, math.ceil(min(end, self.lengths[layer]) / self.page_size)
+        if last > first:
+            pages = self._device_tables[layer][:, first:last].flatten().long()
+            self.dk.index_fill_(0, pages, 0.0)
+            self.dv.index_fill_(0, pages, 0.0)
+
     def attend(self, layer, q, k, v, keep_output=False):
         """The chunk's attention over the layer's pages: one part (attention.py), the whole pool seen through the
         layer's table, or with sparse attention through a table per kv head and query block. keep_output: keep the
@@ -229,6 +240,10 @@ class ReferenceKVStore:
 
     def truncate(self, layer, length):
         self.lengths[layer] = min(self.lengths[layer], length)
+
+    def clear_grad(self, layer, start, end):
+        self.dk[layer][:, start:end] = 0
+        self.dv[layer][:, start:end] = 0
 
     def attend(self, layer, q, k, v, keep_output=False):  # keep_output: PagedKVStore's option, ignored here
         end = self.lengths[layer]
