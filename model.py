@@ -26,7 +26,6 @@ model.safetensors.index.json) without needing transformers; parameter names matc
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass, asdict, fields
 
