@@ -36,7 +36,7 @@ import torch
 from attention import OnePart, Part, default_kernel
 from kept_outputs import KeptOutputs
 from kernels.paged_reference import paged_attention_reference
-from sparse_attn import PageSelector
+from sparse_attn import PageSelector, doc_positions
 
 
 class OutOfPages(RuntimeError):
@@ -180,17 +180,21 @@ class PagedKVStore:
             self.dk.index_fill_(0, pages, 0.0)
             self.dv.index_fill_(0, pages, 0.0)
 
-    def attend(self, layer, q, k, v, keep_output=False):
+    def attend(self, layer, q, k, v, keep_output=False, doc_start=None):
         """The chunk's attention over the layer's pages: one part (attention.py), the whole pool seen through the
         layer's table, or with sparse attention through a table per kv head and query block. keep_output: keep the
         output (without grad, within output_cache_bytes) for a later attend of the same queries over the same
-        positions, which then skips the forward kernels."""
+        positions, which then skips the forward kernels. doc_start [B, C]: the queries' document starts
+        (absolute positions; see chunk_train.chunked_step), hiding every earlier position."""
         start = self.lengths[layer] - q.shape[1]  # the chunk's first position
-        table, q_start, q_block = self.page_table(layer), start, None
+        table, q_start, q_block, doc = self.page_table(layer), start, None, doc_start
         if self.selector is not None:
-            table, q_start = self.selector.page_table(layer, q, table, start)  # per kv head and query block
+            table, q_start = self.selector.page_table(layer, q, table, start, doc_start)  # per kv head and block
             q_block = self.selector.q_block
-        history = OnePart(Part(self.k, self.v, self.dk, self.dv, table, q_start, q_block=q_block))
+            if doc_start is not None:  # in the positions of each block's table
+                doc = doc_positions(self.selector.selections[layer][start], doc_start, start, self.page_size,
+                                    q_block)
+        history = OnePart(Part(self.k, self.v, self.dk, self.dv, table, q_start, q_block=q_block, doc_start=doc))
         return self.kept_outputs.attend((layer, start, q.shape[1]), history, q, k, v, self.kernel, keep=keep_output)
 
 
@@ -245,7 +249,7 @@ class ReferenceKVStore:
         self.dk[layer][:, start:end] = 0
         self.dv[layer][:, start:end] = 0
 
-    def attend(self, layer, q, k, v, keep_output=False):  # keep_output: PagedKVStore's option, ignored here
+    def attend(self, layer, q, k, v, keep_output=False, doc_start=None):  # keep_output: PagedKVStore's, ignored
         end = self.lengths[layer]
         start = end - q.shape[1]
         # history: constants whose gradient is routed into the fp32 buffers by a hook
@@ -260,5 +264,5 @@ class ReferenceKVStore:
         v_all = torch.cat([v_hist, v.float()], dim=1)
         # the reference kernel takes pages: view the contiguous buffer as one page per batch element
         table = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)[:, None]
-        o = paged_attention_reference(q.float(), k_all, v_all, table, start)
+        o = paged_attention_reference(q.float(), k_all, v_all, table, start, doc_start=doc_start)
         return o.to(q.dtype)
