@@ -52,7 +52,7 @@ def paged(model, batch, seq):
 
 
 def test_masked_targets_give_the_full_sequence_mean_over_trained_tokens():
-    model = tiny_model(1)
+    model = tiny_model(1, num_hidden_layers=1)
     idx, targets = masked_batch(1, 2, 80)
     ref_loss, ref = reference_grads(model, idx, targets)
     loss = chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=paged(model, 2, 80))
@@ -75,7 +75,7 @@ def test_masked_targets_give_the_full_sequence_mean_over_trained_tokens():
 
 
 def test_no_trained_token_gives_zero_loss_and_zero_gradients():
-    model = tiny_model(2)
+    model = tiny_model(2, num_hidden_layers=1)
     idx, targets = masked_batch(2, 1, 64)
     targets[:] = IGNORE_INDEX
     assert chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=paged(model, 1, 64)) == 0.0
@@ -110,7 +110,7 @@ class DetachedHistoryAttention:
 
 @pytest.mark.parametrize("store_kind", ["paged", "offloaded"])
 def test_detached_history_drops_the_gradient_into_earlier_chunks(store_kind):
-    model = tiny_model(3)
+    model = tiny_model(3, num_hidden_layers=1)
     B, T, chunk = 2, 80, 32
     idx, targets = masked_batch(3, B, T)
     ref_loss, ref = reference_grads(model, idx, targets, attn=DetachedHistoryAttention(chunk))
