@@ -19,10 +19,9 @@ def test_splits_and_deterministic_batches(tmp_path):
     path.write_bytes(bytes(range(256)) * 40)
     data = TokenData(str(path), val_fraction=0.1)
     assert data.vocab_size == 256 and len(data.splits["val"]) == 1024 and len(data.splits["train"]) == 9216
-    x, y = data.batch("train", 3, 100, seed=[1, 0, 5])
-    x2, _ = data.batch("train", 3, 100, seed=[1, 0, 5])
-    x3, _ = data.batch("train", 3, 100, seed=[1, 0, 6])
-    assert x.shape == y.shape == (3, 100) and (x == x2).all() and not (x == x3).all()
+    b = data.batch("train", 3, 100, seed=[1, 0, 5])
+    x, y, x2, x3 = b.x, b.y, data.batch("train", 3, 100, seed=[1, 0, 5]).x, data.batch("train", 3, 100, seed=[1, 0, 6]).x
+    assert b.doc_start is None and x.shape == y.shape == (3, 100) and (x == x2).all() and not (x == x3).all()
     assert (x[:, 1:] == y[:, :-1]).all() and ((x + 1) % 256 == y).all()  # y is x shifted by one
 
 
