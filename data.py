@@ -89,13 +89,13 @@ def write_tokens(path: str, ids, vocab_size: int):
         json.dump({"dtype": dtype, "vocab_size": int(vocab_size), "num_tokens": int(ids.size)}, f)
 
 
-def check_ids(tokens, vocab_size: int, where: str):
-    """Every id < vocab_size: one vectorised pass over the (memory-mapped) array, no copy."""
+def check_ids(tokens, vocab_size: int, path: str, source: str):
+    """Every id < vocab_size (recorded in `source`): one vectorised pass over the (memory-mapped) array, no copy."""
     largest = int(tokens.max())
     if largest >= vocab_size:
         first = int(np.argmax(tokens >= vocab_size))
-        raise ValueError(f"{where}: token id {largest} is >= the vocab_size {vocab_size} (first such id at index "
-                         f"{first})")
+        raise ValueError(f"{path}: token id {largest} is >= the vocab_size {vocab_size} of {source} (first such id "
+                         f"at index {first})")
 
 
 def load_tokens(path: str | None):
@@ -131,7 +131,7 @@ def load_tokens(path: str | None):
         raise ValueError(f"{path}: {meta_path} records {num_tokens} {dtype} tokens ({num_tokens * itemsize} bytes), "
                          f"the file has {size} bytes")
     tokens = np.memmap(path, dtype=BIN_DTYPES[dtype], mode="r")
-    check_ids(tokens, vocab_size, f"{path} (vocab_size from {meta_path})")
+    check_ids(tokens, vocab_size, path, meta_path)
     return tokens, vocab_size
 
 
@@ -163,10 +163,10 @@ class Corpus:
 
 def byte_documents(src: str) -> Corpus:
     """A directory's files as bytes, each one document (sorted by relative path, hidden and empty files skipped)."""
-    from tokenize_data import DataError, _source_files  # the same listing rules as tokenization
+    from tokenize_data import DataError, source_files  # the same listing rules as tokenization
 
     try:
-        files = _source_files(src)
+        files = source_files(src)
     except DataError as e:
         raise ValueError(str(e)) from None
     docs = [np.fromfile(p, dtype=np.uint8) for p in files]
@@ -177,11 +177,14 @@ def byte_documents(src: str) -> Corpus:
     return Corpus(src, np.concatenate(docs), 256, offsets)
 
 
-def open_corpus(path: str | None, tokenizer_dir: str | None = None, progress: bool = True) -> Corpus:
+PROGRESS_BYTES = 1 << 24  # tokenizing more text than this shows a progress bar (on stderr)
+
+
+def open_corpus(path: str | None, tokenizer_dir: str | None = None) -> Corpus:
     """The Corpus of a --data/--eval-data path (see the module doc). tokenizer_dir: a checkpoint directory holding
     tokenizer.json; with one, text, directories and JSONL are tokenized (cached), and the byte-level default corpus
     is refused (a BPE model would silently train on bytes). Every problem raises ValueError/OSError, one line."""
-    from tokenize_data import DataError, load_corpus, tokenize_corpus
+    from tokenize_data import DataError, source_files, load_corpus, tokenize_corpus
 
     if path is None:
         if tokenizer_dir:
@@ -202,10 +205,11 @@ def open_corpus(path: str | None, tokenizer_dir: str | None = None, progress: bo
         return Corpus(path, tokens, vocab, np.array([0, len(tokens)], np.int64))
     if tokenizer_dir:
         try:
-            c = tokenize_corpus(path, tokenizer_dir, progress=progress)
+            files = [path] if os.path.isfile(path) else source_files(path)
+            c = tokenize_corpus(path, tokenizer_dir, progress=sum(map(os.path.getsize, files)) > PROGRESS_BYTES)
         except DataError as e:
             raise ValueError(str(e)) from None
-        check_ids(c.tokens, c.vocab_size, c.path)  # a reused cache is re-checked too
+        check_ids(c.tokens, c.vocab_size, c.path, c.path + ".json")  # a reused cache is re-checked too
         return Corpus(path, c.tokens, c.vocab_size, c.doc_offsets, c.loss_mask)
     if path.endswith(".jsonl"):
         raise ValueError(f"{path}: JSONL records are tokenized with a checkpoint's tokenizer: --init-from a "

@@ -1,10 +1,12 @@
 """
-PNG plots of a run, rewritten from OUT/log.jsonl at each evaluation:
+PNG plots of a run, rewritten from OUT/log.jsonl at evaluations:
 
     OUT/loss.png              training loss per step, validation loss at each evaluation
     OUT/loss_by_position.png  validation loss by position bucket (evaluation.py), first and latest evaluation
     OUT/throughput.png        tokens/s and peak memory per step
 
+Plotting takes a fraction of a second (more with the first import), so a run plots at an evaluation when PLOT_EVERY_S
+have passed since it last plotted (or started), and always at its last evaluation (train.py).
 matplotlib is imported lazily, through its object-oriented API with the Agg canvas (no pyplot, no global backend,
 no display needed). Without matplotlib a run prints one notice and trains on.
 """
@@ -13,6 +15,7 @@ import importlib.util
 import json
 import os
 
+PLOT_EVERY_S = 30.0
 _notified = False
 
 

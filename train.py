@@ -343,6 +343,7 @@ def run(args, data):
     log = open_log(log_path, start)
     tokens_per_step, step, rates, loss, val_loss = args.seq * args.batch, start, [], float("nan"), None
     mem_label = "mem" if device.type == "cuda" else "rss"  # allocated tensors on a GPU; the whole process on a CPU
+    plotted = time.time()  # OUT/*.png (plots.py): at an evaluation PLOT_EVERY_S after the last, and at the end
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", dynamic_ncols=True)
     try:
         for step in bar:
@@ -373,8 +374,9 @@ def run(args, data):
                 save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if "val_loss" in record:
+            if "val_loss" in record and (step + 1 == args.steps or time.time() - plotted >= plots.PLOT_EVERY_S):
                 plots.write_plots(args.out)
+                plotted = time.time()
             bar.set_postfix({"loss": f"{loss:.4f}", "tok/s": f"{rates[-1]:,.0f}", mem_label: f"{peak:.1f}G"})
             if stop.requested:
                 save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
