@@ -41,7 +41,10 @@ class Part(NamedTuple):
     """A part of a chunk's history as the kernels see it. Pages [num_pages, page_size, Hkv, D]; table [B, n] int32
     or [B, Hkv, cdiv(C, q_block), n] with q_block; the queries sit at (virtual) positions q_start.. of the table,
     which holds kv_len positions (None: q_start + C, the chunk's own K/V last). holds_chunk: the part ends with the
-    chunk's own pages (positions q_start..q_start + C - 1, in every block's table alike); last: no part follows."""
+    chunk's own pages (positions q_start..q_start + C - 1, in every block's table alike); last: no part follows.
+    doc_start (packed documents): int32 [B, C], or [B, Hkv, C] where kv heads' tables differ (sparse), each
+    query's first visible position of this part's table (keys before it belong to earlier documents; a value
+    past the part hides all of it from that query); None: no document mask (the kernels' plain path)."""
     k_pages: torch.Tensor
     v_pages: torch.Tensor
     dk_pages: Optional[torch.Tensor]  # None is fine without grad (stage 1)
@@ -52,6 +55,7 @@ class Part(NamedTuple):
     q_block: Optional[int] = None
     holds_chunk: bool = True
     last: bool = True
+    doc_start: Optional[torch.Tensor] = None
 
 
 class OnePart:
@@ -70,12 +74,13 @@ class TritonKernel:
 
     def forward(self, q, part, scale=None, out=None, merge=False):
         return paged_attention_forward(q, part.k_pages, part.v_pages, part.table, part.q_start, scale,
-                                       kv_len=part.kv_len, out=out, merge=merge, q_block=part.q_block)
+                                       kv_len=part.kv_len, out=out, merge=merge, q_block=part.q_block,
+                                       doc_start=part.doc_start)
 
     def backward(self, do, q, lse, delta, part, scale=None, dq=None):
         return paged_attention_backward(do, q, None, lse, part.k_pages, part.v_pages, part.table, part.q_start,
                                         part.dk_pages, part.dv_pages, scale, kv_len=part.kv_len, delta=delta, dq=dq,
-                                        q_block=part.q_block)
+                                        q_block=part.q_block, doc_start=part.doc_start)
 
 
 class ReferenceKernel:
@@ -84,12 +89,14 @@ class ReferenceKernel:
 
     def forward(self, q, part, scale=None, out=None, merge=False):
         o, lse = paged_attention_reference(q, part.k_pages, part.v_pages, part.table, part.q_start, scale,
-                                           return_lse=True, kv_len=part.kv_len, q_block=part.q_block)
+                                           return_lse=True, kv_len=part.kv_len, q_block=part.q_block,
+                                           doc_start=part.doc_start)
         if out is None:
             return o.to(q.dtype), lse
         if merge:  # o = (o_old e^lse_old + o e^lse) / (e^lse_old + e^lse), in a numerically safe form
             lse_all = torch.logaddexp(out[1], lse)
-            w_old, w_new = (torch.exp(x - lse_all).transpose(1, 2)[..., None] for x in (out[1], lse))
+            shift = lse_all.masked_fill(lse_all == float("-inf"), 0.0)  # rows no part so far shows anything: 0
+            w_old, w_new = (torch.exp(x - shift).transpose(1, 2)[..., None] for x in (out[1], lse))
             o, lse = out[0].float() * w_old + o * w_new, lse_all
         out[0].copy_(o)
         out[1].copy_(lse)
@@ -98,7 +105,8 @@ class ReferenceKernel:
     def backward(self, do, q, lse, delta, part, scale=None, dq=None):
         grad = paged_attention_reference_backward(do, q, lse, delta, part.k_pages, part.v_pages, part.table,
                                                   part.q_start, part.dk_pages, part.dv_pages, scale,
-                                                  kv_len=part.kv_len, q_block=part.q_block)
+                                                  kv_len=part.kv_len, q_block=part.q_block,
+                                                  doc_start=part.doc_start)
         return grad.to(q.dtype) if dq is None else dq.add_(grad)
 
 

@@ -32,6 +32,7 @@ is the exact gradient of that sparse-attention model.
 import torch
 from tqdm import tqdm
 
+from model import check_doc_start, trained_tokens
 from paged_kv import PagedKVStore
 from precision import fp32_gradients
 
@@ -42,10 +43,12 @@ class ChunkAttention:
     but the last; stage 2 finds them stored (same values: recomputation is deterministic) and stores the last
     itself. Idempotent, so recomputing a layer (activation checkpointing) never stores twice.
     keep_outputs (stage 1 of a training step): ask the store to keep the attention outputs, which stage 2 would
-    otherwise recompute (PagedKVStore's output_cache_bytes)."""
+    otherwise recompute (PagedKVStore's output_cache_bytes).
+    doc_start: the chunk's [B, T] document starts (absolute positions; see chunked_step), handed to the store, whose
+    attention then masks every key before a query's document start; None: plain causal attention."""
 
-    def __init__(self, store, start: int, keep_outputs: bool = False):
-        self.store, self.start, self.keep_outputs = store, start, keep_outputs
+    def __init__(self, store, start: int, keep_outputs: bool = False, doc_start=None):
+        self.store, self.start, self.keep_outputs, self.doc_start = store, start, keep_outputs, doc_start
 
     def __call__(self, q, k, v, layer_idx):
         stored = self.store.length(layer_idx)
@@ -54,7 +57,9 @@ class ChunkAttention:
         elif stored != self.start + q.shape[1]:
             raise RuntimeError(f"layer {layer_idx} holds {stored} tokens; chunk [{self.start}, "
                                f"{self.start + q.shape[1]}) needs {self.start} (to store) or its end (stored)")
-        return self.store.attend(layer_idx, q, k, v, keep_output=self.keep_outputs)
+        if self.doc_start is None:  # stores without document masks need not know the argument
+            return self.store.attend(layer_idx, q, k, v, keep_output=self.keep_outputs)
+        return self.store.attend(layer_idx, q, k, v, keep_output=self.keep_outputs, doc_start=self.doc_start)
 
 
 def _chunks(seq_len, chunk_size):
@@ -84,10 +89,10 @@ def _autocast(model, device, compute_dtype):
     return torch.autocast(device.type, dtype=compute_dtype, enabled=enabled, cache_enabled=False)
 
 
-def _check(model, idx, targets, chunk_size, store):
+def _check(model, idx, targets, chunk_size, store, doc_start=None):
     if idx.dim() != 2:
         raise ValueError(f"idx must be [batch, seq_len], got shape {tuple(idx.shape)}")
-    if targets.shape != idx.shape:
+    if targets is not None and targets.shape != idx.shape:
         raise ValueError(f"targets {tuple(targets.shape)} must have idx's shape {tuple(idx.shape)}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -95,22 +100,31 @@ def _check(model, idx, targets, chunk_size, store):
     if page_size and chunk_size % page_size:
         raise ValueError(f"chunk_size {chunk_size} must be a multiple of page_size {page_size}, so that a chunk's "
                          f"pages are its own and stage 2 can release them")
+    check_doc_start(doc_start, idx)
     _base_dtype(model)
 
 
+def _slice(doc_start, s, e):
+    return None if doc_start is None else doc_start[:, s:e]
+
+
 @torch.no_grad()
-def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=None, progress=False):
+def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=None, progress=False,
+            doc_start=None, token_losses=None):
     """Stage 1: append every layer's K/V of idx [B, T] to `store`, chunk by chunk, left to right.
-    With `targets`, also run the head and return the summed token loss (evaluation); without, the last layer stops
-    at its K/V projection and None is returned."""
+    With `targets`, also run the head and return the summed token loss (evaluation; IGNORE_INDEX targets add
+    nothing); without, the last layer stops at its K/V projection and None is returned. token_losses: an fp32
+    [B, T] tensor to write each position's loss into (with targets). doc_start [B, T]: document starts (see
+    chunked_step)."""
     B, T = idx.shape
     last = model.config.num_hidden_layers - 1
     loss_sum = torch.zeros((), device=idx.device)
     for s, e in tqdm(_chunks(T, chunk_size), desc="stage 1", leave=False, disable=not progress):
-        backend = ChunkAttention(store, s, keep_outputs=targets is None)
+        ds = _slice(doc_start, s, e)
+        backend = ChunkAttention(store, s, keep_outputs=targets is None, doc_start=ds)
         with _autocast(model, idx.device, compute_dtype):
             x = model.embed(idx[:, s:e])
-            cos, sin = model.rope(s, e - s, idx.device)
+            cos, sin = model.rope(s, e - s, idx.device, doc_start=ds)
             for i, block in enumerate(model.layers):
                 if i == last and targets is None:
                     _, k, v = block.qkv(x, cos, sin)
@@ -118,42 +132,67 @@ def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=
                 else:
                     x = block(x, cos, sin, backend)
             if targets is not None:
-                loss_sum += model.loss(x, targets[:, s:e])[0]
+                if token_losses is not None:
+                    token_losses[:, s:e] = model.token_losses(x, targets[:, s:e])
+                    loss_sum += token_losses[:, s:e].sum()
+                else:
+                    loss_sum += model.loss(x, targets[:, s:e])[0]
     return loss_sum if targets is not None else None
 
 
 def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dtype=torch.float32, store=None,
-                 checkpoint=False, progress=False) -> float:
+                 checkpoint=False, progress=False, doc_start=None, detach_history=False) -> float:
     """Forward + backward of the mean token loss over idx/targets [B, T]; gradients accumulate into param.grad
     (fp32 parameters) or param.main_grad (bf16 parameters), in fp32 either way.
 
+    The mean is over the trained tokens of the whole batch: targets == IGNORE_INDEX (model.py) carry no loss
+    (prompt spans, padding), and the sum is divided by trained_tokens(targets). A batch with none: loss 0, no
+    gradient added.
     store: a PagedKVStore (or ReferenceKVStore) with room for B x T tokens in every layer; default: a fresh one.
     checkpoint: also recompute each layer inside the chunk (less activation memory, one more forward).
+    doc_start [B, T] int64 (packed documents): the absolute position of each token's document start,
+    nondecreasing along T, doc_start[b, t] <= t. Token t attends to [doc_start[b, t], t] only and its RoPE
+    position is t - doc_start[b, t]. None: one document per row.
+    detach_history: drop the gradient that flows from a chunk's queries into earlier chunks' K/V (each chunk's
+    K/V then get the gradient of their own chunk's queries only): an experiment on what exact KV gradients buy,
+    not the exact gradient.
     Returns the loss (a float)."""
     B, T = idx.shape
     if store is None:
         store = PagedKVStore.for_sequence(model, B, T, page_size, compute_dtype, idx.device)
-    _check(model, idx, targets, chunk_size, store)
+    _check(model, idx, targets, chunk_size, store, doc_start)
+    n_trained = trained_tokens(targets)
     store.reset()  # a step interrupted earlier may have left pages allocated
     chunks = _chunks(T, chunk_size)
     # stage 1 skips the last chunk: nothing after it needs its K/V before stage 2 recomputes (and stores) them
-    fill_kv(model, idx[:, :chunks[-1][0]], store, chunk_size, compute_dtype, progress=progress)
+    s_last = chunks[-1][0]
+    fill_kv(model, idx[:, :s_last], store, chunk_size, compute_dtype, progress=progress,
+            doc_start=_slice(doc_start, 0, s_last))
 
     total = torch.zeros((), device=idx.device)
     with fp32_gradients(model):
         for s, e in tqdm(chunks[::-1], desc="stage 2", leave=False, disable=not progress):
-            total += backward_chunk(model, idx, targets, s, e, store, compute_dtype, checkpoint)
+            total += backward_chunk(model, idx, targets, s, e, store, compute_dtype, checkpoint, n_trained=n_trained,
+                                    doc_start=doc_start, detach_history=detach_history)
     return total.item()
 
 
-def backward_chunk(model, idx, targets, s, e, store, compute_dtype=torch.float32, checkpoint=False):
+def backward_chunk(model, idx, targets, s, e, store, compute_dtype=torch.float32, checkpoint=False, n_trained=None,
+                   doc_start=None, detach_history=False):
     """Stage 2 for the chunk [s, e) of idx/targets [B, T], the store holding every layer's K/V of [0, s) (or of
-    [0, e)): recompute with grad, backward (sum of the chunk's token losses / (B * T)), then release the chunk's
-    pages. Returns the chunk's share of the loss (a detached tensor)."""
-    B, T = idx.shape
+    [0, e)): recompute with grad, backward (sum of the chunk's token losses / n_trained, the trained tokens of the
+    whole idx: trained_tokens(targets) if None), then release the chunk's pages. Returns the chunk's share of the
+    loss (a detached tensor). doc_start, detach_history: see chunked_step (doc_start of the whole idx)."""
+    if n_trained is None:
+        n_trained = trained_tokens(targets)
+    if detach_history:  # what later chunks sent back to this chunk's K/V is dropped: start its gradient at zero
+        for layer in range(model.config.num_hidden_layers):
+            store.clear_grad(layer, s, e)
+    ds = _slice(doc_start, s, e)
     with _autocast(model, idx.device, compute_dtype):
-        x = model.hidden(idx[:, s:e], attn=ChunkAttention(store, s), start_pos=s, checkpoint=checkpoint)
-        loss, dx = model.loss(x, targets[:, s:e], scale=1.0 / (B * T), backward=True)  # the head's backward, sliced
+        x = model.hidden(idx[:, s:e], attn=ChunkAttention(store, s, doc_start=ds), start_pos=s,
+                         checkpoint=checkpoint, doc_start=ds)
+        loss, dx = model.loss(x, targets[:, s:e], scale=1.0 / max(n_trained, 1), backward=True)  # sliced head bwd
     x.backward(dx)
     for layer in range(model.config.num_hidden_layers):
         store.truncate(layer, s)  # the chunk is retired: its K/V and gradient pages go back to the pool
@@ -162,13 +201,43 @@ def backward_chunk(model, idx, targets, s, e, store, compute_dtype=torch.float32
 
 @torch.no_grad()
 def chunked_loss(model, idx, targets, chunk_size=4096, page_size=64, compute_dtype=torch.float32, store=None,
-                 progress=False) -> float:
-    """The mean token loss of idx/targets [B, T] without gradients, chunk by chunk (evaluation at any length)."""
+                 progress=False, doc_start=None) -> float:
+    """The mean token loss of idx/targets [B, T] over its trained tokens (targets != IGNORE_INDEX; 0.0 if none)
+    without gradients, chunk by chunk (evaluation at any length). doc_start: see chunked_step."""
     B, T = idx.shape
     if store is None:
         store = PagedKVStore.for_sequence(model, B, T, page_size, compute_dtype, idx.device)
-    _check(model, idx, targets, chunk_size, store)
+    _check(model, idx, targets, chunk_size, store, doc_start)
+    n_trained = trained_tokens(targets)
     store.reset()
-    loss_sum = fill_kv(model, idx, store, chunk_size, compute_dtype, targets=targets, progress=progress)
+    loss_sum = fill_kv(model, idx, store, chunk_size, compute_dtype, targets=targets, progress=progress,
+                       doc_start=doc_start)
     store.reset()
-    return loss_sum.item() / (B * T)
+    return loss_sum.item() / max(n_trained, 1)
+
+
+@torch.no_grad()
+def chunked_token_losses(model, idx, targets, chunk_size, page_size, compute_dtype=torch.float32, store=None,
+                         doc_start=None) -> torch.Tensor:
+    """The loss of every position, fp32 [B, T] (0 where the target is IGNORE_INDEX), chunk by chunk without
+    gradients: for evaluators that bucket the loss by position. doc_start: see chunked_step."""
+    B, T = idx.shape
+    if store is None:
+        store = PagedKVStore.for_sequence(model, B, T, page_size, compute_dtype, idx.device)
+    _check(model, idx, targets, chunk_size, store, doc_start)
+    out = torch.zeros(B, T, dtype=torch.float32, device=idx.device)
+    store.reset()
+    fill_kv(model, idx, store, chunk_size, compute_dtype, targets=targets, doc_start=doc_start, token_losses=out)
+    store.reset()
+    return out
+
+
+def full_sequence_step(model, idx, targets, checkpoint=False, doc_start=None) -> float:
+    """The full-sequence counterpart of chunked_step (no chunks, no store; call it under the caller's autocast):
+    forward of idx [B, T] with Model.hidden, backward of the mean loss over the trained tokens (IGNORE_INDEX
+    targets excluded; 0 and no gradient if none). Returns the loss (a float)."""
+    check_doc_start(doc_start, idx)
+    x = model.hidden(idx, checkpoint=checkpoint, doc_start=doc_start)
+    loss, dx = model.loss(x, targets, scale=1.0 / max(trained_tokens(targets), 1), backward=True)
+    x.backward(dx)
+    return loss.item()

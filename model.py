@@ -26,7 +26,6 @@ model.safetensors.index.json) without needing transformers; parameter names matc
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass, asdict, fields
 
@@ -165,23 +164,24 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """positions: [T] int -> cos, sin: [T, head_dim] fp32 (the half-split layout HF's Qwen2 uses)."""
+    """positions: [T] (or [B, T]) int -> cos, sin: [T, head_dim] (or [B, T, head_dim]) fp32 (the half-split layout
+    HF's Qwen2 uses)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [T, D]
+    freqs = positions.float()[..., None] * inv_freq  # [..., T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [..., T, D]
     return emb.cos(), emb.sin()
 
 
 def _rotate(x, cos, sin):
-    """x: [B, T, heads, D]; cos/sin: [T, D]. Rotates pairs (i, i + D/2): the plain-PyTorch RoPE (the CPU path and
-    the reference of kernels/layer_ops.py's)."""
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    """x: [B, T, heads, D]; cos/sin: [T, D] or [B, T, D]. Rotates pairs (i, i + D/2): the plain-PyTorch RoPE (the
+    CPU path and the reference of kernels/layer_ops.py's)."""
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, T, heads, D]; cos/sin: [T, D] fp32 (rope_cos_sin). Rotates pairs (i, i + D/2). The fused kernel saves
+    """x: [B, T, heads, D]; cos/sin: [T, D] or, per batch row, [B, T, D] fp32 (rope_cos_sin). Rotates pairs (i, i + D/2). The fused kernel saves
     nothing for backward (the gradient is the inverse rotation); autograd through _rotate saves x and its rotated
     half."""
     half = x.shape[-1] // 2
@@ -190,13 +190,41 @@ def apply_rope(x, cos, sin):
     return _rotate(x, cos, sin)
 
 
+def check_doc_start(doc_start, idx):
+    """Raise ValueError unless doc_start is None or a valid [B, T] integer tensor of document starts for idx
+    [B, T]: nondecreasing along T, 0 <= doc_start[b, t] <= t (positions relative to idx's first token)."""
+    if doc_start is None:
+        return
+    if not isinstance(doc_start, torch.Tensor) or doc_start.shape != idx.shape or doc_start.is_floating_point():
+        raise ValueError(f"doc_start must be an integer tensor of idx's shape {tuple(idx.shape)}, got "
+                         f"{getattr(doc_start, 'dtype', type(doc_start))} {tuple(getattr(doc_start, 'shape', ()))}")
+    t = torch.arange(idx.shape[1], device=doc_start.device)
+    ok = (doc_start >= 0).all() & (doc_start <= t).all() & (doc_start[:, 1:] >= doc_start[:, :-1]).all()
+    if not ok:
+        raise ValueError("doc_start must be nondecreasing along the sequence with 0 <= doc_start[b, t] <= t")
+
+
+def doc_mask(doc_start, start_pos: int = 0):
+    """The block-diagonal causal mask [B, 1, T, T] bool of document starts doc_start [B, T] (absolute positions of
+    tokens start_pos..): query i sees key j iff doc_start[b, i] <= start_pos + j <= start_pos + i."""
+    T = doc_start.shape[1]
+    pos = start_pos + torch.arange(T, device=doc_start.device)
+    return ((pos[None, None, :] >= doc_start[:, :, None]) & (pos[None, None, :] <= pos[None, :, None]))[:, None]
+
+
 class DenseAttention:
-    """The default attention backend: causal attention over the q/k/v given, via SDPA (GQA handled natively)."""
+    """The default attention backend: causal attention over the q/k/v given, via SDPA (GQA handled natively).
+    doc_start [B, T] (absolute positions of tokens start_pos..): block-diagonal causal, each token seeing only its
+    own document (packed sequences)."""
+
+    def __init__(self, doc_start=None, start_pos: int = 0):
+        self.mask = None if doc_start is None else doc_mask(doc_start, start_pos)
 
     def __call__(self, q, k, v, layer_idx):
         # SDPA wants [B, heads, T, D]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
+                                           attn_mask=self.mask, is_causal=self.mask is None,
+                                           enable_gqa=q.shape[2] != k.shape[2])
         return o.transpose(1, 2)
 
 
@@ -259,6 +287,17 @@ class Block(nn.Module):
 # ------------------------------------------------------------------------------------------------ model
 
 
+# targets equal to IGNORE_INDEX carry no loss (prompt tokens, padding): Model.loss skips them (cross_entropy's own
+# ignore_index), and every training path divides by the number of trained tokens (trained_tokens) instead of B * T.
+IGNORE_INDEX = -100
+
+
+def trained_tokens(targets) -> int:
+    """How many positions of targets [B, T] carry a loss (targets != IGNORE_INDEX): the denominator of the mean
+    token loss. One host sync."""
+    return int((targets != IGNORE_INDEX).sum())
+
+
 # Model.loss works on slices of this many logits (1 GiB in fp32, about 4 GiB with the slice's other temporaries).
 # Each slice's LM-head weight gradient is one more pass over that gradient (2.2 GB in fp32 for 7B): halving the
 # slice made a 7B 16K step 1% slower (bench/RESULTS.md).
@@ -292,9 +331,13 @@ class Model(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
-    def rope(self, start_pos: int, length: int, device):
-        """cos, sin for absolute positions [start_pos, start_pos + length)."""
+    def rope(self, start_pos: int, length: int, device, doc_start=None):
+        """cos, sin [length, D] for absolute positions [start_pos, start_pos + length), or with document starts
+        doc_start [B, length] (absolute positions), [B, length, D] for positions counted from each token's
+        document start."""
         positions = torch.arange(start_pos, start_pos + length, device=device)
+        if doc_start is not None:
+            positions = positions - doc_start
         return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
 
     def embed(self, idx):
@@ -304,14 +347,17 @@ class Model(nn.Module):
         """Final norm + LM head: hidden states [B, T, hidden] -> logits [B, T, vocab]."""
         return self.lm_head(self.model.norm(x))
 
-    def hidden(self, idx, attn=None, start_pos: int = 0, checkpoint: bool = False):
+    def hidden(self, idx, attn=None, start_pos: int = 0, checkpoint: bool = False, doc_start=None):
         """idx: [B, T] token ids at positions [start_pos, start_pos + T) -> the last layer's output [B, T, hidden].
 
         attn: the attention backend (default: DenseAttention, causal over this call's tokens alone).
-        checkpoint: recompute each block in backward instead of storing its activations (full-sequence baseline)."""
-        attn = attn if attn is not None else DenseAttention()
+        checkpoint: recompute each block in backward instead of storing its activations (full-sequence baseline).
+        doc_start [B, T] int (packed documents): the absolute position of each token's document start; RoPE
+        positions restart at each document, and the default backend masks block-diagonally (a given backend
+        must mask by itself: chunk_train.ChunkAttention takes the same doc_start)."""
+        attn = attn if attn is not None else DenseAttention(doc_start, start_pos)
         x = self.embed(idx)
-        cos, sin = self.rope(start_pos, idx.shape[1], idx.device)
+        cos, sin = self.rope(start_pos, idx.shape[1], idx.device, doc_start)
         for block in self.layers:
             if checkpoint and torch.is_grad_enabled():
                 x = activation_checkpoint(block, x, cos, sin, attn, use_reentrant=False)
@@ -319,13 +365,14 @@ class Model(nn.Module):
                 x = block(x, cos, sin, attn)
         return x
 
-    def forward(self, idx, attn=None, start_pos: int = 0, checkpoint: bool = False):
+    def forward(self, idx, attn=None, start_pos: int = 0, checkpoint: bool = False, doc_start=None):
         """idx: [B, T] -> logits [B, T, vocab]; see hidden() for the arguments."""
-        return self.head(self.hidden(idx, attn, start_pos, checkpoint))
+        return self.head(self.hidden(idx, attn, start_pos, checkpoint, doc_start))
 
     def loss(self, x, targets, scale: float = 1.0, backward: bool = False):
         """scale * (sum of the token cross-entropies) of hidden states x [B, T, hidden] (hidden()'s output) against
-        targets [B, T], a slice of positions at a time, so that only one slice's logits exist: [slice, vocab] instead
+        targets [B, T] - positions whose target is IGNORE_INDEX add nothing -, so scale = 1 / trained_tokens(targets)
+        of the whole sequence gives its mean token loss (chunk_train passes each chunk that scale), a slice of positions at a time, so that only one slice's logits exist: [slice, vocab] instead
         of [B * T, vocab] in bf16, in fp32 and their fp32 gradient (1.8 MB per token for a 152K vocabulary).
 
         backward=True also backpropagates each slice through the final norm and the LM head right away: their
@@ -343,7 +390,8 @@ class Model(nn.Module):
             xs = x[:, a:a + step].detach().requires_grad_(backward)
             with torch.set_grad_enabled(backward):
                 logits = self.head(xs).float().flatten(0, 1)
-                loss = F.cross_entropy(logits, targets[:, a:a + step].flatten(), reduction="sum") * scale
+                loss = F.cross_entropy(logits, targets[:, a:a + step].flatten(), reduction="sum",
+                                       ignore_index=IGNORE_INDEX) * scale
             del logits
             if backward:
                 with torch.autocast(x.device.type, enabled=False):
@@ -351,6 +399,21 @@ class Model(nn.Module):
                 dx[:, a:a + step] = xs.grad
             total += loss.detach()
         return total, dx
+
+    @torch.no_grad()
+    def token_losses(self, x, targets):
+        """The cross-entropy of each position, fp32 [B, T], of hidden states x [B, T, hidden] against targets
+        [B, T] (0 where the target is IGNORE_INDEX), a slice of positions at a time like loss(). Evaluation."""
+        if targets.shape != x.shape[:2]:
+            raise ValueError(f"targets {tuple(targets.shape)} must be x's [B, T] = {tuple(x.shape[:2])}")
+        B, T = targets.shape
+        step = max(1, LOSS_SLICE_LOGITS // (B * self.config.vocab_size))
+        out = torch.empty(B, T, dtype=torch.float32, device=x.device)
+        for a in range(0, T, step):
+            logits = self.head(x[:, a:a + step]).float()  # [B, slice, vocab]
+            out[:, a:a + step] = F.cross_entropy(logits.transpose(1, 2), targets[:, a:a + step], reduction="none",
+                                                 ignore_index=IGNORE_INDEX)
+        return out
 
     # -------------------------------------------------------------------------------------------- HF checkpoints
 

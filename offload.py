@@ -62,7 +62,7 @@ from attention import Part, attend, default_kernel
 from offload_plan import dense_ranges, sparse_split
 from paged_kv import to_device
 from pinned_pool import PinnedPagePool
-from sparse_attn import PageSelector
+from sparse_attn import PageSelector, doc_positions
 
 NUM_BUFFERS = 3  # GPU cache buffers: one computing, one loading, one writing back
 
@@ -204,11 +204,11 @@ class _Call:
     """The attention seam's view of one (layer, chunk) call (attention.History): its parts, streamed."""
     chunk_kv_in_pages = False  # the parts get the chunk's k, v copied in: the backward keeps them
 
-    def __init__(self, store, layer, start):
-        self.store, self.layer, self.start = store, layer, start
+    def __init__(self, store, layer, start, doc_start=None):
+        self.store, self.layer, self.start, self.doc_start = store, layer, start, doc_start
 
     def parts(self, q, k, v, backward):
-        return self.store._attention_parts(self.layer, self.start, q, k, v, backward)
+        return self.store._attention_parts(self.layer, self.start, q, k, v, backward, self.doc_start)
 
 
 class OffloadedKVStore:
@@ -248,6 +248,7 @@ class OffloadedKVStore:
                                      host=True) if sparse else None
         self.device_tables = [torch.empty(batch, 0, dtype=torch.int32, device=device)] * num_layers
         self.sparse_plans = {}  # (layer, start) -> its selection's split, with device tables; recent calls only
+        self.doc_first = (None, 0)  # (chunk start, the first page its documents reach): dense calls skip the rest
 
     @classmethod
     def for_sequence(cls, model, batch, seq_len, page_size, dtype, device, cache_tokens=65536,
@@ -291,10 +292,20 @@ class OffloadedKVStore:
         self.device_tables[layer] = self.device_tables[layer][:, :keep]
         self.lengths[layer] = min(self.lengths[layer], length)
         self.versions[layer] += 1
+        if self.doc_first[0] is not None and self.doc_first[0] >= length:  # that chunk is gone (a new step)
+            self.doc_first = (None, 0)
         if self.selector is not None:
             self.selector.truncate(layer, length)
             for key in [key for key in self.sparse_plans if key[0] == layer and key[1] >= length]:
                 del self.sparse_plans[key]
+
+    def clear_grad(self, layer, start, end):
+        """Zero the dK/dV accumulated for the layer's positions [start, min(end, length)) (whole pages from start,
+        a page boundary): they are marked never written back, so the next load zero-fills them on the GPU."""
+        first, last = start // self.page_size, math.ceil(min(end, self.lengths[layer]) / self.page_size)
+        for table in self.tables[layer]:
+            self.pool.dirty[table[first:last]] = False
+        self.versions[layer] += 1  # a buffer loaded before holds the old gradients
 
     def append(self, layer, k, v):
         """k, v: [B, T, Hkv, D] on the GPU -> new host pages at positions [length, length + T), copied on d2h."""
@@ -339,7 +350,8 @@ class OffloadedKVStore:
                 return None
             return [BufferLoad(layer, backward, version, p.rows, (start, p.columns), p.own, table, p.shares_next,
                                j + 1 == len(plan)) for j, (p, table) in enumerate(plan)]
-        ranges = dense_ranges(history, own, self.cache_pages)
+        first = self.doc_first[1] if self.doc_first[0] == start else 0
+        ranges = dense_ranges(history, own, self.cache_pages, first)
         return [BufferLoad(layer, backward, version, [np.arange(a, b)] * self.batch, (a, b),
                            own if b > history else 0, last=j + 1 == len(ranges)) for j, (a, b) in enumerate(ranges)]
 
@@ -351,7 +363,8 @@ class OffloadedKVStore:
             sel = self.selector.selections.get(layer, {}).get(start)
             if sel is None:
                 return None
-            parts = sparse_split(sel.numpy(), start // self.page_size, own, self.cache_pages)
+            # none-entries (-1, packed documents) read page 0, hidden by the document mask
+            parts = sparse_split(np.maximum(sel.numpy(), 0), start // self.page_size, own, self.cache_pages)
             self.sparse_plans[key] = [(p, to_device(torch.from_numpy(p.slots), self.device)) for p in parts]
             while len(self.sparse_plans) > 2 * self.num_layers + 2:  # forget the oldest
                 del self.sparse_plans[next(iter(self.sparse_plans))]
@@ -389,7 +402,7 @@ class OffloadedKVStore:
 
     # ------------------------------------------------------------------------------------------ attention
 
-    def _attention_parts(self, layer, start, q, k, v, backward):
+    def _attention_parts(self, layer, start, q, k, v, backward, doc_start=None):
         """The seam's parts (attention.Part) of the call, one per loaded buffer. Dense: a range of positions before
         the chunk's queries, the last one followed by the chunk itself (causal). Sparse: each block's table lists
         its selected pages in the part's columns (buffer slots), all visible - virtual q_start = columns x
@@ -401,24 +414,35 @@ class OffloadedKVStore:
                     for b in range(q.shape[0]):
                         first = b * self.cache_pages + len(load.history_rows(b))
                         dst[first:first + load.own].flatten(0, 1)[:C] = src[b]
+            doc = None
             if load.table is None:
                 n = len(load.rows[0])
                 q_start, table, q_block = start - int(load.rows[0][0]) * ps, buf.table[:, :n], None
                 kv_len = q_start + C if load.own else n * ps
+                if doc_start is not None:  # the part's positions start at its first page
+                    doc = (doc_start - int(load.rows[0][0]) * ps).clamp(min=0)
             else:
                 q_start, table, q_block = (load.table.shape[3] - load.own) * ps, load.table, self.selector.q_block
                 kv_len = q_start + C if load.own else q_start
+                if doc_start is not None:  # in the positions of each block's table: the part's columns (+ own)
+                    c0, c1 = load.name[1]
+                    sel = self.selector.selections[layer][start][..., c0:c1].to(self.device)
+                    doc = doc_positions(sel, doc_start, start, ps, q_block, own=bool(load.own))
             yield Part(buf.k, buf.v, buf.dk, buf.dv, table, q_start, kv_len, q_block, holds_chunk=bool(load.own),
-                       last=load.last)
+                       last=load.last, doc_start=doc)
 
-    def attend(self, layer, q, k, v, keep_output=False):
+    def attend(self, layer, q, k, v, keep_output=False, doc_start=None):
         """The chunk's attention over the layer's offloaded history (attention.attend over the streamed parts).
-        keep_output is PagedKVStore's; outputs are not kept here (GPU memory is what offloading saves)."""
+        keep_output is PagedKVStore's; outputs are not kept here (GPU memory is what offloading saves).
+        doc_start [B, C]: the queries' document starts (absolute positions); pages before the chunk's earliest
+        one are not loaded."""
         C = q.shape[1]
         if math.ceil(C / self.page_size) > self.cache_pages:  # the chunk's pages share a buffer with history
             raise ValueError(f"a chunk of {C} tokens does not fit the page cache's buffers of "
                              f"{self.cache_pages * self.page_size} tokens: raise cache_tokens or lower the chunk")
         start = self.lengths[layer] - C
         if self.selector is not None:  # made (stage 1) or found (stage 2) before the parts are known
-            self.selector.selection(layer, q, self.device_tables[layer], start)
-        return attend(_Call(self, layer, start), q, k, v, self.kernel)
+            self.selector.selection(layer, q, self.device_tables[layer], start, doc_start)
+        if doc_start is not None and self.doc_first[0] != start:  # one host sync per chunk, not per layer
+            self.doc_first = (start, int(doc_start[:, 0].min()) // self.page_size)
+        return attend(_Call(self, layer, start, doc_start), q, k, v, self.kernel)

@@ -43,11 +43,13 @@ def runs(pages, flags=None) -> list[Run]:
     return [Run(*r) for r in zip(starts.tolist(), p[starts].tolist(), counts.tolist(), f.tolist())]
 
 
-def dense_ranges(history, own, cap) -> list[tuple[int, int]]:
-    """Logical page ranges [a, b) of a dense call over `history` pages then `own` pages, in buffers of `cap` pages:
-    buffer-sized ranges, the last one the last cap - own history pages and the own pages."""
-    last = max(0, history - (cap - own))
-    return [(a, min(a + cap, last)) for a in range(0, last, cap)] + [(last, history + own)]
+def dense_ranges(history, own, cap, first=0) -> list[tuple[int, int]]:
+    """Logical page ranges [a, b) of a dense call over history pages first..history-1 (pages before `first` are
+    not read: packed documents that start later) then `own` pages, in buffers of `cap` pages: buffer-sized
+    ranges, the last one the last cap - own history pages and the own pages."""
+    first = min(first, history)
+    last = max(first, history - (cap - own))
+    return [(a, min(a + cap, last)) for a in range(first, last, cap)] + [(last, history + own)]
 
 
 class SparsePart(NamedTuple):

@@ -21,6 +21,8 @@ The interface chunk_train.py uses:
                                            Backward adds history gradients into the store and returns the chunk's
                                            dk/dv *including* what later chunks accumulated for it.
     store.truncate(layer, length)          drop positions >= length (frees their pages)
+    store.clear_grad(layer, start, end)    zero the gradient accumulated for positions [start, end), start at a
+                                           page boundary (chunked_step's detach_history)
 
 With sparse=SparseConfig(...) attention is page-level sparse (sparse_attn.py): each block of queries reads only
 its selected history pages and its own chunk. kernel=: the attention kernel (attention.py: Triton, or the
@@ -34,7 +36,7 @@ import torch
 from attention import OnePart, Part, default_kernel
 from kept_outputs import KeptOutputs
 from kernels.paged_reference import paged_attention_reference
-from sparse_attn import PageSelector
+from sparse_attn import PageSelector, doc_positions
 
 
 class OutOfPages(RuntimeError):
@@ -169,17 +171,30 @@ class PagedKVStore:
             self.selector.truncate(layer, length)
         self.kept_outputs.forget_from(layer, length)  # they attended over positions that are gone
 
-    def attend(self, layer, q, k, v, keep_output=False):
+    def clear_grad(self, layer, start, end):
+        """Zero the dK/dV accumulated for the layer's positions [start, min(end, length)) (start a multiple of
+        page_size; the pages are the chunk's own, so whole pages are zeroed)."""
+        first, last = start // self.page_size, math.ceil(min(end, self.lengths[layer]) / self.page_size)
+        if last > first:
+            pages = self._device_tables[layer][:, first:last].flatten().long()
+            self.dk.index_fill_(0, pages, 0.0)
+            self.dv.index_fill_(0, pages, 0.0)
+
+    def attend(self, layer, q, k, v, keep_output=False, doc_start=None):
         """The chunk's attention over the layer's pages: one part (attention.py), the whole pool seen through the
         layer's table, or with sparse attention through a table per kv head and query block. keep_output: keep the
         output (without grad, within output_cache_bytes) for a later attend of the same queries over the same
-        positions, which then skips the forward kernels."""
+        positions, which then skips the forward kernels. doc_start [B, C]: the queries' document starts
+        (absolute positions; see chunk_train.chunked_step), hiding every earlier position."""
         start = self.lengths[layer] - q.shape[1]  # the chunk's first position
-        table, q_start, q_block = self.page_table(layer), start, None
+        table, q_start, q_block, doc = self.page_table(layer), start, None, doc_start
         if self.selector is not None:
-            table, q_start = self.selector.page_table(layer, q, table, start)  # per kv head and query block
+            table, q_start = self.selector.page_table(layer, q, table, start, doc_start)  # per kv head and block
             q_block = self.selector.q_block
-        history = OnePart(Part(self.k, self.v, self.dk, self.dv, table, q_start, q_block=q_block))
+            if doc_start is not None:  # in the positions of each block's table
+                doc = doc_positions(self.selector.selections[layer][start], doc_start, start, self.page_size,
+                                    q_block)
+        history = OnePart(Part(self.k, self.v, self.dk, self.dv, table, q_start, q_block=q_block, doc_start=doc))
         return self.kept_outputs.attend((layer, start, q.shape[1]), history, q, k, v, self.kernel, keep=keep_output)
 
 
@@ -230,7 +245,11 @@ class ReferenceKVStore:
     def truncate(self, layer, length):
         self.lengths[layer] = min(self.lengths[layer], length)
 
-    def attend(self, layer, q, k, v, keep_output=False):  # keep_output: PagedKVStore's option, ignored here
+    def clear_grad(self, layer, start, end):
+        self.dk[layer][:, start:end] = 0
+        self.dv[layer][:, start:end] = 0
+
+    def attend(self, layer, q, k, v, keep_output=False, doc_start=None):  # keep_output: PagedKVStore's, ignored
         end = self.lengths[layer]
         start = end - q.shape[1]
         # history: constants whose gradient is routed into the fp32 buffers by a hook
@@ -245,5 +264,5 @@ class ReferenceKVStore:
         v_all = torch.cat([v_hist, v.float()], dim=1)
         # the reference kernel takes pages: view the contiguous buffer as one page per batch element
         table = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)[:, None]
-        o = paged_attention_reference(q.float(), k_all, v_all, table, start)
+        o = paged_attention_reference(q.float(), k_all, v_all, table, start, doc_start=doc_start)
         return o.to(q.dtype)

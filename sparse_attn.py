@@ -25,6 +25,12 @@ Scores come from a summary per page and kv head, written when the page is writte
 With a budget covering the whole history every page is selected and attention is dense (and exact), whatever the
 rule.
 
+Packed documents (doc_start, chunk_train.py): a block never selects a page that lies wholly before its first
+query's document start; the budget is spent among the pages from that document's first page on, the sink pages are
+that document's first pages, and the recent pages are kept when they are in it. Where fewer pages are eligible than
+a block's table has columns, the rest are -1 (none): the kernels' table reads the sequence's first page there,
+which the document mask hides (doc_positions gives every query's first visible position in its block's table).
+
 Selection is not differentiable and must be the same in the no-grad stage 1 pass and the stage 2 recomputation, or
 the gradient would belong to a different function: stage 1 stores each (layer, chunk) selection and stage 2 reuses
 it (the chunk stage 1 skips, the last, is selected once in stage 2). The selected pages become a page table per
@@ -184,57 +190,86 @@ class PageSelector:
         summaries = self.rule.summarize(k, counts)  # [B, n, Hkv, *summary_shape]
         self.summaries[pages.flatten().long()] = summaries.flatten(0, 1).to(self.summaries.dtype)
 
-    def selection(self, layer, q, table, start):
+    def selection(self, layer, q, table, start, doc_start=None):
         """The history pages chunk [start, start + C) of `layer` attends to, [B, Hkv, n_blocks, n] int32 logical
         page indices (see select): chosen by the first call for a (layer, chunk) - stage 1, or stage 2 for the
         last chunk - and stored; later calls return the stored choice, whatever q they pass. On the GPU, or with
         host=True in host memory (offload.py reads it there to know which pages to fetch)."""
         stored = self.selections.setdefault(layer, {})
         if start not in stored:
-            sel = self.select(q, table, start).to(torch.int32)
+            sel = self.select(q, table, start, doc_start).to(torch.int32)
             stored[start] = sel.cpu() if self.host else sel
         if self.log is not None:
-            fresh = self.select(q, table, start).to(torch.int32)
+            fresh = self.select(q, table, start, doc_start).to(torch.int32)
             self.log.append(SelectionCall(layer, start, stored[start], fresh.cpu() if self.host else fresh))
         return stored[start]
 
-    def page_table(self, layer, q, table, start):
+    def page_table(self, layer, q, table, start, doc_start=None):
         """(4-D int32 page table [B, Hkv, n_blocks, n_selected + own pages], virtual q_start) for the kernels:
         each block's selected history pages, then the chunk's own pages, which therefore start at virtual
         position n_selected * page_size. q [B, C, H, D]: the chunk's queries (post-RoPE); table [B, >= its
-        pages] int32: the layer's page table. Built once per (layer, chunk), like the selection."""
-        sel = self.selection(layer, q, table, start)
+        pages] int32: the layer's page table. Built once per (layer, chunk), like the selection. doc_start [B, C]:
+        the queries' document starts (absolute positions); none-entries (-1) read logical page 0."""
+        sel = self.selection(layer, q, table, start, doc_start)
         tables = self.kernel_tables.setdefault(layer, {})
         if start not in tables:
             first, last = start // self.page_size, math.ceil((start + q.shape[1]) / self.page_size)
             rows = table[:, None, None, :].expand(*sel.shape[:3], table.shape[1])
-            tables[start] = torch.cat([torch.gather(rows, 3, sel.long()), rows[..., first:last]], dim=3)
+            tables[start] = torch.cat([torch.gather(rows, 3, sel.long().clamp(min=0)), rows[..., first:last]], dim=3)
         return tables[start], sel.shape[3] * self.page_size
 
-    def select(self, q, table, start):
+    def select(self, q, table, start, doc_start=None):
         """The history pages chunk [start, start + C) attends to, per (batch row, kv head, block of q_block
         queries): [B, Hkv, cdiv(C, q_block), min(n_select, start // page_size)] int64 logical page indices,
-        ascending."""
+        ascending. doc_start [B, C] (absolute document starts of the chunk's queries): only pages that reach into
+        the document of the block's first query are eligible, -1 (first) where fewer are than columns."""
         B, C, H, D = q.shape
         Hkv = self.summaries.shape[1]
         history, nb = start // self.page_size, math.ceil(C / self.q_block)
+        pages = torch.arange(history, device=q.device)
+        if doc_start is not None:  # the first eligible page of each block: its first query's document's first
+            first = (doc_start[:, ::self.q_block] // self.page_size)[:, None, :, None]  # [B, 1, nb, 1]
+            eligible = pages >= first  # [B, 1, nb, history]
         if history <= self.n_select:  # everything fits the budget: dense
-            return torch.arange(history, device=q.device).expand(B, Hkv, nb, history)
+            sel = pages.expand(B, Hkv, nb, history)
+            if doc_start is not None:
+                sel = torch.where(eligible, sel, -1).sort(-1).values
+            return sel
         pad = nb * self.q_block - C
         blocks = torch.nn.functional.pad(q.detach().float(), (0, 0, 0, 0, 0, pad)).view(B, nb, self.q_block, Hkv,
                                                                                           H // Hkv, D)
         counts = (C - torch.arange(nb, device=q.device) * self.q_block).clamp(max=self.q_block)
         summaries = self.summaries[table[:, :history].long()].float()  # [B, P, Hkv, *summary_shape]
         scores = self.rule.score(blocks, counts, summaries)  # [B, Hkv, nb, P]
-        scores[..., :self.sink] = float("inf")  # always kept
-        scores[..., history - self.recent:] = float("inf")
-        return scores.topk(self.n_select, dim=-1, sorted=False).indices.sort(-1).values
+        if doc_start is None:
+            scores[..., :self.sink] = float("inf")  # always kept
+            scores[..., history - self.recent:] = float("inf")
+            return scores.topk(self.n_select, dim=-1, sorted=False).indices.sort(-1).values
+        keep = (pages < first + self.sink) | (pages >= history - self.recent)  # the document's first pages, recent
+        scores = scores.masked_fill(keep, float("inf")).masked_fill(~eligible, float("-inf"))
+        top = scores.topk(self.n_select, dim=-1, sorted=False)
+        return torch.where(top.values == float("-inf"), -1, top.indices).sort(-1).values
 
     def truncate(self, layer, length):
         """Forget the selections of chunks starting at or after `length` (they were retired)."""
         for stored in (self.selections.get(layer, {}), self.kernel_tables.get(layer, {})):
             for start in [start for start in stored if start >= length]:
                 del stored[start]
+
+
+def doc_positions(selection, doc_start, start, page_size, q_block, own=True):
+    """Each query's first visible position in its block's 4-D page table: selection [B, Hkv, nb, n] logical
+    history pages (ascending, -1 read as page 0), doc_start [B, C] absolute document starts of the chunk
+    [start, start + C) -> int32 [B, Hkv, C]: the positions of the table's pages that lie before the document
+    start, plus, with own (the chunk's own pages follow the selected ones), those of the chunk before it."""
+    B, C = doc_start.shape
+    blocks = torch.arange(C, device=doc_start.device) // q_block
+    pages = selection.long().clamp(min=0)[:, :, blocks]  # [B, Hkv, C, n]
+    ds = doc_start.long()[:, None, :]  # [B, 1, C]
+    before = (ds[..., None] - pages * page_size).clamp(0, page_size).sum(-1)  # [B, Hkv, C]
+    if own:
+        before = before + (ds - start).clamp(min=0)
+    return before.to(torch.int32)
 
 
 def sparse_attention_reference(q, k, v, selections, page_size, q_block, scale=None):

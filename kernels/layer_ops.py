@@ -295,17 +295,21 @@ def _rope_kernel(X, COS, SIN, Y, n_rows, n_heads, seq_len, sin_sign,
 
 
 def rope_rotate(x, cos, sin, inverse=False):
-    """x [B, T, heads, D] contiguous, cos/sin [T, D] fp32 -> x rotated (by the negated angles if inverse)."""
+    """x [B, T, heads, D] contiguous, cos/sin [T, D] (shared by the batch rows) or [B, T, D] (per row: positions
+    restarting at packed documents) fp32 -> x rotated (by the negated angles if inverse)."""
     _check("x", x)
     if x.dim() != 4 or x.shape[-1] % 2 or x.shape[-1] // 2 & (x.shape[-1] // 2 - 1):
         raise ValueError(f"x must be [B, T, heads, D] with D/2 a power of two, got {tuple(x.shape)}")
     B, T, H, D = x.shape
-    _check("cos", cos, (T, D), torch.float32, x.device)
-    _check("sin", sin, (T, D), torch.float32, x.device)
+    shape = (B, T, D) if cos.dim() == 3 else (T, D)
+    _check("cos", cos, shape, torch.float32, x.device)
+    _check("sin", sin, shape, torch.float32, x.device)
     y = torch.empty_like(x)
     rows = B * T * H
     block_r = _rows_per_program(rows, D // 2, 4096)
-    _rope_kernel[(triton.cdiv(rows, block_r),)](x, cos, sin, y, rows, H, T, -1.0 if inverse else 1.0,
+    # row r of x is (b, t) = divmod(r // H, T): a [T, D] table is read at t, a [B, T, D] one at b * T + t
+    n_pos = T if cos.dim() == 2 else B * T
+    _rope_kernel[(triton.cdiv(rows, block_r),)](x, cos, sin, y, rows, H, n_pos, -1.0 if inverse else 1.0,
                                                 HALF=D // 2, BLOCK_R=block_r)
     return y
 

@@ -122,24 +122,30 @@ def _load_kv(K, V, rows, n0, kv_len, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.c
 
 
 @triton.jit
-def _visible(n0, q_pos, kv_len, BLOCK_N: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] mask: kv position n0 + j exists (< kv_len) and is causal for query row i."""
+def _visible(n0, q_pos, kv_len, doc_lo, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] mask: kv position n0 + j exists (< kv_len) and is causal for query row i, and with
+    HAS_DOC is in its document (>= doc_lo[i])."""
     n = (n0 + tl.arange(0, BLOCK_N))[None, :]
-    return (n <= q_pos[:, None]) & (n < kv_len)
+    ok = (n <= q_pos[:, None]) & (n < kv_len)
+    if HAS_DOC:
+        ok = ok & (n >= doc_lo[:, None])
+    return ok
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk_scale,
+def _fwd_inner(acc, m_i, l_i, q, q_pos, doc_lo, K, V, pt_row, offs_d, lo, hi, kv_len, qk_scale,
                stride_page, stride_tok, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+               MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr):
     """Online softmax over kv tiles lo..hi. m_i, l_i: running max / sum in base 2 [BLOCK_M]."""
     for n0 in range(lo, hi, BLOCK_N):
         rows = _page_rows(pt_row, n0, kv_len, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
         k, v = _load_kv(K, V, rows, n0, kv_len, offs_d, BLOCK_N, MASKED)
         s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        if MASKED:  # only tiles that cross the diagonal (or kv_len) pay for the mask
-            s = tl.where(_visible(n0, q_pos, kv_len, BLOCK_N), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: kv position 0 is visible to every row
+        if MASKED:  # only tiles that cross the diagonal, kv_len or a document start pay for the mask
+            s = tl.where(_visible(n0, q_pos, kv_len, doc_lo, BLOCK_N, HAS_DOC), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite without documents: kv position 0 is visible to every row
+        if HAS_DOC:  # a row may have seen nothing yet (its document starts later): shift by 0, so p = alpha = 0
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -150,15 +156,19 @@ def _fwd_inner(acc, m_i, l_i, q, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk
 
 @triton.jit
 def _query_tile(q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb, stride_pth,
-                stride_ptq, N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                stride_ptq, DOC, stride_db, stride_dh, N_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_DOC: tl.constexpr):
     """What a program of the query-tiled kernels (forward, dq) works on: row bh = b * N_HEADS + h
     of [B, H, C]; query rows offs_m, their mask and element offsets in [B, C, H, D]; absolute
     positions; the kv head's offset in the pages; the page table row of (batch row, kv head,
     block of Q_BLOCK queries) - strides 0 for the kv head and block when all share one -; and the kv loop
     bounds. Tiles [0, n_full) lie entirely at or before the tile's first query and below kv_len
     (no mask needed);
-    tiles [n_full, hi) cross the diagonal; hi is one past the tile's last visible position."""
+    tiles [n_full, hi) cross the diagonal; hi is one past the tile's last visible position.
+    With HAS_DOC, DOC (strides stride_db, stride_dh) holds each row's first visible position: the loop starts at
+    lo, the tile holding the tile's smallest one (nothing before it is read), and tiles [lo, mid), up to the one
+    holding its largest, are masked too. Without, lo = mid = 0."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = bh // N_HEADS, bh % N_HEADS
@@ -169,39 +179,64 @@ def _query_tile(q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh,
     n_full = tl.minimum((q_start + m0 + 1) // BLOCK_N, kv_len // BLOCK_N) * BLOCK_N
     hi = tl.minimum(kv_len, q_start + m0 + BLOCK_M)
     pt_row = PT + b * stride_ptb + (h // GROUP) * stride_pth + (m0 // Q_BLOCK) * stride_ptq
-    return bh, offs_m, offs_d, row_ok, q_offs, q_start + offs_m, (h // GROUP) * stride_kvh, pt_row, n_full, hi
+    if HAS_DOC:
+        doc_lo = tl.load(DOC + b * stride_db + (h // GROUP) * stride_dh + offs_m, mask=row_ok, other=0)
+        lo = tl.min(tl.where(row_ok, doc_lo, kv_len), 0) // BLOCK_N * BLOCK_N
+        mid = tl.minimum(tl.maximum((tl.max(doc_lo, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo), n_full)
+    else:
+        doc_lo = offs_m  # unused
+        lo = n_full * 0
+        mid = n_full * 0
+    return (bh, offs_m, offs_d, row_ok, q_offs, q_start + offs_m, (h // GROUP) * stride_kvh, pt_row, n_full, hi,
+            doc_lo, lo, mid)
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, PT, q_start, C, kv_len, qk_scale,
+def _fwd_kernel(Q, K, V, O, LSE, PT, DOC, q_start, C, kv_len, qk_scale,
                 stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb, stride_pth, stride_ptq,
+                stride_db, stride_dh,
                 N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                 Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, MERGE: tl.constexpr):
+                DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, MERGE: tl.constexpr, HAS_DOC: tl.constexpr):
     # grid: (cdiv(C, BLOCK_M), B * N_HEADS); one program = one query tile of one (b, h).
     # MERGE: O/LSE already hold the attention over other kv positions (a disjoint part of the
     # history); combine: o = (o_old * 2^lse_old + o_new * 2^lse_new) / 2^lse, lse = log2-sum.
-    bh, offs_m, offs_d, row_ok, q_offs, q_pos, kv_off, pt_row, n_full, hi = _query_tile(
+    bh, offs_m, offs_d, row_ok, q_offs, q_pos, kv_off, pt_row, n_full, hi, doc_lo, lo, mid = _query_tile(
         q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb, stride_pth, stride_ptq,
-        N_HEADS, GROUP, HEAD_DIM, Q_BLOCK, BLOCK_M, BLOCK_N)
+        DOC, stride_db, stride_dh, N_HEADS, GROUP, HEAD_DIM, Q_BLOCK, BLOCK_M, BLOCK_N, HAS_DOC)
     q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, 0, n_full,
-                               kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, n_full, hi,
-                               kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True, DOT_PREC, UPCAST)
-    o = acc / l_i[:, None]
+    if HAS_DOC:  # tiles [lo, mid) hold some row's document start: masked
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_pos, doc_lo, K + kv_off, V + kv_off, pt_row, offs_d, lo, mid,
+                                   kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True, DOT_PREC,
+                                   UPCAST, HAS_DOC)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_pos, doc_lo, K + kv_off, V + kv_off, pt_row, offs_d, mid, n_full,
+                               kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST,
+                               HAS_DOC)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_pos, doc_lo, K + kv_off, V + kv_off, pt_row, offs_d,
+                               tl.maximum(n_full, lo), hi, kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE,
+                               BLOCK_N, True, DOT_PREC, UPCAST, HAS_DOC)
+    if HAS_DOC:  # a row that saw nothing of this part: o = 0, lse = -inf
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    else:
+        o = acc / l_i[:, None]
     lse2 = m_i + tl.log2(l_i)
     if MERGE:
         lse2_old = tl.load(LSE + bh * C + offs_m, mask=row_ok, other=0.0) * _LOG2E
         o_old = tl.load(O + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
         m = tl.maximum(lse2, lse2_old)
+        if HAS_DOC:  # neither part shows the row anything (both lse -inf): weights 0, o stays 0
+            m = tl.where(m == float("-inf"), 0.0, m)
         w_new, w_old = tl.exp2(lse2 - m), tl.exp2(lse2_old - m)
-        o = (o * w_new[:, None] + o_old * w_old[:, None]) / (w_new + w_old)[:, None]
-        lse2 = m + tl.log2(w_new + w_old)
+        w_sum = w_new + w_old
+        if HAS_DOC:
+            o = (o * w_new[:, None] + o_old * w_old[:, None]) / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+        else:
+            o = (o * w_new[:, None] + o_old * w_old[:, None]) / w_sum[:, None]
+        lse2 = m + tl.log2(w_sum)
     tl.store(O + q_offs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + bh * C + offs_m, lse2 * _LN2, mask=row_ok)  # natural log
 
@@ -270,6 +305,22 @@ def _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len, q_block):
     return q_start, kv_len
 
 
+def _doc_args(doc_start, q, n_kv_heads):
+    """(tensor, batch stride, kv-head stride) of a part's document starts for the kernels: int32 [B, C] (every
+    kv head alike: stride 0) or [B, Hkv, C]; without, q as a placeholder the kernels never read."""
+    if doc_start is None:
+        return q, 0, 0
+    B, C = q.shape[:2]
+    if not isinstance(doc_start, torch.Tensor) or doc_start.is_floating_point() or doc_start.shape not in (
+            (B, C), (B, n_kv_heads, C)):
+        raise ValueError(f"doc_start must be an integer tensor [B, C] = {[B, C]} or [B, n_kv_heads, C], got "
+                         f"{getattr(doc_start, 'dtype', type(doc_start))} {tuple(getattr(doc_start, 'shape', ()))}")
+    if doc_start.device != q.device:
+        raise ValueError(f"doc_start is on {doc_start.device} but q is on {q.device}")
+    doc = doc_start.to(torch.int32).contiguous()
+    return doc, doc.stride(0), (doc.stride(1) if doc.dim() == 3 else 0)
+
+
 def _table_strides(page_table):
     """(batch, kv head, query block) strides of a page table; a 2-D table is one row per batch element."""
     if page_table.dim() == 2:
@@ -298,7 +349,7 @@ def _check_out(name, t, shape, dtypes, device):
 
 
 def paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale=None, kv_len=None, out=None,
-                            merge=False, q_block=None):
+                            merge=False, q_block=None, doc_start=None):
     """Causal attention of q [B, C, H, D] (positions q_start..) over kv positions 0..kv_len-1
     of the paged K/V (default kv_len = q_start + C: the chunk's own K/V are the last C).
     Returns o [B, C, H, D] (q.dtype) and lse [B, H, C] fp32 (natural log).
@@ -310,7 +361,11 @@ def paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale=None
 
     Attention over a long history can be split into disjoint parts, each a call with its own
     page table: out=(o, lse) writes into given tensors (o in fp32 for a split), and merge=True
-    combines this part with what they hold (the previous parts) by their log-sum-exps."""
+    combines this part with what they hold (the previous parts) by their log-sum-exps.
+
+    doc_start (packed documents): int32 [B, C] or [B, n_kv_heads, C], each query's first visible position of the
+    table (>= 0); positions before it are neither visible nor, where a whole query tile's documents start later,
+    read. A row that sees nothing of this call gets o = 0 and lse = -inf (merged away by a later part)."""
     q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len, q_block)
     B, C, H, D = q.shape
     page_size, n_kv_heads = k_pages.shape[1], k_pages.shape[2]
@@ -325,14 +380,15 @@ def paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale=None
         _check_out("out[0] (o)", o, q.shape, _DTYPES, q.device)
         _check_out("out[1] (lse)", lse, (B, H, C), (torch.float32,), q.device)
     q_block = q_block if page_table.dim() == 4 else None
+    doc, stride_db, stride_dh = _doc_args(doc_start, q, n_kv_heads)
     bm, bn, warps, stages = _tiles("fwd", D, page_size, q.dtype, q.device, q_block)
     prec, upcast = _dot_flags(q.dtype)
     _fwd_kernel[(triton.cdiv(C, bm), B * H)](
-        q, k_pages, v_pages, o, lse, page_table, q_start, C, kv_len, scale * LOG2E,
+        q, k_pages, v_pages, o, lse, page_table, doc, q_start, C, kv_len, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        *_table_strides(page_table), N_HEADS=H, GROUP=H // n_kv_heads, HEAD_DIM=D, PAGE_SIZE=page_size,
-        Q_BLOCK=q_block or bm, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, UPCAST=upcast, MERGE=bool(merge),
-        num_warps=warps, num_stages=stages)
+        *_table_strides(page_table), stride_db, stride_dh, N_HEADS=H, GROUP=H // n_kv_heads, HEAD_DIM=D,
+        PAGE_SIZE=page_size, Q_BLOCK=q_block or bm, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec, UPCAST=upcast,
+        MERGE=bool(merge), HAS_DOC=doc_start is not None, num_warps=warps, num_stages=stages)
     return o, lse
 
 

@@ -14,23 +14,24 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention import (_DTYPES, _LOG2E, LOG2E, _check_inputs, _check_out, _dot_flags, _load_kv, _mm,
-                                     _page_rows, _query_tile, _table_strides, _tiles, _visible, softmax_delta)
+from kernels.paged_attention import (_DTYPES, _LOG2E, LOG2E, _check_inputs, _check_out, _doc_args, _dot_flags,
+                                     _load_kv, _mm, _page_rows, _query_tile, _table_strides, _tiles, _visible,
+                                     softmax_delta)
 
 # ----------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, q_pos, K, V, pt_row, offs_d, lo, hi, kv_len, qk_scale,
+def _dq_inner(dq, q, do, lse2, delta, q_pos, doc_lo, K, V, pt_row, offs_d, lo, hi, kv_len, qk_scale,
               stride_page, stride_tok, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+              MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr):
     """dq += dS @ K over kv tiles lo..hi, with P recomputed from the saved lse (base 2)."""
     for n0 in range(lo, hi, BLOCK_N):
         rows = _page_rows(pt_row, n0, kv_len, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
         k, v = _load_kv(K, V, rows, n0, kv_len, offs_d, BLOCK_N, MASKED)
         p = tl.exp2(_mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         if MASKED:
-            p = tl.where(_visible(n0, q_pos, kv_len, BLOCK_N), p, 0.0)
+            p = tl.where(_visible(n0, q_pos, kv_len, doc_lo, BLOCK_N, HAS_DOC), p, 0.0)
         dp = _mm(do, tl.trans(v), DOT_PREC, UPCAST)  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])  # softmax backward: dS = P * (dP - rowsum(dO * O))
         dq += _mm(ds.to(k.dtype), k, DOT_PREC, UPCAST)
@@ -38,16 +39,17 @@ def _dq_inner(dq, q, do, lse2, delta, q_pos, K, V, pt_row, offs_d, lo, hi, kv_le
 
 
 @triton.jit
-def _dq_kernel(Q, DO, DQ, LSE, DELTA, K, V, PT, q_start, C, kv_len, qk_scale, sm_scale,
+def _dq_kernel(Q, DO, DQ, LSE, DELTA, K, V, PT, DOC, q_start, C, kv_len, qk_scale, sm_scale,
                stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh, stride_ptb, stride_pth, stride_ptq,
+               stride_db, stride_dh,
                N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr):
+               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_DOC: tl.constexpr):
     # grid: (cdiv(C, BLOCK_M), B * N_HEADS); same tiling and kv loop bounds as _fwd_kernel.
     # ACCUMULATE: DQ (fp32) += this part's dq, for attention split over disjoint kv parts.
-    bh, offs_m, offs_d, row_ok, q_offs, q_pos, kv_off, pt_row, n_full, hi = _query_tile(
+    bh, offs_m, offs_d, row_ok, q_offs, q_pos, kv_off, pt_row, n_full, hi, doc_lo, lo, mid = _query_tile(
         q_start, C, kv_len, stride_qb, stride_qm, stride_qh, stride_kvh, PT, stride_ptb, stride_pth, stride_ptq,
-        N_HEADS, GROUP, HEAD_DIM, Q_BLOCK, BLOCK_M, BLOCK_N)
+        DOC, stride_db, stride_dh, N_HEADS, GROUP, HEAD_DIM, Q_BLOCK, BLOCK_M, BLOCK_N, HAS_DOC)
     q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
     do = tl.load(DO + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
     lse2 = tl.load(LSE + bh * C + offs_m, mask=row_ok, other=0.0) * _LOG2E  # [BLOCK_M]
@@ -60,19 +62,25 @@ def _dq_kernel(Q, DO, DQ, LSE, DELTA, K, V, PT, q_start, C, kv_len, qk_scale, sm
         dq = tl.load(DQ + q_offs, mask=row_ok[:, None], other=0.0) / sm_scale
     else:
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, 0, n_full, kv_len,
-                   qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST)
-    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, K + kv_off, V + kv_off, pt_row, offs_d, n_full, hi, kv_len,
-                   qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True, DOT_PREC, UPCAST)
+    if HAS_DOC:  # tiles [lo, mid) hold some row's document start (see _query_tile)
+        dq = _dq_inner(dq, q, do, lse2, delta, q_pos, doc_lo, K + kv_off, V + kv_off, pt_row, offs_d, lo, mid,
+                       kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True, DOT_PREC, UPCAST, HAS_DOC)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, doc_lo, K + kv_off, V + kv_off, pt_row, offs_d, mid, n_full,
+                   kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, False, DOT_PREC, UPCAST, HAS_DOC)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, doc_lo, K + kv_off, V + kv_off, pt_row, offs_d,
+                   tl.maximum(n_full, lo), hi, kv_len, qk_scale, stride_page, stride_tok, PAGE_SIZE, BLOCK_N, True,
+                   DOT_PREC, UPCAST, HAS_DOC)
     dq = dq * sm_scale
     tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, lo, hi, q_start, C, qk_scale, stride_qm, offs_d,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, DOC, lo, hi, q_start, C, qk_scale, stride_qm, offs_d,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                HAS_DOC: tl.constexpr):
     """One query head's contribution to a resident kv tile, over query tiles lo..hi.
-    Q, DO point at (b, h) of [B, C, H, D]; LSE, DELTA at row (b, h) of [B, H, C].
+    Q, DO point at (b, h) of [B, C, H, D]; LSE, DELTA at row (b, h) of [B, H, C]; DOC (HAS_DOC) at the queries'
+    first visible positions of (b, kv head), positions kv_pos being in the same coordinates.
     Works on transposed scores sT [BLOCK_N, BLOCK_M] so dk/dv come out as [BLOCK_N, D]."""
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -85,7 +93,10 @@ def _dkdv_inner(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, lo, hi, q_start, C, qk_
         delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
         pT = tl.exp2(_mm(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
         if MASKED:
-            pT = tl.where(kv_pos[:, None] <= (q_start + offs_m)[None, :], pT, 0.0)
+            ok = kv_pos[:, None] <= (q_start + offs_m)[None, :]
+            if HAS_DOC:
+                ok = ok & (kv_pos[:, None] >= tl.load(DOC + offs_m, mask=row_ok, other=0)[None, :])
+            pT = tl.where(ok, pT, 0.0)
         dv += _mm(pT.to(do.dtype), do, DOT_PREC, UPCAST)
         dsT = pT * (_mm(v, tl.trans(do), DOT_PREC, UPCAST) - delta[None, :])
         dk += _mm(dsT.to(q.dtype), q, DOT_PREC, UPCAST)
@@ -93,12 +104,12 @@ def _dkdv_inner(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, lo, hi, q_start, C, qk_
 
 
 @triton.jit
-def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, q_start, C, kv_len, n_pool,
-                 qk_scale, sm_scale, stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh,
-                 stride_gpage, stride_gtok, stride_gkvh, stride_ptb,
+def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, DOC, COLS, QEND, q_start, C, kv_len,
+                 n_pool, qk_scale, sm_scale, stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh,
+                 stride_gpage, stride_gtok, stride_gkvh, stride_ptb, stride_db, stride_dh, n_tiles,
                  N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPARSE: tl.constexpr):
+                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPARSE: tl.constexpr, HAS_DOC: tl.constexpr):
     # One program = one kv tile of one (b, kv head). It is the only writer of its rows of dk/dv pages, so no
     # atomics and a fixed summation order.
     # Dense (grid (cdiv(kv_len, BLOCK_N), B * N_KV_HEADS)): the tile at positions n0.. of the batch row's page
@@ -108,6 +119,10 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, q_
     #   selection; QBLOCKS [n] the selecting block of each entry, RUN_END [n] one past the last entry with the same
     #   key. The first entry of each run owns the page's tile and loops over the run's blocks, whose queries all
     #   see the whole page; programs of the other entries do no work and write nothing.
+    # HAS_DOC (packed documents): DOC [B, (Hkv,) C] each query's first visible position of the table; a sparse
+    #   entry's page sits at positions COLS[j] * PAGE_SIZE.. of its block's table, and every tile is masked. Dense:
+    #   QEND [B * N_KV_HEADS, n_tiles] counts the queries whose documents start at or before the tile's end
+    #   (doc starts are nondecreasing), so the loop over query tiles stops there.
     offs_d = tl.arange(0, HEAD_DIM)
     if SPARSE:
         i = tl.program_id(0)
@@ -143,17 +158,29 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, q_
         h = kvh * GROUP + g
         q_base = b.to(tl.int64) * stride_qb + h * stride_qh
         row = (b * (N_KV_HEADS * GROUP) + h) * C
+        doc = DOC + b * stride_db + kvh * stride_dh
         if SPARSE:
             for j in range(i, run_end):  # the blocks that selected this page, in increasing order
                 m0 = tl.load(QBLOCKS + j) * Q_BLOCK
-                dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m0,
+                if HAS_DOC:  # the page's positions in this block's table
+                    pos = tl.load(COLS + j) * PAGE_SIZE + kv_pos
+                else:
+                    pos = kv_pos
+                dk, dv = _dkdv_inner(dk, dv, k, v, pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m0,
                                      tl.minimum(m0 + Q_BLOCK, C), q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M,
-                                     False, DOT_PREC, UPCAST)
+                                     HAS_DOC, DOT_PREC, UPCAST, HAS_DOC)
+        elif HAS_DOC:
+            q_end = tl.load(QEND + bk * n_tiles + tl.program_id(0)).to(tl.int32)
+            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m_lo,
+                                 q_end, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST,
+                                 HAS_DOC)
         else:
-            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m_lo,
-                                 m_mid, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST)
-            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, m_mid, C,
-                                 q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, False, DOT_PREC, UPCAST)
+            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m_lo,
+                                 m_mid, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST,
+                                 HAS_DOC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m_mid,
+                                 C, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, False, DOT_PREC, UPCAST,
+                                 HAS_DOC)
     # read-modify-write (+=) of this tile's rows of the gradient pages, summed in fp32
     offs = grows[:, None] + kvh * stride_gkvh + offs_d[None, :]
     ok = ok[:, None]
@@ -170,18 +197,19 @@ def selection_index(history_table, n_pool):
     """The inverse of a sparse selection, for the dK/dV kernel: which query blocks read each history page.
     history_table [B, n_kv_heads, n_blocks, n] int32 physical pages (no page twice in a row) ->
     keys [B * n_kv_heads * n_blocks * n] int64 = (b * n_kv_heads + kv head) * n_pool + page, sorted; the block of
-    each entry; and one past the last entry with the same key. Built on the device without a host sync."""
+    each entry; one past the last entry with the same key; and the entry's column (the page's place in its
+    block's table). Built on the device without a host sync."""
     B, Hkv, nb, n = history_table.shape
     bk = torch.arange(B * Hkv, device=history_table.device).view(B, Hkv, 1, 1)
     keys = (bk * n_pool + history_table.long()).flatten()
     keys, order = torch.sort(keys, stable=True)  # stable: blocks in increasing order within a page's run
     blocks = (order // n % nb).to(torch.int32)
     run_end = torch.searchsorted(keys, keys, right=True)
-    return keys, blocks, run_end
+    return keys, blocks, run_end, (order % n).to(torch.int32)
 
 
 def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages,
-                             scale=None, kv_len=None, delta=None, dq=None, q_block=None):
+                             scale=None, kv_len=None, delta=None, dq=None, q_block=None, doc_start=None):
     """Backward of paged_attention_forward. Returns dq (q.dtype, q's shape) and ADDS the
     gradients of kv positions 0..kv_len-1 into dk_pages / dv_pages in place (fp32, or bf16
     pages with the sum formed in fp32). With a 4-D (sparse) page table, each history page gets the
@@ -189,7 +217,8 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
 
     For attention split into parts (see the forward): lse is the merged one, delta
     ([B, H, C] fp32, rowsum(do * o) of the merged o; computed from o if None) is shared by the
-    parts, and a given fp32 dq is accumulated into (+=) and returned."""
+    parts, and a given fp32 dq is accumulated into (+=) and returned. doc_start: as in the forward (each query
+    sees no position of the table before its entry)."""
     q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len, q_block)
     B, C, H, D = q.shape
     page_size, n_kv_heads = k_pages.shape[1], k_pages.shape[2]
@@ -219,12 +248,15 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
     prec, upcast = _dot_flags(q.dtype)
     common = dict(HEAD_DIM=D, PAGE_SIZE=page_size, DOT_PREC=prec, UPCAST=upcast)
 
+    doc, stride_db, stride_dh = _doc_args(doc_start, q, n_kv_heads)
+    has_doc = doc_start is not None
     bm, bn, warps, stages = _tiles("dq", D, page_size, q.dtype, q.device, q_block)
     _dq_kernel[(triton.cdiv(C, bm), B * H)](
-        q, do, dq, lse, delta, k_pages, v_pages, page_table, q_start, C, kv_len, scale * LOG2E, scale,
+        q, do, dq, lse, delta, k_pages, v_pages, page_table, doc, q_start, C, kv_len, scale * LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        *_table_strides(page_table), N_HEADS=H, GROUP=H // n_kv_heads, Q_BLOCK=q_block or bm, BLOCK_M=bm,
-        BLOCK_N=bn, **common, ACCUMULATE=accumulate, num_warps=warps, num_stages=stages)
+        *_table_strides(page_table), stride_db, stride_dh, N_HEADS=H, GROUP=H // n_kv_heads,
+        Q_BLOCK=q_block or bm, BLOCK_M=bm, BLOCK_N=bn, **common, ACCUMULATE=accumulate, HAS_DOC=has_doc,
+        num_warps=warps, num_stages=stages)
 
     bm, bn, warps, stages = _tiles("dkdv", D, page_size, q.dtype, q.device, q_block)
     strides = (q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
@@ -232,16 +264,25 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
     kv_args = (q, do, lse, delta, k_pages, v_pages, dk_pages, dv_pages)
     n_hist = q_start // page_size if sparse else 0
     if n_hist:  # the selected history pages, each by the blocks that chose it
-        keys, blocks, run_end = selection_index(page_table[..., :n_hist], k_pages.shape[0])
+        keys, blocks, run_end, cols = selection_index(page_table[..., :n_hist], k_pages.shape[0])
         bn_page = min(bn, page_size)  # a program owns (a part of) one selected page
         _dkdv_kernel[(keys.numel(), page_size // bn_page)](
-            *kv_args, page_table, keys, blocks, run_end, q_start, C, kv_len, k_pages.shape[0], scale * LOG2E,
-            scale, *strides, 0, N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads, Q_BLOCK=q_block, BLOCK_M=bm,
-            BLOCK_N=bn_page, **common, SPARSE=True, num_warps=warps, num_stages=stages)
+            *kv_args, page_table, keys, blocks, run_end, doc, cols, keys, q_start, C, kv_len, k_pages.shape[0],
+            scale * LOG2E, scale, *strides, 0, stride_db, stride_dh, 0, N_KV_HEADS=n_kv_heads,
+            GROUP=H // n_kv_heads, Q_BLOCK=q_block, BLOCK_M=bm, BLOCK_N=bn_page, **common, SPARSE=True,
+            HAS_DOC=has_doc, num_warps=warps, num_stages=stages)
     if kv_len > n_hist * page_size:  # dense: the whole table, or a sparse table's own chunk pages (causal)
         table = page_table[:, 0, 0, n_hist:] if sparse else page_table
-        _dkdv_kernel[(triton.cdiv(kv_len - n_hist * page_size, bn), B * n_kv_heads)](
-            *kv_args, table, table, table, table, q_start - n_hist * page_size, C, kv_len - n_hist * page_size, 1,
-            scale * LOG2E, scale, *strides, table.stride(0), N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads,
-            Q_BLOCK=bm, BLOCK_M=bm, BLOCK_N=bn, **common, SPARSE=False, num_warps=warps, num_stages=stages)
+        shift, tiles = n_hist * page_size, triton.cdiv(kv_len - n_hist * page_size, bn)
+        doc_own, q_end = doc, table
+        if has_doc:  # positions of the own pages' table; the queries that may see each kv tile
+            doc_own = (doc - shift).clamp_(min=0).view(B, -1, C).expand(B, n_kv_heads, C).contiguous()
+            tile_last = (torch.arange(tiles, device=q.device, dtype=torch.int32) * bn + bn - 1).expand(
+                B, n_kv_heads, tiles).contiguous()
+            q_end = torch.searchsorted(doc_own, tile_last, right=True).to(torch.int32)  # [B, Hkv, tiles]
+        _dkdv_kernel[(tiles, B * n_kv_heads)](
+            *kv_args, table, table, table, table, doc_own, table, q_end, q_start - shift, C, kv_len - shift, 1,
+            scale * LOG2E, scale, *strides, table.stride(0), *((C * n_kv_heads, C) if has_doc else (0, 0)), tiles,
+            N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads, Q_BLOCK=bm, BLOCK_M=bm, BLOCK_N=bn, **common,
+            SPARSE=False, HAS_DOC=has_doc, num_warps=warps, num_stages=stages)
     return dq

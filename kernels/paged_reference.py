@@ -41,16 +41,27 @@ def _kv_index(page_table, kv_len, page_size, n_kv_heads, device):
     return phys, kv_pos % page_size, torch.arange(n_kv_heads, device=device)[None, :, None, None]
 
 
-def _scores(q, k, q_start, q_block, scale):
+def _doc_rows(doc_start, B, C):
+    """A part's per-query first visible (virtual) kv position, [B, C] or [B, Hkv, C] -> long [B, Hkv|1, C]."""
+    return doc_start.long().view(B, -1, C)
+
+
+def _scores(q, k, q_start, q_block, scale, doc_start=None):
     """Masked scaled scores [B, Hkv, group, nb, q_block, L] fp32 of q [B, C, H, D] against k [B, Hkv, nb, L, D],
-    and q as [B, nb, q_block, Hkv, group, D] (rows past C are zero padding)."""
+    and q as [B, nb, q_block, Hkv, group, D] (rows past C are zero padding). doc_start [B, (Hkv,) C]: also hide
+    the positions before each query's document start."""
     B, C, H, D = q.shape
     Hkv, nb, L = k.shape[1], k.shape[2], k.shape[3]
     pad = nb * q_block - C
     qb = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, pad)).view(B, nb, q_block, Hkv, H // Hkv, D)
     s = torch.einsum("bnikgd,bknld->bkgnil", qb, k) * scale
     q_pos = q_start + torch.arange(nb * q_block, device=q.device).view(nb, q_block)
-    return s.masked_fill(torch.arange(L, device=q.device) > q_pos[..., None], float("-inf")), qb
+    cols = torch.arange(L, device=q.device)
+    s = s.masked_fill(cols > q_pos[..., None], float("-inf"))
+    if doc_start is not None:
+        lo = torch.nn.functional.pad(_doc_rows(doc_start, B, C), (0, pad))  # [B, Hkv|1, nb * q_block]
+        s = s.masked_fill(cols < lo.view(B, -1, 1, nb, q_block, 1), float("-inf"))
+    return s, qb
 
 
 def _dense_kv(pages, page_table, kv_len):
@@ -76,26 +87,30 @@ def _rows_as_heads(t, C):
     return t.view(B, Hkv, GC // C, C, D).permute(0, 3, 1, 2, 4).reshape(B, C, Hkv * (GC // C), D)
 
 
-def _dense_scores(qs, k, C, q_start):
+def _dense_scores(qs, k, C, q_start, doc_start=None):
     """Masked scores [B, Hkv, G*C, L] of pre-scaled rows qs [B, Hkv, G*C, D] against k [B, Hkv, L, D]: key position
-    j is hidden from query i (position q_start + i) where j > q_start + i (one in-place masked_fill_)."""
+    j is hidden from query i (position q_start + i) where j > q_start + i (one in-place masked_fill_), and with
+    doc_start [B, (Hkv,) C] where j < doc_start[.., i] (packed documents)."""
     s = qs @ k.transpose(-1, -2)
     B, Hkv, GC, L = s.shape
     if L > q_start + 1:  # positions 0..q_start are visible to every query: mask only the columns after them
         cols = torch.arange(q_start + 1, L, device=k.device)
         hidden = cols > (q_start + torch.arange(C, device=k.device))[:, None]  # [C, L - q_start - 1]
         s.view(B, Hkv, GC // C, C, L)[..., q_start + 1:].masked_fill_(hidden, float("-inf"))
+    if doc_start is not None:
+        before = torch.arange(L, device=k.device) < _doc_rows(doc_start, B, C)[:, :, None, :, None]  # [B,Hkv|1,1,C,L]
+        s.view(B, Hkv, GC // C, C, L).masked_fill_(before, float("-inf"))
     return s
 
 
-def _dense_forward(q, k_pages, v_pages, page_table, q_start, scale, kv_len):
+def _dense_forward(q, k_pages, v_pages, page_table, q_start, scale, kv_len, doc_start=None):
     """o [B, C, H, D] fp32 and lse [B, H, C] for a 2-D table: lse = logsumexp(s) and p = exp(s - lse) from one
     exp (s - max, exponentiated in place), o = p @ v. A row with no visible position gets o = 0, lse = -inf."""
     B, C, H, D = q.shape
     Hkv = k_pages.shape[2]
     k, _ = _dense_kv(k_pages, page_table, kv_len)  # [B, Hkv, L, D]
     v, _ = _dense_kv(v_pages, page_table, kv_len)
-    s = _dense_scores(_heads_as_rows(q, Hkv) * scale, k, C, q_start)  # [B, Hkv, G*C, L]
+    s = _dense_scores(_heads_as_rows(q, Hkv) * scale, k, C, q_start, doc_start)  # [B, Hkv, G*C, L]
     # Under autograd (the tests differentiate through this function) the same steps out of place; the shift m is
     # a constant either way (lse = m + log(sum(exp(s - m))) does not depend on it).
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_pages, v_pages))
@@ -109,7 +124,8 @@ def _dense_forward(q, k_pages, v_pages, page_table, q_start, scale, kv_len):
     return _rows_as_heads(p @ v, C), lse
 
 
-def _dense_backward(do, q, lse, delta, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages, scale, kv_len):
+def _dense_backward(do, q, lse, delta, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages, scale, kv_len,
+                    doc_start=None):
     """paged_attention_reference_backward for a 2-D table: s recomputed, p = exp(s - lse), dS = p * (dP - delta)
     in place; dq = dS @ k * scale, dk = dS^T @ (q * scale), dv = p^T @ do; each kv position read once, so the
     page add is one indexed read-add-write per page tensor (sum in fp32, rounded once)."""
@@ -121,7 +137,7 @@ def _dense_backward(do, q, lse, delta, k_pages, v_pages, page_table, q_start, dk
     dog = _heads_as_rows(do, Hkv)
     lse = lse.float().reshape(B, Hkv, -1, 1)  # [B, Hkv, G*C, 1]
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # rows with nothing visible: p = 0
-    p = _dense_scores(qs, k, C, q_start).sub_(lse).exp_()  # [B, Hkv, G*C, L], 0 where masked
+    p = _dense_scores(qs, k, C, q_start, doc_start).sub_(lse).exp_()  # [B, Hkv, G*C, L], 0 where masked
     ds = (dog @ v.transpose(-1, -2)).sub_(delta.float().reshape(B, Hkv, -1, 1)).mul_(p)  # dP -> dS in place
     dq = _rows_as_heads((ds @ k).mul_(scale), C)
     dk = ds.transpose(-1, -2) @ qs  # [B, Hkv, L, D]
@@ -144,28 +160,32 @@ def _blocked(t, nb, q_block, Hkv, pad_value):
 
 
 def paged_attention_reference(q, k_pages, v_pages, page_table, q_start, scale=None, return_lse=False, kv_len=None,
-                              q_block=None):
+                              q_block=None, doc_start=None):
     """o [B, C, H, D] fp32 (and natural-log lse [B, H, C]), for 2-D page tables and 4-D ones (one per kv head and
     block of q_block queries; see paged_attention_forward). Query i of the chunk (position q_start + i) sees the
-    positions p < kv_len of its block's table with p <= q_start + i."""
+    positions p < kv_len of its block's table with p <= q_start + i, and with doc_start ([B, C] or [B, Hkv, C]
+    int, positions of the table) p >= doc_start[b, (kv head,) i]. A row that sees nothing gets o = 0,
+    lse = -inf."""
     B, C, H, D = q.shape
     kv_len = q_start + C if kv_len is None else kv_len
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if page_table.dim() == 2:
-        o, lse = _dense_forward(q, k_pages, v_pages, page_table, q_start, scale, kv_len)
+        o, lse = _dense_forward(q, k_pages, v_pages, page_table, q_start, scale, kv_len, doc_start)
         return (o, lse) if return_lse else o
     page_table, q_block = _per_block(q, page_table, q_block)
     idx = _kv_index(page_table, kv_len, k_pages.shape[1], k_pages.shape[2], q.device)
     k, v = k_pages[idx].float(), v_pages[idx].float()  # [B, Hkv, nb, L, D]
-    s, _ = _scores(q, k, q_start, q_block, scale)  # [B, Hkv, group, nb, q_block, L]
+    s, _ = _scores(q, k, q_start, q_block, scale, doc_start)  # [B, Hkv, group, nb, q_block, L]
     nb = s.shape[3]
-    o = torch.einsum("bkgnil,bknld->bnikgd", torch.softmax(s, dim=-1), v).reshape(B, nb * q_block, H, D)[:, :C]
-    lse = torch.logsumexp(s, dim=-1).reshape(B, H, nb * q_block)[..., :C]
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), float("inf")))  # a row seeing nothing: p = 0
+    o = torch.einsum("bkgnil,bknld->bnikgd", p, v).reshape(B, nb * q_block, H, D)[:, :C]
+    lse = lse.reshape(B, H, nb * q_block)[..., :C]
     return (o, lse) if return_lse else o
 
 
 def paged_attention_reference_backward(do, q, lse, delta, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages,
-                                       scale=None, kv_len=None, q_block=None):
+                                       scale=None, kv_len=None, q_block=None, doc_start=None):
     """The kernels' backward in plain fp32 PyTorch, for attention split into parts: with the merged lse and
     delta = rowsum(do * o) ([B, H, C] fp32) of all parts, P = exp(scale * q.k - lse) is this part's share of the
     softmax and dS = P * (dP - delta). Returns dq [B, C, H, D] fp32 and ADDS dK/dV of the positions 0..kv_len-1
@@ -177,11 +197,11 @@ def paged_attention_reference_backward(do, q, lse, delta, k_pages, v_pages, page
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if page_table.dim() == 2:
         return _dense_backward(do, q, lse, delta, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages, scale,
-                               kv_len)
+                               kv_len, doc_start)
     page_table, q_block = _per_block(q, page_table, q_block)
     idx = _kv_index(page_table, kv_len, k_pages.shape[1], Hkv, q.device)
     k, v = k_pages[idx].float(), v_pages[idx].float()  # [B, Hkv, nb, L, D]
-    s, qb = _scores(q, k, q_start, q_block, scale)
+    s, qb = _scores(q, k, q_start, q_block, scale, doc_start)
     nb = s.shape[3]
     p = torch.exp(s - _blocked(lse, nb, q_block, Hkv, float("inf"))[..., None])  # 0 where masked or padded
     dob = torch.nn.functional.pad(do.float(), (0, 0, 0, 0, 0, nb * q_block - C)).view(qb.shape)
