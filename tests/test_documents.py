@@ -19,7 +19,7 @@ from model import Model, ModelConfig
 from tiny_tokenizer import make_tokenizer_dir
 
 WORDS = ["the", "quick", "brown", "fox", "long", "context", "keys", "values", "x", "123", "café"]
-CFG = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+CFG = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
 
 
