@@ -184,7 +184,7 @@ def open_corpus(path: str | None, tokenizer_dir: str | None = None) -> Corpus:
     """The Corpus of a --data/--eval-data path (see the module doc). tokenizer_dir: a checkpoint directory holding
     tokenizer.json; with one, text, directories and JSONL are tokenized (cached), and the byte-level default corpus
     is refused (a BPE model would silently train on bytes). Every problem raises ValueError/OSError, one line."""
-    from tokenize_data import DataError, source_files, load_corpus, tokenize_corpus
+    from tokenize_data import DataError, load_corpus, load_tokenizer, source_files, tokenize_corpus
 
     if path is None:
         if tokenizer_dir:
@@ -196,6 +196,10 @@ def open_corpus(path: str | None, tokenizer_dir: str | None = None) -> Corpus:
     if path.endswith(".bin"):
         tokens, vocab = load_tokens(path)
         meta = read_json(path + ".json")
+        recorded = meta.get("tokenizer_sha256") if isinstance(meta, dict) else None
+        if recorded and tokenizer_dir and recorded != load_tokenizer(tokenizer_dir).sha256:
+            raise ValueError(f"{path} was tokenized with another tokenizer (or framing) than {tokenizer_dir}'s "
+                             f"tokenizer.json: re-tokenize the source with it")
         if isinstance(meta, dict) and "doc_offsets" in meta:  # written by tokenize_data: documents, maybe a mask
             try:
                 c = load_corpus(path, meta)

@@ -217,3 +217,8 @@ def test_bad_data_is_one_error_line(corpus, tmp_path, capsys):
     bad(tmp_path, capsys, ["--data", cache], "token id 300 is >= the vocab_size 300")
     bad(tmp_path, capsys, tok + ["--data", corpus.sft], "token id 300 is >= the vocab_size 300")
     os.remove(cache)
+    other = str(tmp_path / "other_tok")
+    make_tokenizer_dir(other, vocab_size=280)  # fewer merges: another tokenizer
+    TokenData(corpus.sft, tokenizer_dir=other)  # writes the cache with its ids
+    bad(tmp_path, capsys, tok + ["--data", cache], "was tokenized with another tokenizer")
+    os.remove(cache)
