@@ -262,7 +262,8 @@ def sparse_fidelity(args, device, rec):
         """[per batch: (loss, flat fp32 gradient)] of the chunked step, dense if budget is None."""
         out = []
         for i in range(args.batches):
-            x, y = (t.to(device) for t in data.batch("val", args.batch, args.seq, seed=10_000 + i))
+            batch = data.batch("val", args.batch, args.seq, seed=10_000 + i).to(device)
+            x, y = batch.x, batch.y
             store = PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, torch.bfloat16, device,
                                               sparse=SparseConfig(budget, q_block, rule=rule) if budget else None)
             model.zero_grad(set_to_none=True)

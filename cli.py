@@ -33,6 +33,7 @@ SAVE_CHOICES = ("eval", "end", "never")
 # skips is too small a share of its chunk's attention for the selection's overhead to pay off
 SPARSE_AUTO_RATIO = 16
 # lora.LORA_TARGETS, named here so that parsing needs no torch (tests/test_cli.py checks that they agree)
+DOCUMENT_MODES = ("pack", "single")  # data.DOCUMENT_MODES, named here so that parsing needs no numpy
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIN_PAGE_SIZE = 16  # the paged-attention kernels' smallest tile side (kernels/paged_attention.py)
 
@@ -63,8 +64,19 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                      help="Hugging Face checkpoint directory to start from (default: a seeded random init); "
                           "--resume takes the checkpoint's weights instead")
     run.add_argument("--data", default=None,
-                     help="FILE.txt (bytes) or FILE.bin (+FILE.bin.json) (default: the embedded corpus, this "
-                          "Python's standard-library sources)")
+                     help="FILE.bin (+FILE.bin.json), or a text file, a directory of text files or a .jsonl file "
+                          "({'text'} or {'prompt', 'completion'} records): tokenized with the --init-from "
+                          "checkpoint's tokenizer.json (cached as DATA.tokens.bin), or without one read as bytes "
+                          "(a directory: one document per file) (default: the embedded corpus, this Python's "
+                          "standard-library sources, bytes)")
+    run.add_argument("--documents", default="pack", choices=DOCUMENT_MODES,
+                     help="data with document boundaries: pack = windows of --seq over the concatenated documents, "
+                          "attention and RoPE positions restarting at each document; single = the leading --seq "
+                          "tokens of one document per sequence, shorter documents skipped (data.py) "
+                          "(default: %(default)s)")
+    run.add_argument("--eval-data", default=None,
+                     help="held-out data (any --data format) evaluated at --seq, with the loss by position; "
+                          "--data then trains whole (default: the last 10%% of --data)")
     run.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 1024 on GPU, 256 on CPU)")
     run.add_argument("--batch", type=int, default=None,
                      help="sequences per step (default: 16K tokens per step on GPU, 1K on CPU, at least 1)")
@@ -356,13 +368,41 @@ def prepare_out(args):
                         f"afresh with --overwrite (deletes them)")
 
 
-def open_data(path):
-    """data.TokenData of --data, every problem of the file a UserError naming it."""
-    from data import TokenData  # numpy: a few hundred ms, so only once the arguments are known to be good
+def tokenizer_dir(args) -> str | None:
+    """The --init-from checkpoint when it holds a tokenizer.json: text data is then tokenized with it, never read as
+    bytes."""
+    if args.init_from and os.path.isfile(os.path.join(args.init_from, "tokenizer.json")):
+        return args.init_from
+    return None
+
+
+def open_data(args):
+    """data.TokenData of --data (and --eval-data), every problem of a file a UserError naming it; the --seq window
+    must fit the training split (and the held-out data)."""
+    from data import TokenData, open_corpus  # numpy: a few hundred ms, so only once the arguments are good
+    corpora = {}
+    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if flag == "--data" or path is not None:
+            try:
+                corpora[flag] = open_corpus(path, tokenizer_dir(args))
+            except (OSError, ValueError, RuntimeError) as e:
+                raise UserError(f"{flag}: {e}") from None
     try:
-        return TokenData(path)
-    except (OSError, ValueError, RuntimeError) as e:
+        data = TokenData(corpora["--data"], documents=args.documents, held_out=corpora.get("--eval-data"))
+    except ValueError as e:
         raise UserError(f"--data: {e}") from None
+    for split, flag in (("train", "--data"), ("val", "--eval-data")):
+        if split == "val" and args.eval_data is None:
+            continue  # the held-out tail is evaluated at its longest window when shorter than --seq
+        path = data.splits[split].path
+        if args.seq > data.max_window(split) and args.documents == "single":
+            raise UserError(f"{flag}: no document of {path} has --seq {args.seq} tokens plus a target "
+                            f"(--documents single skips shorter ones; the longest has {data.max_window(split) + 1})")
+        if args.seq > data.max_window(split):
+            what = "the training split of " if split == "train" and args.eval_data is None else ""
+            raise UserError(f"--seq {args.seq} is longer than {what}{path} ({data.max_window(split)} tokens); use a "
+                            f"shorter --seq or a larger {flag}")
+    return data
 
 
 def prepare_export(args) -> Prepared:
@@ -388,11 +428,7 @@ def prepare(argv=None, description=None) -> Prepared:
     check_params_dtype(args)
     if not args.plan:
         prepare_out(args)
-    data = open_data(args.data)
-    if args.seq > data.max_window("train"):
-        raise UserError(f"--seq {args.seq} is longer than the training split of {data.path} "
-                        f"({data.max_window('train')} tokens); use a shorter --seq or a larger --data")
-    return Prepared(args, data)
+    return Prepared(args, open_data(args))
 
 
 def prepare_or_exit(argv=None, description=None) -> Prepared:

@@ -123,7 +123,7 @@ def load_tokenizer(checkpoint_dir: str) -> CheckpointTokenizer:
 # ------------------------------------------------------------------------------------------------ sources
 
 
-def _source_files(src):
+def source_files(src):
     if os.path.isfile(src):
         return [src]
     if not os.path.isdir(src):
@@ -144,7 +144,7 @@ def _source_files(src):
 def source_fingerprint(src) -> str:
     """sha256 of (relative path, size, mtime_ns) of every input file: changes when any file does."""
     listing = [(os.path.relpath(p, src) if os.path.isdir(src) else os.path.basename(p), os.path.getsize(p),
-                os.stat(p).st_mtime_ns) for p in _source_files(src)]
+                os.stat(p).st_mtime_ns) for p in source_files(src)]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
@@ -277,7 +277,7 @@ def load_corpus(bin_path, meta=None, reused=False) -> TokenizedCorpus:
 
 def _encode_documents(src, tok, progress):
     """-> (docs, masks or None): framed id arrays per document, one progress bar over the input's characters."""
-    files = _source_files(src)
+    files = source_files(src)
     jsonl = len(files) == 1 and files[0] == src and src.endswith(".jsonl")
     if jsonl:
         kind, records = _jsonl_records(src)

@@ -35,9 +35,11 @@ from tqdm import tqdm
 import finetune
 import optim
 import plan as planner
-from chunk_train import chunked_loss, chunked_step
+import plots
+from chunk_train import chunked_step
 from cli import UserError, chunked
-from model import Model, ModelConfig, preset
+from evaluation import evaluate
+from model import Model, ModelConfig, preset, trained_tokens
 from offload import OffloadedKVStore
 from paged_kv import PagedKVStore
 from optim import MixedPrecisionAdamW
@@ -183,33 +185,19 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=enabled)
 
 
-def train_step(model, x, y, args, device, store) -> float:
-    """Forward + backward of one batch; leaves the gradient of the mean token loss in param.grad (bf16 weights:
-    in fp32 param.main_grad, precision.fp32_gradients)."""
+def train_step(model, x, y, args, device, store, doc_start=None) -> float:
+    """Forward + backward of one batch (doc_start: packed documents, data.Batch); leaves the gradient of the mean
+    loss over the trained tokens in param.grad (bf16 weights: in fp32 param.main_grad, precision.fp32_gradients)."""
     with fp32_gradients(model):
         if chunked(args):
             return chunked_step(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store,
-                                progress=args.seq >= 8 * args.chunk)
+                                progress=args.seq >= 8 * args.chunk, doc_start=doc_start)
         with autocast(args, device):
-            hidden = model.hidden(x)
-            loss, dx = model.loss(hidden, y, scale=1.0 / y.numel(), backward=True)  # the head's backward, sliced
+            hidden = model.hidden(x, doc_start=doc_start)
+            scale = 1.0 / max(trained_tokens(y), 1)
+            loss, dx = model.loss(hidden, y, scale=scale, backward=True)  # the head's backward, sliced
         hidden.backward(dx)
         return loss.item()
-
-
-@torch.no_grad()
-def evaluate(model, data, args, device, store) -> float:
-    seq = min(args.seq, data.max_window("val"))
-    losses = []  # --eval-iters >= 1 here: 0 skips evaluation (run)
-    for i in range(args.eval_iters):
-        x, y = data.batch("val", args.batch, seq, seed=[args.seed, 1, i])
-        x, y = x.to(device), y.to(device)
-        if seq > args.chunk:
-            losses.append(chunked_loss(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store))
-            continue
-        with autocast(args, device):
-            losses.append(model.loss(model.hidden(x), y, scale=1.0 / y.numel())[0].item())
-    return float(np.mean(losses))
 
 
 def peak_memory_gib(device) -> float:
@@ -262,7 +250,7 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
         path = f"full-sequence (--seq <= --chunk {args.chunk})"
     return [
         f"model: {name}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {model.num_params() / 1e6:.1f}M "
-        f"params | data: {data.path}, {len(data.splits['train']):,} train tokens, vocab {data.vocab_size}",
+        f"params | data: {data_line(args, data)}",
         f"run: seq {args.seq} x batch {args.batch} | {path} | {args.dtype} compute, {weights} weights on {device} | "
         f"memory: {planner.summary(plan, memory)} (--plan for the parts)"
         + (f" | chosen by the plan: {'; '.join(args.precision_why)}" if args.precision_why else ""),
@@ -276,6 +264,22 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
            f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, base frozen)"
            if args.lora_rank else ""),
     ]
+
+
+def data_line(args, data) -> str:
+    """--data, its documents and how sequences are made of them, and what is evaluated."""
+    train, val = data.splits["train"], data.splits["val"]
+    line = f"{data.path}, {len(train):,} train tokens, vocab {data.vocab_size}"
+    if train.n_docs > 1 and args.documents == "single":
+        line += (f", {train.n_docs:,} documents (--documents single: {data.usable_docs('train', args.seq):,} hold "
+                 f"--seq {args.seq} + 1 tokens, shorter ones skipped)")
+    elif train.n_docs > 1:
+        line += f", {train.n_docs:,} documents (--documents pack: attention and positions restart at each)"
+    if train.loss_mask is not None:
+        line += f", loss on {int(train.loss_mask.sum()):,} tokens (prompts masked)"
+    seq = min(args.seq, data.max_window("val"))
+    held = f"--eval-data {val.path}" if args.eval_data else "the last 10%"
+    return line + f" | eval: {held}, {len(val):,} tokens, at seq {seq}, loss by position (log2 buckets)"
 
 
 def check_device(device):
@@ -375,6 +379,7 @@ def run(args, data):
     tokens_per_step, step, rates, loss, val_loss = args.seq * args.batch, start, [], float("nan"), None
     mem_label = "mem" if device.type == "cuda" else "rss"  # allocated tensors on a GPU; the whole process on a CPU
     saves = args.save != "never"
+    plotted = time.time()  # OUT/*.png (plots.py): at an evaluation PLOT_EVERY_S after the last, and at the end
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", dynamic_ncols=True)
     try:
         for step in bar:
@@ -383,8 +388,8 @@ def run(args, data):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
-            x, y = data.batch("train", args.batch, args.seq, seed=[args.seed, 0, step])
-            loss = train_step(model, x.to(device), y.to(device), args, device, store)
+            batch = data.batch("train", args.batch, args.seq, seed=[args.seed, 0, step]).to(device)
+            loss = train_step(model, batch.x, batch.y, args, device, store, batch.doc_start)
             if args.grad_clip > 0 and isinstance(optimizer, MixedPrecisionAdamW):
                 optim.clip_grad_norm_(model.parameters(), args.grad_clip)  # main_grad
             elif args.grad_clip > 0:
@@ -403,11 +408,16 @@ def run(args, data):
             last = step + 1 == args.steps
             if (step + 1) % args.eval_interval == 0 or last:
                 if args.eval_iters:
-                    val_loss = record["val_loss"] = evaluate(model, data, args, device, store)
+                    result = evaluate(model, data, args, device, store)
+                    val_loss = result.loss
+                    record.update(result.record())
                 if args.save == "eval" or (args.save == "end" and last):
                     save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
             log.write(json.dumps(record) + "\n")
             log.flush()
+            if "val_loss" in record and (last or time.time() - plotted >= plots.PLOT_EVERY_S):
+                plots.write_plots(args.out)
+                plotted = time.time()
             bar.set_postfix({"loss": f"{loss:.4f}", "tok/s": f"{rates[-1]:,.0f}", mem_label: f"{peak:.1f}G",
                              **({"host": f"{record['peak_host_rss_gib']:.1f}G"} if device.type == "cuda" else {})})
             if stop.requested:

@@ -15,6 +15,7 @@
 #   train-1m      python train.py --seq 1000000 --steps 6 (the README's front door, a few steps)           200 s
 #   fidelity      sparse vs exact gradients of the train-1m model, both selection rules                     100 s
 #   train         python train.py --steps 300 (the default small model)                                    120 s
+#   pack          packed documents (doc_start masks) vs the same bytes as one stream, --seq 65536, small   150 s
 #   hf-baseline   HF transformers' Qwen2ForCausalLM anchors (needs shared/bench/hf_baseline.py in the repo) 150 s
 #   ft-7b-1m      python train.py --model qwen2.5-7b --seq 1048576 --steps 2 --eval-iters 0 --save never: the
 #                 default optimizer, dtypes chosen by the plan; per-step loss/time/peaks vs the plan's totals      590 s
@@ -25,7 +26,7 @@
 #                 steps --export, then with --lora-rank 16; transformers / peft reload and compare logits      500 s
 #
 # Files under $OUT: log.txt (every stage's output), bench.jsonl (bench.py, one JSON object per point),
-# pytest.txt, train_1m.jsonl, train.jsonl, anchors.jsonl (hf_baseline.py). stdout: a status line per stage and
+# pytest.txt, train_1m.jsonl, train.jsonl, pack.jsonl and unpacked.jsonl, anchors.jsonl (hf_baseline.py). stdout: a status line per stage and
 # bench.py's summary table at the end (the device call returns the last 12,000 characters).
 set -u
 cd "$(dirname "$0")/.."
@@ -57,6 +58,39 @@ stage() {
 # a training-step point: Qwen2.5-7B, bf16 weights with fp32 gradient accumulation, 64-token pages (an array, not a
 # function: `timeout` runs programs)
 STEP7B=("$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --page-size 64)
+
+# packed vs unpacked at the same length: 600 byte-level documents of 1K-16K tokens (words of README.md), trained as
+# a directory (--documents pack: attention and RoPE positions restart at each document) and as one concatenated file
+# (plain causal windows). Prints each run's median tok/s of steps 2..N. PACK_SEQ, PACK_MODEL, PACK_STEPS: smaller
+# settings for a CPU try-out.
+pack_bench() {
+    local dir=/tmp/pack seq=${PACK_SEQ:-65536} model=${PACK_MODEL:-small} steps=${PACK_STEPS:-10} mode data
+    rm -rf "$dir" && mkdir -p "$dir/docs"
+    "$PY" - "$dir/docs" <<'PYEOF'
+import random, sys
+r, words = random.Random(0), open("README.md").read().split()
+for i in range(600):
+    n = r.randint(1024, 16384)
+    with open(f"{sys.argv[1]}/{i:04d}.txt", "w") as f:
+        f.write(" ".join(r.choice(words) for _ in range(n // 5))[:n])
+PYEOF
+    cat "$dir"/docs/*.txt >"$dir/all.txt"
+    for mode in pack unpacked; do
+        data=$dir/docs
+        [ "$mode" = unpacked ] && data=$dir/all.txt
+        "$PY" train.py --model "$model" --data "$data" --seq "$seq" --batch 1 --steps "$steps" --eval-interval \
+            "$steps" --eval-iters 1 --out "$dir/$mode" 2>&1 | tr '\r' '\n' | grep -E '^(model|error|done)'
+        cp "$dir/$mode/log.jsonl" "$OUT/$mode.jsonl"
+        "$PY" - "$dir/$mode/log.jsonl" "$mode" <<'PYEOF'
+import json, statistics, sys
+r = [json.loads(line) for line in open(sys.argv[1])]
+print(f"{sys.argv[2]}: median {statistics.median(x['tokens_per_s'] for x in r[1:]):,.0f} tok/s (steps 2-{len(r)}), "
+      f"peak {max(x['peak_mem_gib'] for x in r):.2f} GiB, val loss {r[-1]['val_loss']:.4f}")
+PYEOF
+    done
+}
+export -f pack_bench
+export PY
 
 for name in "$@"; do
     case $name in
@@ -94,6 +128,8 @@ for name in "$@"; do
         rm -rf /tmp/run
         stage train 120 bash -c "$PY train.py --steps 300 --out /tmp/run 2>&1 | tr '\r' '\n' | \
             grep -E '^(model|done|error|step 300)' ; cp /tmp/run/log.jsonl '$OUT/train.jsonl'" ;;
+    pack)
+        stage pack 150 bash -c pack_bench ;;
     hf-baseline)
         if [ -f shared/bench/hf_baseline.py ]; then
             stage hf-baseline 150 "$PY" shared/bench/hf_baseline.py qwen2.5-7b

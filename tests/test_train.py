@@ -126,9 +126,10 @@ def test_export_at_the_end_and_from_a_checkpoint(tmp_path):
     init = tmp_path / "init"
     make_hf_checkpoint(init, tied=False, shard=False)
     make_tokenizer_dir(init)  # its config.json (the checkpoint's) stays
-    out = str(tmp_path / "run")
-    args = ["--init-from", str(init), "--device", "cpu", "--seq", "32", "--batch", "2", "--steps", "2",
-            "--eval-iters", "1", "--out", out]
+    out, text = str(tmp_path / "run"), tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 20)  # tokenized with the checkpoint's tokenizer
+    args = ["--init-from", str(init), "--data", str(text), "--device", "cpu", "--seq", "32", "--batch", "2",
+            "--steps", "2", "--eval-iters", "1", "--out", out]
     assert train.main(args + ["--export"]) == 0
     assert os.path.isfile(os.path.join(out, "hf", "tokenizer.json"))
     assert_export_matches(out, tmp_path)
