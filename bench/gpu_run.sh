@@ -16,9 +16,13 @@
 #   fidelity      sparse vs exact gradients of the train-1m model, both selection rules                     100 s
 #   train         python train.py --steps 300 (the default small model)                                    120 s
 #   hf-baseline   HF transformers' Qwen2ForCausalLM anchors (needs shared/bench/hf_baseline.py in the repo) 150 s
+#   retrieval     the long-range retrieval experiment (retrieval_train.py): dense, sparse, detached, one plot  560 s
+#   retrieval-dense, retrieval-sparse, retrieval-detached   one mode each (then `retrieval-plot`)  230/150/230 s
+#                 RETR_ARGS replaces the shared settings below; RETR_TIME_DENSE etc. the per-mode time budgets
 #
 # Files under $OUT: log.txt (every stage's output), bench.jsonl (bench.py, one JSON object per point),
-# pytest.txt, train_1m.jsonl, train.jsonl, anchors.jsonl (hf_baseline.py). stdout: a status line per stage and
+# pytest.txt, train_1m.jsonl, train.jsonl, anchors.jsonl (hf_baseline.py), retrieval/MODE/{config.json,log.jsonl,
+# curve.png}, retrieval/retrieval.png and retrieval/table.txt. stdout: a status line per stage and
 # bench.py's summary table at the end (the device call returns the last 12,000 characters).
 set -u
 cd "$(dirname "$0")/.."
@@ -50,6 +54,31 @@ stage() {
 # a training-step point: Qwen2.5-7B, bf16 weights with fp32 gradient accumulation, 64-token pages (an array, not a
 # function: `timeout` runs programs)
 STEP7B=("$PY" bench.py step --model qwen2.5-7b --params-dtype bfloat16 --page-size 64)
+
+# the retrieval experiment: a 2-layer, hidden-256 model from scratch, 32 answers per example, distance growing from
+# 2048 to 32768 over the first 60% of the steps (evaluation always at 32768), chunks of 2048 (every asked pair sits
+# in an earlier chunk than its question); each mode stops at its time budget with a last evaluation
+RETR_ARGS=${RETR_ARGS:---model small --layers 2 --hidden 256 --distance 32768 --curriculum 2048 --curriculum-frac 0.6 \
+--chunk 2048 --batch 8 --steps 300 --lr 2e-3 --warmup 30 --eval-every 25 --eval-examples 32}
+declare -A RETR_TIME=([dense]=${RETR_TIME_DENSE:-200} [sparse]=${RETR_TIME_SPARSE:-120} \
+    [detached]=${RETR_TIME_DETACHED:-200})
+retrieval() {  # retrieval MODE: train one mode into $OUT/retrieval/MODE
+    mkdir -p "$OUT/retrieval"
+    # shellcheck disable=SC2086  # RETR_ARGS is a list of flags
+    stage "retrieval-$1" $((RETR_TIME[$1] + 30)) bash -c "$PY retrieval_train.py train --out '$OUT/retrieval/$1' \
+        --overwrite --attn $1 --time-budget ${RETR_TIME[$1]} $RETR_ARGS 2>&1 | tr '\r' '\n' | \
+        grep -vE 'it/s|s/it' | grep -vE '^ *$'"
+}
+retrieval_plot() {
+    local runs=()
+    for mode in dense sparse detached; do
+        [ -f "$OUT/retrieval/$mode/log.jsonl" ] && runs+=("$OUT/retrieval/$mode")
+    done
+    [ ${#runs[@]} = 0 ] && { echo "[retrieval-plot] no runs under $OUT/retrieval"; return; }
+    stage retrieval-plot 60 bash -c "$PY retrieval_train.py plot --out '$OUT/retrieval/retrieval.png' ${runs[*]} \
+        >'$OUT/retrieval/table.txt' 2>&1; rc=\$?; cat '$OUT/retrieval/table.txt'; exit \$rc"
+    cat "$OUT/retrieval/table.txt"
+}
 
 for name in "$@"; do
     case $name in
@@ -93,6 +122,12 @@ for name in "$@"; do
         else
             echo "[hf-baseline] skipped: copy ../shared/bench/hf_baseline.py to shared/bench/ first"
         fi ;;
+    retrieval)
+        retrieval dense; retrieval sparse; retrieval detached; retrieval_plot ;;
+    retrieval-dense|retrieval-sparse|retrieval-detached)
+        retrieval "${name#retrieval-}" ;;
+    retrieval-plot)
+        retrieval_plot ;;
     *)
         echo "unknown stage '$name' (see the header of $0)"; exit 2 ;;
     esac
