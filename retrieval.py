@@ -86,6 +86,42 @@ def make_example(seed, length: int, distance: int, n_pairs: int = 8, key_len: in
     return ids, mask
 
 
+def make_qa_example(seed, length: int, distance: int, n_pairs: int = 64, n_questions: int = 16, key_len: int = 4,
+                    value_len: int = 4):
+    """-> (ids [length] int64, loss_mask [length] uint8): many questions per example, for training.
+
+    n_pairs key->value pairs sit in the first `length - distance - n_questions * qa_len` bytes (qa_len = key_len +
+    value_len + 3), the rest is filler, and the example ends with n_questions questions about distinct pairs, each
+    "?" key "=" value ";". Every queried pair starts at least `distance` bytes before the first question, so every
+    answer lies `distance` or more bytes after its pair; the loss mask covers the value bytes of every question."""
+    pair_len = qa_len = key_len + value_len + 3
+    context = length - n_questions * qa_len
+    if key_len < 1 or value_len < 1 or not 1 <= n_questions <= n_pairs:
+        raise ValueError(f"need key_len, value_len >= 1 and 1 <= n_questions <= n_pairs, got {key_len}, "
+                         f"{value_len}, {n_questions}, {n_pairs}")
+    if n_pairs > 10 ** key_len:
+        raise ValueError(f"{n_pairs} distinct keys of {key_len} digits do not exist")
+    slots = list(range(0, context - distance + 1, pair_len))  # pair starts at least `distance` before question 1
+    if distance < pair_len or len(slots) < n_pairs:
+        raise ValueError(f"length {length} at distance {distance} leaves room for {max(len(slots), 0)} pairs before "
+                         f"{n_questions} questions, {n_pairs} asked (distance must also be >= {pair_len})")
+    rng = np.random.default_rng(list(seed) if isinstance(seed, (tuple, list)) else seed)
+    keys = rng.choice(10 ** key_len, size=n_pairs, replace=False)  # distinct
+    keys = [DIGITS[(k // 10 ** np.arange(key_len - 1, -1, -1)) % 10] for k in keys]
+    values = [rng.choice(CAPITALS, size=value_len) for _ in range(n_pairs)]
+    ids = _filler(rng, context)
+    for start, key, value in zip(sorted(rng.choice(slots, size=n_pairs, replace=False).tolist()), keys, values):
+        ids[start:start + pair_len] = np.r_[ord("#"), key, ord("="), value, ord(";")]
+    asked = rng.choice(n_pairs, size=n_questions, replace=False)
+    questions = [np.r_[ord("?"), keys[i], ord("="), values[i], ord(";")] for i in asked]
+    ids = np.r_[ids, *questions].astype(np.int64)
+    mask = np.zeros(length, dtype=np.uint8)
+    for q in range(n_questions):
+        answer = context + q * qa_len + key_len + 2
+        mask[answer:answer + value_len] = 1
+    return ids, mask
+
+
 def write_dataset(prefix: str, n_examples: int, length: int, distance: int, seed: int = 0,
                   **task) -> TokenizedCorpus:
     """N examples (example i from seed (seed, i)) as prefix.bin + .bin.json + .mask.bin, one document each."""
@@ -105,8 +141,9 @@ def corpus_examples(corpus: TokenizedCorpus):
 @dataclass
 class RetrievalScore:
     token_accuracy: float  # fraction of answer tokens whose argmax prediction is right
-    exact_match: float  # fraction of examples with every answer token right
+    exact_match: float  # fraction of answers (maximal runs of target tokens) with every token right
     n_examples: int
+    n_answers: int  # make_example: one per example; make_qa_example: n_questions
 
 
 @torch.no_grad()
@@ -138,8 +175,8 @@ def answer_predictions(model, ids, mask, store, chunk_size=4096, compute_dtype=N
 
 def answer_accuracy(model, examples, chunk_size=4096, batch_size=1, compute_dtype=None, make_store=None,
                     progress=False) -> RetrievalScore:
-    """Score `examples` [(ids, loss_mask)] (make_example's outputs): argmax predictions at the target positions
-    against the targets. Consecutive examples of one length share a batch (up to batch_size).
+    """Score `examples` [(ids, loss_mask)] (make_example's or make_qa_example's outputs): argmax predictions at the
+    target positions against the targets, per token and per answer. Consecutive examples of one length share a batch (up to batch_size).
     make_store(batch, seq_len) -> an empty KV store (default: sample.default_store in the compute dtype)."""
     device = next(model.parameters()).device
     if not examples:
@@ -154,7 +191,7 @@ def answer_accuracy(model, examples, chunk_size=4096, batch_size=1, compute_dtyp
             j += 1
         batches.append(examples[i:j])
         i = j
-    correct = total = exact = 0
+    correct = total = exact = answers = 0
     store, store_shape = None, None  # one store, replaced when the batch's [B, T] changes
     for batch in tqdm(batches, desc="retrieval eval", disable=not progress):
         ids = torch.as_tensor(np.stack([e[0] for e in batch]), dtype=torch.long, device=device)
@@ -165,8 +202,12 @@ def answer_accuracy(model, examples, chunk_size=4096, batch_size=1, compute_dtyp
         hit = (answer_predictions(model, ids, mask, store, chunk_size, compute_dtype) == ids) & mask
         correct += int(hit.sum())
         total += int(mask.sum())
-        exact += int((hit.sum(1) == mask.sum(1)).sum())
-    return RetrievalScore(correct / max(total, 1), exact / len(examples), len(examples))
+        starts = mask.clone()
+        starts[:, 1:] &= ~mask[:, :-1]  # the first token of each answer
+        span = starts.flatten().cumsum(0).view_as(mask)  # answer ids, distinct across rows
+        answers += int(starts.sum())
+        exact += int(starts.sum()) - span[mask & ~hit].unique().numel()
+    return RetrievalScore(correct / max(total, 1), exact / max(answers, 1), len(examples), answers)
 
 
 def main(argv=None):

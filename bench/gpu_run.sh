@@ -24,9 +24,14 @@
 #   ft-7b-short   7B random init at --seq 16384, 20 steps, lr 3e-4: the loss falls                             300 s
 #   ft-0.5b-128k  a random Qwen2.5-0.5B HF checkpoint (bench/check_export.py make), --init-from it at 128K x 3
 #                 steps --export, then with --lora-rank 16; transformers / peft reload and compare logits      500 s
+#   retrieval     the long-range retrieval experiment (retrieval_train.py): dense, sparse, detached, one plot  560 s
+#   retrieval-dense, retrieval-sparse, retrieval-detached   one mode each (then `retrieval-plot`)  230/150/230 s
+#                 RETR_ARGS replaces the shared settings below; RETR_TIME_DENSE etc. the per-mode time budgets
 #
 # Files under $OUT: log.txt (every stage's output), bench.jsonl (bench.py, one JSON object per point),
-# pytest.txt, train_1m.jsonl, train.jsonl, pack.jsonl and unpacked.jsonl, anchors.jsonl (hf_baseline.py). stdout: a status line per stage and
+# pytest.txt, train_1m.jsonl, train.jsonl, pack.jsonl and unpacked.jsonl, anchors.jsonl (hf_baseline.py),
+# retrieval/MODE/{config.json,log.jsonl,curve.png}, retrieval/retrieval.png and retrieval/table.txt. stdout: a
+# status line per stage and
 # bench.py's summary table at the end (the device call returns the last 12,000 characters).
 set -u
 cd "$(dirname "$0")/.."
@@ -91,6 +96,30 @@ PYEOF
 }
 export -f pack_bench
 export PY
+# the retrieval experiment: a 2-layer, hidden-256 model from scratch, 32 answers per example, distance growing from
+# 2048 to 32768 over the first 60% of the steps (evaluation always at 32768), chunks of 2048 (every asked pair sits
+# in an earlier chunk than its question); each mode stops at its time budget with a last evaluation
+RETR_ARGS=${RETR_ARGS:---model small --layers 2 --hidden 256 --distance 32768 --curriculum 2048 --curriculum-frac 0.6 \
+--chunk 2048 --batch 8 --steps 300 --lr 2e-3 --warmup 30 --eval-every 25 --eval-examples 32}
+declare -A RETR_TIME=([dense]=${RETR_TIME_DENSE:-200} [sparse]=${RETR_TIME_SPARSE:-120} \
+    [detached]=${RETR_TIME_DETACHED:-200})
+retrieval() {  # retrieval MODE: train one mode into $OUT/retrieval/MODE
+    mkdir -p "$OUT/retrieval"
+    # shellcheck disable=SC2086  # RETR_ARGS is a list of flags
+    stage "retrieval-$1" $((RETR_TIME[$1] + 30)) bash -c "$PY retrieval_train.py train --out '$OUT/retrieval/$1' \
+        --overwrite --attn $1 --time-budget ${RETR_TIME[$1]} $RETR_ARGS 2>&1 | tr '\r' '\n' | \
+        grep -vE 'it/s|s/it' | grep -vE '^ *$'"
+}
+retrieval_plot() {
+    local runs=()
+    for mode in dense sparse detached; do
+        [ -f "$OUT/retrieval/$mode/log.jsonl" ] && runs+=("$OUT/retrieval/$mode")
+    done
+    [ ${#runs[@]} = 0 ] && { echo "[retrieval-plot] no runs under $OUT/retrieval"; return; }
+    stage retrieval-plot 60 bash -c "$PY retrieval_train.py plot --out '$OUT/retrieval/retrieval.png' ${runs[*]} \
+        >'$OUT/retrieval/table.txt' 2>&1; rc=\$?; cat '$OUT/retrieval/table.txt'; exit \$rc"
+    cat "$OUT/retrieval/table.txt"
+}
 
 for name in "$@"; do
     case $name in
@@ -169,6 +198,12 @@ for name in "$@"; do
             \${extra/=/ } --out /tmp/\$name 2>&1 | tr '\r' '\n' | grep -E '^(model|run|done|exported|error)'; \
             cat /tmp/\$name/log.jsonl; $PY bench/check_export.py compare /tmp/\$name --init /tmp/init05 || exit 1; \
             done" ;;
+    retrieval)
+        retrieval dense; retrieval sparse; retrieval detached; retrieval_plot ;;
+    retrieval-dense|retrieval-sparse|retrieval-detached)
+        retrieval "${name#retrieval-}" ;;
+    retrieval-plot)
+        retrieval_plot ;;
     *)
         echo "unknown stage '$name' (see the header of $0)"; exit 2 ;;
     esac

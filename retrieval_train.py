@@ -1,0 +1,340 @@
+"""
+The long-range retrieval experiment: train a byte-level model from scratch, chunk-recurrently, on retrieval.py's
+many-question task, and measure answer accuracy at a fixed distance as it trains.
+
+    python retrieval_train.py train --out runs/dense --attn dense --distance 32768 --steps 300
+    python retrieval_train.py train --out runs/sparse --attn sparse ...      # page-level sparse attention
+    python retrieval_train.py train --out runs/detached --attn detached ...  # no gradient into earlier chunks' K/V
+    python retrieval_train.py plot --out runs/retrieval.png runs/dense runs/sparse runs/detached
+
+Each example (retrieval.make_qa_example) holds --pairs key->value pairs early, then filler, then --questions
+questions at the end; every asked pair starts at least --distance bytes before the first question and the loss
+covers the answer bytes alone (targets elsewhere are model.IGNORE_INDEX). A step trains on --batch fresh examples,
+a function of (seed, step). Every --eval-every steps the model answers a fixed held-out set at the final distance
+(seeds disjoint from training) by greedy argmax: per-byte accuracy (chance 1/26) and exact match of whole answers.
+
+Modes (--attn): dense, exact chunk-recurrent training (chunk_train.chunked_step); sparse, the same with the store's
+page-level sparse attention (--budget history tokens per 128-query block, MeanKey selection; evaluated sparse too);
+detached, dense attention with the gradients into earlier chunks' K/V cut (chunked_step(detach_history=True)): a
+pair --chunk or more bytes before its question can then only be found by weights trained for something else.
+
+--curriculum D0: the training distance grows geometrically from D0 to --distance over the first --curriculum-frac
+of the steps (the length with it); evaluation is always at --distance.
+
+Writes OUT/config.json, OUT/log.jsonl (one record per step; evaluation fields every --eval-every steps) and
+OUT/curve.png. `plot` draws several runs' curves in one PNG and prints a table of their final figures.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+CHANCE = 1 / 26  # per answer byte: values are uniform capitals
+
+
+class UserError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse(argv):
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
+    t = sub.add_parser("train", help="train one mode, evaluating as it goes")
+    t.add_argument("--out", required=True, help="run directory (refused if it holds a run, unless --overwrite)")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--attn", choices=("dense", "sparse", "detached"), default="dense")
+    t.add_argument("--distance", type=int, default=32768, help="bytes from each asked pair to the first question")
+    t.add_argument("--length", type=int, default=None,
+                   help="bytes per example (default: distance + room for the pairs and questions, page-aligned)")
+    t.add_argument("--pairs", type=int, default=64, help="key->value pairs per example")
+    t.add_argument("--questions", type=int, default=32, help="questions (answers) per example")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--batch", type=int, default=4)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=20)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--curriculum", type=int, default=0, metavar="D0", help="start distance (0: none)")
+    t.add_argument("--curriculum-frac", type=float, default=0.5)
+    t.add_argument("--eval-every", type=int, default=25)
+    t.add_argument("--eval-examples", type=int, default=16)
+    t.add_argument("--model", default="small", help="model.py preset (default: %(default)s)")
+    t.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    t.add_argument("--hidden", type=int, default=None, help="override the preset's hidden size (head_dim kept)")
+    t.add_argument("--chunk", type=int, default=4096)
+    t.add_argument("--page-size", type=int, default=64)
+    t.add_argument("--budget", type=int, default=4096, help="sparse: history tokens per query block")
+    t.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="stop after the first step that ends past S seconds of training (evaluating there)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p = sub.add_parser("plot", help="one PNG of several runs' curves, and a table of their final figures")
+    p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("runs", nargs="+", help="run directories")
+    return ap.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+PAIR_LEN = 4 + 4 + 3  # make_qa_example's defaults: "#" 4 digits "=" 4 capitals ";" (and "?" ... ";")
+
+
+def resolve(args):
+    """Check the training arguments (no torch needed) and fill in the derived length; UserError if bad."""
+    for name in ("distance", "pairs", "questions", "steps", "batch", "eval_every", "eval_examples", "chunk",
+                 "page_size", "budget"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.questions > args.pairs:
+        raise UserError(f"--questions {args.questions} exceeds --pairs {args.pairs}")
+    if args.page_size < 16 or args.page_size & (args.page_size - 1) or args.chunk % args.page_size:
+        raise UserError(f"--page-size {args.page_size} must be a power of two >= 16 dividing --chunk {args.chunk}")
+    if args.attn == "sparse" and (args.budget % args.page_size or args.budget < 2 * args.page_size):
+        raise UserError(f"--budget {args.budget} must be a multiple of --page-size {args.page_size}, at least two")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise UserError(f"--time-budget must be > 0, got {args.time_budget:g}")
+    if not (args.lr > 0 and args.weight_decay >= 0 and 0 < args.curriculum_frac <= 1 and args.warmup >= 0):
+        raise UserError("need --lr > 0, --weight-decay >= 0, 0 < --curriculum-frac <= 1, --warmup >= 0")
+    if not 0 <= args.curriculum <= args.distance:
+        raise UserError(f"--curriculum {args.curriculum} must lie in [0, --distance {args.distance}]")
+    if args.curriculum and args.curriculum < PAIR_LEN:
+        raise UserError(f"--curriculum {args.curriculum} must be >= {PAIR_LEN} (a pair's length)")
+    overhead = 2 * args.pairs * PAIR_LEN + args.questions * PAIR_LEN  # pairs at half density, then the questions
+    if args.length is None:
+        args.length = math.ceil((args.distance + overhead) / args.page_size) * args.page_size
+    room = (args.length - args.questions * PAIR_LEN - args.distance) // PAIR_LEN + 1
+    if args.distance < PAIR_LEN or room < args.pairs:
+        raise UserError(f"--length {args.length} at --distance {args.distance} leaves room for {max(room, 0)} "
+                        f"pairs before {args.questions} questions, --pairs {args.pairs} asked")
+    if os.path.exists(os.path.join(args.out, "log.jsonl")) and not args.overwrite:
+        raise UserError(f"--out {args.out} already holds a run (log.jsonl); pass --overwrite or another --out")
+    return args
+
+
+def distance_at(step, args):
+    """The training distance of `step`: --distance, or on the curriculum D0 * (D / D0)^progress, page-aligned."""
+    progress = min(1.0, step / max(1, args.curriculum_frac * args.steps))
+    if not args.curriculum or progress >= 1:
+        return args.distance
+    d = args.curriculum * (args.distance / args.curriculum) ** progress
+    return max(PAIR_LEN, min(args.distance, round(d / args.page_size) * args.page_size))
+
+
+def lr_at(step, args):
+    """Linear warm-up, then cosine decay to lr / 10 at the last step."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def build_model(args, device):
+    from model import Model, ModelConfig, PRESETS
+    if args.model not in PRESETS:
+        raise UserError(f"--model {args.model!r} is not a preset; choose one of: {', '.join(PRESETS)}")
+    cfg = dict(PRESETS[args.model])
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if args.hidden is not None:
+        if args.hidden % head_dim or args.hidden <= 0:
+            raise UserError(f"--hidden {args.hidden} must be a positive multiple of the preset's head_dim {head_dim}")
+        heads = args.hidden // head_dim
+        ratio = cfg["intermediate_size"] / cfg["hidden_size"]
+        cfg.update(hidden_size=args.hidden, num_attention_heads=heads,
+                   num_key_value_heads=math.gcd(heads, cfg["num_key_value_heads"]),
+                   intermediate_size=round(args.hidden * ratio / 16) * 16)
+    if args.layers is not None:
+        if args.layers <= 0:
+            raise UserError(f"--layers must be > 0, got {args.layers}")
+        cfg["num_hidden_layers"] = args.layers
+    import torch
+    torch.manual_seed(args.seed)
+    return Model(ModelConfig(**cfg)).to(device)
+
+
+def make_store(args, model, batch, length, device, dtype):
+    """The KV/dKV pages of one batch: dense or page-level sparse (the plain-PyTorch attention on a CPU)."""
+    from attention import ReferenceKernel
+    from paged_kv import PagedKVStore
+    from sparse_attn import MeanKey, SparseConfig
+    sparse = SparseConfig(budget=args.budget, q_block=128, rule=MeanKey()) if args.attn == "sparse" else None
+    kernel = ReferenceKernel() if device.type == "cpu" else None
+    return PagedKVStore.for_sequence(model, batch, length, args.page_size, dtype, device, sparse=sparse,
+                                     kernel=kernel)
+
+
+def examples_at(seed, n, length, distance, args):
+    from retrieval import make_qa_example
+    return [make_qa_example((*seed, i), length, distance, args.pairs, args.questions) for i in range(n)]
+
+
+def batch_tensors(examples, device):
+    """-> ids [B, T], targets [B, T]: targets[:, i] = ids[:, i + 1] where that token is an answer byte, else
+    IGNORE_INDEX (no loss); n_targets."""
+    import numpy as np
+    import torch
+    try:
+        from model import IGNORE_INDEX
+    except ImportError:  # TEMPORARY until engine17 merges
+        IGNORE_INDEX = -100
+    ids = torch.as_tensor(np.stack([e[0] for e in examples]), device=device)
+    mask = torch.as_tensor(np.stack([e[1] for e in examples]), device=device).bool()
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[:, :-1] = torch.where(mask[:, 1:], ids[:, 1:], IGNORE_INDEX)
+    return ids, targets, int(mask[:, 1:].sum())
+
+
+def evaluate(model, store, heldout, args, device, dtype):
+    from retrieval import answer_accuracy
+    score = answer_accuracy(model, heldout, args.chunk, args.batch, dtype,
+                            make_store=lambda b, t: store if b == args.batch else make_store(args, model, b, t,
+                                                                                            device, dtype))
+    return score.token_accuracy, score.exact_match
+
+
+def train(args):
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+    from chunk_train import chunked_step
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    model = build_model(args, device)
+    os.makedirs(args.out, exist_ok=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # compute (autocast) and K/V pages
+    store = make_store(args, model, args.batch, args.length, device, dtype)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    heldout = examples_at((args.seed, 1), args.eval_examples, args.length, args.distance, args)
+    cfg = model.config
+    config = {**vars(args), "device": str(device), "params": model.num_params(), "chance_per_byte": CHANCE,
+              "model_config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size",
+                                                            "num_attention_heads", "num_key_value_heads")}}
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    tqdm.write(f"retrieval {args.attn}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+               f"{model.num_params() / 1e6:.1f}M params on {device} | {args.batch} x {args.length} bytes, "
+               f"{args.questions} answers of 4 bytes each at distance >= {args.distance}"
+               f"{f' (curriculum from {args.curriculum})' if args.curriculum else ''} | chunk {args.chunk}"
+               f"{f', sparse budget {args.budget}' if args.attn == 'sparse' else ''} | chance {CHANCE:.3f}/byte")
+    extra = {"detach_history": True} if args.attn == "detached" else {}
+    log = open(os.path.join(args.out, "log.jsonl"), "w")
+    rates, acc, exact = [], float("nan"), float("nan")
+    bar = tqdm(range(args.steps), desc=f"retrieval {args.attn}", dynamic_ncols=True)
+    started, steps = time.perf_counter(), args.steps
+    for step in bar:
+        t0 = time.perf_counter()
+        distance = distance_at(step, args)
+        length = args.length - args.distance + distance
+        ids, targets, n_targets = batch_tensors(examples_at((args.seed, 0, step), args.batch, length, distance,
+                                                            args), device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss = chunked_step(model, ids, targets, args.chunk, args.page_size, dtype, store=store, **extra)
+        loss *= ids.numel() / n_targets  # TEMPORARY until engine17 merges (mean over trained tokens)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates.append(ids.numel() / (time.perf_counter() - t0))
+        record = {"step": step + 1, "loss": loss, "distance": distance, "length": length,
+                  "lr": lr_at(step, args), "tokens_per_s": rates[-1], "elapsed_s": time.perf_counter() - started}
+        out_of_time = args.time_budget is not None and record["elapsed_s"] > args.time_budget
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or out_of_time:
+            model.eval()
+            acc, exact = evaluate(model, store, heldout, args, device, dtype)
+            model.train()
+            record |= {"token_accuracy": acc, "exact_match": exact}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        bar.set_postfix({"loss": f"{loss:.3f}", "d": distance, "acc": f"{acc:.3f}", "exact": f"{exact:.3f}",
+                         "tok/s": f"{rates[-1]:,.0f}"})
+        if out_of_time:
+            steps = step + 1
+            tqdm.write(f"stopped after step {steps} of {args.steps}: --time-budget {args.time_budget:g} s spent")
+            break
+    bar.close()
+    log.close()
+    plot([args.out], os.path.join(args.out, "curve.png"))
+    print(f"done: {args.attn}, {steps} steps, distance {args.distance} | per-byte accuracy {acc:.3f}, exact "
+          f"match {exact:.3f} (chance {CHANCE:.3f} per byte) | {float(np.median(rates)):,.0f} tok/s (median) | "
+          f"{args.out}/log.jsonl, curve.png")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ plot
+
+
+def read_run(run):
+    """-> (config dict, [log records]) of a run directory; UserError if it is not one."""
+    try:
+        with open(os.path.join(run, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(run, "log.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{run}: not a run of retrieval_train.py ({type(e).__name__}: {e})") from None
+    return config, records
+
+
+def plot(runs, out):
+    """Exact match and per-byte accuracy against step, one line per run, in one PNG; prints a table."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    loaded = [read_run(run) for run in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    print(f"{'run':<28} {'mode':<9} {'steps':>5} {'distance':>8} {'exact':>6} {'per-byte':>8} {'tok/s':>9}")
+    for run, (config, records) in zip(runs, loaded):
+        evals = [r for r in records if "exact_match" in r]
+        label = f"{config['attn']} ({os.path.basename(os.path.normpath(run))})"
+        for ax, key in zip(axes, ("exact_match", "token_accuracy")):
+            ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker=".", label=label)
+        rates = sorted(r["tokens_per_s"] for r in records)
+        last = evals[-1] if evals else {"exact_match": float("nan"), "token_accuracy": float("nan")}
+        print(f"{run[-28:]:<28} {config['attn']:<9} {len(records):>5} {config['distance']:>8} "
+              f"{last['exact_match']:>6.3f} {last['token_accuracy']:>8.3f} "
+              f"{rates[len(rates) // 2] if rates else float('nan'):>9,.0f}")
+    distances = sorted({config["distance"] for config, _ in loaded})
+    for ax, title in zip(axes, ("exact match (whole 4-byte answers)", "per-byte accuracy")):
+        ax.axhline(CHANCE if "byte" in title else CHANCE ** 4, color="gray", linestyle=":", label="chance")
+        ax.set(xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02),
+               title=f"{title}, held-out, distance {'/'.join(map(str, distances))}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.command == "plot":
+            print(f"wrote {plot(args.runs, args.out)}")
+            return 0
+        return train(resolve(args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

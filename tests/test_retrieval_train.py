@@ -1,0 +1,125 @@
+"""retrieval_train.py: the experiment driver end to end at toy scale (every mode writes its log and curve, plot
+combines runs), a loss on the answer bytes alone, a deterministic held-out set, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import retrieval_train as rt
+from model import IGNORE_INDEX
+from retrieval import make_qa_example
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 3 chunks of 64 bytes: every asked pair sits >= 64 bytes, a chunk or more, before the questions
+TOY = ["--model", "tiny", "--distance", "64", "--pairs", "4", "--questions", "2", "--chunk", "64", "--page-size",
+       "16", "--budget", "32", "--batch", "2", "--steps", "2", "--eval-every", "1", "--eval-examples", "2",
+       "--device", "cpu"]
+
+
+def test_qa_example_layout():
+    ids, mask = make_qa_example(3, 400, 200, n_pairs=8, n_questions=4)
+    text = ids.astype(np.uint8).tobytes()
+    questions = text[-4 * 11:]
+    assert len(ids) == len(mask) == 400 and mask.sum() == 16
+    for q in range(4):
+        question = questions[11 * q:11 * (q + 1)]
+        assert question[:1] == b"?" and question[5:6] == b"=" and question[-1:] == b";"
+        at = text.index(b"#" + question[1:6])  # the pair, once, at least `distance` before the first question
+        assert text.count(b"#" + question[1:6]) == 1 and 400 - 44 - at >= 200
+        assert text[at + 6:at + 10] == question[6:10]
+        assert mask[400 - 44 + 11 * q:400 - 44 + 11 * (q + 1)].tolist() == [0] * 6 + [1] * 4 + [0]
+    assert np.array_equal(make_qa_example(3, 400, 200, n_pairs=8, n_questions=4)[0], ids)
+    with pytest.raises(ValueError, match="leaves room for"):
+        make_qa_example(0, 400, 300, n_pairs=8, n_questions=4)
+
+
+def test_loss_only_on_answer_bytes():
+    """The targets of a batch: the next byte where it is an answer byte, IGNORE_INDEX (no loss) everywhere else."""
+    args = type("Args", (), {"pairs": 4, "questions": 2})
+    examples = rt.examples_at((0, 0, 5), 2, 176, 64, args)
+    ids, targets, n = rt.batch_tensors(examples, "cpu")
+    mask = torch.as_tensor(np.stack([e[1] for e in examples])).bool()
+    assert n == 2 * 2 * 4 and int((targets != IGNORE_INDEX).sum()) == n
+    assert torch.equal(targets[:, :-1] != IGNORE_INDEX, mask[:, 1:]) and (targets[:, -1] == IGNORE_INDEX).all()
+    assert torch.equal(targets[:, :-1][mask[:, 1:]], ids[:, 1:][mask[:, 1:]])
+    answers = ids[:, 1:][mask[:, 1:]]
+    assert ((answers >= ord("A")) & (answers <= ord("Z"))).all()
+
+
+def test_heldout_set_is_fixed_and_apart_from_training():
+    args = type("Args", (), {"pairs": 4, "questions": 2})
+    a = rt.examples_at((7, 1), 3, 176, 64, args)
+    b = rt.examples_at((7, 1), 3, 176, 64, args)
+    train = [e for step in range(3) for e in rt.examples_at((7, 0, step), 2, 176, 64, args)]
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(a, b))
+    assert not any(np.array_equal(x[0], t[0]) for x in a for t in train)
+
+
+def train_subprocess(out, mode):
+    """The driver as a user runs it, on the plain-PyTorch CPU path (without the Triton interpreter that the tests'
+    process runs the fused layer ops through)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "retrieval_train.py", "train", "--out", out, "--attn", mode, *TOY],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("modes", [("sparse", "detached")])
+def test_train_writes_log_and_curve_then_plot_combines(tmp_path, capsys, modes):
+    """Two steps of each mode on a toy model (dense is these paths with neither twist), then one PNG of both."""
+    runs = []
+    for mode in modes:
+        out = str(tmp_path / mode)
+        assert train_subprocess(out, mode).splitlines()[-1].startswith(f"done: {mode}, 2 steps, distance 64")
+        records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+        assert [r["step"] for r in records] == [1, 2]
+        assert all(0 <= r["token_accuracy"] <= 1 and 0 <= r["exact_match"] <= 1 for r in records)
+        assert all(np.isfinite(r["loss"]) and r["length"] == 176 and r["distance"] == 64 for r in records)
+        assert json.load(open(os.path.join(out, "config.json")))["attn"] == mode
+        assert os.path.getsize(os.path.join(out, "curve.png")) > 0
+        runs.append(out)
+    png = str(tmp_path / "all.png")
+    assert rt.main(["plot", "--out", png, *runs]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert os.path.getsize(png) > 0 and len(table) == 2 + len(modes) and table[-1] == f"wrote {png}"
+    assert [row.split()[1] for row in table[1:-1]] == list(modes)
+    assert rt.main(["plot", "--out", png, str(tmp_path)]) == 2  # not a run directory
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path}: not a run of retrieval_train.py")
+
+
+def test_curriculum_grows_the_distance():
+    args = rt.resolve(rt.parse(["train", "--out", "/nonexistent/x", "--distance", "32768", "--curriculum", "4096",
+                                "--steps", "100"]))
+    distances = [rt.distance_at(step, args) for step in range(100)]
+    assert distances[0] == 4096 and distances[50:] == [32768] * 50
+    assert all(a <= b for a, b in zip(distances, distances[1:])) and all(d % 64 == 0 for d in distances)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "error: --steps must be > 0"),
+    (["--attn", "local"], "error: argument --attn: invalid choice"),
+    (["--distance", "4096", "--length", "4100"], "error: --length 4100 at --distance 4096 leaves room for"),
+    (["--chunk", "100"], "error: --page-size 64 must be a power of two >= 16 dividing --chunk 100"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, argv, message):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "retrieval_train.py", "train", "--out", str(out), *argv], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (out / "log.jsonl").exists()
+
+
+def test_an_earlier_run_is_kept(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text("earlier\n")
+    proc = subprocess.run([sys.executable, "retrieval_train.py", "train", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --out") and proc.stderr.count("\n") == 1
+    assert (out / "log.jsonl").read_text() == "earlier\n"
