@@ -184,10 +184,8 @@ def batch_tensors(examples, device):
     IGNORE_INDEX (no loss); n_targets."""
     import numpy as np
     import torch
-    try:
-        from model import IGNORE_INDEX
-    except ImportError:  # TEMPORARY until engine17 merges
-        IGNORE_INDEX = -100
+    from model import IGNORE_INDEX
+
     ids = torch.as_tensor(np.stack([e[0] for e in examples]), device=device)
     mask = torch.as_tensor(np.stack([e[1] for e in examples]), device=device).bool()
     targets = torch.full_like(ids, IGNORE_INDEX)
@@ -246,7 +244,6 @@ def train(args):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         loss = chunked_step(model, ids, targets, args.chunk, args.page_size, dtype, store=store, **extra)
-        loss *= ids.numel() / n_targets  # TEMPORARY until engine17 merges (mean over trained tokens)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
