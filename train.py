@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import finetune
 import optim
+import parallel
 import plan as planner
 from chunk_train import chunked_loss, chunked_step
 from cli import UserError, chunked
@@ -49,11 +50,16 @@ CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "args")
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def save_checkpoint(path, model, optimizer, step, args):
+def save_checkpoint(path, model, optimizer, step, args, layout=None):
     """Atomic: write a temp file in the same directory, then rename over the old checkpoint. A LoRA run also
-    writes its adapters to OUT/lora/ (PEFT format)."""
+    writes its adapters to OUT/lora/ (PEFT format). Several processes (parallel.py): every rank takes part in
+    gathering the full tensors, rank 0 writes them."""
+    model_state, optimizer_state = (layout.full_state(model, optimizer) if layout else
+                                    (model.state_dict(), optimizer.state_dict()))
+    if layout and not layout.main:
+        return
     tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+    torch.save({"model": model_state, "optimizer": optimizer_state, "step": step,
                 "config": asdict(model.config), "args": vars(args)}, tmp)
     os.replace(tmp, path)
     finetune.save_adapter(model, os.path.dirname(path), args.init_from)
@@ -287,6 +293,20 @@ def run(args, data):
         return 0
     device = torch.device(args.device)
     check_device(device)
+    layout = parallel.from_env(args.tp, device)  # None: one process, no torchrun
+    try:
+        status = run_rank(args, data, layout.device if layout else device, layout)
+        if layout:
+            layout.barrier()  # every rank done (rank 0's checkpoint written) before any leaves
+        return status
+    finally:
+        if layout:
+            layout.close()
+
+
+def run_rank(args, data, device, layout):
+    """run() on `device`, as one rank of `layout` (parallel.py) or alone (None)."""
+    main = layout is None or layout.main
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     if ckpt is not None and ckpt["args"].get("optimizer", args.optimizer) != args.optimizer:
@@ -307,11 +327,13 @@ def run(args, data):
                         f"layers, hidden {cfg.hidden_size}): resume without --model or with its own")
     if data.vocab_size > cfg.vocab_size:
         raise UserError(f"data {data.path} has vocab_size {data.vocab_size}, the model only {cfg.vocab_size}")
+    parallel.check(layout, cfg, args)
     memory = planner.measure(device, args.host_memory)
     plan = plan_with_moments(cfg, args, memory)  # before anything is allocated on the device
     if args.plan:
         moments = [f"AdamW moments: {args.moments} ({args.moments_why})"] if args.moments_why else []
-        print("\n".join(moments + planner.describe(plan, memory, args)))
+        if main:  # the plan of one GPU's whole model: an upper bound of each rank's share (not split yet)
+            print("\n".join(moments + planner.describe(plan, memory, args) + ([layout.describe()] if layout else [])))
         return 0
     if ckpt is not None and ckpt["step"] >= args.steps:
         print(f"{ckpt_path} is at step {ckpt['step']}, --steps is {args.steps}: the run is finished, nothing to "
@@ -323,23 +345,32 @@ def run(args, data):
     args.q_block = plan.q_block  # chosen with the offload decision; recorded in the checkpoint's args
 
     model = build_model(args, cfg, ckpt, device)
+    if layout:
+        layout.shard(model)  # this rank's heads and MLP columns; the optimizer and the pages see only them
     optimizer = build_optimizer(args, model, device)
     store = build_store(args, model, plan, device)
     start = 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if layout:
+            layout.load_optimizer_state(optimizer, model, ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
         del ckpt
-    elif os.path.exists(ckpt_path):  # only with --overwrite (cli.prepare_out): the old run goes now
+    elif os.path.exists(ckpt_path) and main:  # only with --overwrite (cli.prepare_out): the old run goes now
         os.remove(ckpt_path)
-    for line in start_lines(args, cfg, model, data, plan, memory, device, start):
+    for line in start_lines(args, cfg, model, data, plan, memory, device, start) if main else ():
         tqdm.write(line)
+    if layout and main:
+        tqdm.write(layout.describe())
 
     stop = StopRequest()
-    log = open_log(log_path, start)
-    tokens_per_step, step, rates, loss, val_loss = args.seq * args.batch, start, [], float("nan"), None
+    log = open_log(log_path, start) if main else open(os.devnull, "w")
+    dp = layout.dp if layout else 1  # each data-parallel rank trains on --batch sequences of a global batch
+    tokens_per_step, step, rates, loss, val_loss = args.seq * args.batch * dp, start, [], float("nan"), None
     mem_label = "mem" if device.type == "cuda" else "rss"  # allocated tensors on a GPU; the whole process on a CPU
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", dynamic_ncols=True)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", dynamic_ncols=True,
+                disable=not main)
     try:
         for step in bar:
             if device.type == "cuda":
@@ -347,9 +378,16 @@ def run(args, data):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
-            x, y = data.batch("train", args.batch, args.seq, seed=[args.seed, 0, step])
+            x, y = data.batch("train", args.batch * dp, args.seq, seed=[args.seed, 0, step])
+            if layout:
+                x, y = layout.local_batch(x, y)
             loss = train_step(model, x.to(device), y.to(device), args, device, store)
-            if args.grad_clip > 0 and isinstance(optimizer, MixedPrecisionAdamW):
+            if layout:  # once per step, after every chunk's backward
+                layout.reduce_gradients(model)
+                loss = layout.mean(loss)
+            if args.grad_clip > 0 and layout:
+                layout.clip_grad_norm_(model, args.grad_clip)  # the whole model's norm, as one GPU's
+            elif args.grad_clip > 0 and isinstance(optimizer, MixedPrecisionAdamW):
                 optim.clip_grad_norm_(model.parameters(), args.grad_clip)  # main_grad
             elif args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -364,23 +402,28 @@ def run(args, data):
                       "peak_mem_gib": peak}
             if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
                 val_loss = record["val_loss"] = evaluate(model, data, args, device, store)
-                save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
+                save_checkpoint(ckpt_path, model, optimizer, step + 1, args, layout)
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix({"loss": f"{loss:.4f}", "tok/s": f"{rates[-1]:,.0f}", mem_label: f"{peak:.1f}G"})
-            if stop.requested:
-                save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
+            if (layout.any(stop.requested) if layout else stop.requested):
+                save_checkpoint(ckpt_path, model, optimizer, step + 1, args, layout)
                 bar.close()
-                print(f"stopped after step {step + 1}; checkpoint saved to {ckpt_path} (continue with --resume)")
+                if main:
+                    print(f"stopped after step {step + 1}; checkpoint saved to {ckpt_path} (continue with --resume)")
                 return 130
     finally:
         stop.restore()
         log.close()
     bar.close()
+    if not main:
+        return 0
     # the loop ran at least once (a finished run returned above) and its last step evaluated
     print(f"done: {args.steps} steps | final loss {loss:.4f} | val loss {val_loss:.4f} | "
           f"{float(np.median(rates)):,.0f} tok/s (median) | checkpoint {ckpt_path}")
-    if args.export:
+    if args.export and layout:  # the model here is this rank's share; the checkpoint holds it whole
+        print(f"exported {finetune.export_checkpoint(args.out, load_checkpoint)}")
+    elif args.export:
         print(f"exported {finetune.export_run(model, args.out, args.init_from)}")
     return 0
 
