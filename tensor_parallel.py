@@ -106,7 +106,10 @@ def check_divisible(cfg, size: int) -> str | None:
 
 
 def _keep_slice(linear: nn.Linear, dim: int, rank: int, size: int):
-    """Replace the Linear's parameters by this rank's slice (dim 0: out-features, with the bias; 1: in-features)."""
+    """Replace the Linear's parameters by this rank's slice (dim 0: out-features, with the bias; 1: in-features);
+    one rank keeps them as they are."""
+    if size == 1:
+        return
     with torch.no_grad():
         linear.weight = nn.Parameter(linear.weight.chunk(size, dim)[rank].clone(),
                                      requires_grad=linear.weight.requires_grad)
