@@ -101,6 +101,10 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                      help="write a Hugging Face checkpoint to OUT/hf/ at the end of the run (config, safetensors, "
                           "the --init-from tokenizer files; LoRA runs: the merged model); `--export DIR` trains "
                           "nothing and exports DIR/ckpt.pt to DIR/hf/ (default: no export)")
+    run.add_argument("--tp", type=int, default=1,
+                     help="tensor-parallel degree under torchrun (parallel.py): attention heads and MLP split over "
+                          "this many ranks, data parallel over the rest; `torchrun --nproc-per-node N train.py --tp "
+                          "T` (default: %(default)s)")
     run.add_argument("--eval-interval", type=int, default=None,
                      help="evaluate and save a checkpoint every N steps (default: steps / 10)")
     run.add_argument("--eval-iters", type=int, default=None,
@@ -185,7 +189,7 @@ def check_values(args):
         if value is not None and not math.isfinite(value):
             raise UserError(f"{_flag(name)} must be a finite number, got {value}")
     positive = ("seq", "batch", "steps", "chunk", "page_size", "cache_tokens", "budget", "q_block", "eval_interval",
-                "lr", "host_memory", "lora_rank", "lora_alpha")
+                "eval_iters", "lr", "host_memory", "lora_rank", "lora_alpha", "tp")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value <= 0:

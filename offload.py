@@ -60,7 +60,7 @@ import torch
 
 from attention import Part, attend, default_kernel
 from offload_plan import dense_ranges, sparse_split
-from paged_kv import to_device
+from paged_kv import kv_heads, to_device
 from pinned_pool import PinnedPagePool
 from sparse_attn import PageSelector, doc_positions
 
@@ -256,7 +256,7 @@ class OffloadedKVStore:
         """A host pool exactly large enough for every layer's K/V of `batch` sequences of `seq_len` tokens."""
         cfg = model.config
         num_pages = cfg.num_hidden_layers * batch * math.ceil(seq_len / page_size)
-        return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, page_size, num_pages,
+        return cls(cfg.num_hidden_layers, batch, *kv_heads(model), page_size, num_pages,
                    dtype, device, cache_tokens, grad_dtype, sparse, kernel)
 
     @staticmethod

@@ -43,6 +43,13 @@ class OutOfPages(RuntimeError):
     pass
 
 
+def kv_heads(model) -> tuple[int, int]:
+    """(KV heads, head_dim) of the model's attention layers as they are, not as its config says: a tensor-parallel
+    rank's layers hold a share of the heads (tensor_parallel.py), and its pages hold only theirs."""
+    attn = model.layers[0].self_attn
+    return attn.n_kv_heads, attn.head_dim
+
+
 def to_device(t, device):
     """A small host tensor (page ids) copied to `device` without the host waiting for the GPU: through pinned
     memory, non-blocking (the caching host allocator keeps the pinned copy alive until the copy has run)."""
@@ -107,7 +114,7 @@ class PagedKVStore:
         """A pool exactly large enough for every layer's K/V of `batch` sequences of `seq_len` tokens."""
         cfg = model.config
         num_pages = cfg.num_hidden_layers * batch * math.ceil(seq_len / page_size)
-        return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, page_size, num_pages,
+        return cls(cfg.num_hidden_layers, batch, *kv_heads(model), page_size, num_pages,
                    dtype, device, grad_dtype=grad_dtype, sparse=sparse, output_cache_bytes=output_cache_bytes,
                    kernel=kernel)
 
@@ -224,8 +231,7 @@ class ReferenceKVStore:
 
     @classmethod
     def for_sequence(cls, model, batch, seq_len, page_size, dtype, device):
-        cfg = model.config
-        return cls(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, seq_len, dtype, device)
+        return cls(model.config.num_hidden_layers, batch, *kv_heads(model), seq_len, dtype, device)
 
     def length(self, layer):
         return self.lengths[layer]

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import finetune
 import optim
+import parallel
 import plan as planner
 import plots
 from chunk_train import chunked_step
@@ -52,14 +53,20 @@ CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "args")
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def save_checkpoint(path, model, optimizer, step, args):
+def save_checkpoint(path, model, optimizer, step, args, layout=None):
     """Atomic: write a temp file in the same directory, then rename over the old checkpoint. A LoRA run also
     writes its adapters to OUT/lora/ (PEFT format); over an --init-from base, ckpt.pt holds only the adapters
-    (adapters_only: the base reloads from --init-from on --resume), over a random-init base the whole model."""
-    tmp = path + ".tmp"
+    (adapters_only: the base reloads from --init-from on --resume), over a random-init base the whole model.
+    Several processes (parallel.py): every rank takes part in gathering the full tensors, rank 0 writes them."""
     adapters_only = finetune.adapters_only(args)
-    state = finetune.trainable_state(model) if adapters_only else model.state_dict()
-    torch.save({"model": state, "optimizer": optimizer.state_dict(), "step": step, "adapters_only": adapters_only,
+    model_state, optimizer_state = (layout.full_state(model, optimizer) if layout else
+                                    (model.state_dict(), optimizer.state_dict()))
+    if adapters_only:  # LoRA runs at --tp 1 only (parallel.check): every rank's model is whole
+        model_state = finetune.trainable_state(model)
+    if layout and not layout.main:
+        return
+    tmp = path + ".tmp"
+    torch.save({"model": model_state, "optimizer": optimizer_state, "step": step, "adapters_only": adapters_only,
                 "config": asdict(model.config), "args": vars(args)}, tmp)
     os.replace(tmp, path)
     finetune.save_adapter(model, os.path.dirname(path), args.init_from)
@@ -328,6 +335,20 @@ def run(args, data):
         return 0
     device = torch.device(args.device)
     check_device(device)
+    layout = parallel.from_env(args.tp, device)  # None: one process, no torchrun
+    try:
+        status = run_rank(args, data, layout.device if layout else device, layout)
+        if layout:
+            layout.barrier()  # every rank done (rank 0's checkpoint written) before any leaves
+        return status
+    finally:
+        if layout:
+            layout.close()
+
+
+def run_rank(args, data, device, layout):
+    """run() on `device`, as one rank of `layout` (parallel.py) or alone (None)."""
+    main = layout is None or layout.main
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     if ckpt is not None and ckpt["args"].get("optimizer", args.optimizer) != args.optimizer:
@@ -341,15 +362,17 @@ def run(args, data):
                         f"layers, hidden {cfg.hidden_size}): resume without --model or with its own")
     if data.vocab_size > cfg.vocab_size:
         raise UserError(f"data {data.path} has vocab_size {data.vocab_size}, the model only {cfg.vocab_size}")
+    parallel.check(layout, cfg, args)
     memory = planner.measure(device, args.host_memory)
     plan, suggestions = plan_and_choose(cfg, args, memory)  # before anything is allocated on the device
     if args.plan:
         moments = [f"AdamW moments: {args.moments} ({args.moments_why})"] if args.moments_why else []
-        chosen = [f"chosen by the plan: {'; '.join(args.precision_why)}"] if args.precision_why else []
-        lines = moments + chosen + planner.describe(plan, memory, args)
-        if suggestions:
-            lines += ["what would fit (each re-planned):"] + [f"  {s.line(memory)}" for s in suggestions]
-        print("\n".join(lines))
+        if main:  # with several processes: the plan of one GPU's whole model, an upper bound of each rank's share
+            chosen = [f"chosen by the plan: {'; '.join(args.precision_why)}"] if args.precision_why else []
+            lines = moments + chosen + planner.describe(plan, memory, args) + ([layout.describe()] if layout else [])
+            if suggestions:
+                lines += ["what would fit (each re-planned):"] + [f"  {s.line(memory)}" for s in suggestions]
+            print("\n".join(lines))
         return 0
     if ckpt is not None and ckpt["step"] >= args.steps:
         print(f"{ckpt_path} is at step {ckpt['step']}, --steps is {args.steps}: the run is finished, nothing to "
@@ -362,25 +385,34 @@ def run(args, data):
     args.q_block = plan.q_block  # chosen with the offload decision; recorded in the checkpoint's args
 
     model = build_model(args, cfg, ckpt, device)
+    if layout:
+        layout.shard(model)  # this rank's heads and MLP columns; the optimizer and the pages see only them
     optimizer = build_optimizer(args, model, device)
     store = build_store(args, model, plan, device)
     start = 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if layout:
+            layout.load_optimizer_state(optimizer, model, ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
         del ckpt
-    elif os.path.exists(ckpt_path):  # only with --overwrite (cli.prepare_out): the old run goes now
+    elif os.path.exists(ckpt_path) and main:  # only with --overwrite (cli.prepare_out): the old run goes now
         os.remove(ckpt_path)
-    for line in start_lines(args, cfg, model, data, plan, memory, device, start):
+    for line in start_lines(args, cfg, model, data, plan, memory, device, start) if main else ():
         tqdm.write(line)
+    if layout and main:
+        tqdm.write(layout.describe())
 
     stop = StopRequest()
-    log = open_log(log_path, start)
-    tokens_per_step, step, rates, loss, val_loss = args.seq * args.batch, start, [], float("nan"), None
+    log = open_log(log_path, start) if main else open(os.devnull, "w")
+    dp = layout.dp if layout else 1  # each data-parallel rank trains on --batch sequences of a global batch
+    tokens_per_step, step, rates, loss, val_loss = args.seq * args.batch * dp, start, [], float("nan"), None
     mem_label = "mem" if device.type == "cuda" else "rss"  # allocated tensors on a GPU; the whole process on a CPU
     saves = args.save != "never"
     plotted = time.time()  # OUT/*.png (plots.py): at an evaluation PLOT_EVERY_S after the last, and at the end
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", dynamic_ncols=True)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", dynamic_ncols=True,
+               disable=not main)
     try:
         for step in bar:
             if device.type == "cuda":
@@ -388,9 +420,17 @@ def run(args, data):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
-            batch = data.batch("train", args.batch, args.seq, seed=[args.seed, 0, step]).to(device)
+            batch = data.batch("train", args.batch * dp, args.seq, seed=[args.seed, 0, step])
+            if layout:
+                batch = layout.local_batch(batch)
+            batch = batch.to(device)
             loss = train_step(model, batch.x, batch.y, args, device, store, batch.doc_start)
-            if args.grad_clip > 0 and isinstance(optimizer, MixedPrecisionAdamW):
+            if layout:  # once per step, after every chunk's backward
+                layout.reduce_gradients(model)
+                loss = layout.mean(loss)
+            if args.grad_clip > 0 and layout:
+                layout.clip_grad_norm_(model, args.grad_clip)  # the whole model's norm, as one GPU's
+            elif args.grad_clip > 0 and isinstance(optimizer, MixedPrecisionAdamW):
                 optim.clip_grad_norm_(model.parameters(), args.grad_clip)  # main_grad
             elif args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -412,31 +452,36 @@ def run(args, data):
                     val_loss = result.loss
                     record.update(result.record())
                 if args.save == "eval" or (args.save == "end" and last):
-                    save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
+                    save_checkpoint(ckpt_path, model, optimizer, step + 1, args, layout)
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if "val_loss" in record and (last or time.time() - plotted >= plots.PLOT_EVERY_S):
+            if main and "val_loss" in record and (last or time.time() - plotted >= plots.PLOT_EVERY_S):
                 plots.write_plots(args.out)
                 plotted = time.time()
             bar.set_postfix({"loss": f"{loss:.4f}", "tok/s": f"{rates[-1]:,.0f}", mem_label: f"{peak:.1f}G",
                              **({"host": f"{record['peak_host_rss_gib']:.1f}G"} if device.type == "cuda" else {})})
-            if stop.requested:
+            if (layout.any(stop.requested) if layout else stop.requested):
                 if saves:
-                    save_checkpoint(ckpt_path, model, optimizer, step + 1, args)
+                    save_checkpoint(ckpt_path, model, optimizer, step + 1, args, layout)
                 bar.close()
-                print(f"stopped after step {step + 1}; " + (f"checkpoint saved to {ckpt_path} (continue with "
-                                                           f"--resume)" if saves else "no checkpoint (--save never)"))
+                if main:
+                    print(f"stopped after step {step + 1}; " + (f"checkpoint saved to {ckpt_path} (continue with "
+                                                               f"--resume)" if saves else "no checkpoint (--save never)"))
                 return 130
     finally:
         stop.restore()
         log.close()
     bar.close()
+    if not main:
+        return 0
     # the loop ran at least once (a finished run returned above) and its last step evaluated
     print(f"done: {args.steps} steps | final loss {loss:.4f} | "
           + (f"val loss {val_loss:.4f} | " if val_loss is not None else "")
           + f"{float(np.median(rates)):,.0f} tok/s (median) | "
           + (f"checkpoint {ckpt_path}" if saves else "no checkpoint (--save never)"))
-    if args.export:
+    if args.export and layout:  # the model here is this rank's share; the checkpoint holds it whole
+        print(f"exported {finetune.export_checkpoint(args.out, load_checkpoint)}")
+    elif args.export:
         print(f"exported {finetune.export_run(model, args.out, args.init_from)}")
     return 0
 

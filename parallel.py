@@ -1,0 +1,182 @@
+"""
+Several processes (GPUs) for train.py: the process groups of a torchrun launch and what a training loop needs of
+them. Tensor parallelism (tensor_parallel.py) and data parallelism (data_parallel.py) do the work; this file lays
+them out and gathers checkpoints.
+
+    torchrun --nproc-per-node N train.py --tp T ...     N = T x D ranks; rank = d * T + t
+
+Ranks t = 0..T-1 of one data-parallel index d form a tensor-parallel group (one model, heads split; consecutive
+ranks, so on one host it spans NVLink neighbours); ranks of one t across d form a data-parallel group (the same
+shard, different sequences). Every rank draws the step's global batch of --batch x D sequences from (seed, step) and
+trains on its D-th share, so a run's losses are those of one GPU at --batch x D. Checkpoints are gathered to rank 0
+as the usual OUT/ckpt.pt of one GPU (full tensors, model and AdamW state), so exports and resumes work at any T and D,
+one process included. A single process (no torchrun) sets up nothing and runs the plain path.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import data_parallel
+import tensor_parallel
+from cli import UserError
+from tensor_parallel import TensorParallel
+
+
+@dataclass
+class Layout:
+    rank: int  # in the world
+    world: int
+    tp: int  # tensor-parallel degree
+    dp: int  # data-parallel degree
+    tp_group: object
+    dp_group: object
+    device: torch.device
+    owns_process_group: bool  # this Layout initialized it (and destroys it in close())
+    tensor: TensorParallel | None = None  # set by shard()
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 prints, logs and writes checkpoints."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return (f"parallel: {self.world} processes, tensor parallel {self.tp} (heads and MLP split; each rank's KV "
+                f"pages hold 1/{self.tp} of the KV heads) x data parallel {self.dp} (--batch per rank), "
+                f"{dist.get_backend()} on {self.device}")
+
+    # ------------------------------------------------------------------------------------------ model and steps
+
+    def shard(self, model):
+        """Split the model over the tensor-parallel group, in place (before the optimizer and KV store exist)."""
+        self.tensor = tensor_parallel.shard_model(model, self.tp_group)
+        return model
+
+    def local_batch(self, batch):
+        """This rank's rows of the step's global data.Batch [batch x dp, T] (inputs, targets, document starts)."""
+        rows = batch.x.shape[0] // self.dp
+        share = slice(self.dp_rank * rows, (self.dp_rank + 1) * rows)
+        return dataclasses.replace(batch, x=batch.x[share], y=batch.y[share],
+                                   doc_start=None if batch.doc_start is None else batch.doc_start[share])
+
+    def reduce_gradients(self, model):
+        """Average the gradients over the data-parallel group: once per step, after the whole chunked step."""
+        data_parallel.average_gradients(list(model.parameters()), self.dp_group)
+
+    def mean(self, value: float) -> float:
+        """The mean over data-parallel ranks of a per-rank number (the step's loss)."""
+        t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.dp_group)
+        return t.item() / self.dp
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank raised its flag (Ctrl-C reaches ranks at different moments; all must stop together)."""
+        t = torch.tensor(int(flag), device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item())
+
+    def clip_grad_norm_(self, model, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ of the whole model's gradient (main_grad or grad), as one GPU's."""
+        total = tensor_parallel.grad_norm_sq(model, self.tensor, data_parallel.gradient).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in model.parameters():
+            g = data_parallel.gradient(p)
+            if g is not None:
+                g.mul_(coef.to(g.dtype))
+        return total
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def _optimizer_names(self, optimizer, model) -> list[tuple[str, torch.nn.Parameter]]:
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [(names[id(p)], p) for group in optimizer.param_groups for p in group["params"]]
+
+    def full_state(self, model, optimizer) -> tuple[dict, dict]:
+        """(model state dict, optimizer state dict) of the whole model, as one GPU's run would save them.
+        Collective over the tensor-parallel group: every rank calls it."""
+        tp = self.tensor
+        model_state = tp.gather_state_dict(model.state_dict())
+        opt_state = optimizer.state_dict()
+        for i, (name, p) in enumerate(self._optimizer_names(optimizer, model)):
+            # a new dict: state_dict() hands out the optimizer's own per-parameter dicts
+            state = opt_state["state"][i] = dict(opt_state["state"].get(i, {}))
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() and name in tp.dims:
+                    if value.shape != p.shape:
+                        raise UserError(f"optimizer state {key} of {name} is not shaped like its parameter: "
+                                        f"tensor parallelism checkpoints AdamW with fp32 weights only")
+                    state[key] = tp.gather(name, value)
+        return model_state, opt_state
+
+    def load_optimizer_state(self, optimizer, model, full: dict):
+        """Load a full (one-GPU) optimizer state dict, each moment cut to this rank's shard."""
+        for i, (name, _) in enumerate(self._optimizer_names(optimizer, model)):
+            state = full["state"][i] = dict(full["state"].get(i, {}))
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim():
+                    state[key] = self.tensor.shard(name, value)
+        optimizer.load_state_dict(full)
+
+    def barrier(self):
+        dist.barrier()
+
+    def close(self):
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def from_env(tp: int, device: torch.device) -> Layout | None:
+    """The layout of a torchrun launch (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment), its
+    process groups created (nccl on GPUs, gloo on CPUs); None for a plain single process with --tp 1."""
+    if "WORLD_SIZE" not in os.environ:
+        if tp == 1:
+            return None
+        raise UserError(f"--tp {tp} needs {tp} processes or a multiple: launch with torchrun --nproc-per-node N "
+                        f"train.py --tp {tp} ...")
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", 0))
+    if world % tp:
+        raise UserError(f"--tp {tp} does not divide the {world} processes (WORLD_SIZE)")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {device.index}: this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    dp = world // tp
+    tp_group = dp_group = None
+    for d in range(dp):  # every rank creates every group, in one order (new_group is collective)
+        group = dist.new_group([d * tp + t for t in range(tp)])
+        tp_group = group if d == rank // tp else tp_group
+    for t in range(tp):
+        group = dist.new_group([d * tp + t for d in range(dp)])
+        dp_group = group if t == rank % tp else dp_group
+    return Layout(rank, world, tp, dp, tp_group, dp_group, device, owns)
+
+
+def check(layout: Layout | None, cfg, args):
+    """What the layout cannot do with this run, as a UserError, before any model is built."""
+    if layout is None or layout.tp == 1:
+        return
+    why = tensor_parallel.check_divisible(cfg, layout.tp)
+    if why:
+        raise UserError(f"--tp {layout.tp}: {why}")
+    for flag, value, ok in (("--optimizer", args.optimizer, "adamw"), ("--params-dtype", args.params_dtype, "float32")):
+        if value != ok:
+            raise UserError(f"--tp {layout.tp} with {flag} {value}: not supported yet (tensor-parallel checkpoints "
+                            f"gather AdamW state of fp32 weights only); use {flag} {ok}")
+    if args.lora_rank:
+        raise UserError(f"--tp {layout.tp} with --lora-rank: not supported yet (the adapters wrap the projections "
+                        f"that tensor parallelism splits)")

@@ -1,0 +1,219 @@
+"""Several processes on the CPU (gloo): tensor and data parallelism give one process's loss and gradients.
+
+One spawned job of two processes runs every check (each process pays torch's import once) and writes its results;
+the tests below read them. In fp32 the only differences from one process are summation orders (partial products
+summed across ranks): relative error <= 1e-5 per parameter, every parameter compared (embedding, norms and the
+lowest layer included: a tensor-parallel backward that forgets to all-reduce the input gradient of the column-split
+projections gets those wrong, and only those). The train.py runs launch as torchrun would (RANK, WORLD_SIZE,
+MASTER_ADDR/PORT in the environment) and call train.main in each process.
+"""
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+WORLD = 2
+TOL = 1e-5
+TRAIN = ["--model", "tiny", "--device", "cpu", "--seq", "64", "--chunk", "32", "--page-size", "16",
+         "--steps", "3", "--eval-interval", "2", "--eval-iters", "1", "--attn", "dense"]
+
+
+def train_args(out_dir, *extra):
+    """TRAIN on a small byte file (opening the embedded corpus would take seconds per run), into out_dir/out."""
+    return TRAIN + ["--data", os.path.join(out_dir, "data.txt"), *extra]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ in each process
+
+
+def tiny_model(tie):
+    from model import Model, ModelConfig
+    torch.manual_seed(0)
+    model = Model(ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+    with torch.no_grad():  # random biases and norm weights, so that every gradient is exercised
+        for name, p in model.named_parameters():
+            if "bias" in name or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def step(model, idx, targets, sparse):
+    """One chunked step (chunk 32, page 16) on the paged store with the plain-PyTorch kernel; returns the loss."""
+    from attention import ReferenceKernel
+    from chunk_train import chunked_step
+    from paged_kv import PagedKVStore
+    model.zero_grad(set_to_none=True)
+    store = PagedKVStore.for_sequence(model, idx.shape[0], idx.shape[1], 16, torch.float32, "cpu", sparse=sparse,
+                                      kernel=ReferenceKernel())
+    return chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=store)
+
+
+def errors(loss, ref_loss, grads, ref_model):
+    """Relative errors of the loss and of every parameter's gradient against the one-process model's."""
+    out = {"loss": abs(loss - ref_loss) / abs(ref_loss)}
+    for name, p in ref_model.named_parameters():
+        out[name] = ((grads[name] - p.grad).norm() / p.grad.norm()).item()
+    return out
+
+
+def check_tensor_parallel(tie, sparse):
+    """Tensor parallelism over both processes against one process on the same batch (2 sequences of 96 tokens)."""
+    import tensor_parallel
+    g = torch.Generator().manual_seed(1)
+    idx, targets = (torch.randint(0, 128, (2, 96), generator=g) for _ in range(2))
+    ref = tiny_model(tie)
+    ref_loss = step(ref, idx, targets, sparse)
+    model = tiny_model(tie)
+    tp = tensor_parallel.shard_model(model)
+    assert model.layers[0].self_attn.q_proj.weight.shape[0] == 32  # 2 of the 4 heads
+    loss = step(model, idx, targets, sparse)
+    grads = {name: tp.gather(name, p.grad) for name, p in model.named_parameters()}
+    return errors(loss, ref_loss, grads, ref)
+
+
+def check_data_parallel(rank):
+    """Each process trains on its own sequence; the averaged gradients equal one process's on both sequences."""
+    import torch.distributed as dist
+    from data_parallel import average_gradients
+    g = torch.Generator().manual_seed(2)
+    idx, targets = (torch.randint(0, 128, (2, 96), generator=g) for _ in range(2))
+    ref = tiny_model(True)
+    ref_loss = step(ref, idx, targets, None)
+    model = tiny_model(True)
+    loss = step(model, idx[rank:rank + 1], targets[rank:rank + 1], None)
+    average_gradients(list(model.parameters()))
+    loss_t = torch.tensor(loss)
+    dist.all_reduce(loss_t)
+    return errors(loss_t.item() / WORLD, ref_loss, {n: p.grad for n, p in model.named_parameters()}, ref)
+
+
+def worker(rank, ports, out_dir):
+    import time
+    t0 = time.perf_counter()
+    # the reference attention and plain layer ops: Triton's interpreter (set by conftest) would be slow here
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    import train
+    from sparse_attn import MeanKey, SparseConfig
+    results = {}
+    os.environ["MASTER_PORT"] = str(ports[0])
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results["tp_dense_untied"] = check_tensor_parallel(False, None)
+    results["tp_sparse_tied"] = check_tensor_parallel(True, SparseConfig(budget=32, q_block=16, rule=MeanKey()))
+    results["dp"] = check_data_parallel(rank)
+    dist.destroy_process_group()
+    results["time_checks"] = time.perf_counter() - t0
+
+    class StopAfterTwo(train.StopRequest):  # as if Ctrl-C came during step 2
+        reads = 0
+
+        @property
+        def requested(self):
+            StopAfterTwo.reads += 1
+            return StopAfterTwo.reads >= 2
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    runs = [("tp_full", ["--tp", "2", "--batch", "2"], train.StopRequest),
+            ("tp_part", ["--tp", "2", "--batch", "2"], StopAfterTwo),
+            ("tp_part", ["--tp", "2", "--batch", "2", "--resume"], train.StopRequest),
+            ("dp", ["--tp", "1", "--batch", "1"], train.StopRequest)]
+    results["status"] = []
+    for (out, args, stop), port in zip(runs, ports[1:]):
+        os.environ["MASTER_PORT"] = str(port)
+        train.StopRequest = stop
+        results["status"].append(train.main(train_args(out_dir, *args, "--out", os.path.join(out_dir, out))))
+    results["time_runs"] = time.perf_counter() - t0
+    if rank == 0:  # one process (no torchrun environment): the reference run, and a resume of the 2-rank run
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            del os.environ[name]
+        train.StopRequest = StopAfterTwo.__mro__[1]
+        shutil.copytree(os.path.join(out_dir, "tp_full"), os.path.join(out_dir, "tp_resumed_alone"))
+        results["status"].append(train.main(train_args(out_dir, "--batch", "2", "--out",
+                                                       os.path.join(out_dir, "single"))))
+        results["status"].append(train.main(train_args(out_dir, "--batch", "2", "--steps", "4", "--out",
+                                                       os.path.join(out_dir, "tp_resumed_alone"), "--resume")))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+# ------------------------------------------------------------------------------------------------ the tests
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """Run the spawned job once; its results per rank, and its directory (the train.py runs' --out dirs)."""
+    out_dir = str(tmp_path_factory.mktemp("parallel"))
+    with open(os.path.join(out_dir, "data.txt"), "wb") as f:
+        f.write(torch.randint(32, 127, (20000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy()
+                .tobytes())
+    mp.start_processes(worker, args=([free_port() for _ in range(5)], out_dir), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    results = []
+    for rank in range(WORLD):
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+            results.append(json.load(f))
+    return results, out_dir
+
+
+@pytest.mark.parametrize("check", ["tp_dense_untied", "tp_sparse_tied", "dp"])
+def test_loss_and_every_gradient_equal_one_process(job, check):
+    for rank, results in enumerate(job[0]):
+        errs = results[check]
+        assert len(errs) > 20  # the loss and every parameter (2 layers: 15 each, with the embedding, norm, head)
+        bad = {name: err for name, err in errs.items() if not err <= TOL}
+        assert not bad, f"rank {rank}, {check}: relative errors above {TOL}: {bad}"
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_train_across_ranks_resumes_and_matches_one_process(job):
+    """train.py on 2 ranks (--tp 2; --tp 1: data parallel, --batch 1 per rank): exit statuses, the resumed run's
+    losses equal the uninterrupted one's exactly, every loss equals one process's (--batch 2), and the checkpoint
+    is one process's: full tensors, which a single process resumes."""
+    from model import Model, ModelConfig
+    results, out_dir = job
+    assert results[0]["status"] == [0, 130, 0, 0, 0, 0] and results[1]["status"] == [0, 130, 0, 0]
+    full, part, dp, single, alone = (os.path.join(out_dir, name) for name in
+                                     ("tp_full", "tp_part", "dp", "single", "tp_resumed_alone"))
+    assert losses(part) == losses(full) and len(losses(full)) == 3
+    for run in (full, dp):
+        torch.testing.assert_close(losses(run), losses(single), rtol=TOL, atol=0)
+    ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
+    model = Model(ModelConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])  # strict: every tensor whole
+    ref = torch.load(os.path.join(single, "ckpt.pt"), weights_only=True)
+    for name, value in ref["model"].items():
+        torch.testing.assert_close(ckpt["model"][name], value, rtol=0, atol=1e-5, msg=name)
+    for i, state in ref["optimizer"]["state"].items():  # AdamW's moments gathered whole
+        torch.testing.assert_close(ckpt["optimizer"]["state"][i]["exp_avg"], state["exp_avg"], rtol=0, atol=1e-6)
+    assert losses(alone)[:3] == losses(full) and len(losses(alone)) == 4  # one process continued it
+
+
+def test_tp_without_torchrun_is_refused(tmp_path, capsys, monkeypatch):
+    import train
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = str(tmp_path / "run")
+    assert train.main(TRAIN + ["--tp", "2", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --tp 2 needs") and "torchrun" in err[0]
+    assert not os.path.exists(os.path.join(out, "log.jsonl"))
