@@ -189,7 +189,7 @@ def check_values(args):
         if value is not None and not math.isfinite(value):
             raise UserError(f"{_flag(name)} must be a finite number, got {value}")
     positive = ("seq", "batch", "steps", "chunk", "page_size", "cache_tokens", "budget", "q_block", "eval_interval",
-                "eval_iters", "lr", "host_memory", "lora_rank", "lora_alpha", "tp")
+                "lr", "host_memory", "lora_rank", "lora_alpha", "tp")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value <= 0:

@@ -128,7 +128,8 @@ for name in "$@"; do
             $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__)'; \
             $PY -m pytest -q -n 8 tests/test_paged_attention.py tests/test_paged_kv.py tests/test_chunk_train.py \
             tests/test_offload.py tests/test_sparse_attn.py tests/test_model.py tests/test_layer_ops.py \
-            tests/test_precision.py tests/test_lora.py tests/test_sample.py >'$OUT/pytest.txt' 2>&1; rc=\$?; \
+            tests/test_precision.py tests/test_lora.py tests/test_sample.py tests/test_doc_masks.py \
+            tests/test_loss_masks.py tests/test_documents.py >'$OUT/pytest.txt' 2>&1; rc=\$?; \
             tail -15 '$OUT/pytest.txt'; exit \$rc" ;;
     exact)
         stage exact 90 "$PY" bench.py exact --model small,small-d128 --seq 4096 --chunk 1024 --page-size 64 \
