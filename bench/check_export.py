@@ -63,6 +63,13 @@ def compare(out, init, tol):
             diff = (hf(idx).logits - logits).abs().max().item()
             print(f"{hf_dir} (transformers) vs ours: max abs logit diff {diff:.3e}")
             worst = max(worst, diff)
+        # the run must have moved the weights, else equal logits would not show the export carried the training
+        init_logits = transformers.AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32).eval()(idx).logits
+        moved = (init_logits - logits).abs().max().item()
+        print(f"ours vs the --init-from checkpoint: max abs logit diff {moved:.3e} (training moved the weights)")
+        if moved == 0.0:
+            print("the trained model equals its init: nothing was compared")
+            return 1
         lora_dir = os.path.join(out, "lora")
         if os.path.isdir(lora_dir):
             import peft

@@ -193,9 +193,11 @@ for name in "$@"; do
             /tmp/ft7bs/log.jsonl; cp /tmp/ft7bs/log.jsonl '$OUT/ft_7b_short.jsonl'" ;;
     ft-0.5b-128k)
         rm -rf /tmp/init05 /tmp/ft05 /tmp/ft05lora
+        rm -f /tmp/ft05.txt*  # the repo's sources as text: ~700K tokens of the checkpoint's tokenizer
+        cat ./*.py kernels/*.py tests/*.py >/tmp/ft05.txt
         stage ft-0.5b-128k 500 bash -c "$PY bench/check_export.py make /tmp/init05 && \
             for run in ft05: ft05lora:--lora-rank=16; do name=\${run%%:*}; extra=\${run#*:}; \
-            $PY train.py --init-from /tmp/init05 --seq 131072 --steps 3 --eval-iters 1 --export \
+            $PY train.py --init-from /tmp/init05 --data /tmp/ft05.txt --seq 131072 --steps 3 --eval-iters 1 --export \
             \${extra/=/ } --out /tmp/\$name 2>&1 | tr '\r' '\n' | grep -E '^(model|run|done|exported|error)'; \
             cat /tmp/\$name/log.jsonl; $PY bench/check_export.py compare /tmp/\$name --init /tmp/init05 || exit 1; \
             done" ;;
