@@ -122,7 +122,10 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     opt.add_argument("--moments", default=None, choices=("fp32", "bf16", "int8"),
                      help="--params-dtype bfloat16: how AdamW stores its two moments (optim.py) (default: fp32 "
                           "when the plan fits, else the most precise that fits; resumed: the checkpoint's)")
-    opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    opt.add_argument("--lr", type=float, default=None,
+                     help="peak learning rate (default: 1e-3 for the tiny and small presets from scratch, 3e-4 for "
+                          "larger models from scratch, 2e-5 to fine-tune an --init-from checkpoint, 2e-4 for LoRA "
+                          "adapters; a resumed run keeps its checkpoint's)")
     opt.add_argument("--min-lr", type=float, default=None,
                      help="final learning rate of the cosine decay (default: lr / 10)")
     opt.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: steps / 20, at least 1)")
@@ -182,6 +185,18 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def default_lr(args) -> tuple[float, str]:
+    """The peak learning rate for what is trained, and why: a random 7B model diverges at the small presets' 1e-3
+    (bench/RESULTS.md: its loss doubled at step 2), and a pretrained checkpoint wants a fine-tuning rate."""
+    if args.lora_rank:
+        return 2e-4, "LoRA adapters"
+    if args.init_from:
+        return 2e-5, "fine-tuning a pretrained checkpoint"
+    if args.model in (None, "tiny", "small"):
+        return 1e-3, "a small model from scratch"
+    return 3e-4, "a large model from scratch"
+
+
 def check_values(args):
     """Each number the user gave, on its own: finite and in range. (Defaults are in range by construction.)"""
     for name in ("lr", "min_lr", "weight_decay", "grad_clip", "host_memory", "lora_alpha"):
@@ -198,8 +213,6 @@ def check_values(args):
         value = getattr(args, name)
         if value is not None and value < 0:
             raise UserError(f"{_flag(name)} must be >= 0, got {value}")
-    if args.min_lr is not None and args.min_lr > args.lr:
-        raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr} (the schedule decays to it)")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out, --overwrite deletes it: give one of them")
     if args.init_from and not os.path.isdir(args.init_from):
@@ -293,6 +306,12 @@ def resolve(args, gpu: bool):
     default_steps = max(10, min(1000 if gpu else 150, (2**24 if gpu else 2**18) // (args.seq * args.batch)))
     args.steps = args.steps if args.steps is not None else default_steps
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    # a resumed run keeps its checkpoint's schedule unless these are given (train.py reads them from ckpt.pt)
+    args.lr_given, args.min_lr_given = args.lr is not None, args.min_lr is not None
+    if args.lr is None:
+        args.lr, args.lr_why = default_lr(args)
+    if args.min_lr is not None and args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr:g} (the schedule decays to it)")
     args.min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
     args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     if args.warmup > args.steps:

@@ -261,7 +261,8 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
         f"run: seq {args.seq} x batch {args.batch} | {path} | {args.dtype} compute, {weights} weights on {device} | "
         f"memory: {planner.summary(plan, memory)} (--plan for the parts)"
         + (f" | chosen by the plan: {'; '.join(args.precision_why)}" if args.precision_why else ""),
-        f"optimizer: {args.optimizer}, lr {args.lr:g} -> {args.min_lr:g} (warm-up {args.warmup}, cosine to step "
+        f"optimizer: {args.optimizer}, lr {args.lr:g}{f' ({args.lr_why})' if getattr(args, 'lr_why', None) else ''}"
+        f" -> {args.min_lr:g} (warm-up {args.warmup}, cosine to step "
         f"{args.steps}), weight decay {args.weight_decay:g}, grad clip {args.grad_clip:g} | seed {args.seed} | "
         f"out: {args.out} | "
         + (f"eval every {args.eval_interval} steps x {args.eval_iters} batches" if args.eval_iters else "no eval")
@@ -351,6 +352,14 @@ def run_rank(args, data, device, layout):
     main = layout is None or layout.main
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt is not None:  # the checkpoint's schedule, unless given now (cli.resolve)
+        for name in ("lr", "min_lr"):
+            if not getattr(args, f"{name}_given", True) and isinstance(ckpt["args"].get(name), float):
+                setattr(args, name, ckpt["args"][name])
+        if not getattr(args, "lr_given", True):
+            args.lr_why = "the checkpoint's"
+        if args.min_lr > args.lr:
+            raise UserError(f"--min-lr {args.min_lr:g} must not exceed the checkpoint's lr {args.lr:g}")
     if ckpt is not None and ckpt["args"].get("optimizer", args.optimizer) != args.optimizer:
         raise UserError(f"--optimizer {args.optimizer}, but {ckpt_path} was trained with "
                         f"{ckpt['args']['optimizer']}: resume with the same optimizer")

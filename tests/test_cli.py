@@ -174,10 +174,28 @@ def test_overwrite_starts_afresh_and_the_start_line_names_the_settings(files, tm
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 1
     start = capsys.readouterr().out.split("train:")[0]
     for setting in ("model: tiny", "seq 32 x batch 2", "full-sequence", "float32 compute", "on cpu",
-                    "planned on the cpu", "adamw, lr 0.001 -> 0.0001 (warm-up 1, cosine to step 1)",
+                    "planned on the cpu", "adamw, lr 0.001 (a small model from scratch) -> 0.0001 (warm-up 1, cosine to step 1)",
                     "weight decay 0.1", "grad clip 1", "seed 1337", f"out: {out}", "eval every 1 steps x 1 batches"):
         assert setting in start, (setting, start)
     assert "gpu" not in start.lower(), start
+
+
+def test_default_lr_follows_what_is_trained_and_resume_keeps_the_checkpoints(files, tmp_path):
+    """The default peak lr depends on what trains (a random 7B model diverges at 1e-3); a resumed run keeps the
+    checkpoint's lr and min-lr unless given, so its schedule continues the one it was started with."""
+    import argparse
+
+    def lr(**given):
+        return cli.default_lr(argparse.Namespace(**{"lora_rank": None, "init_from": None, "model": None, **given}))[0]
+    assert (lr(model="tiny"), lr(model="qwen2.5-7b"), lr(init_from="dir"), lr(init_from="dir", lora_rank=8)) == \
+        (1e-3, 3e-4, 2e-5, 2e-4)
+    out = str(tmp_path / "run")
+    assert train.main(RUN + ["--data", files["text"], "--out", out, "--lr", "4e-3"]) == 0
+    assert train.main(RUN + ["--data", files["text"], "--out", out, "--resume", "--steps", "3"]) == 0
+    with open(os.path.join(out, "log.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    # cosine from 4e-3 to 4e-4 over steps 1..2 after one warm-up step: halfway at step index 2
+    assert last["step"] == 3 and last["lr"] == pytest.approx(4e-4 + 0.5 * 3.6e-3)
 
 
 def test_resume_drops_log_records_after_the_checkpoint(files, tmp_path):
@@ -212,7 +230,7 @@ def test_help_shows_every_default_without_importing_torch():
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines()}
     assert not {"torch", "triton", "numpy"} & imported
     text = " ".join(proc.stdout.split())  # argparse wraps lines
-    for default in ("(default: 4096)", "(default: 64)", "(default: 0.001)", "(default: 65536)", "(default: 1337)",
+    for default in ("(default: 4096)", "(default: 64)", "(default: 1e-3 for the tiny and small presets", "(default: 65536)", "(default: 1337)",
                     "(default: out)", "(default: 0.1)", "(default: 1.0)", "(default: lr / 10)", "(default: adamw)",
                     "(default: steps / 10)", "(default: auto)", "(default: eval)"):
         assert default in text, default
