@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from paged_kv import PagedKVStore
+
 WORLD = 2
 TOL = 1e-5
 TRAIN = ["--model", "tiny", "--device", "cpu", "--seq", "64", "--chunk", "32", "--page-size", "16",
@@ -53,7 +55,6 @@ def step(model, idx, targets, sparse):
     """One chunked step (chunk 32, page 16) on the paged store with the plain-PyTorch kernel; returns the loss."""
     from attention import ReferenceKernel
     from chunk_train import chunked_step
-    from paged_kv import PagedKVStore
     model.zero_grad(set_to_none=True)
     store = PagedKVStore.for_sequence(model, idx.shape[0], idx.shape[1], 16, torch.float32, "cpu", sparse=sparse,
                                       kernel=ReferenceKernel())
@@ -97,6 +98,34 @@ def check_data_parallel(rank):
     loss_t = torch.tensor(loss)
     dist.all_reduce(loss_t)
     return errors(loss_t.item() / WORLD, ref_loss, {n: p.grad for n, p in model.named_parameters()}, ref)
+
+
+def check_context_parallel():
+    """The history sharded over both processes (chunks round-robin: 4 chunks of 32 tokens, 3 of them history), one
+    process's loss and gradients; also with packed documents, and clear_grad (detach_history) where only the
+    owner holds the pages."""
+    from attention import ReferenceKernel
+    from chunk_train import chunked_step
+    from context_parallel import ShardedKVStore
+    g = torch.Generator().manual_seed(3)
+    idx, targets = (torch.randint(0, 128, (2, 112), generator=g) for _ in range(2))  # a partial last chunk
+    # packed documents: row 0 starts documents at 20 (in chunk 0) and 70 (chunk 2), row 1 at 40 (chunk 1)
+    pos = torch.arange(112)
+    docs = torch.stack([torch.where(pos >= 70, 70, torch.where(pos >= 20, 20, 0)), torch.where(pos >= 40, 40, 0)])
+    out = {}
+    for variant, doc_start, detach in (("", None, False), ("detached ", None, True), ("documents ", docs, False)):
+        ref = tiny_model(False)
+        ref_loss = chunked_step(ref, idx, targets, chunk_size=32, page_size=16, detach_history=detach,
+                                doc_start=doc_start, store=PagedKVStore.for_sequence(ref, 2, 112, 16, torch.float32,
+                                                                                     "cpu", kernel=ReferenceKernel()))
+        model = tiny_model(False)
+        store = ShardedKVStore.for_sequence(model, 2, 112, 32, 16, torch.float32, "cpu", kernel=ReferenceKernel())
+        assert store.inner.allocator.num_pages == 2 * 2 * 4  # 2 layers x 2 rows x 2 chunks of 2 pages: half
+        loss = chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=store, detach_history=detach,
+                            doc_start=doc_start)
+        errs = errors(loss, ref_loss, {n: p.grad for n, p in model.named_parameters()}, ref)
+        out.update({variant + name: err for name, err in errs.items()})
+    return out
 
 
 def worker(rank, ports, out_dir):
