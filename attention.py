@@ -116,10 +116,11 @@ def default_kernel(device):
     return TritonKernel() if torch.device(device).type == "cuda" or _interpreting() else ReferenceKernel()
 
 
-def attention_forward(history, q, k, v, kernel, scale=None):
+def attention_forward(history, q, k, v, kernel, scale=None, merge=None):
     """(o [B, C, H, D] q.dtype, lse [B, H, C] fp32) of q over every part of `history`, merged by log-sum-exp. A
     single part writes o directly; several merge in an fp32 o. Every part is consumed (a streaming store finishes
-    its bookkeeping when asked for the next part)."""
+    its bookkeeping when asked for the next part). A history of no parts gives o = 0, lse = -inf (a rank that holds
+    none of it). merge: the cross-rank merge (see attend), applied to the result."""
     o = lse = None
     for j, part in enumerate(history.parts(q, k, v, backward=False)):
         if j == 0 and part.last:
@@ -129,6 +130,11 @@ def attention_forward(history, q, k, v, kernel, scale=None):
             o = torch.empty(q.shape, dtype=torch.float32, device=q.device)
             lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
         kernel.forward(q, part, scale, out=(o, lse), merge=j > 0)
+    if o is None:
+        o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+    if merge is not None:
+        o, lse = merge.forward(o, lse)
     return o.to(q.dtype), lse
 
 
@@ -145,11 +151,12 @@ class _Attention(torch.autograd.Function):
     of every part unchanged until the backward has run."""
 
     @staticmethod
-    def forward(ctx, q, k, v, history, kernel, scale, kept):
-        o, lse = kept if kept is not None else attention_forward(history, q, k, v, kernel, scale)
+    def forward(ctx, q, k, v, history, kernel, scale, kept, merge):
+        o, lse = kept if kept is not None else attention_forward(history, q, k, v, kernel, scale, merge)
         chunk_kv = () if history.chunk_kv_in_pages else (k, v)
         ctx.save_for_backward(q, o, lse, *chunk_kv)
-        ctx.history, ctx.kernel, ctx.scale, ctx.kv_dtypes = history, kernel, scale, (k.dtype, v.dtype)
+        ctx.history, ctx.kernel, ctx.scale, ctx.merge = history, kernel, scale, merge
+        ctx.kv_dtypes, ctx.kv_shape = (k.dtype, v.dtype), k.shape
         return o
 
     @staticmethod
@@ -166,14 +173,22 @@ class _Attention(torch.autograd.Function):
             if part.holds_chunk:  # now holding what later chunks added for the chunk's pages + its own share
                 dk = _chunk_rows(part.dk_pages, part, q.shape[1]).to(ctx.kv_dtypes[0])
                 dv = _chunk_rows(part.dv_pages, part, q.shape[1]).to(ctx.kv_dtypes[1])
-        return dq.to(q.dtype), dk, dv, None, None, None, None
+        if ctx.merge is not None:  # a rank without the chunk's pages (or any part) adds zeros to the others' sums
+            zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=q.device)  # noqa: E731
+            dq, dk, dv = ctx.merge.backward(dq if dq is not None else zeros(q.shape, q.dtype),
+                                            dk if dk is not None else zeros(ctx.kv_shape, ctx.kv_dtypes[0]),
+                                            dv if dv is not None else zeros(ctx.kv_shape, ctx.kv_dtypes[1]))
+        return dq.to(q.dtype), dk, dv, None, None, None, None, None
 
 
-def attend(history, q, k, v, kernel, scale=None, kept=None):
+def attend(history, q, k, v, kernel, scale=None, kept=None, merge=None):
     """Causal attention of the chunk's q [B, C, H, D] over `history` (its stored K/V, then the chunk's own k, v
     [B, C, Hkv, D], already stored). Returns o [B, C, H, D] in q.dtype. Without grad (stage 1) only the forward
     runs and nothing is kept. kept=(o, lse): this very forward's result, kept from an earlier call over the same
-    positions (kept_outputs.py): the forward kernels are skipped."""
+    positions (kept_outputs.py): the forward kernels are skipped.
+    merge (history sharded across processes, context_parallel.py; None: this process holds all of it): an object
+    with forward(o fp32, lse) -> the (o, lse) of every rank's history merged, and backward(dq, dk, dv) -> their
+    sums over the ranks (dq is a sum over parts; dk/dv of the chunk come from the rank holding its pages)."""
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return kept[0] if kept is not None else attention_forward(history, q, k, v, kernel, scale)[0]
-    return _Attention.apply(q, k, v, history, kernel, scale, kept)
+        return kept[0] if kept is not None else attention_forward(history, q, k, v, kernel, scale, merge)[0]
+    return _Attention.apply(q, k, v, history, kernel, scale, kept, merge)

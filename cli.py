@@ -105,6 +105,10 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                      help="tensor-parallel degree under torchrun (parallel.py): attention heads and MLP split over "
                           "this many ranks, data parallel over the rest; `torchrun --nproc-per-node N train.py --tp "
                           "T` (default: %(default)s)")
+    run.add_argument("--cp", type=int, default=1,
+                     help="context-parallel degree under torchrun (context_parallel.py): each sequence's KV/dKV "
+                          "pages sharded over this many ranks (chunks round-robin), attention merged across them; "
+                          "ranks = tp x cp x data parallel (default: %(default)s)")
     run.add_argument("--eval-interval", type=int, default=None,
                      help="evaluate and save a checkpoint every N steps (default: steps / 10)")
     run.add_argument("--eval-iters", type=int, default=None,
@@ -204,7 +208,7 @@ def check_values(args):
         if value is not None and not math.isfinite(value):
             raise UserError(f"{_flag(name)} must be a finite number, got {value}")
     positive = ("seq", "batch", "steps", "chunk", "page_size", "cache_tokens", "budget", "q_block", "eval_interval",
-                "lr", "host_memory", "lora_rank", "lora_alpha", "tp")
+                "lr", "host_memory", "lora_rank", "lora_alpha", "tp", "cp")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value <= 0:

@@ -1,25 +1,28 @@
 """
 Several processes (GPUs) for train.py: the process groups of a torchrun launch and what a training loop needs of
-them. Tensor parallelism (tensor_parallel.py) and data parallelism (data_parallel.py) do the work; this file lays
-them out and gathers checkpoints.
+them. Tensor parallelism (tensor_parallel.py), context parallelism (context_parallel.py) and data parallelism
+(data_parallel.py) do the work; this file lays them out and gathers checkpoints.
 
-    torchrun --nproc-per-node N train.py --tp T ...     N = T x D ranks; rank = d * T + t
+    torchrun --nproc-per-node N train.py --tp T --cp P ...     N = T x P x D ranks; rank = (d * P + c) * T + t
 
-Ranks t = 0..T-1 of one data-parallel index d form a tensor-parallel group (one model, heads split; consecutive
-ranks, so on one host it spans NVLink neighbours); ranks of one t across d form a data-parallel group (the same
-shard, different sequences). Every rank draws the step's global batch of --batch x D sequences from (seed, step) and
+Ranks t = 0..T-1 of one (d, c) form a tensor-parallel group (one model, heads split; consecutive ranks, so on one
+host it spans NVLink neighbours); ranks c = 0..P-1 of one (d, t) a context-parallel group (the same sequences and
+shard, the history's pages divided: its ranks compute identical gradients, so they need no reduction); ranks of one
+(c, t) across d a data-parallel group (the same shard, different sequences). Every rank draws the step's global batch of --batch x D sequences from (seed, step) and
 trains on its D-th share, so a run's losses are those of one GPU at --batch x D. Checkpoints are gathered to rank 0
 as the usual OUT/ckpt.pt of one GPU (full tensors, model and AdamW state), so exports and resumes work at any T and D,
 one process included. A single process (no torchrun) sets up nothing and runs the plain path.
 """
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+import context_parallel
 import data_parallel
 import tensor_parallel
 from cli import UserError
@@ -37,6 +40,8 @@ class Layout:
     device: torch.device
     owns_process_group: bool  # this Layout initialized it (and destroys it in close())
     tensor: TensorParallel | None = None  # set by shard()
+    cp: int = 1  # context-parallel degree
+    cp_group: object = None
 
     @property
     def tp_rank(self) -> int:
@@ -44,7 +49,7 @@ class Layout:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp
+        return self.rank // (self.tp * self.cp)
 
     @property
     def main(self) -> bool:
@@ -53,7 +58,8 @@ class Layout:
 
     def describe(self) -> str:
         return (f"parallel: {self.world} processes, tensor parallel {self.tp} (heads and MLP split; each rank's KV "
-                f"pages hold 1/{self.tp} of the KV heads) x data parallel {self.dp} (--batch per rank), "
+                f"pages hold 1/{self.tp} of the KV heads) x context parallel {self.cp} (each rank's pages hold 1/{self.cp} "
+                f"of the chunks) x data parallel {self.dp} (--batch per rank), "
                 f"{dist.get_backend()} on {self.device}")
 
     # ------------------------------------------------------------------------------------------ model and steps
@@ -96,6 +102,21 @@ class Layout:
                 g.mul_(coef.to(g.dtype))
         return total
 
+    def rank_plan(self, plan, cfg, args, memory):
+        """One rank's memory plan (plan.py) with its own verdict: the pages divided by cp, the weights, gradients
+        and optimizer state by their tensor-parallel share (context_parallel.rank_plan). With cp > 1 the pages stay
+        on the device (the sharded store does not offload) and no stage-1 outputs are kept. The choices made on
+        the whole model's plan (weights' precision, offload for cp = 1) stand."""
+        import plan as planner
+        if self.cp > 1 and plan.offload:
+            plan = planner.parts(cfg, args, False, plan.q_block or planner.DEFAULT_Q_BLOCK)
+        total = sum(math.prod(s) for s in planner.param_shapes(cfg))
+        share = context_parallel.rank_plan(plan, cfg, total, self.tp, self.cp)
+        if self.cp > 1:
+            share.device.pop(planner.OUTPUT_CACHE, None)
+        share.refusal = planner.refusal(share, memory, args)
+        return share
+
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def _optimizer_names(self, optimizer, model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -136,17 +157,18 @@ class Layout:
             dist.destroy_process_group()
 
 
-def from_env(tp: int, device: torch.device) -> Layout | None:
+def from_env(tp: int, device: torch.device, cp: int = 1) -> Layout | None:
     """The layout of a torchrun launch (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment), its
-    process groups created (nccl on GPUs, gloo on CPUs); None for a plain single process with --tp 1."""
+    process groups created (nccl on GPUs, gloo on CPUs); None for a plain single process with --tp 1 --cp 1."""
     if "WORLD_SIZE" not in os.environ:
-        if tp == 1:
+        if tp == cp == 1:
             return None
-        raise UserError(f"--tp {tp} needs {tp} processes or a multiple: launch with torchrun --nproc-per-node N "
-                        f"train.py --tp {tp} ...")
+        flags = " ".join(f"--{name} {value}" for name, value in (("tp", tp), ("cp", cp)) if value > 1)
+        raise UserError(f"{flags} needs {tp * cp} processes or a multiple: launch with torchrun --nproc-per-node N "
+                        f"train.py {flags} ...")
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", 0))
-    if world % tp:
-        raise UserError(f"--tp {tp} does not divide the {world} processes (WORLD_SIZE)")
+    if world % (tp * cp):
+        raise UserError(f"--tp {tp} x --cp {cp} does not divide the {world} processes (WORLD_SIZE)")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if device.index >= torch.cuda.device_count():
@@ -155,19 +177,26 @@ def from_env(tp: int, device: torch.device) -> Layout | None:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    dp = world // tp
-    tp_group = dp_group = None
-    for d in range(dp):  # every rank creates every group, in one order (new_group is collective)
-        group = dist.new_group([d * tp + t for t in range(tp)])
-        tp_group = group if d == rank // tp else tp_group
-    for t in range(tp):
-        group = dist.new_group([d * tp + t for d in range(dp)])
-        dp_group = group if t == rank % tp else dp_group
-    return Layout(rank, world, tp, dp, tp_group, dp_group, device, owns)
+    dp = world // (tp * cp)
+    d_, c_, t_ = rank // (tp * cp), rank // tp % cp, rank % tp  # this rank's indices
+    groups = {}
+    # every rank creates every group, in one order (new_group is collective)
+    for kind, members, mine in (("tp", lambda d, c, t: [(d * cp + c) * tp + i for i in range(tp)], (d_, c_, 0)),
+                                ("cp", lambda d, c, t: [(d * cp + i) * tp + t for i in range(cp)], (d_, 0, t_)),
+                                ("dp", lambda d, c, t: [(i * cp + c) * tp + t for i in range(dp)], (0, c_, t_))):
+        for d in range(1 if kind == "dp" else dp):
+            for c in range(1 if kind == "cp" else cp):
+                for t in range(1 if kind == "tp" else tp):
+                    group = dist.new_group(members(d, c, t))
+                    if (d, c, t) == mine:
+                        groups[kind] = group
+    return Layout(rank, world, tp, dp, groups["tp"], groups["dp"], device, owns, cp=cp, cp_group=groups["cp"])
 
 
 def check(layout: Layout | None, cfg, args):
     """What the layout cannot do with this run, as a UserError, before any model is built."""
+    if layout is not None and layout.cp > 1:
+        context_parallel.check(args)
     if layout is None or layout.tp == 1:
         return
     why = tensor_parallel.check_divisible(cfg, layout.tp)

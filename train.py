@@ -38,6 +38,7 @@ import parallel
 import plan as planner
 import plots
 from chunk_train import chunked_step
+from context_parallel import ShardedKVStore
 from cli import UserError, chunked
 from evaluation import evaluate
 from model import Model, ModelConfig, preset, trained_tokens
@@ -142,12 +143,16 @@ def build_optimizer(args, model, device):
     return torch.optim.Adafactor(groups, lr=args.lr)
 
 
-def build_store(args, model, plan, device):
+def build_store(args, model, plan, device, layout=None):
     """The chunked path's KV/dKV pages (None on the full-sequence path), allocated once and reused by every step:
-    in device memory, or offloaded to (pinned) host memory behind a page cache, as the plan decided."""
+    in device memory, or offloaded to (pinned) host memory behind a page cache, as the plan decided; with context
+    parallelism (layout.cp > 1) this rank's share of the chunks."""
     if not chunked(args):
         return None
     kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
+    if layout and layout.cp > 1:
+        return ShardedKVStore.for_sequence(model, args.batch, args.seq, args.chunk, args.page_size, kv_dtype, device,
+                                           layout.cp_group, grad_dtype)
     sparse = planner.sparse_config(args, plan.q_block) if args.sparse else None
     if plan.offload:
         return OffloadedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
@@ -336,7 +341,7 @@ def run(args, data):
         return 0
     device = torch.device(args.device)
     check_device(device)
-    layout = parallel.from_env(args.tp, device)  # None: one process, no torchrun
+    layout = parallel.from_env(args.tp, device, args.cp)  # None: one process, no torchrun
     try:
         status = run_rank(args, data, layout.device if layout else device, layout)
         if layout:
@@ -374,9 +379,11 @@ def run_rank(args, data, device, layout):
     parallel.check(layout, cfg, args)
     memory = planner.measure(device, args.host_memory)
     plan, suggestions = plan_and_choose(cfg, args, memory)  # before anything is allocated on the device
+    if layout:  # one rank's share: its pages (1 / cp) and its tensor-parallel share of the weights and state
+        plan = layout.rank_plan(plan, cfg, args, memory)
     if args.plan:
         moments = [f"AdamW moments: {args.moments} ({args.moments_why})"] if args.moments_why else []
-        if main:  # with several processes: the plan of one GPU's whole model, an upper bound of each rank's share
+        if main:  # with several processes: one rank's share (parallel.Layout.rank_plan)
             chosen = [f"chosen by the plan: {'; '.join(args.precision_why)}"] if args.precision_why else []
             lines = moments + chosen + planner.describe(plan, memory, args) + ([layout.describe()] if layout else [])
             if suggestions:
@@ -397,7 +404,7 @@ def run_rank(args, data, device, layout):
     if layout:
         layout.shard(model)  # this rank's heads and MLP columns; the optimizer and the pages see only them
     optimizer = build_optimizer(args, model, device)
-    store = build_store(args, model, plan, device)
+    store = build_store(args, model, plan, device, layout)
     start = 0
     if ckpt is not None:
         if layout:

@@ -9,6 +9,7 @@ MASTER_ADDR/PORT in the environment) and call train.main in each process.
 """
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -99,6 +100,35 @@ def check_data_parallel(rank):
     return errors(loss_t.item() / WORLD, ref_loss, {n: p.grad for n, p in model.named_parameters()}, ref)
 
 
+def check_context_parallel():
+    """The history sharded over both processes (chunks round-robin: 4 chunks of 32 tokens, 3 of them history), one
+    process's loss and gradients; also with packed documents, and clear_grad (detach_history) where only the
+    owner holds the pages."""
+    from attention import ReferenceKernel
+    from chunk_train import chunked_step
+    from context_parallel import ShardedKVStore
+    from paged_kv import PagedKVStore
+    g = torch.Generator().manual_seed(3)
+    idx, targets = (torch.randint(0, 128, (2, 112), generator=g) for _ in range(2))  # a partial last chunk
+    # packed documents: row 0 starts documents at 20 (in chunk 0) and 70 (chunk 2), row 1 at 40 (chunk 1)
+    pos = torch.arange(112)
+    docs = torch.stack([torch.where(pos >= 70, 70, torch.where(pos >= 20, 20, 0)), torch.where(pos >= 40, 40, 0)])
+    out = {}
+    for variant, doc_start, detach in (("", None, False), ("detached ", None, True), ("documents ", docs, False)):
+        ref = tiny_model(False)
+        ref_loss = chunked_step(ref, idx, targets, chunk_size=32, page_size=16, detach_history=detach,
+                                doc_start=doc_start, store=PagedKVStore.for_sequence(ref, 2, 112, 16, torch.float32,
+                                                                                     "cpu", kernel=ReferenceKernel()))
+        model = tiny_model(False)
+        store = ShardedKVStore.for_sequence(model, 2, 112, 32, 16, torch.float32, "cpu", kernel=ReferenceKernel())
+        assert store.inner.allocator.num_pages == 2 * 2 * 4  # 2 layers x 2 rows x 2 chunks of 2 pages: half
+        loss = chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=store, detach_history=detach,
+                            doc_start=doc_start)
+        errs = errors(loss, ref_loss, {n: p.grad for n, p in model.named_parameters()}, ref)
+        out.update({variant + name: err for name, err in errs.items()})
+    return out
+
+
 def worker(rank, ports, out_dir):
     import time
     t0 = time.perf_counter()
@@ -115,6 +145,7 @@ def worker(rank, ports, out_dir):
     results["tp_dense_untied"] = check_tensor_parallel(False, None)
     results["tp_sparse_tied"] = check_tensor_parallel(True, SparseConfig(budget=32, q_block=16, rule=MeanKey()))
     results["dp"] = check_data_parallel(rank)
+    results["cp"] = check_context_parallel()
     dist.destroy_process_group()
     results["time_checks"] = time.perf_counter() - t0
 
@@ -133,11 +164,13 @@ def worker(rank, ports, out_dir):
     runs = [("tp_full", ["--tp", "2", "--batch", "2"], train.StopRequest),
             ("tp_part", ["--tp", "2", "--batch", "2"], StopAfterTwo),
             ("tp_part", ["--tp", "2", "--batch", "2", "--resume"], train.StopRequest),
-            ("dp", ["--tp", "1", "--batch", "1"], train.StopRequest)]
+            ("dp", ["--tp", "1", "--batch", "1"], train.StopRequest),
+            ("cp_part", ["--cp", "2", "--batch", "2"], StopAfterTwo),  # context parallel: stopped, resumed
+            ("cp_part", ["--cp", "2", "--batch", "2", "--resume"], train.StopRequest)]
     results["status"] = []
     for (out, args, stop), port in zip(runs, ports[1:]):
         os.environ["MASTER_PORT"] = str(port)
-        train.StopRequest = stop
+        train.StopRequest, StopAfterTwo.reads = stop, 0
         results["status"].append(train.main(train_args(out_dir, *args, "--out", os.path.join(out_dir, out))))
     results["time_runs"] = time.perf_counter() - t0
     if rank == 0:  # one process (no torchrun environment): the reference run, and a resume of the 2-rank run
@@ -163,7 +196,7 @@ def job(tmp_path_factory):
     with open(os.path.join(out_dir, "data.txt"), "wb") as f:
         f.write(torch.randint(32, 127, (20000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy()
                 .tobytes())
-    mp.start_processes(worker, args=([free_port() for _ in range(5)], out_dir), nprocs=WORLD, join=True,
+    mp.start_processes(worker, args=([free_port() for _ in range(7)], out_dir), nprocs=WORLD, join=True,
                        start_method="spawn")
     results = []
     for rank in range(WORLD):
@@ -172,7 +205,7 @@ def job(tmp_path_factory):
     return results, out_dir
 
 
-@pytest.mark.parametrize("check", ["tp_dense_untied", "tp_sparse_tied", "dp"])
+@pytest.mark.parametrize("check", ["tp_dense_untied", "tp_sparse_tied", "dp", "cp"])
 def test_loss_and_every_gradient_equal_one_process(job, check):
     for rank, results in enumerate(job[0]):
         errs = results[check]
@@ -187,16 +220,16 @@ def losses(out):
 
 
 def test_train_across_ranks_resumes_and_matches_one_process(job):
-    """train.py on 2 ranks (--tp 2; --tp 1: data parallel, --batch 1 per rank): exit statuses, the resumed run's
-    losses equal the uninterrupted one's exactly, every loss equals one process's (--batch 2), and the checkpoint
-    is one process's: full tensors, which a single process resumes."""
+    """train.py on 2 ranks (--tp 2; --tp 1: data parallel, --batch 1 per rank; --cp 2, stopped after step 2 and
+    resumed): exit statuses, the resumed run's losses equal the uninterrupted one's exactly, every loss equals one
+    process's (--batch 2), and the checkpoint is one process's: full tensors, which a single process resumes."""
     from model import Model, ModelConfig
     results, out_dir = job
-    assert results[0]["status"] == [0, 130, 0, 0, 0, 0] and results[1]["status"] == [0, 130, 0, 0]
-    full, part, dp, single, alone = (os.path.join(out_dir, name) for name in
-                                     ("tp_full", "tp_part", "dp", "single", "tp_resumed_alone"))
+    assert results[0]["status"] == [0, 130, 0, 0, 130, 0, 0, 0] and results[1]["status"] == [0, 130, 0, 0, 130, 0]
+    full, part, dp, cp, single, alone = (os.path.join(out_dir, name) for name in
+                                         ("tp_full", "tp_part", "dp", "cp_part", "single", "tp_resumed_alone"))
     assert losses(part) == losses(full) and len(losses(full)) == 3
-    for run in (full, dp):
+    for run in (full, dp, cp):
         torch.testing.assert_close(losses(run), losses(single), rtol=TOL, atol=0)
     ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     model = Model(ModelConfig(**ckpt["config"]))
@@ -217,3 +250,32 @@ def test_tp_without_torchrun_is_refused(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --tp 2 needs") and "torchrun" in err[0]
     assert not os.path.exists(os.path.join(out, "log.jsonl"))
+
+
+def test_cp_refusals_and_rank_plan(tmp_path, capsys, monkeypatch):
+    """--cp without torchrun, or with sparse attention, is refused in one line; a rank's plan holds 1/cp of the
+    pages and its tensor-parallel share of the weights."""
+    import argparse
+
+    import context_parallel
+    import plan as planner
+    import train
+    from cli import UserError
+    from model import ModelConfig
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train.main(TRAIN + ["--cp", "2", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --cp 2 needs 2 processes")
+    with pytest.raises(UserError, match="sparse attention is not sharded"):
+        context_parallel.check(argparse.Namespace(cp=2, seq=64, chunk=32, sparse=True, offload="auto"))
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    args = argparse.Namespace(dtype="float32", grad_pages="float32", params_dtype="float32", optimizer="adamw",
+                              seq=4096, chunk=512, batch=1, page_size=16, sparse=False, lora_rank=None)
+    whole = planner.parts(cfg, args)
+    total = sum(math.prod(s) for s in planner.param_shapes(cfg))
+    share = context_parallel.rank_plan(whole, cfg, total, tp=2, cp=4)
+    pool = "KV/dKV page pool"
+    assert share.device[pool] == whole.device[pool] // 4 and share.device_per_token == whole.device_per_token // 4
+    split = context_parallel.tp_sharded_params(cfg)
+    assert share.device["weights (fp32)"] == 4 * (total - split // 2)
