@@ -36,6 +36,7 @@ import finetune
 import optim
 import parallel
 import plan as planner
+import plan_suggest
 import plots
 from chunk_train import chunked_step
 from context_parallel import ShardedKVStore
@@ -310,7 +311,7 @@ def plan_and_choose(cfg, args, memory):
     plan, chosen = planner.plan_auto(cfg, args, memory)
     for name in ("params_dtype", "moments", "grad_pages", "moments_why", "precision_why"):
         setattr(args, name, getattr(chosen, name))
-    return plan, ([] if plan.fits else planner.suggest(cfg, given, memory, plan))
+    return plan, ([] if plan.fits else plan_suggest.suggest(cfg, given, memory, plan))
 
 
 def resume_settings(args, ckpt, ckpt_path):

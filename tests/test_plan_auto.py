@@ -9,6 +9,7 @@ import torch
 
 import cli
 import plan as planner
+import plan_suggest
 import train
 from model import preset
 from test_plan import GIB, settings
@@ -45,24 +46,24 @@ def test_refused_plan_suggests_changes_that_each_re_plan():
     plan, _ = planner.plan_auto(cfg, args, H200)
     assert not plan.fits
     found = {s.flags.split()[0] + (" " + s.flags.split()[1] if s.flags.startswith("--grad") else ""): s
-             for s in planner.suggest(cfg, args, H200, plan)}
+             for s in plan_suggest.suggest(cfg, args, H200, plan)}
     assert {"--grad-pages bfloat16", "--params-dtype", "--lora-rank", "--chunk"} <= set(found), found
     assert "--seq" not in found  # fp32 weights + AdamW exceed the GPU at any length: no length is offered
     for flags, changes in (("--grad-pages bfloat16", dict(grad_pages="bfloat16")),
                            ("--lora-rank", dict(lora_rank=16, lora_alpha=32.0, lora_targets=cli.LORA_TARGETS))):
-        direct = planner.plan_run(cfg, planner._with(args, **changes), H200)
+        direct = planner.plan_run(cfg, plan_suggest.with_changes(args, **changes), H200)
         assert found[flags].plan.device == direct.device and found[flags].plan.host == direct.host
     assert not found["--grad-pages bfloat16"].plan.fits  # fp32 weights + AdamW still exceed the GPU
     # fp32 pages alone (weights left to the plan): the host limits the length; the longest --seq fits, and 1024
     # tokens more does not
     pages = settings(*SEVEN_B, "--grad-pages", "float32", auto=True)
     refused, _ = planner.plan_auto(cfg, pages, H200)
-    longest = [s for s in planner.suggest(cfg, pages, H200, refused) if s.flags.startswith("--seq")][0]
+    longest = [s for s in plan_suggest.suggest(cfg, pages, H200, refused) if s.flags.startswith("--seq")][0]
     seq = int(longest.flags.split()[1])
     assert 600_000 < seq < 1_000_000 and longest.plan.fits
-    assert not planner.plan_auto(cfg, planner._with(pages, seq=seq + 1024), H200)[0].fits
+    assert not planner.plan_auto(cfg, plan_suggest.with_changes(pages, seq=seq + 1024), H200)[0].fits
     # no single change fits: the smallest combination that does is offered, and fits
-    combined = [s for s in planner.suggest(cfg, args, H200, plan) if s.plan.fits and " --" in s.flags]
+    combined = [s for s in plan_suggest.suggest(cfg, args, H200, plan) if s.plan.fits and " --" in s.flags]
     assert combined and "--grad-pages bfloat16" in combined[0].flags, [s.flags for s in combined]
     line = combined[0].line(H200)
     assert ": FITS, " in line and "GiB planned on the gpu + " in line and "pinned host memory" in line, line
@@ -74,7 +75,7 @@ def test_lora_at_the_longest_length_is_suggested_on_the_host_limit():
     args = settings("--model", "qwen2.5-7b", "--seq", "2097152", "--lora-rank", "16", auto=True)
     plan, chosen = planner.plan_auto(cfg, args, H200)
     assert not plan.fits and "pinned host memory" in plan.refusal
-    seq = [s for s in planner.suggest(cfg, args, H200, plan) if s.flags.startswith("--seq")][0]
+    seq = [s for s in plan_suggest.suggest(cfg, args, H200, plan) if s.flags.startswith("--seq")][0]
     assert seq.plan.fits and 1_000_000 < int(seq.flags.split()[1]) < 1_100_000, seq.flags
 
 
@@ -87,7 +88,7 @@ def test_lora_base_is_bf16_and_fp32_weights_count_their_autocast_copies():
     assert plan.fits and chosen.params_dtype == "bfloat16"
     assert "--params-dtype bfloat16 (auto: LoRA: the frozen base in bf16)" in chosen.precision_why
     assert not any("autocast" in name for name in plan.device)
-    fp32 = planner.plan_run(cfg, planner._with(chosen, params_dtype="float32"), H200)
+    fp32 = planner.plan_run(cfg, plan_suggest.with_changes(chosen, params_dtype="float32"), H200)
     n = sum(torch.Size(shape).numel() for shape in planner.param_shapes(cfg))
     assert fp32.device["bf16 copies of the fp32 weights (autocast)"] == 2 * n
     assert sum(fp32.device.values()) - sum(plan.device.values()) == 4 * n  # fp32 base (+2 B) and its copies (+2 B)
