@@ -2,7 +2,7 @@
 The long-range retrieval experiment: train a byte-level model from scratch, chunk-recurrently, on retrieval.py's
 many-question task, and measure answer accuracy at a fixed distance as it trains.
 
-    python retrieval_train.py train --out runs/dense --attn dense --distance 32768 --steps 300
+    python retrieval_train.py train --out runs/dense --attn dense --distance 32768 --steps 1000
     python retrieval_train.py train --out runs/sparse --attn sparse ...      # page-level sparse attention
     python retrieval_train.py train --out runs/detached --attn detached ...  # no gradient into earlier chunks' K/V
     python retrieval_train.py plot --out runs/retrieval.png runs/dense runs/sparse runs/detached
@@ -57,19 +57,20 @@ def parse(argv):
                    help="bytes per example (default: distance + room for the pairs and questions, page-aligned)")
     t.add_argument("--pairs", type=int, default=64, help="key->value pairs per example")
     t.add_argument("--questions", type=int, default=32, help="questions (answers) per example")
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--batch", type=int, default=4)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--warmup", type=int, default=20)
+    t.add_argument("--key-len", type=int, default=4, help="digits per key")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--warmup", type=int, default=30)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--curriculum", type=int, default=0, metavar="D0", help="start distance (0: none)")
-    t.add_argument("--curriculum-frac", type=float, default=0.5)
+    t.add_argument("--curriculum-frac", type=float, default=0.8)
     t.add_argument("--eval-every", type=int, default=25)
     t.add_argument("--eval-examples", type=int, default=16)
     t.add_argument("--model", default="small", help="model.py preset (default: %(default)s)")
     t.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     t.add_argument("--hidden", type=int, default=None, help="override the preset's hidden size (head_dim kept)")
-    t.add_argument("--chunk", type=int, default=4096)
+    t.add_argument("--chunk", type=int, default=2048)
     t.add_argument("--page-size", type=int, default=64)
     t.add_argument("--budget", type=int, default=4096, help="sparse: history tokens per query block")
     t.add_argument("--time-budget", type=float, default=None, metavar="S",
@@ -85,7 +86,12 @@ def parse(argv):
 # ------------------------------------------------------------------------------------------------ checks
 
 
-PAIR_LEN = 4 + 4 + 3  # make_qa_example's defaults: "#" 4 digits "=" 4 capitals ";" (and "?" ... ";")
+VALUE_LEN = 4  # capitals per answer
+
+
+def pair_len(args):
+    """Bytes of one pair (and of one question): "#" key digits "=" value capitals ";" ("?" ... ";")."""
+    return args.key_len + VALUE_LEN + 3
 
 
 def resolve(args):
@@ -106,13 +112,16 @@ def resolve(args):
         raise UserError("need --lr > 0, --weight-decay >= 0, 0 < --curriculum-frac <= 1, --warmup >= 0")
     if not 0 <= args.curriculum <= args.distance:
         raise UserError(f"--curriculum {args.curriculum} must lie in [0, --distance {args.distance}]")
-    if args.curriculum and args.curriculum < PAIR_LEN:
-        raise UserError(f"--curriculum {args.curriculum} must be >= {PAIR_LEN} (a pair's length)")
-    overhead = 2 * args.pairs * PAIR_LEN + args.questions * PAIR_LEN  # pairs at half density, then the questions
+    if not 1 <= args.key_len <= 8 or args.pairs > 10 ** args.key_len:
+        raise UserError(f"--key-len {args.key_len} must lie in [1, 8] and allow --pairs {args.pairs} distinct keys")
+    pair = pair_len(args)
+    if args.curriculum and args.curriculum < pair:
+        raise UserError(f"--curriculum {args.curriculum} must be >= {pair} (a pair's length)")
+    overhead = 2 * args.pairs * pair + args.questions * pair  # pairs at half density, then the questions
     if args.length is None:
         args.length = math.ceil((args.distance + overhead) / args.page_size) * args.page_size
-    room = (args.length - args.questions * PAIR_LEN - args.distance) // PAIR_LEN + 1
-    if args.distance < PAIR_LEN or room < args.pairs:
+    room = (args.length - args.questions * pair - args.distance) // pair + 1
+    if args.distance < pair or room < args.pairs:
         raise UserError(f"--length {args.length} at --distance {args.distance} leaves room for {max(room, 0)} "
                         f"pairs before {args.questions} questions, --pairs {args.pairs} asked")
     if os.path.exists(os.path.join(args.out, "log.jsonl")) and not args.overwrite:
@@ -126,7 +135,7 @@ def distance_at(step, args):
     if not args.curriculum or progress >= 1:
         return args.distance
     d = args.curriculum * (args.distance / args.curriculum) ** progress
-    return max(PAIR_LEN, min(args.distance, round(d / args.page_size) * args.page_size))
+    return max(pair_len(args), min(args.distance, round(d / args.page_size) * args.page_size))
 
 
 def lr_at(step, args):
@@ -176,7 +185,8 @@ def make_store(args, model, batch, length, device, dtype):
 
 def examples_at(seed, n, length, distance, args):
     from retrieval import make_qa_example
-    return [make_qa_example((*seed, i), length, distance, args.pairs, args.questions) for i in range(n)]
+    return [make_qa_example((*seed, i), length, distance, args.pairs, args.questions, args.key_len, VALUE_LEN)
+            for i in range(n)]
 
 
 def batch_tensors(examples, device):

@@ -40,7 +40,7 @@ def test_qa_example_layout():
 
 def test_loss_only_on_answer_bytes():
     """The targets of a batch: the next byte where it is an answer byte, IGNORE_INDEX (no loss) everywhere else."""
-    args = type("Args", (), {"pairs": 4, "questions": 2})
+    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4})
     examples = rt.examples_at((0, 0, 5), 2, 176, 64, args)
     ids, targets, n = rt.batch_tensors(examples, "cpu")
     mask = torch.as_tensor(np.stack([e[1] for e in examples])).bool()
@@ -52,7 +52,7 @@ def test_loss_only_on_answer_bytes():
 
 
 def test_heldout_set_is_fixed_and_apart_from_training():
-    args = type("Args", (), {"pairs": 4, "questions": 2})
+    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4})
     a = rt.examples_at((7, 1), 3, 176, 64, args)
     b = rt.examples_at((7, 1), 3, 176, 64, args)
     train = [e for step in range(3) for e in rt.examples_at((7, 0, step), 2, 176, 64, args)]
@@ -95,7 +95,7 @@ def test_train_writes_log_and_curve_then_plot_combines(tmp_path, capsys, modes):
 
 def test_curriculum_grows_the_distance():
     args = rt.resolve(rt.parse(["train", "--out", "/nonexistent/x", "--distance", "32768", "--curriculum", "4096",
-                                "--steps", "100"]))
+                                "--steps", "100", "--curriculum-frac", "0.5"]))
     distances = [rt.distance_at(step, args) for step in range(100)]
     assert distances[0] == 4096 and distances[50:] == [32768] * 50
     assert all(a <= b for a, b in zip(distances, distances[1:])) and all(d % 64 == 0 for d in distances)
@@ -106,6 +106,7 @@ def test_curriculum_grows_the_distance():
     (["--attn", "local"], "error: argument --attn: invalid choice"),
     (["--distance", "4096", "--length", "4100"], "error: --length 4100 at --distance 4096 leaves room for"),
     (["--chunk", "100"], "error: --page-size 64 must be a power of two >= 16 dividing --chunk 100"),
+    (["--key-len", "1", "--pairs", "64"], "error: --key-len 1 must lie in [1, 8] and allow --pairs 64 distinct keys"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, argv, message):
     out = tmp_path / "run"
