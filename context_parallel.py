@@ -28,9 +28,24 @@ every parameter) then gets the same gradient on every rank, that of one process,
 reduction over the group (summing them would count each `size` times).
 
 Packed documents: a query's document start becomes the count of this rank's held positions before it (its first
-visible position in the rank's table). Not here: sparse attention (the selection needs every page's summary, and a
-rank's share of a block's selected pages differs in length from block to block), offloaded pages, and kept
-stage-1 outputs (the output cache); `check` refuses the first two with --cp > 1, the third is not used.
+visible position in the rank's table).
+
+Sparse attention (sparse_attn.py): the selection must be one process's, and it needs every history page's
+summary, but a rank holds only its chunks' pages. Every rank computes every chunk's K anyway (stage 1, stage 2's
+recompute), so every rank keeps the summaries of ALL pages - in a PageSelector of its own, indexed by the
+sequence's logical pages (layer, row, page), not by the pool's physical ones - and selects from them: the same
+summaries and queries on every rank, so the same selection, that of one process. Each rank then attends over the
+selected pages it holds (plus the chunk itself on its owner) through a 4-D table of its own: per (row, kv head,
+block) its share is ragged, so the table is as wide as the widest share (one host sync per layer and chunk, when
+the table is built; stage 2 reuses it) and shorter rows are padded at the front with -1 columns, which read the
+rank's first page and are hidden from every query through the kernels' document mask (sparse_attn.doc_positions
+counts them before every query's first visible position). The partial outputs then merge by log-sum-exp as the
+dense ones do, and the gradient is one process's sparse gradient. Memory: the summaries (1/page_size of K, per kv
+head) and the selections are whole on every rank; the pages and the tables' history columns are 1/C.
+
+Not here: offloaded pages (the sharded store reads its pool's pages directly; a streamed inner store would need its
+parts yielded per rank, and its host-side selection plans built from the rank's share), and kept stage-1 outputs
+(the output cache); `check` refuses the first with --cp > 1, the second is not used.
 """
 
 import dataclasses
@@ -41,6 +56,7 @@ import torch.distributed as dist
 
 from attention import Part, attend
 from paged_kv import PagedKVStore
+from sparse_attn import PageSelector, SparseConfig, doc_positions
 
 
 class LseMerge:
@@ -94,24 +110,34 @@ class ShardedKVStore:
     truncation and attention are in the sequence's positions. Every rank of the group makes the same calls in the
     same order (they are collective in attend)."""
 
-    def __init__(self, inner: PagedKVStore, group=None):
+    def __init__(self, inner: PagedKVStore, group=None, sparse: SparseConfig | None = None, max_len: int = 0):
+        """sparse: page-level sparse attention over the group's history, selected here over every page's summary
+        (the inner pool must not select); max_len: the longest sequence it will hold (sizes the summaries)."""
         if inner.selector is not None:
-            raise ValueError("context parallelism does not shard sparse attention's pages (see context_parallel.py)")
+            raise ValueError("the inner pool must be dense: ShardedKVStore(sparse=...) selects over the group's pages")
         self.inner, self.group = inner, group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.page_size = inner.page_size
         self.segments = [[] for _ in range(inner.num_layers)]  # per layer: (start, end) of every chunk appended
         self.merge = LseMerge(group)
+        self.selector = None
+        if sparse is not None:  # summaries of every logical page (layer, row, page) of the sequence, on every rank
+            pages = math.ceil(max_len / self.page_size)
+            L, B, Hkv, D = inner.num_layers, inner.batch, inner.k.shape[2], inner.k.shape[3]
+            self.selector = PageSelector(L * B * pages, Hkv, D, self.page_size, sparse, inner.k.dtype, inner.k.device)
+            # the selector's "physical" page ids: each layer's table [B, pages] over its logical pages
+            self.logical = torch.arange(L * B * pages, dtype=torch.int32, device=inner.k.device).view(L, B, pages)
+            self.tables = {}  # (layer, chunk start) -> this rank's (4-D table or None, its selected global pages)
 
     @classmethod
     def for_sequence(cls, model, batch, seq_len, chunk, page_size, dtype, device, group=None,
-                     grad_dtype=torch.float32, kernel=None):
+                     grad_dtype=torch.float32, kernel=None, sparse=None):
         """A pool for this rank's chunks of `batch` sequences of seq_len tokens cut into chunks of `chunk`: at most
-        ceil(chunks / size) of them per layer."""
+        ceil(chunks / size) of them per layer. sparse: SparseConfig (sparse_attn.py) or None (dense)."""
         size = dist.get_world_size(group)
         owned = min(seq_len, math.ceil(math.ceil(seq_len / chunk) / size) * chunk)
         inner = PagedKVStore.for_sequence(model, batch, owned, page_size, dtype, device, grad_dtype, kernel=kernel)
-        return cls(inner, group)
+        return cls(inner, group, sparse, seq_len)
 
     def _owned(self, layer):
         return [seg for i, seg in enumerate(self.segments[layer]) if i % self.size == self.rank]
@@ -131,6 +157,11 @@ class ShardedKVStore:
         """k, v [B, T, Hkv, D]: the next chunk, at positions [length, length + T); stored if this rank owns it."""
         start = self.length(layer)
         owner = len(self.segments[layer]) % self.size
+        if self.selector is not None:  # every rank summarizes every chunk's pages
+            if start % self.page_size:
+                raise ValueError(f"sparse attention appends at page boundaries: layer {layer} holds {start} tokens")
+            first, last = start // self.page_size, math.ceil((start + k.shape[1]) / self.page_size)
+            self.selector.write(self.logical[layer][:, first:last], k)
         self.segments[layer].append((start, start + k.shape[1]))
         if owner == self.rank:
             self.inner.append(layer, k, v)
@@ -138,6 +169,10 @@ class ShardedKVStore:
     def truncate(self, layer, length):
         self.segments[layer] = [(s, min(e, length)) for s, e in self.segments[layer] if s < length]
         self.inner.truncate(layer, self._local(layer, length))
+        if self.selector is not None:
+            self.selector.truncate(layer, length)
+            for key in [key for key in self.tables if key[0] == layer and key[1] >= length]:
+                del self.tables[key]
 
     def clear_grad(self, layer, start, end):
         """Zero the dK/dV of positions [start, end) (start a chunk's first) where this rank holds them."""
@@ -155,6 +190,8 @@ class ShardedKVStore:
         """The chunk's (the last stored) attention over the whole group's history: this rank's part, merged with
         the others'. keep_output is ignored (no output cache). doc_start [B, C]: the queries' document starts
         (absolute positions), mapped into this rank's table."""
+        if self.selector is not None:
+            return self._attend_sparse(layer, q, k, v, doc_start)
         inner, C = self.inner, q.shape[1]
         doc = None if doc_start is None else self._doc_positions(layer, doc_start)
         n = inner.length(layer)  # positions this rank holds, the chunk's included if it owns it
@@ -166,6 +203,52 @@ class ShardedKVStore:
             parts = [Part(inner.k, inner.v, inner.dk, inner.dv, table, n, kv_len=n, holds_chunk=False, doc_start=doc)]
         else:
             parts = []
+        return attend(_Parts(parts), q, k, v, inner.kernel, merge=self.merge)
+
+    def _sparse_table(self, layer, sel, start, C, owns_chunk):
+        """This rank's share of the chunk's selection sel [B, Hkv, nb, n] (global logical history pages, -1:
+        none): (its 4-D page table [B, Hkv, nb, w (+ the chunk's own pages on its owner)] into the pool, or None
+        where it has nothing to attend; the global pages of its w history columns, -1 (padding) first)."""
+        ps, inner = self.page_size, self.inner
+        # local[1 + p]: this rank's logical page of global history page p (-1: another rank's; local[0]: none)
+        local = torch.full((start // ps + 1,), -1, dtype=torch.long)
+        held = 0  # pages of this rank's earlier chunks (history chunks are whole pages)
+        for s, e in self._owned(layer):
+            if s < start:
+                local[1 + s // ps:1 + e // ps] = torch.arange(held, held + (e - s) // ps)
+                held += (e - s) // ps
+        local = local.to(sel.device)
+        mine = torch.where(local[sel.long() + 1] >= 0, sel.long(), -1).sort(-1).values  # others' and none: first
+        w = int((mine >= 0).sum(-1).max()) if mine.numel() else 0  # the widest row's share (a host sync)
+        mine = mine[..., mine.shape[-1] - w:]  # [B, Hkv, nb, w]
+        pool = inner.page_table(layer)  # [B, pages this rank holds]
+        if not owns_chunk and w == 0:
+            return None, mine
+        rows = pool[:, None, None, :].expand(*mine.shape[:3], pool.shape[1])
+        table = torch.gather(rows, 3, local[mine + 1].clamp(min=0))  # padding reads the rank's first page
+        if owns_chunk:  # then the chunk's own pages: the pool's last ones
+            n = inner.length(layer)
+            table = torch.cat([table, rows[..., (n - C) // ps:math.ceil(n / ps)]], dim=3)
+        return table, mine
+
+    def _attend_sparse(self, layer, q, k, v, doc_start):
+        """Sparse attention: one process's selection (every rank has every page's summary), this rank's share of
+        it as one part, merged with the others' by log-sum-exp."""
+        inner, C = self.inner, q.shape[1]
+        start = self.length(layer) - C
+        owns_chunk = (len(self.segments[layer]) - 1) % self.size == self.rank
+        sel = self.selector.selection(layer, q, self.logical[layer], start, doc_start)
+        if (layer, start) not in self.tables:
+            self.tables[layer, start] = self._sparse_table(layer, sel, start, C, owns_chunk)
+        table, mine = self.tables[layer, start]
+        parts = []
+        if table is not None:
+            # the padding hidden from every query (and, with documents, what precedes each query's document)
+            ds = doc_start if doc_start is not None else torch.zeros(q.shape[:2], dtype=torch.long, device=q.device)
+            doc = doc_positions(mine, ds, start, self.page_size, self.selector.q_block, own=owns_chunk)
+            q_start = mine.shape[3] * self.page_size
+            parts = [Part(inner.k, inner.v, inner.dk, inner.dv, table, q_start, None if owns_chunk else q_start,
+                          self.selector.q_block, holds_chunk=owns_chunk, doc_start=doc)]
         return attend(_Parts(parts), q, k, v, inner.kernel, merge=self.merge)
 
 
@@ -181,13 +264,14 @@ def tp_sharded_params(cfg) -> int:
 
 
 def rank_plan(plan, cfg, total_params: int, tp: int, cp: int):
-    """The memory plan (plan.py) of one rank: the page parts (KV/dKV pool or pages, sparse index) divided by cp,
-    weights, gradients and optimizer state by their tensor-parallel share (the split projections / tp, the rest
-    whole); activations and the loss slice as they are (every rank runs whole chunks). A new Plan, no verdict."""
+    """The memory plan (plan.py) of one rank: the KV/dKV pool divided by cp (the sparse index stays whole: every
+    rank keeps every page's summary and every selection), weights, gradients and optimizer state by their
+    tensor-parallel share (the split projections / tp, the rest whole); activations and the loss slice as they are
+    (every rank runs whole chunks). A new Plan, no verdict."""
     state_share = (total_params - tp_sharded_params(cfg) * (1 - 1 / tp)) / total_params
 
     def scale(name, size):
-        if "KV/dKV page" in name and "cache" not in name or "sparse index" in name:
+        if "KV/dKV page" in name and "cache" not in name:  # (the sparse index is whole on every rank)
             return math.ceil(size / cp)
         if name.startswith(("weights", "gradients", "optimizer")):
             return math.ceil(size * state_share)
@@ -203,7 +287,6 @@ def check(args):
     """What context parallelism cannot do with this run (cli.resolve's args), as a UserError."""
     from cli import UserError, chunked
     why = ("--cp needs the chunked path (--seq > --chunk)" if not chunked(args) else
-           "sparse attention is not sharded across ranks (--attn dense)" if args.sparse else
            "offloaded pages are not sharded across ranks (--offload off)" if args.offload == "on" else None)
     if why:
         raise UserError(f"--cp {args.cp}: {why}")

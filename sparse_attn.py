@@ -259,14 +259,17 @@ class PageSelector:
 
 def doc_positions(selection, doc_start, start, page_size, q_block, own=True):
     """Each query's first visible position in its block's 4-D page table: selection [B, Hkv, nb, n] logical
-    history pages (ascending, -1 read as page 0), doc_start [B, C] absolute document starts of the chunk
+    history pages (ascending, -1 first), doc_start [B, C] absolute document starts of the chunk
     [start, start + C) -> int32 [B, Hkv, C]: the positions of the table's pages that lie before the document
-    start, plus, with own (the chunk's own pages follow the selected ones), those of the chunk before it."""
+    start, plus, with own (the chunk's own pages follow the selected ones), those of the chunk before it.
+    A -1 (none) column counts as wholly before: hidden from every query. (select puts -1 only where a block's
+    document starts past page 0, which then lies before it anyway; context_parallel.py pads a rank's ragged
+    share of a selection with -1 columns.)"""
     B, C = doc_start.shape
     blocks = torch.arange(C, device=doc_start.device) // q_block
-    pages = selection.long().clamp(min=0)[:, :, blocks]  # [B, Hkv, C, n]
+    pages = selection.long()[:, :, blocks]  # [B, Hkv, C, n]
     ds = doc_start.long()[:, None, :]  # [B, 1, C]
-    before = (ds[..., None] - pages * page_size).clamp(0, page_size).sum(-1)  # [B, Hkv, C]
+    before = torch.where(pages < 0, page_size, (ds[..., None] - pages * page_size).clamp(0, page_size)).sum(-1)
     if own:
         before = before + (ds - start).clamp(min=0)
     return before.to(torch.int32)

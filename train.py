@@ -151,10 +151,10 @@ def build_store(args, model, plan, device, layout=None):
     if not chunked(args):
         return None
     kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
+    sparse = planner.sparse_config(args, plan.q_block) if args.sparse else None
     if layout and layout.cp > 1:
         return ShardedKVStore.for_sequence(model, args.batch, args.seq, args.chunk, args.page_size, kv_dtype, device,
-                                           layout.cp_group, grad_dtype)
-    sparse = planner.sparse_config(args, plan.q_block) if args.sparse else None
+                                           layout.cp_group, grad_dtype, sparse=sparse)
     if plan.offload:
         return OffloadedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
                                              args.cache_tokens, grad_dtype, sparse=sparse)

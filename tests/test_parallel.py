@@ -129,6 +129,42 @@ def check_context_parallel():
     return out
 
 
+def check_context_parallel_sparse():
+    """Sparse attention with the history sharded (4 chunks of 32 tokens, pages of 16, 3 history pages per 16-query
+    block out of up to 6: sink, recent and one top page): one process's selections (every rank scores every
+    page), loss and gradients, for MeanKey and Quest, and with packed documents (-1 selections)."""
+    from attention import ReferenceKernel
+    from chunk_train import chunked_step
+    from context_parallel import ShardedKVStore
+    from paged_kv import PagedKVStore
+    from sparse_attn import MeanKey, Quest, SparseConfig
+    g = torch.Generator().manual_seed(4)
+    idx, targets = (torch.randint(0, 128, (2, 112), generator=g) for _ in range(2))
+    pos = torch.arange(112)
+    docs = torch.stack([torch.where(pos >= 70, 70, torch.where(pos >= 20, 20, 0)), torch.where(pos >= 40, 40, 0)])
+    out = {}
+    for variant, rule, doc_start in (("meankey ", MeanKey(), None), ("quest ", Quest(), None),
+                                     ("documents ", MeanKey(), docs)):
+        sparse = SparseConfig(budget=48, q_block=16, rule=rule)
+        ref = tiny_model(False)
+        ref_store = PagedKVStore.for_sequence(ref, 2, 112, 16, torch.float32, "cpu", sparse=sparse,
+                                              kernel=ReferenceKernel())
+        ref_store.selector.log = []
+        ref_loss = chunked_step(ref, idx, targets, chunk_size=32, page_size=16, doc_start=doc_start, store=ref_store)
+        model = tiny_model(False)
+        store = ShardedKVStore.for_sequence(model, 2, 112, 32, 16, torch.float32, "cpu", kernel=ReferenceKernel(),
+                                            sparse=sparse)
+        store.selector.log = []
+        loss = chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=store, doc_start=doc_start)
+        errs = errors(loss, ref_loss, {n: p.grad for n, p in model.named_parameters()}, ref)
+        calls = list(zip(store.selector.log, ref_store.selector.log))
+        assert len(calls) == len(ref_store.selector.log) > 0 and max(c.selection.shape[3] for c in
+                                                                       ref_store.selector.log) == 3
+        errs["selections differ"] = float(sum(not torch.equal(a.selection, b.selection) for a, b in calls))
+        out.update({variant + name: err for name, err in errs.items()})
+    return out
+
+
 def worker(rank, ports, out_dir):
     import time
     t0 = time.perf_counter()
@@ -146,6 +182,9 @@ def worker(rank, ports, out_dir):
     results["tp_sparse_tied"] = check_tensor_parallel(True, SparseConfig(budget=32, q_block=16, rule=MeanKey()))
     results["dp"] = check_data_parallel(rank)
     results["cp"] = check_context_parallel()
+    t_sparse = time.perf_counter()
+    results["cp_sparse"] = check_context_parallel_sparse()
+    results["time_cp_sparse"] = time.perf_counter() - t_sparse
     dist.destroy_process_group()
     results["time_checks"] = time.perf_counter() - t0
 
@@ -205,7 +244,7 @@ def job(tmp_path_factory):
     return results, out_dir
 
 
-@pytest.mark.parametrize("check", ["tp_dense_untied", "tp_sparse_tied", "dp", "cp"])
+@pytest.mark.parametrize("check", ["tp_dense_untied", "tp_sparse_tied", "dp", "cp", "cp_sparse"])
 def test_loss_and_every_gradient_equal_one_process(job, check):
     for rank, results in enumerate(job[0]):
         errs = results[check]
