@@ -114,7 +114,7 @@ class ShardedKVStore:
         """sparse: page-level sparse attention over the group's history, selected here over every page's summary
         (the inner pool must not select); max_len: the longest sequence it will hold (sizes the summaries)."""
         if inner.selector is not None:
-            raise ValueError("the inner pool must be dense: ShardedKVStore(sparse=...) selects over the group's pages")
+            raise ValueError("the inner pool must be dense: ShardedKVStore(sparse=...) selects over all the pages")
         self.inner, self.group = inner, group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.page_size = inner.page_size

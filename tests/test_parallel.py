@@ -1,4 +1,4 @@
-"""Several processes on the CPU (gloo): tensor and data parallelism give one process's loss and gradients.
+"""Several processes on the CPU (gloo): tensor, data and context parallelism give one process's loss and gradients.
 
 One spawned job of two processes runs every check (each process pays torch's import once) and writes its results;
 the tests below read them. In fp32 the only differences from one process are summation orders (partial products
@@ -292,8 +292,8 @@ def test_tp_without_torchrun_is_refused(tmp_path, capsys, monkeypatch):
 
 
 def test_cp_refusals_and_rank_plan(tmp_path, capsys, monkeypatch):
-    """--cp without torchrun, or with sparse attention, is refused in one line; a rank's plan holds 1/cp of the
-    pages and its tensor-parallel share of the weights."""
+    """--cp without torchrun, or with offloaded pages, is refused in one line (sparse attention is accepted); a
+    rank's plan holds 1/cp of the pages and its tensor-parallel share of the weights."""
     import argparse
 
     import context_parallel
@@ -305,8 +305,9 @@ def test_cp_refusals_and_rank_plan(tmp_path, capsys, monkeypatch):
     assert train.main(TRAIN + ["--cp", "2", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --cp 2 needs 2 processes")
-    with pytest.raises(UserError, match="sparse attention is not sharded"):
-        context_parallel.check(argparse.Namespace(cp=2, seq=64, chunk=32, sparse=True, offload="auto"))
+    context_parallel.check(argparse.Namespace(cp=2, seq=64, chunk=32, sparse=True, offload="auto"))  # accepted
+    with pytest.raises(UserError, match="offloaded pages are not sharded"):
+        context_parallel.check(argparse.Namespace(cp=2, seq=64, chunk=32, sparse=True, offload="on"))
     cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     args = argparse.Namespace(dtype="float32", grad_pages="float32", params_dtype="float32", optimizer="adamw",
