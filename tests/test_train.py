@@ -1,6 +1,7 @@
 """train.py end to end on the CPU: falling loss, exact resume, Ctrl-C, the chunked path. (Bad input: test_cli.py;
 the memory plan: test_plan.py.)"""
 
+import functools
 import json
 import os
 import signal
@@ -11,10 +12,21 @@ import time
 import pytest
 import torch
 
+import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--device", "cpu", "--seq", "64", "--batch", "4", "--eval-iters", "2"]
+
+
+_stdlib_corpus = functools.cache(data.stdlib_corpus)
+
+
+@pytest.fixture(autouse=True)
+def stdlib_corpus_once(monkeypatch):
+    """The default corpus (every stdlib .py file, globbed and read: ~0.5 s CPU a run) read once for this module's
+    ~20 in-process runs; test_data.py tests stdlib_corpus itself, test_ctrl_c_saves_and_exits_cleanly reads it anew."""
+    monkeypatch.setattr(data, "stdlib_corpus", _stdlib_corpus)
 
 
 @pytest.fixture
