@@ -2,7 +2,14 @@ import os
 import sys
 
 import pytest
-import torch
+
+# One intra-op thread (set before torch loads; subprocesses inherit it): the tests' tensors are tiny, so a second
+# thread gains nothing, while on a shared 2-core machine (CI, or other jobs) OpenMP's spinning threads multiply the
+# run time of every small op several-fold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # tests import the top-level modules (model, data, train, ...) from the repo root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

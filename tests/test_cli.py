@@ -124,7 +124,11 @@ CASES = [
     (["--lora-rank", "4", "--lora-targets", "q_proj,lm_head"], "--lora-targets 'q_proj,lm_head' must be distinct"),
     (["--lora-rank", "4", "--lora-targets", "q_proj,q_proj"], "must be distinct names"),
     (["--export", "{run}", "--resume"], "--resume does not apply"),
-    # after torch: checkpoints, the model's vocabulary, the memory plan
+]
+# after torch: checkpoints, the model's vocabulary, the memory plan. The checks above ran in a fresh `python
+# train.py` each, as a user runs it (most answer before torch is imported); these are called in-process through
+# train.main (the same prepare and run, minus the seconds of a fresh torch import per case).
+AFTER_TORCH = [
     (["--out", "{garbage}", "--resume"], "garbage/ckpt.pt is not a checkpoint of train.py"),
     (["--out", "{nokeys}", "--resume"], "nokeys/ckpt.pt is not a checkpoint of train.py (no model, optimizer"),
     (["--out", "{run}", "--resume", "--optimizer", "adafactor"], "was trained with adamw"),
@@ -136,15 +140,24 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("extra, message", CASES, ids=[" ".join(argv) for argv, _ in CASES])
-def test_bad_input_is_one_error_line_and_leaves_runs_untouched(files, tmp_path, extra, message):
+@pytest.mark.parametrize("extra, message", CASES + AFTER_TORCH,
+                         ids=[" ".join(argv) for argv, _ in CASES + AFTER_TORCH])
+def test_bad_input_is_one_error_line_and_leaves_runs_untouched(files, tmp_path, capsys, extra, message):
     paths = {**files, "out": str(tmp_path / "out")}
+    in_process = (extra, message) in AFTER_TORCH
     extra = [arg.format(**paths) for arg in extra]
     argv = RUN + ["--data", files["text"], "--out", paths["out"]] + extra  # the last of a repeated option counts
     before = {name: snapshot(files[name]) for name in ("run", "garbage", "nokeys")}
-    proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    err = proc.stderr.strip()
-    assert proc.returncode == 2, (proc.returncode, err, proc.stdout)
+    if in_process:
+        capsys.readouterr()
+        code = train.main(argv)
+        out, err = capsys.readouterr()
+    else:
+        proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    err = err.strip()
+    assert code == 2, (code, err, out)
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     assert message in err, err
     assert {name: snapshot(files[name]) for name in before} == before  # byte-identical
