@@ -17,6 +17,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from interrupt import stop_after
 
 WORLD = 2
 TOL = 1e-5
@@ -188,17 +189,7 @@ def worker(rank, ports, out_dir):
     dist.destroy_process_group()
     results["time_checks"] = time.perf_counter() - t0
 
-    class StopAfterTwo(train.StopRequest):  # as if Ctrl-C came during step 2
-        reads = 0
-
-        @property
-        def requested(self):
-            StopAfterTwo.reads += 1
-            return StopAfterTwo.reads >= 2
-
-        @requested.setter
-        def requested(self, value):
-            pass
+    StopAfterTwo = stop_after(2)  # as if Ctrl-C came during step 2
 
     runs = [("tp_full", ["--tp", "2", "--batch", "2"], train.StopRequest),
             ("tp_part", ["--tp", "2", "--batch", "2"], StopAfterTwo),

@@ -13,6 +13,7 @@ import plan_suggest
 import train
 from model import preset
 from test_plan import GIB, settings
+from interrupt import stop_after
 
 # the acceptance machine: one H200 (~139 GiB free) and ~120 GiB MemAvailable, less the host headroom
 H200 = planner.Memory(device=139 * GIB, host=120 * GIB - planner.host_headroom(120 * GIB), on_gpu=True,
@@ -139,17 +140,7 @@ def test_lora_over_init_from_checkpoints_the_adapters_only_and_resumes_exactly(t
     ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     assert ckpt["adapters_only"] and ckpt["model"] and all(k.endswith(("lora_A", "lora_B")) for k in ckpt["model"])
 
-    class StopAfterTwo(train.StopRequest):  # as if Ctrl-C came during step 2
-        reads = 0
-
-        @property
-        def requested(self):
-            StopAfterTwo.reads += 1
-            return StopAfterTwo.reads >= 2
-
-        @requested.setter
-        def requested(self, value):
-            pass
+    StopAfterTwo = stop_after(2)  # as if Ctrl-C came during step 2
 
     monkeypatch.setattr(train, "StopRequest", StopAfterTwo)
     assert train.main(args + ["--out", part]) == 130

@@ -14,6 +14,7 @@ import torch
 
 import data
 import train
+from interrupt import stop_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--device", "cpu", "--seq", "64", "--batch", "4", "--eval-iters", "2"]
@@ -65,17 +66,7 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch, plain_lay
     full = str(tmp_path / "full")
     assert train.main(args + ["--out", full]) == 0
 
-    class StopAfterFive(train.StopRequest):  # as if Ctrl-C came during step 5
-        reads = 0
-
-        @property
-        def requested(self):
-            StopAfterFive.reads += 1
-            return StopAfterFive.reads >= 5
-
-        @requested.setter
-        def requested(self, value):
-            pass
+    StopAfterFive = stop_after(5)  # as if Ctrl-C came during step 5
 
     part = str(tmp_path / "part")
     with monkeypatch.context() as m:
