@@ -17,7 +17,6 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from interrupt import stop_after
 
 WORLD = 2
 TOL = 1e-5
@@ -189,6 +188,7 @@ def worker(rank, ports, out_dir):
     dist.destroy_process_group()
     results["time_checks"] = time.perf_counter() - t0
 
+    from interrupt import stop_after  # imports train: after the environment above is set
     StopAfterTwo = stop_after(2)  # as if Ctrl-C came during step 2
 
     runs = [("tp_full", ["--tp", "2", "--batch", "2"], train.StopRequest),
