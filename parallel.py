@@ -194,7 +194,8 @@ def from_env(tp: int, device: torch.device, cp: int = 1) -> Layout | None:
 
 
 def check(layout: Layout | None, cfg, args):
-    """What the layout cannot do with this run, as a UserError, before any model is built."""
+    """What the layout cannot do with this run, as a UserError, before any model is built. Under --tp > 1,
+    --params-dtype auto means fp32 weights (bf16 weights are refused there)."""
     if layout is not None and layout.cp > 1:
         context_parallel.check(args)
     if layout is None or layout.tp == 1:
@@ -202,6 +203,8 @@ def check(layout: Layout | None, cfg, args):
     why = tensor_parallel.check_divisible(cfg, layout.tp)
     if why:
         raise UserError(f"--tp {layout.tp}: {why}")
+    if args.params_dtype == "auto":  # the plan may not pick bf16 weights here: their master copies are not gathered
+        args.params_dtype = "float32"
     for flag, value, ok in (("--optimizer", args.optimizer, "adamw"), ("--params-dtype", args.params_dtype, "float32")):
         if value != ok:
             raise UserError(f"--tp {layout.tp} with {flag} {value}: not supported yet (tensor-parallel checkpoints "

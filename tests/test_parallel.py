@@ -303,6 +303,14 @@ def test_cp_refusals_and_rank_plan(tmp_path, capsys, monkeypatch):
                       num_attention_heads=4, num_key_value_heads=2)
     args = argparse.Namespace(dtype="float32", grad_pages="float32", params_dtype="float32", optimizer="adamw",
                               seq=4096, chunk=512, batch=1, page_size=16, sparse=False, lora_rank=None)
+    # under --tp, auto weights mean fp32 (bf16 weights are refused there), and given bf16 weights are refused
+    import parallel
+    tp2 = argparse.Namespace(tp=2, cp=1)
+    auto = argparse.Namespace(optimizer="adamw", params_dtype="auto", lora_rank=None)
+    parallel.check(tp2, cfg, auto)
+    assert auto.params_dtype == "float32"
+    with pytest.raises(UserError, match="--params-dtype bfloat16: not supported yet"):
+        parallel.check(tp2, cfg, argparse.Namespace(optimizer="adamw", params_dtype="bfloat16", lora_rank=None))
     whole = planner.parts(cfg, args)
     total = sum(math.prod(s) for s in planner.param_shapes(cfg))
     share = context_parallel.rank_plan(whole, cfg, total, tp=2, cp=4)
