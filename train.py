@@ -333,6 +333,10 @@ def resume_settings(args, ckpt, ckpt_path):
     if ckpt.get("adapters_only"):  # the base comes from --init-from again: there, and the same model
         args.init_from = args.init_from or had.get("init_from")
         finetune.check_base(args.init_from, ckpt["config"], ckpt_path)
+    for name in ("data", "documents", "eval_data"):  # allowed (a new data mix), but no longer an exact resume
+        if name in had and had[name] != getattr(args, name, None):
+            tqdm.write(f"note: --{name.replace('_', '-')} {getattr(args, name, None)} differs from the checkpoint's "
+                       f"{had[name]}: the batches from here on differ from an uninterrupted run's")
 
 
 def run(args, data):

@@ -211,6 +211,17 @@ def test_default_lr_follows_what_is_trained_and_resume_keeps_the_checkpoints(fil
     assert last["step"] == 3 and last["lr"] == pytest.approx(4e-4 + 0.5 * 3.6e-3)
 
 
+def test_resume_with_other_data_says_the_batches_differ(files, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(files["run"], out)  # trained on files["text"]
+    other = str(tmp_path / "other.txt")
+    with open(other, "wb") as f:
+        f.write(bytes(range(256)) * 16)
+    assert train.main(RUN + ["--data", other, "--out", out, "--resume", "--steps", "3"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: --data")]
+    assert len(notes) == 1 and "differ from an uninterrupted run" in notes[0], notes
+
+
 def test_resume_drops_log_records_after_the_checkpoint(files, tmp_path):
     """A run that died between two saves logged steps its checkpoint lacks: resumed, each step is logged once."""
     out = str(tmp_path / "run")
