@@ -73,7 +73,7 @@ def export_run(model, out: str, init_from=None) -> str:
 
 
 def export_checkpoint(out: str, load_checkpoint) -> str:
-    """`train.py --export OUT`: the model of OUT/ckpt.pt (load_checkpoint: train.load_checkpoint), on the CPU,
+    """`train.py --export OUT`: the model of OUT/ckpt.pt (load_checkpoint: checkpoint.load_checkpoint), on the CPU,
     written to OUT/hf/ (a LoRA run's adapters merged; adapters-only checkpoints over their --init-from base)."""
     path = os.path.join(out, "ckpt.pt")
     ckpt = load_checkpoint(path, flag="--export")

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import finetune  # noqa: E402
-import train  # noqa: E402
+import checkpoint  # noqa: E402
 from model import Model, preset  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def make(path):
 
 def ours(out):
     """OUT/ckpt.pt's model in fp32 on the CPU (an adapters-only LoRA checkpoint over its --init-from base)."""
-    ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
     if ckpt.get("adapters_only"):
         model = finetune.attach_lora(Model.from_pretrained(ckpt["args"]["init_from"]), ckpt["args"])
         finetune.load_adapters(model, ckpt["model"], "checkpoint")

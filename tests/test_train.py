@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import checkpoint
 import train
 from interrupt import stop_after
 
@@ -123,7 +124,7 @@ def test_chunked_path_follows_the_full_sequence_path(tmp_path, plain_layer_ops, 
 def assert_export_matches(out, tmp_path):
     """OUT/hf loads in transformers with the logits of OUT/ckpt.pt's model (fp32, 1e-4)."""
     transformers = pytest.importorskip("transformers")
-    ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
     model = train.Model(ckpt["config"])
     model.load_state_dict(ckpt["model"])
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf"), dtype=torch.float32).eval()
@@ -168,7 +169,7 @@ def test_lora_run_saves_peft_adapters_and_exports_the_merged_model(tmp_path):
     out = str(tmp_path / "run")
     assert train.main(["--init-from", str(init), "--device", "cpu", "--seq", "32", "--batch", "2", "--steps", "3",
                        "--eval-iters", "1", "--lr", "1e-2", "--lora-rank", "4", "--out", out, "--export"]) == 0
-    ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
     # over an --init-from base the checkpoint holds the adapters only: the base is frozen, reloaded from there
     assert ckpt["adapters_only"] and all(k.endswith(("lora_A", "lora_B")) for k in ckpt["model"])
     assert any(k.endswith("lora_B") and ckpt["model"][k].abs().max() > 0 for k in ckpt["model"])  # adapters trained
