@@ -1,7 +1,7 @@
 """
 train.py's fine-tuning helpers: exporting a run as a Hugging Face checkpoint (export.py), LoRA adapters (lora.py).
 
-    export_run(model, out, init_from)   OUT/hf/: the model (LoRA merged first, in place) with the --init-from
+    export_run(model, out, init_from)   OUT/hf/: the model (LoRA merged into --init-from's weights) with its
                                         checkpoint's config fields and tokenizer files
     export_checkpoint(out)              `train.py --export OUT`: OUT/ckpt.pt's model -> OUT/hf/
     attach_lora(model, args, seed)      --lora-rank: base weights frozen, fp32 adapters (seeded A init)
@@ -62,14 +62,31 @@ def _init_dir(init_from):
 
 
 def export_run(model, out: str, init_from=None) -> str:
-    """Write OUT/hf/ from `model`; LoRA adapters are merged into the base weights first (in place: the model is
-    plain afterwards). Returns the directory."""
-    if lora_modules(model):
+    """Write OUT/hf/ from `model`; LoRA adapters are merged into the base weights first. Over an --init-from
+    checkpoint the merge goes into that checkpoint's own weights, reloaded on the CPU: the run's frozen base may be a
+    bf16 copy of them (--params-dtype auto), and the export must equal the checkpoint + adapters that peft loads.
+    Otherwise in place (the model is plain afterwards). Returns the directory."""
+    init_dir = _init_dir(init_from)
+    adapters = lora_modules(model)
+    if adapters and init_dir:
+        model = _merged_onto(Model.from_pretrained(init_dir), adapters)
+    elif adapters:
         merge_lora(model)
     try:
-        return export_hf(model, os.path.join(out, "hf"), init_dir=_init_dir(init_from))
+        return export_hf(model, os.path.join(out, "hf"), init_dir=init_dir)
     except (OSError, ValueError) as e:
         raise UserError(f"--export: {e}") from None
+
+
+def _merged_onto(base, adapters: dict):
+    """W += scale * B A for each adapter (lora_modules' {name: wrapper}) into `base`'s Linear of the same name, in
+    fp32, rounded once to W's dtype. Returns base."""
+    with torch.no_grad():
+        for name, m in adapters.items():
+            w = base.get_submodule(name).weight
+            delta = m.scale * (m.lora_B.detach().float().cpu() @ m.lora_A.detach().float().cpu())  # [out, r] @ [r, in]
+            w.copy_((w.float() + delta).to(w.dtype))
+    return base
 
 
 def export_checkpoint(out: str, load_checkpoint) -> str:

@@ -18,8 +18,10 @@ page-level sparse attention (--budget history tokens per 128-query block, MeanKe
 detached, dense attention with the gradients into earlier chunks' K/V cut (chunked_step(detach_history=True)): a
 pair --chunk or more bytes before its question can then only be found by weights trained for something else.
 
---curriculum D0: the training distance grows geometrically from D0 to --distance over the first --curriculum-frac
-of the steps (the length with it); evaluation is always at --distance.
+--curriculum D0: the training distance stays at D0 for the first --curriculum-hold of the steps, then grows
+geometrically to --distance by --curriculum-frac of them (the length with it); evaluation is always at --distance.
+Why a hold: the retrieval circuit forms suddenly after a long plateau (bench/RESULTS.md), and short examples buy the
+plateau's steps cheaply; once formed, the growing distance only has to stretch it.
 
 Writes OUT/config.json, OUT/log.jsonl (one record per step; evaluation fields every --eval-every steps) and
 OUT/curve.png. `plot` draws several runs' curves in one PNG and prints a table of their final figures.
@@ -64,7 +66,8 @@ def parse(argv):
     t.add_argument("--warmup", type=int, default=30)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--curriculum", type=int, default=0, metavar="D0", help="start distance (0: none)")
-    t.add_argument("--curriculum-frac", type=float, default=0.8)
+    t.add_argument("--curriculum-frac", type=float, default=0.8, help="reach --distance at this fraction of steps")
+    t.add_argument("--curriculum-hold", type=float, default=0.0, help="stay at D0 for this fraction of the steps")
     t.add_argument("--eval-every", type=int, default=25)
     t.add_argument("--eval-examples", type=int, default=16)
     t.add_argument("--model", default="small", help="model.py preset (default: %(default)s)")
@@ -110,6 +113,9 @@ def resolve(args):
         raise UserError(f"--time-budget must be > 0, got {args.time_budget:g}")
     if not (args.lr > 0 and args.weight_decay >= 0 and 0 < args.curriculum_frac <= 1 and args.warmup >= 0):
         raise UserError("need --lr > 0, --weight-decay >= 0, 0 < --curriculum-frac <= 1, --warmup >= 0")
+    if not 0 <= args.curriculum_hold < args.curriculum_frac:
+        raise UserError(f"--curriculum-hold {args.curriculum_hold:g} must lie in [0, --curriculum-frac "
+                        f"{args.curriculum_frac:g})")
     if not 0 <= args.curriculum <= args.distance:
         raise UserError(f"--curriculum {args.curriculum} must lie in [0, --distance {args.distance}]")
     if not 1 <= args.key_len <= 8 or args.pairs > 10 ** args.key_len:
@@ -131,7 +137,8 @@ def resolve(args):
 
 def distance_at(step, args):
     """The training distance of `step`: --distance, or on the curriculum D0 * (D / D0)^progress, page-aligned."""
-    progress = min(1.0, step / max(1, args.curriculum_frac * args.steps))
+    hold, end = args.curriculum_hold * args.steps, args.curriculum_frac * args.steps
+    progress = min(1.0, max(0.0, step - hold) / max(1, end - hold))
     if not args.curriculum or progress >= 1:
         return args.distance
     d = args.curriculum * (args.distance / args.curriculum) ** progress
@@ -235,10 +242,12 @@ def train(args):
                                                             "num_attention_heads", "num_key_value_heads")}}
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
+    curriculum = (f" (curriculum from {args.curriculum}, held for {args.curriculum_hold:.0%} of the steps, "
+                  f"grown by {args.curriculum_frac:.0%})" if args.curriculum else "")
     tqdm.write(f"retrieval {args.attn}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                f"{model.num_params() / 1e6:.1f}M params on {device} | {args.batch} x {args.length} bytes, "
                f"{args.questions} answers of 4 bytes each at distance >= {args.distance}"
-               f"{f' (curriculum from {args.curriculum})' if args.curriculum else ''} | chunk {args.chunk}"
+               f"{curriculum} | chunk {args.chunk}"
                f"{f', sparse budget {args.budget}' if args.attn == 'sparse' else ''} | chance {CHANCE:.3f}/byte")
     extra = {"detach_history": True} if args.attn == "detached" else {}
     log = open(os.path.join(args.out, "log.jsonl"), "w")

@@ -26,6 +26,7 @@
 #                 steps --export, then with --lora-rank 16; transformers / peft reload and compare logits      500 s
 #   retrieval     the long-range retrieval experiment (retrieval_train.py): dense, sparse, detached, one plot  560 s
 #   retrieval-dense, retrieval-sparse, retrieval-detached   one mode each (then `retrieval-plot`)  230/150/230 s
+#   retrieval-calib  RETR_CALIB's runs ('NAME FLAGS;...') side by side, each log.jsonl to $OUT/calib_NAME.jsonl  420 s
 #                 RETR_ARGS replaces the shared settings below; RETR_TIME_DENSE etc. the per-mode time budgets
 #
 # Files under $OUT: log.txt (every stage's output), bench.jsonl (bench.py, one JSON object per point),
@@ -200,7 +201,7 @@ for name in "$@"; do
         rm -f /tmp/ft05.txt*  # the repo's sources as text: ~700K tokens of the checkpoint's tokenizer
         cat ./*.py kernels/*.py tests/*.py >/tmp/ft05.txt
         stage ft-0.5b-128k 500 bash -c "$PY bench/check_export.py make /tmp/init05 && \
-            for run in ft05: ft05lora:--lora-rank=16; do name=\${run%%:*}; extra=\${run#*:}; \
+            for run in ${FT05_RUNS:-ft05: ft05lora:--lora-rank=16}; do name=\${run%%:*}; extra=\${run#*:}; \
             $PY train.py --init-from /tmp/init05 --data /tmp/ft05.txt --seq 131072 --steps 3 --eval-iters 1 --export \
             \${extra/=/ } --out /tmp/\$name 2>&1 | tr '\r' '\n' | grep -E '^(model|run|done|exported|error)'; \
             cat /tmp/\$name/log.jsonl; $PY bench/check_export.py compare /tmp/\$name --init /tmp/init05 || exit 1; \
@@ -211,6 +212,11 @@ for name in "$@"; do
         retrieval "${name#retrieval-}" ;;
     retrieval-plot)
         retrieval_plot ;;
+    retrieval-calib)  # RETR_CALIB: 'NAME FLAGS;NAME FLAGS;...' retrieval_train.py runs at once on the one GPU
+        stage retrieval-calib "${RETR_CALIB_LIMIT:-420}" bash -c 'IFS=";"; for run in $RETR_CALIB; do \
+            name=${run%% *}; flags=${run#* }; (IFS=" "; $PY retrieval_train.py train --out "/tmp/calib/$name" \
+            --overwrite $flags 2>&1 | tr "\r" "\n" | grep -E "^(retrieval [a-z]+: [0-9]|done|stopped|error)" | sed "s/^/[$name] /"; \
+            cp "/tmp/calib/$name/log.jsonl" "$OUT/calib_$name.jsonl") & done; wait' ;;
     *)
         echo "unknown stage '$name' (see the header of $0)"; exit 2 ;;
     esac

@@ -99,12 +99,16 @@ def test_curriculum_grows_the_distance():
     distances = [rt.distance_at(step, args) for step in range(100)]
     assert distances[0] == 4096 and distances[50:] == [32768] * 50
     assert all(a <= b for a, b in zip(distances, distances[1:])) and all(d % 64 == 0 for d in distances)
+    args.curriculum_hold = 0.3  # 30 steps at D0, then the same growth compressed into steps 30..50
+    held = [rt.distance_at(step, args) for step in range(100)]
+    assert held[:31] == [4096] * 31 and 4096 < held[31] < held[49] < 32768 and held[50:] == [32768] * 50
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "error: --steps must be > 0"),
     (["--attn", "local"], "error: argument --attn: invalid choice"),
     (["--distance", "4096", "--length", "4100"], "error: --length 4100 at --distance 4096 leaves room for"),
+    (["--curriculum-hold", "0.9"], "error: --curriculum-hold 0.9 must lie in [0, --curriculum-frac 0.8)"),
     (["--chunk", "100"], "error: --page-size 64 must be a power of two >= 16 dividing --chunk 100"),
     (["--key-len", "1", "--pairs", "64"], "error: --key-len 1 must lie in [1, 8] and allow --pairs 64 distinct keys"),
 ])
