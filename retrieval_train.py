@@ -60,8 +60,12 @@ def parse(argv):
     t.add_argument("--pairs", type=int, default=64, help="key->value pairs per example")
     t.add_argument("--questions", type=int, default=32, help="questions (answers) per example")
     t.add_argument("--key-len", type=int, default=4, help="digits per key")
+    t.add_argument("--value-len", type=int, default=4, help="capitals per answer")
     t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--batch", type=int, default=8, help="examples per step (at --distance)")
+    t.add_argument("--short-batch", type=int, default=None, metavar="B0",
+                   help="on the curriculum: B0 examples per step at D0, as many tokens per step while the examples "
+                        "grow, never fewer than --batch examples")
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--warmup", type=int, default=30)
     t.add_argument("--weight-decay", type=float, default=0.0)
@@ -89,20 +93,19 @@ def parse(argv):
 # ------------------------------------------------------------------------------------------------ checks
 
 
-VALUE_LEN = 4  # capitals per answer
-
-
 def pair_len(args):
     """Bytes of one pair (and of one question): "#" key digits "=" value capitals ";" ("?" ... ";")."""
-    return args.key_len + VALUE_LEN + 3
+    return args.key_len + args.value_len + 3
 
 
 def resolve(args):
     """Check the training arguments (no torch needed) and fill in the derived length; UserError if bad."""
-    for name in ("distance", "pairs", "questions", "steps", "batch", "eval_every", "eval_examples", "chunk",
+    for name in ("distance", "pairs", "questions", "value_len", "steps", "batch", "eval_every", "eval_examples", "chunk",
                  "page_size", "budget"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.short_batch is not None and not (args.curriculum and args.short_batch >= args.batch):
+        raise UserError(f"--short-batch {args.short_batch} needs --curriculum and must be >= --batch {args.batch}")
     if args.questions > args.pairs:
         raise UserError(f"--questions {args.questions} exceeds --pairs {args.pairs}")
     if args.page_size < 16 or args.page_size & (args.page_size - 1) or args.chunk % args.page_size:
@@ -143,6 +146,17 @@ def distance_at(step, args):
         return args.distance
     d = args.curriculum * (args.distance / args.curriculum) ** progress
     return max(pair_len(args), min(args.distance, round(d / args.page_size) * args.page_size))
+
+
+def batch_at(step, args):
+    """The examples of `step`: --batch, or on the curriculum with --short-batch B0 the power of two nearest below
+    B0 * length(D0) / length (the same tokens per step as at D0), between --batch and B0. Why: the plateau before the
+    circuit forms is counted in answers seen, and short examples sell answers cheaply."""
+    if not args.short_batch:
+        return args.batch
+    length = args.length - args.distance + distance_at(step, args)
+    fit = args.short_batch * (args.length - args.distance + args.curriculum) // length
+    return max(args.batch, min(args.short_batch, 1 << (fit.bit_length() - 1) if fit else 0))
 
 
 def lr_at(step, args):
@@ -192,7 +206,8 @@ def make_store(args, model, batch, length, device, dtype):
 
 def examples_at(seed, n, length, distance, args):
     from retrieval import make_qa_example
-    return [make_qa_example((*seed, i), length, distance, args.pairs, args.questions, args.key_len, VALUE_LEN)
+    return [make_qa_example((*seed, i), length, distance, args.pairs, args.questions, args.key_len,
+                            args.value_len)
             for i in range(n)]
 
 
@@ -210,11 +225,11 @@ def batch_tensors(examples, device):
     return ids, targets, int(mask[:, 1:].sum())
 
 
-def evaluate(model, store, heldout, args, device, dtype):
+def evaluate(model, stores, heldout, args, device, dtype):
     from retrieval import answer_accuracy
     score = answer_accuracy(model, heldout, args.chunk, args.batch, dtype,
-                            make_store=lambda b, t: store if b == args.batch else make_store(args, model, b, t,
-                                                                                            device, dtype))
+                            make_store=lambda b, t: stores[b] if b in stores else make_store(args, model, b, t,
+                                                                                             device, dtype))
     return score.token_accuracy, score.exact_match
 
 
@@ -230,7 +245,7 @@ def train(args):
     model = build_model(args, device)
     os.makedirs(args.out, exist_ok=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # compute (autocast) and K/V pages
-    store = make_store(args, model, args.batch, args.length, device, dtype)
+    stores = {args.batch: make_store(args, model, args.batch, args.length, device, dtype)}  # one per batch size
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -245,8 +260,9 @@ def train(args):
     curriculum = (f" (curriculum from {args.curriculum}, held for {args.curriculum_hold:.0%} of the steps, "
                   f"grown by {args.curriculum_frac:.0%})" if args.curriculum else "")
     tqdm.write(f"retrieval {args.attn}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-               f"{model.num_params() / 1e6:.1f}M params on {device} | {args.batch} x {args.length} bytes, "
-               f"{args.questions} answers of 4 bytes each at distance >= {args.distance}"
+               f"{model.num_params() / 1e6:.1f}M params on {device} | {args.batch} x {args.length} bytes"
+               f"{f' ({args.short_batch} x shorter ones at first)' if args.short_batch else ''}, "
+               f"{args.questions} answers of {args.value_len} bytes each at distance >= {args.distance}"
                f"{curriculum} | chunk {args.chunk}"
                f"{f', sparse budget {args.budget}' if args.attn == 'sparse' else ''} | chance {CHANCE:.3f}/byte")
     extra = {"detach_history": True} if args.attn == "detached" else {}
@@ -258,23 +274,28 @@ def train(args):
         t0 = time.perf_counter()
         distance = distance_at(step, args)
         length = args.length - args.distance + distance
-        ids, targets, n_targets = batch_tensors(examples_at((args.seed, 0, step), args.batch, length, distance,
+        batch = batch_at(step, args)
+        if batch not in stores:
+            longest = args.short_batch * (args.length - args.distance + args.curriculum) // batch  # batch_at's
+            stores[batch] = make_store(args, model, batch, min(args.length, -(-longest // args.page_size)
+                                                               * args.page_size), device, dtype)
+        ids, targets, n_targets = batch_tensors(examples_at((args.seed, 0, step), batch, length, distance,
                                                             args), device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        loss = chunked_step(model, ids, targets, args.chunk, args.page_size, dtype, store=store, **extra)
+        loss = chunked_step(model, ids, targets, args.chunk, args.page_size, dtype, store=stores[batch], **extra)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         rates.append(ids.numel() / (time.perf_counter() - t0))
-        record = {"step": step + 1, "loss": loss, "distance": distance, "length": length,
+        record = {"step": step + 1, "loss": loss, "distance": distance, "length": length, "batch": batch,
                   "lr": lr_at(step, args), "tokens_per_s": rates[-1], "elapsed_s": time.perf_counter() - started}
         out_of_time = args.time_budget is not None and record["elapsed_s"] > args.time_budget
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or out_of_time:
             model.eval()
-            acc, exact = evaluate(model, store, heldout, args, device, dtype)
+            acc, exact = evaluate(model, stores, heldout, args, device, dtype)
             model.train()
             record |= {"token_accuracy": acc, "exact_match": exact}
         log.write(json.dumps(record) + "\n")

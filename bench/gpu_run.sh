@@ -26,7 +26,7 @@
 #                 steps --export, then with --lora-rank 16; transformers / peft reload and compare logits      500 s
 #   retrieval     the long-range retrieval experiment (retrieval_train.py): dense, sparse, detached, one plot  560 s
 #   retrieval-dense, retrieval-sparse, retrieval-detached   one mode each (then `retrieval-plot`)  230/150/230 s
-#   retrieval-calib  RETR_CALIB's runs ('NAME FLAGS;...') side by side, each log.jsonl to $OUT/calib_NAME.jsonl  420 s
+#   retrieval-calib  RETR_CALIB's runs ('NAME FLAGS;...') side by side: $OUT/calib_NAME.jsonl, all in calib.tgz  420 s
 #                 RETR_ARGS replaces the shared settings below; RETR_TIME_DENSE etc. the per-mode time budgets
 #
 # Files under $OUT: log.txt (every stage's output), bench.jsonl (bench.py, one JSON object per point),
@@ -215,8 +215,9 @@ for name in "$@"; do
     retrieval-calib)  # RETR_CALIB: 'NAME FLAGS;NAME FLAGS;...' retrieval_train.py runs at once on the one GPU
         stage retrieval-calib "${RETR_CALIB_LIMIT:-420}" bash -c 'IFS=";"; for run in $RETR_CALIB; do \
             name=${run%% *}; flags=${run#* }; (IFS=" "; $PY retrieval_train.py train --out "/tmp/calib/$name" \
-            --overwrite $flags 2>&1 | tr "\r" "\n" | grep -E "^(retrieval [a-z]+: [0-9]|done|stopped|error)" | sed "s/^/[$name] /"; \
-            cp "/tmp/calib/$name/log.jsonl" "$OUT/calib_$name.jsonl") & done; wait' ;;
+            --overwrite $flags 2>&1 | tr "\r" "\n" | grep -E "^(retrieval [a-z]+: [0-9]+ layers|done|stopped|error)" | sed "s/^/[$name] /"; \
+            cp "/tmp/calib/$name/log.jsonl" "$OUT/calib_$name.jsonl") & done; wait; \
+            tar czf "$OUT/calib.tgz" -C /tmp calib' ;;
     *)
         echo "unknown stage '$name' (see the header of $0)"; exit 2 ;;
     esac

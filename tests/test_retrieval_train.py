@@ -40,7 +40,7 @@ def test_qa_example_layout():
 
 def test_loss_only_on_answer_bytes():
     """The targets of a batch: the next byte where it is an answer byte, IGNORE_INDEX (no loss) everywhere else."""
-    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4})
+    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4})
     examples = rt.examples_at((0, 0, 5), 2, 176, 64, args)
     ids, targets, n = rt.batch_tensors(examples, "cpu")
     mask = torch.as_tensor(np.stack([e[1] for e in examples])).bool()
@@ -52,7 +52,7 @@ def test_loss_only_on_answer_bytes():
 
 
 def test_heldout_set_is_fixed_and_apart_from_training():
-    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4})
+    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4})
     a = rt.examples_at((7, 1), 3, 176, 64, args)
     b = rt.examples_at((7, 1), 3, 176, 64, args)
     train = [e for step in range(3) for e in rt.examples_at((7, 0, step), 2, 176, 64, args)]
@@ -104,11 +104,25 @@ def test_curriculum_grows_the_distance():
     assert held[:31] == [4096] * 31 and 4096 < held[31] < held[49] < 32768 and held[50:] == [32768] * 50
 
 
+def test_short_batch_keeps_the_tokens_per_step_while_examples_grow():
+    args = rt.resolve(rt.parse(["train", "--out", "/nonexistent/x", "--distance", "32768", "--curriculum", "512",
+                                "--steps", "100", "--curriculum-frac", "0.5", "--batch", "4", "--short-batch", "64",
+                                "--key-len", "1", "--value-len", "1", "--pairs", "8", "--questions", "8"]))
+    assert rt.pair_len(args) == 5  # "#" 1 digit "=" 1 capital ";"
+    batches = [rt.batch_at(step, args) for step in range(100)]
+    lengths = [args.length - args.distance + rt.distance_at(step, args) for step in range(100)]
+    assert batches[0] == 64 and batches[50:] == [4] * 50 and all(a >= b for a, b in zip(batches, batches[1:]))
+    for b, t in zip(batches, lengths):  # powers of two; no more tokens than at D0 unless held at --batch
+        assert b & (b - 1) == 0 and (b * t <= 64 * lengths[0] or b == 4) and (2 * b * t > 64 * lengths[0] or b == 64)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "error: --steps must be > 0"),
     (["--attn", "local"], "error: argument --attn: invalid choice"),
     (["--distance", "4096", "--length", "4100"], "error: --length 4100 at --distance 4096 leaves room for"),
     (["--curriculum-hold", "0.9"], "error: --curriculum-hold 0.9 must lie in [0, --curriculum-frac 0.8)"),
+    (["--short-batch", "16"], "error: --short-batch 16 needs --curriculum and must be >= --batch 8"),
+    (["--value-len", "0"], "error: --value-len must be > 0"),
     (["--chunk", "100"], "error: --page-size 64 must be a power of two >= 16 dividing --chunk 100"),
     (["--key-len", "1", "--pairs", "64"], "error: --key-len 1 must lie in [1, 8] and allow --pairs 64 distinct keys"),
 ])
