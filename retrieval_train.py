@@ -331,30 +331,43 @@ def read_run(run):
 
 
 def plot(runs, out):
-    """Exact match and per-byte accuracy against step, one line per run, in one PNG; prints a table."""
+    """Exact match and per-byte accuracy against step, one line per run, and each run's training loss with its
+    curriculum distance beside them, in one PNG; prints a table of the final figures."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     loaded = [read_run(run) for run in runs]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    distance_axis = axes[2].twinx()
     print(f"{'run':<28} {'mode':<9} {'steps':>5} {'distance':>8} {'exact':>6} {'per-byte':>8} {'tok/s':>9}")
     for run, (config, records) in zip(runs, loaded):
         evals = [r for r in records if "exact_match" in r]
         label = f"{config['attn']} ({os.path.basename(os.path.normpath(run))})"
         for ax, key in zip(axes, ("exact_match", "token_accuracy")):
-            ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker=".", label=label)
+            line, = ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker=".", label=label)
+        steps = [r["step"] for r in records]
+        window = max(1, len(records) // 50)  # a running mean: one step's loss is noisy
+        losses = [sum(r["loss"] for r in records[max(0, i - window + 1):i + 1]) / min(window, i + 1)
+                  for i in range(len(records))]
+        axes[2].plot(steps, losses, color=line.get_color(), label=label)
+        distance_axis.plot(steps, [r["distance"] for r in records], color=line.get_color(), linestyle=":")
         rates = sorted(r["tokens_per_s"] for r in records)
         last = evals[-1] if evals else {"exact_match": float("nan"), "token_accuracy": float("nan")}
         print(f"{run[-28:]:<28} {config['attn']:<9} {len(records):>5} {config['distance']:>8} "
               f"{last['exact_match']:>6.3f} {last['token_accuracy']:>8.3f} "
               f"{rates[len(rates) // 2] if rates else float('nan'):>9,.0f}")
-    distances = sorted({config["distance"] for config, _ in loaded})
-    for ax, title in zip(axes, ("exact match (whole 4-byte answers)", "per-byte accuracy")):
-        ax.axhline(CHANCE if "byte" in title else CHANCE ** 4, color="gray", linestyle=":", label="chance")
-        ax.set(xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02),
-               title=f"{title}, held-out, distance {'/'.join(map(str, distances))}")
+    distances = "/".join(map(str, sorted({config["distance"] for config, _ in loaded})))
+    value_lens = sorted({config.get("value_len", 4) for config, _ in loaded})
+    for ax, title, chance in ((axes[0], f"exact match (whole {'/'.join(map(str, value_lens))}-byte answers)",
+                               CHANCE ** value_lens[0]), (axes[1], "per-byte accuracy", CHANCE)):
+        ax.axhline(chance, color="gray", linestyle=":", label="chance")
+        ax.set(xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"{title}, held-out, distance {distances}")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
+    axes[2].set(xlabel="step", ylabel="training loss (answer bytes, running mean)", title="training loss (solid), "
+                "training distance (dotted)")
+    distance_axis.set(yscale="log", ylabel="training distance (bytes)")
+    axes[2].grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -24,14 +24,14 @@
 #   ft-7b-short   7B random init at --seq 16384, 20 steps, lr 3e-4: the loss falls                             300 s
 #   ft-0.5b-128k  a random Qwen2.5-0.5B HF checkpoint (bench/check_export.py make), --init-from it at 128K x 3
 #                 steps --export, then with --lora-rank 16; transformers / peft reload and compare logits      500 s
-#   retrieval     the long-range retrieval experiment (retrieval_train.py): dense, sparse, detached, one plot  560 s
-#   retrieval-dense, retrieval-sparse, retrieval-detached   one mode each (then `retrieval-plot`)  230/150/230 s
+#   retrieval     the long-range retrieval experiment (retrieval_train.py): dense, sparse and detached side by side
+#                 on the one GPU, then one plot; RETR_ARGS replaces the shared flags below, RETR_MODES the modes 545 s
 #   retrieval-calib  RETR_CALIB's runs ('NAME FLAGS;...') side by side: $OUT/calib_NAME.jsonl, all in calib.tgz  420 s
 #                 RETR_ARGS replaces the shared settings below; RETR_TIME_DENSE etc. the per-mode time budgets
 #
 # Files under $OUT: log.txt (every stage's output), bench.jsonl (bench.py, one JSON object per point),
 # pytest.txt, train_1m.jsonl, train.jsonl, pack.jsonl and unpacked.jsonl, anchors.jsonl (hf_baseline.py),
-# retrieval/MODE/{config.json,log.jsonl,curve.png}, retrieval/retrieval.png and retrieval/table.txt. stdout: a
+# retrieval.tgz (each mode's config.json, log.jsonl, curve.png), retrieval.png, retrieval_table.txt. stdout: a
 # status line per stage and
 # bench.py's summary table at the end (the device call returns the last 12,000 characters).
 set -u
@@ -97,33 +97,25 @@ PYEOF
 }
 export -f pack_bench
 export PY
-# the retrieval experiment: a 2-layer, hidden-256 model from scratch, 32 answers per example, distance growing from
-# 2048 to 32768 over the first 80% of the steps (evaluation always at 32768), chunks of 2048 (every asked pair sits
-# in an earlier chunk than its question, so detached never gets a gradient from question to pair); each mode stops
-# at its time budget with a last evaluation. Why 1000 steps and 80% (bench/RESULTS.md, CPU calibration): on the CPU
-# no variant left the chance plateau within 400 steps x 16 examples (51K answers), so the copying circuit needs more
-# answers than the old 300 x 8; short-distance steps cost ~50 ms here against ~0.5 s at 32K, so the budget buys most
-# answers by lingering at short distances. Estimated (not measured): ~200 s for 900-1000 steps, ~250K answers.
-RETR_ARGS=${RETR_ARGS:---model small --layers 2 --hidden 256 --distance 32768 --curriculum 2048 --curriculum-frac 0.8 \
---chunk 2048 --batch 8 --steps 1000 --lr 2e-3 --warmup 30 --eval-every 50 --eval-examples 32}
-declare -A RETR_TIME=([dense]=${RETR_TIME_DENSE:-200} [sparse]=${RETR_TIME_SPARSE:-120} \
-    [detached]=${RETR_TIME_DETACHED:-200})
-retrieval() {  # retrieval MODE: train one mode into $OUT/retrieval/MODE
-    mkdir -p "$OUT/retrieval"
-    # shellcheck disable=SC2086  # RETR_ARGS is a list of flags
-    stage "retrieval-$1" $((RETR_TIME[$1] + 30)) bash -c "$PY retrieval_train.py train --out '$OUT/retrieval/$1' \
-        --overwrite --attn $1 --time-budget ${RETR_TIME[$1]} $RETR_ARGS 2>&1 | tr '\r' '\n' | \
-        grep -vE 'it/s|s/it' | grep -vE '^ *$'"
-}
-retrieval_plot() {
-    local runs=()
-    for mode in dense sparse detached; do
-        [ -f "$OUT/retrieval/$mode/log.jsonl" ] && runs+=("$OUT/retrieval/$mode")
-    done
-    [ ${#runs[@]} = 0 ] && { echo "[retrieval-plot] no runs under $OUT/retrieval"; return; }
-    stage retrieval-plot 60 bash -c "$PY retrieval_train.py plot --out '$OUT/retrieval/retrieval.png' ${runs[*]} \
-        >'$OUT/retrieval/table.txt' 2>&1; rc=\$?; cat '$OUT/retrieval/table.txt'; exit \$rc"
-    cat "$OUT/retrieval/table.txt"
+# the retrieval experiment (bench/RESULTS.md, "Long-range retrieval"): a 2-layer, hidden-256 model from scratch, 10
+# one-digit keys -> one-capital answers per example; 128 examples of 640 bytes per step while the distance is held
+# at 512 (59% of the steps), then the distance grows to 32768 with as many tokens per step (down to 16 examples);
+# chunks of 512, so every asked pair sits in an earlier chunk than its question (detached never gets a gradient
+# from question to pair). The three modes run side by side: on the H200 each leaves the GPU mostly idle (host-bound).
+RETR_ARGS=${RETR_ARGS:---model small --layers 2 --hidden 256 --key-len 1 --value-len 1 --pairs 10 --questions 10 \
+--distance 32768 --curriculum 512 --curriculum-hold 0.593 --curriculum-frac 0.889 --steps 1350 --batch 16 \
+--short-batch 128 --chunk 512 --lr 1e-3 --warmup 100 --eval-every 100 --eval-examples 32 --time-budget 470}
+RETR_MODES=${RETR_MODES:-dense sparse detached}
+export RETR_ARGS RETR_MODES
+retrieval() {  # every mode of RETR_MODES into /tmp/retrieval/MODE at once; the plot and a table into $OUT
+    rm -rf /tmp/retrieval && mkdir -p /tmp/retrieval
+    # shellcheck disable=SC2016  # expanded by the stage's bash
+    stage retrieval 545 bash -c 'for mode in $RETR_MODES; do ($PY retrieval_train.py train --out /tmp/retrieval/$mode \
+        --attn $mode $RETR_ARGS 2>&1 | tr "\r" "\n" | grep -E "^(retrieval [a-z]+: [0-9]+ layers|done|stopped|error)" \
+        | sed "s/^/[$mode] /") & done; wait; runs=$(for m in $RETR_MODES; do [ -f /tmp/retrieval/$m/log.jsonl ] && \
+        echo /tmp/retrieval/$m; done); $PY retrieval_train.py plot --out "$OUT/retrieval.png" $runs \
+        >"$OUT/retrieval_table.txt" 2>&1; rc=$?; cat "$OUT/retrieval_table.txt"; tar czf "$OUT/retrieval.tgz" -C /tmp \
+        retrieval; exit $rc'
 }
 
 for name in "$@"; do
@@ -207,11 +199,7 @@ for name in "$@"; do
             cat /tmp/\$name/log.jsonl; $PY bench/check_export.py compare /tmp/\$name --init /tmp/init05 || exit 1; \
             done" ;;
     retrieval)
-        retrieval dense; retrieval sparse; retrieval detached; retrieval_plot ;;
-    retrieval-dense|retrieval-sparse|retrieval-detached)
-        retrieval "${name#retrieval-}" ;;
-    retrieval-plot)
-        retrieval_plot ;;
+        retrieval ;;
     retrieval-calib)  # RETR_CALIB: 'NAME FLAGS;NAME FLAGS;...' retrieval_train.py runs at once on the one GPU
         stage retrieval-calib "${RETR_CALIB_LIMIT:-420}" bash -c 'IFS=";"; for run in $RETR_CALIB; do \
             name=${run%% *}; flags=${run#* }; (IFS=" "; $PY retrieval_train.py train --out "/tmp/calib/$name" \
