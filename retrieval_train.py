@@ -251,6 +251,11 @@ def train(args):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     heldout = examples_at((args.seed, 1), args.eval_examples, args.length, args.distance, args)
+    # on a curriculum, the same questions at its start distance too: whether the circuit is exact where it trains
+    # first, before the distance grows (the H200 run's hold ended with it half-formed: bench/RESULTS.md)
+    start_length = args.length - args.distance + args.curriculum
+    heldout_start = (examples_at((args.seed, 1), args.eval_examples, start_length, args.curriculum, args)
+                     if args.curriculum else None)
     cfg = model.config
     config = {**vars(args), "device": str(device), "params": model.num_params(), "chance_per_byte": CHANCE,
               "model_config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size",
@@ -296,6 +301,8 @@ def train(args):
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or out_of_time:
             model.eval()
             acc, exact = evaluate(model, stores, heldout, args, device, dtype)
+            if heldout_start is not None:
+                record["exact_match_at_start"] = evaluate(model, stores, heldout_start, args, device, dtype)[1]
             model.train()
             record |= {"token_accuracy": acc, "exact_match": exact}
         log.write(json.dumps(record) + "\n")
@@ -345,6 +352,10 @@ def plot(runs, out):
         label = f"{config['attn']} ({os.path.basename(os.path.normpath(run))})"
         for ax, key in zip(axes, ("exact_match", "token_accuracy")):
             line, = ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker=".", label=label)
+        at_start = [r for r in evals if "exact_match_at_start" in r]
+        if at_start:  # the same questions at the curriculum's start distance
+            axes[0].plot([r["step"] for r in at_start], [r["exact_match_at_start"] for r in at_start], linestyle="--",
+                         color=line.get_color(), label=f"{label} at {config['curriculum']}")
         steps = [r["step"] for r in records]
         window = max(1, len(records) // 50)  # a running mean: one step's loss is noisy
         losses = [sum(r["loss"] for r in records[max(0, i - window + 1):i + 1]) / min(window, i + 1)
@@ -363,6 +374,8 @@ def plot(runs, out):
         ax.axhline(chance, color="gray", linestyle=":", label="chance")
         ax.set(xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"{title}, held-out, distance {distances}")
         ax.grid(alpha=0.3)
+    if any(config.get("curriculum") for config, _ in loaded):  # dashed lines to name
+        axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     axes[2].set(xlabel="step", ylabel="training loss (answer bytes, running mean)", title="training loss (solid), "
                 "training distance (dotted)")

@@ -60,11 +60,11 @@ def test_heldout_set_is_fixed_and_apart_from_training():
     assert not any(np.array_equal(x[0], t[0]) for x in a for t in train)
 
 
-def train_subprocess(out, mode):
+def train_subprocess(out, mode, *extra):
     """The driver as a user runs it, on the plain-PyTorch CPU path (without the Triton interpreter that the tests'
     process runs the fused layer ops through)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "retrieval_train.py", "train", "--out", out, "--attn", mode, *TOY],
+    proc = subprocess.run([sys.executable, "retrieval_train.py", "train", "--out", out, "--attn", mode, *TOY, *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
@@ -72,15 +72,24 @@ def train_subprocess(out, mode):
 
 @pytest.mark.parametrize("modes", [("sparse", "detached")])
 def test_train_writes_log_and_curve_then_plot_combines(tmp_path, capsys, modes):
-    """Two steps of each mode on a toy model (dense is these paths with neither twist), then one PNG of both."""
+    """Two steps of each mode on a toy model (dense is these paths with neither twist), then one PNG of both. The
+    detached run is on a held curriculum with --short-batch: step 1 at the start distance with more examples,
+    evaluated there too."""
     runs = []
     for mode in modes:
         out = str(tmp_path / mode)
-        assert train_subprocess(out, mode).splitlines()[-1].startswith(f"done: {mode}, 2 steps, distance 64")
+        curriculum = ("--curriculum", "32", "--curriculum-hold", "0.25", "--short-batch", "4") * (mode == "detached")
+        assert train_subprocess(out, mode, *curriculum).splitlines()[-1].startswith(f"done: {mode}, 2 steps, "
+                                                                                     f"distance 64")
         records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
         assert [r["step"] for r in records] == [1, 2]
         assert all(0 <= r["token_accuracy"] <= 1 and 0 <= r["exact_match"] <= 1 for r in records)
-        assert all(np.isfinite(r["loss"]) and r["length"] == 176 and r["distance"] == 64 for r in records)
+        assert all(np.isfinite(r["loss"]) for r in records)
+        if curriculum:
+            assert [(r["distance"], r["batch"]) for r in records] == [(32, 4), (48, 2)]
+            assert all(0 <= r["exact_match_at_start"] <= 1 for r in records)
+        else:
+            assert all(r["length"] == 176 and r["distance"] == 64 and r["batch"] == 2 for r in records)
         assert json.load(open(os.path.join(out, "config.json")))["attn"] == mode
         assert os.path.getsize(os.path.join(out, "curve.png")) > 0
         runs.append(out)
