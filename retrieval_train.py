@@ -100,8 +100,8 @@ def pair_len(args):
 
 def resolve(args):
     """Check the training arguments (no torch needed) and fill in the derived length; UserError if bad."""
-    for name in ("distance", "pairs", "questions", "value_len", "steps", "batch", "eval_every", "eval_examples", "chunk",
-                 "page_size", "budget"):
+    for name in ("distance", "pairs", "questions", "value_len", "steps", "batch", "eval_every", "eval_examples",
+                 "chunk", "page_size", "budget"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.short_batch is not None and not (args.curriculum and args.short_batch >= args.batch):
