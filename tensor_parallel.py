@@ -301,13 +301,14 @@ class Adafactor(torch.optim.Adafactor):
         state["step"] += 1
         t = state["step"].item()
         one_minus_beta2_t, rho_t = t ** group["beta2_decay"], min(lr, 1 / t ** 0.5)
-        norm_sq = self._sum(p.square().sum(dtype=torch.float32), name)  # ||W||^2 of the whole tensor
+        # norms as torch's (no parameter-sized temporaries), squared so that the ranks' shares add up
+        norm_sq = self._sum(torch.linalg.vector_norm(p, dtype=torch.float32).square(), name)  # ||W||^2, whole tensor
         alpha = max(eps2, norm_sq.sqrt().item() / math.prod(full) ** 0.5) * rho_t
         if group["weight_decay"] != 0:
             p.mul_(1 - lr * group["weight_decay"])
         if grad.dim() > 1:  # [out, in]: row_var [out, 1], col_var [1, in]
-            rows_sq = grad.square().sum(dim=-1, keepdim=True)  # [out, 1]: a share of the row sums when dim = 1
-            cols_sq = grad.square().sum(dim=-2, keepdim=True)  # [1, in]: a share of the column sums when dim = 0
+            rows_sq = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_()  # [out, 1]: a share when dim = 1
+            cols_sq = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_()  # [1, in]: a share when dim = 0
             if dim == grad.dim() - 1:
                 rows_sq = self._sum(rows_sq, name)
             if dim == grad.dim() - 2:
@@ -323,7 +324,7 @@ class Adafactor(torch.optim.Adafactor):
             state["variance"].lerp_(grad * grad, one_minus_beta2_t)
             var_estimate = state["variance"].clone()
         update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
-        update_sq = self._sum(update.square().sum(dtype=torch.float32), name)
+        update_sq = self._sum(torch.linalg.vector_norm(update, dtype=torch.float32).square(), name)
         denom = max(1.0, update_sq.sqrt().item() / (math.prod(full) ** 0.5 * d))
         p.add_(update, alpha=-alpha / denom)
 
