@@ -25,17 +25,20 @@ def save_checkpoint(path, model, optimizer, step, args, layout=None):
     (adapters_only: the base reloads from --init-from on --resume), over a random-init base the whole model.
     Several processes (parallel.py): every rank takes part in gathering the full tensors, rank 0 writes them."""
     adapters_only = finetune.adapters_only(args)
-    model_state, optimizer_state = (layout.full_state(model, optimizer) if layout else
-                                    (model.state_dict(), optimizer.state_dict()))
-    if adapters_only:  # LoRA runs at --tp 1 only (parallel.check): every rank's model is whole
-        model_state = finetune.trainable_state(model)
+    if layout:  # the whole tensors (under --tp gathered from every rank's shards); an adapters-only save skips the base
+        model_state, optimizer_state = layout.full_state(model, optimizer, only_trainable=adapters_only)
+    else:
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    if adapters_only:
+        model_state = {name: model_state[name] for name in finetune.trainable_state(model)}
     if layout and not layout.main:
         return
     tmp = path + ".tmp"
     torch.save({"model": model_state, "optimizer": optimizer_state, "step": step, "adapters_only": adapters_only,
                 "config": asdict(model.config), "args": vars(args)}, tmp)
     os.replace(tmp, path)
-    finetune.save_adapter(model, os.path.dirname(path), args.init_from)
+    # OUT/lora/ from the whole adapters (model_state: gathered under --tp), as one GPU's run writes it
+    finetune.save_adapter(model, os.path.dirname(path), args.init_from, model_state)
 
 
 def load_checkpoint(path, flag="--resume") -> dict:

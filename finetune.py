@@ -5,7 +5,7 @@ train.py's fine-tuning helpers: exporting a run as a Hugging Face checkpoint (ex
                                         checkpoint's config fields and tokenizer files
     export_checkpoint(out)              `train.py --export OUT`: OUT/ckpt.pt's model -> OUT/hf/
     attach_lora(model, args, seed)      --lora-rank: base weights frozen, fp32 adapters (seeded A init)
-    save_adapter(model, out, init_from) OUT/lora/ in PEFT's format, beside each checkpoint
+    save_adapter(model, out, ...)       OUT/lora/ in PEFT's format, beside each checkpoint
     lora_mismatch(args, ckpt_args)      a resumed run's LoRA settings differ from its checkpoint's (message or None)
     adapters_only(args)                 LoRA over an --init-from base: checkpoints hold the adapters only
     trainable_state(model)              {name: tensor} of what trains (a LoRA run's adapters)
@@ -48,10 +48,11 @@ def lora_mismatch(args, ckpt_args: dict):
     return f"this run has {fmt(have)}, but its checkpoint was trained with {fmt(had)}: resume with the same"
 
 
-def save_adapter(model, out: str, init_from=None):
-    """OUT/lora/ (PEFT format: adapter_config.json + adapter_model.safetensors) when the model has adapters."""
+def save_adapter(model, out: str, init_from=None, state: dict | None = None):
+    """OUT/lora/ (PEFT format: adapter_config.json + adapter_model.safetensors) when the model has adapters.
+    state: the adapters' whole tensors by parameter name (a tensor-parallel run's gathered ones), else the model's."""
     if lora_modules(model):
-        save_peft_adapter(model, os.path.join(out, "lora"), base_model_name_or_path=init_from)
+        save_peft_adapter(model, os.path.join(out, "lora"), base_model_name_or_path=init_from, state=state)
 
 
 def _init_dir(init_from):

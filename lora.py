@@ -140,9 +140,11 @@ def _atomic_write(path: str, write):
             os.remove(tmp)
 
 
-def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: str | None = None):
+def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: str | None = None,
+                      state: dict | None = None):
     """Write the model's adapters to directory `path` as PEFT does: adapter_config.json + adapter_model.safetensors
-    (fp32 A and B under PEFT's key names)."""
+    (fp32 A and B under PEFT's key names). state: {"<module path>.lora_A": tensor, ...} to write instead of the
+    modules' own A and B (a tensor-parallel run's, gathered whole: each rank's modules hold a share)."""
     from safetensors.torch import save_file
 
     modules = lora_modules(model)
@@ -152,8 +154,9 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: str 
     targets = [t for t in LORA_TARGETS if any(name.rpartition(".")[2] == t for name in modules)]
     tensors = {}
     for name, m in modules.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().float().contiguous().cpu()
+        for factor in ("lora_A", "lora_B"):
+            tensor = getattr(m, factor) if state is None else state[f"{name}.{factor}"]
+            tensors[f"{PEFT_PREFIX}{name}.{factor}.weight"] = tensor.detach().float().contiguous().cpu()
     # LoraConfig fields with long-standing names; everything else is left to PEFT's defaults
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,

@@ -10,8 +10,9 @@ host it spans NVLink neighbours); ranks c = 0..P-1 of one (d, t) a context-paral
 shard, the history's pages divided: its ranks compute identical gradients, so they need no reduction); ranks of one
 (c, t) across d a data-parallel group (the same shard, different sequences). Every rank draws the step's global batch of --batch x D sequences from (seed, step) and
 trains on its D-th share, so a run's losses are those of one GPU at --batch x D. Checkpoints are gathered to rank 0
-as the usual OUT/ckpt.pt of one GPU (full tensors, model and AdamW state), so exports and resumes work at any T and D,
-one process included. A single process (no torchrun) sets up nothing and runs the plain path.
+as the usual OUT/ckpt.pt of one GPU (full tensors: model, or a LoRA run's adapters, and optimizer state: AdamW's
+moments, bf16 weights' fp32 masters and fp32 moments, Adafactor's factors), so exports and resumes work at any T and
+D, one process included; OUT/lora/ holds the whole adapters. A single process (no torchrun) sets up nothing and runs the plain path.
 """
 
 import dataclasses
@@ -77,7 +78,9 @@ class Layout:
                                    doc_start=None if batch.doc_start is None else batch.doc_start[share])
 
     def reduce_gradients(self, model):
-        """Average the gradients over the data-parallel group: once per step, after the whole chunked step."""
+        """Once per step, after the whole chunked step: sum the whole LoRA factors' partial gradients over the
+        tensor-parallel group (tensor_parallel.py), then average every gradient over the data-parallel group."""
+        self.tensor.reduce_partial_gradients(model)
         data_parallel.average_gradients(list(model.parameters()), self.dp_group)
 
     def mean(self, value: float) -> float:
@@ -123,31 +126,44 @@ class Layout:
         names = {id(p): n for n, p in model.named_parameters()}
         return [(names[id(p)], p) for group in optimizer.param_groups for p in group["params"]]
 
-    def full_state(self, model, optimizer) -> tuple[dict, dict]:
-        """(model state dict, optimizer state dict) of the whole model, as one GPU's run would save them.
+    def full_state(self, model, optimizer, only_trainable=False) -> tuple[dict, dict]:
+        """(model state dict, optimizer state dict) of the whole model, as one GPU's run would save them
+        (only_trainable: the model's trainable tensors only, a LoRA run's adapters; the frozen base is not gathered).
         Collective over the tensor-parallel group: every rank calls it."""
         tp = self.tensor
-        model_state = tp.gather_state_dict(model.state_dict())
+        if getattr(optimizer, "moments", None) == "int8":  # parallel.check refuses it; a guard for other callers
+            raise UserError("tensor parallelism cannot gather int8 AdamW moments (blocks of a shard are not the "
+                            "whole tensor's)")
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        model_state = tp.gather_state_dict({k: v for k, v in model.state_dict().items()
+                                            if not only_trainable or k in trainable})
         opt_state = optimizer.state_dict()
         for i, (name, p) in enumerate(self._optimizer_names(optimizer, model)):
             # a new dict: state_dict() hands out the optimizer's own per-parameter dicts
             state = opt_state["state"][i] = dict(opt_state["state"].get(i, {}))
             for key, value in state.items():
-                if torch.is_tensor(value) and value.dim() and name in tp.dims:
-                    if value.shape != p.shape:
-                        raise UserError(f"optimizer state {key} of {name} is not shaped like its parameter: "
-                                        f"tensor parallelism checkpoints AdamW with fp32 weights only")
-                    state[key] = tp.gather(name, value)
+                try:
+                    state[key] = tp.gather_state(name, tuple(p.shape), value)
+                except ValueError as e:
+                    raise UserError(f"{key}: {e}") from None
         return model_state, opt_state
 
     def load_optimizer_state(self, optimizer, model, full: dict):
-        """Load a full (one-GPU) optimizer state dict, each moment cut to this rank's shard."""
-        for i, (name, _) in enumerate(self._optimizer_names(optimizer, model)):
+        """Load a full (one-GPU) optimizer state dict, each tensor cut to this rank's share (gather_state's
+        inverse: moments and masters like their parameter, Adafactor factors along the split dim)."""
+        for i, (name, p) in enumerate(self._optimizer_names(optimizer, model)):
             state = full["state"][i] = dict(full["state"].get(i, {}))
             for key, value in state.items():
-                if torch.is_tensor(value) and value.dim():
-                    state[key] = self.tensor.shard(name, value)
+                try:
+                    state[key] = self.tensor.shard_state(name, tuple(p.shape), value)
+                except ValueError as e:
+                    raise UserError(f"--resume: {key}: {e}") from None
         optimizer.load_state_dict(full)
+
+    def build_adafactor(self, groups, model, lr):
+        """Adafactor over this rank's shards whose updates are one GPU's (tensor_parallel.Adafactor)."""
+        names = {p: n for n, p in model.named_parameters()}
+        return tensor_parallel.Adafactor(groups, tp=self.tensor, names=names, lr=lr)
 
     def barrier(self):
         dist.barrier()
@@ -194,8 +210,8 @@ def from_env(tp: int, device: torch.device, cp: int = 1) -> Layout | None:
 
 
 def check(layout: Layout | None, cfg, args):
-    """What the layout cannot do with this run, as a UserError, before any model is built. Under --tp > 1,
-    --params-dtype auto means fp32 weights (bf16 weights are refused there)."""
+    """What the layout cannot do with this run, as a UserError, before any model is built. Under --tp > 1, bf16
+    weights take fp32 AdamW moments only (the plan's auto choice is limited to them: `moments_allowed`)."""
     if layout is not None and layout.cp > 1:
         context_parallel.check(args)
     if layout is None or layout.tp == 1:
@@ -203,12 +219,11 @@ def check(layout: Layout | None, cfg, args):
     why = tensor_parallel.check_divisible(cfg, layout.tp)
     if why:
         raise UserError(f"--tp {layout.tp}: {why}")
-    if args.params_dtype == "auto":  # the plan may not pick bf16 weights here: their master copies are not gathered
-        args.params_dtype = "float32"
-    for flag, value, ok in (("--optimizer", args.optimizer, "adamw"), ("--params-dtype", args.params_dtype, "float32")):
-        if value != ok:
-            raise UserError(f"--tp {layout.tp} with {flag} {value}: not supported yet (tensor-parallel checkpoints "
-                            f"gather AdamW state of fp32 weights only); use {flag} {ok}")
-    if args.lora_rank:
-        raise UserError(f"--tp {layout.tp} with --lora-rank: not supported yet (the adapters wrap the projections "
-                        f"that tensor parallelism splits)")
+    if args.params_dtype in ("auto", "bfloat16") and not args.lora_rank:
+        if args.moments in ("bf16", "int8"):
+            # bf16: stochastic rounding draws its random numbers per shard, not the whole tensor's (the update
+            # would not be one GPU's); int8: the 256-value blocks of a shard are not those of the whole tensor
+            raise UserError(f"--tp {layout.tp} with --moments {args.moments}: not supported (a shard's "
+                            f"{'random rounding' if args.moments == 'bf16' else 'int8 blocks'} differ from the whole "
+                            f"tensor's); use --moments fp32")
+        args.moments_allowed = ("fp32",)

@@ -325,7 +325,8 @@ def _precision_options(args) -> list[tuple[str, str | None]]:
     """(params_dtype, moments) to try, most precise first. bf16 weights need AdamW and bf16 compute; LoRA's
     adapters train with torch's AdamW, so no --moments there."""
     bf16_ok = args.optimizer == "adamw" and args.dtype == "bfloat16"
-    moments = [args.moments] if args.moments else list(MOMENTS)
+    # --tp limits bf16 weights to fp32 moments (parallel.check)
+    moments = [args.moments] if args.moments else list(getattr(args, "moments_allowed", MOMENTS))
     bf16 = [("bfloat16", None)] if args.lora_rank else [("bfloat16", m) for m in moments]
     if args.params_dtype == "auto" and args.lora_rank and bf16_ok:
         # LoRA's base is frozen: bf16 (a Qwen checkpoint's own precision) loses no update, halves the base and

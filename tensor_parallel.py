@@ -20,15 +20,28 @@ rank's page pool (device or pinned host) holds its KV heads only.
 
 Replicated parameters get identical gradients on every rank (their inputs and the gradients reaching them are
 identical after the region all-reduces), so they need no reduction; the loss is computed by every rank alike.
-Gradients of sharded parameters are the matching slices of one GPU's. Only exact nn.Linear projections are
-sharded: wrapped ones (LoRA) are refused.
+Gradients of sharded parameters are the matching slices of one GPU's.
+
+LoRA (lora.LoRALinear, y = base(x) + s (x A^T) B^T, A [r, in], B [out, r]): the base is cut as above; on a
+column-parallel projection B is cut along out (rank r's [out/T, r]) and A stays whole, on a row-parallel one A is
+cut along in ([r, in/T]) and B stays whole. The whole factor's gradient is then a partial sum over the ranks
+(column: dA = s B_r^T dY_r^T x, each rank summing its own output columns; row: dB = s dY^T (x_r A_r^T), each rank
+its own input columns), so `TensorParallel.partial` names them and `reduce_partial_gradients` sums them over the
+group once per step, after the chunked backward (like data parallelism's average).
+
+Optimizer state is gathered and cut like its parameter (`gather_state` / `shard_state`): a state tensor of the
+parameter's shape (AdamW moments), its flat form (optim.MixedPrecisionAdamW: fp32 master, fp32 moments), or an
+Adafactor factor ([out, 1] / [1, in]: cut when it runs along the split dim, else whole, see `Adafactor`).
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from lora import LoRALinear
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -74,6 +87,7 @@ class TensorParallel:
     rank: int
     size: int
     dims: dict[str, int]
+    partial: set[str] = field(default_factory=set)  # whole (replicated) LoRA factors whose gradient is a partial sum
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the full tensor `name` (a parameter or anything of its shape: optimizer moments);
@@ -96,6 +110,62 @@ class TensorParallel:
     def gather_state_dict(self, state: dict) -> dict:
         return {k: self.gather(k, v) for k, v in state.items()}
 
+    def _state_dim(self, name: str, shape: tuple, value: torch.Tensor) -> int | None:
+        """The dim of `value` (optimizer state of parameter `name`, whose tensor has `shape`: the local one for
+        local state, the full one for full state) along which it is cut like the parameter, or None when it is whole
+        on every rank: replicated parameters, scalars, and Adafactor factors that averaged over the split dim
+        (row_var [out, 1] of a row-parallel weight, col_var [1, in] of a column-parallel one). Flat state
+        (MixedPrecisionAdamW's [numel]) is handled by the caller, viewed as `shape`."""
+        d = self.dims.get(name)
+        if d is None or self.size == 1 or value.dim() == 0:
+            return None
+        if value.dim() == len(shape) and all(v in (s, 1) for v, s in zip(value.shape, shape)):
+            return d if value.shape[d] == shape[d] != 1 else None
+        raise ValueError(f"optimizer state of {name} shaped {tuple(value.shape)} is neither its parameter's "
+                         f"{tuple(shape)} nor a factor of it: tensor parallelism cannot gather or cut it")
+
+    def _flat(self, shape: tuple, value: torch.Tensor) -> bool:
+        return value.dim() == 1 and len(shape) > 1 and value.numel() == math.prod(shape)
+
+    def gather_state(self, name: str, local_shape: tuple, value):
+        """The full (one-GPU) form of optimizer state `value` of this rank's parameter `name` [local_shape]
+        (collective over the group, like gather)."""
+        if not torch.is_tensor(value) or name not in self.dims or self.size == 1:
+            return value
+        if self._flat(local_shape, value):  # MixedPrecisionAdamW: [numel] of the parameter's row-major order
+            return self.gather(name, value.view(local_shape)).reshape(-1)
+        d = self._state_dim(name, local_shape, value)
+        if d is None:
+            return value
+        parts = [torch.empty_like(value) for _ in range(self.size)]
+        dist.all_gather(parts, value.contiguous(), group=self.group)
+        return torch.cat(parts, dim=d)
+
+    def shard_state(self, name: str, local_shape: tuple, value):
+        """This rank's share of full optimizer state `value` of parameter `name` (whose local shard is
+        [local_shape]): the inverse of gather_state."""
+        if not torch.is_tensor(value) or name not in self.dims or self.size == 1:
+            return value
+        full_shape = list(local_shape)
+        full_shape[self.dims[name]] *= self.size
+        if self._flat(full_shape, value):
+            return self.shard(name, value.view(full_shape)).reshape(-1)
+        d = self._state_dim(name, tuple(full_shape), value)
+        return value if d is None else value.chunk(self.size, d)[self.rank].clone()
+
+    def reduce_partial_gradients(self, model):
+        """Sum the partial gradients of the whole LoRA factors over the group (once per step, after backward)."""
+        if self.size == 1 or not self.partial:
+            return
+        grads = [p.grad for name, p in model.named_parameters() if name in self.partial and p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
 
 def check_divisible(cfg, size: int) -> str | None:
     """Why a model of shape cfg cannot be split over `size` ranks, or None."""
@@ -105,16 +175,19 @@ def check_divisible(cfg, size: int) -> str | None:
     return None
 
 
+def _cut(param: nn.Parameter, dim: int, rank: int, size: int) -> nn.Parameter:
+    with torch.no_grad():
+        return nn.Parameter(param.chunk(size, dim)[rank].clone(), requires_grad=param.requires_grad)
+
+
 def _keep_slice(linear: nn.Linear, dim: int, rank: int, size: int):
     """Replace the Linear's parameters by this rank's slice (dim 0: out-features, with the bias; 1: in-features);
     one rank keeps them as they are."""
     if size == 1:
         return
-    with torch.no_grad():
-        linear.weight = nn.Parameter(linear.weight.chunk(size, dim)[rank].clone(),
-                                     requires_grad=linear.weight.requires_grad)
-        if dim == 0 and linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.chunk(size, 0)[rank].clone(), requires_grad=linear.bias.requires_grad)
+    linear.weight = _cut(linear.weight, dim, rank, size)
+    if dim == 0 and linear.bias is not None:
+        linear.bias = _cut(linear.bias, 0, rank, size)
     linear.out_features, linear.in_features = linear.weight.shape
 
 
@@ -138,24 +211,122 @@ def shard_model(model, group=None) -> TensorParallel:
     why = check_divisible(cfg, size)
     if why:
         raise ValueError(why)
-    dims = {}
+    cuts = []  # (parameter's owner, attribute, dim): recorded as names once every Parameter is in place
     for i, block in enumerate(model.layers):
-        for names, dim in ((COLUMN_PARALLEL, 0), (ROW_PARALLEL, 1)):
-            for name in names:
-                linear = block.get_submodule(name)
+        for targets, dim in ((COLUMN_PARALLEL, 0), (ROW_PARALLEL, 1)):
+            for name in targets:
+                module = block.get_submodule(name)
+                linear = module.base if isinstance(module, LoRALinear) else module
                 if type(linear) is not nn.Linear:
-                    raise ValueError(f"tensor parallelism shards plain nn.Linear projections; layer {i}'s {name} "
-                                     f"is a {type(linear).__name__} (LoRA and other wrappers are not supported)")
+                    raise ValueError(f"tensor parallelism shards plain nn.Linear projections (or LoRA over one); "
+                                     f"layer {i}'s {name} is a {type(linear).__name__}")
                 _keep_slice(linear, dim, rank, size)
-                dims[f"model.layers.{i}.{name}.weight"] = dim
+                cuts.append((linear, "weight", dim))
                 if dim == 0 and linear.bias is not None:
-                    dims[f"model.layers.{i}.{name}.bias"] = 0
+                    cuts.append((linear, "bias", 0))
+                if isinstance(module, LoRALinear):
+                    # column: B [out, r] cut along out, A [r, in] whole; row: A cut along in, B [out, r] whole
+                    cut, whole = ("lora_B", "lora_A") if dim == 0 else ("lora_A", "lora_B")
+                    if size > 1:
+                        setattr(module, cut, _cut(getattr(module, cut), dim, rank, size))
+                    cuts += [(module, cut, dim), (module, whole, None)]
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    dims, partial = {}, set()
+    for owner, attr, dim in cuts:
+        name = names[id(getattr(owner, attr))]
+        if dim is None:
+            partial.add(name)
+        else:
+            dims[name] = dim
+    for block in model.layers:
         attn = block.self_attn
         attn.n_heads, attn.n_kv_heads = attn.n_heads // size, attn.n_kv_heads // size
         if size > 1:
             _region_hooks(block.self_attn, group)
             _region_hooks(block.mlp, group)
-    return TensorParallel(group, rank, size, dims)
+    return TensorParallel(group, rank, size, dims, partial)
+
+
+class Adafactor(torch.optim.Adafactor):
+    """torch.optim.Adafactor (its single-tensor arithmetic, its state: step, row_var, col_var, variance) over this
+    rank's shards, with the statistics that span a split dim summed over the group, so that every update is one
+    GPU's (up to the order of the sums). For weight W [out, in] cut along d:
+        row_var [out, 1]   mean over in of g^2: local for d = 0 (a shard of rows), an all-reduced sum for d = 1
+        col_var [1, in]    mean over out of g^2: local for d = 1, an all-reduced sum for d = 0
+        row_var.mean over out (the estimate's normaliser), ||W|| (alpha's RMS) and ||update|| (the clipping RMS):
+                           sums over the whole tensor
+    so a factor along the split dim is cut like W and the other one is whole and equal on every rank (what
+    TensorParallel.gather_state / shard_state assume). `names`: {parameter: name in model.named_parameters()}."""
+
+    def __init__(self, params, tp: TensorParallel, names: dict, **kwargs):
+        super().__init__(params, **kwargs)
+        self.tp, self.names = tp, names
+
+    def _sum(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x summed over the group when the parameter `name` is cut (its local sum is a share), else x."""
+        if name in self.tp.dims and self.tp.size > 1:
+            x = x.contiguous()
+            dist.all_reduce(x, group=self.tp.group)
+        return x
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["maximize"]:
+                raise ValueError("tensor_parallel.Adafactor does not maximize")
+            lr, (eps1, eps2), d = float(group["lr"]), group["eps"], group["d"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, p.grad, group, lr, eps1, eps2, d)
+        return loss
+
+    def _update(self, p, grad, group, lr, eps1, eps2, d):
+        name, state = self.names[p], self.state[p]
+        dim, full = self.tp.dims.get(name), list(grad.shape)  # full: the whole parameter's shape
+        if dim is not None:
+            full[dim] *= self.tp.size
+        if not state:  # torch's _init_group
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if grad.dim() > 1:
+                state["row_var"] = grad.new_zeros(*grad.shape[:-1], 1)
+                state["col_var"] = grad.new_zeros(*grad.shape[:-2], 1, grad.shape[-1])
+            else:
+                state["variance"] = torch.zeros_like(grad)
+        if eps1 is None:
+            eps1 = torch.finfo(p.dtype).eps
+        state["step"] += 1
+        t = state["step"].item()
+        one_minus_beta2_t, rho_t = t ** group["beta2_decay"], min(lr, 1 / t ** 0.5)
+        # norms as torch's (no parameter-sized temporaries), squared so that the ranks' shares add up
+        norm_sq = self._sum(torch.linalg.vector_norm(p, dtype=torch.float32).square(), name)  # ||W||^2, whole tensor
+        alpha = max(eps2, norm_sq.sqrt().item() / math.prod(full) ** 0.5) * rho_t
+        if group["weight_decay"] != 0:
+            p.mul_(1 - lr * group["weight_decay"])
+        if grad.dim() > 1:  # [out, in]: row_var [out, 1], col_var [1, in]
+            rows_sq = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_()  # [out, 1]: a share when dim = 1
+            cols_sq = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_()  # [1, in]: a share when dim = 0
+            if dim == grad.dim() - 1:
+                rows_sq = self._sum(rows_sq, name)
+            if dim == grad.dim() - 2:
+                cols_sq = self._sum(cols_sq, name)
+            state["row_var"].lerp_(rows_sq.div_(full[-1]), one_minus_beta2_t)
+            state["col_var"].lerp_(cols_sq.div_(full[-2]), one_minus_beta2_t)
+            row_mean = state["row_var"].sum(dim=-2, keepdim=True)  # [1, 1]: over all rows when dim = 0
+            if dim == grad.dim() - 2:
+                row_mean = self._sum(row_mean, name)
+            var_estimate = state["row_var"] @ state["col_var"]
+            var_estimate.div_(row_mean.div_(full[-2]).clamp_(min=eps1))
+        else:  # a vector (bias): elementwise, cut like it
+            state["variance"].lerp_(grad * grad, one_minus_beta2_t)
+            var_estimate = state["variance"].clone()
+        update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
+        update_sq = self._sum(torch.linalg.vector_norm(update, dtype=torch.float32).square(), name)
+        denom = max(1.0, update_sq.sqrt().item() / (math.prod(full) ** 0.5 * d))
+        p.add_(update, alpha=-alpha / denom)
 
 
 def grad_norm_sq(model, tp: TensorParallel | None, gradient) -> torch.Tensor:

@@ -84,8 +84,9 @@ def build_model(args, cfg, ckpt, device) -> Model:
     return model
 
 
-def build_optimizer(args, model, device):
-    # only what trains (LoRA: the adapters); no weight decay on biases and norm weights
+def build_optimizer(args, model, device, layout=None):
+    # only what trains (LoRA: the adapters); no weight decay on biases and norm weights. Under --tp, Adafactor's
+    # statistics span the shards (layout.build_adafactor); AdamW's are elementwise
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -95,6 +96,8 @@ def build_optimizer(args, model, device):
                                    seed=args.seed)
     if args.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    if layout and layout.tp > 1:
+        return layout.build_adafactor(groups, model, args.lr)
     return torch.optim.Adafactor(groups, lr=args.lr)
 
 
@@ -317,7 +320,7 @@ def run_rank(args, data, device, layout):
     model = build_model(args, cfg, ckpt, device)
     if layout:
         layout.shard(model)  # this rank's heads and MLP columns; the optimizer and the pages see only them
-    optimizer = build_optimizer(args, model, device)
+    optimizer = build_optimizer(args, model, device, layout)
     store = build_store(args, model, plan, device, layout)
     start = 0
     if ckpt is not None:

@@ -35,6 +35,14 @@ def free_port():
         return s.getsockname()[1]
 
 
+# train.py runs at --tp 2 beyond fp32 AdamW: bf16 weights (fp32 masters and moments), Adafactor, LoRA
+NEW_TP_RUNS = {"tp_bf16": ["--params-dtype", "bfloat16", "--dtype", "bfloat16"],
+               "tp_adafactor": ["--optimizer", "adafactor"],
+               "tp_lora": ["--lora-rank", "4", "--lr", "1e-2"]}
+BF16_TOL = 2e-2  # bf16 compute: the row-parallel partial products are rounded to bf16 before their sum
+BF16_STATE_TOL = 5e-2  # its AdamW moments (relative L2; seen 2.1e-2 on a 32-element bias)
+
+
 # ------------------------------------------------------------------------------------------------ in each process
 
 
@@ -82,6 +90,106 @@ def check_tensor_parallel(tie, sparse):
     loss = step(model, idx, targets, sparse)
     grads = {name: tp.gather(name, p.grad) for name, p in model.named_parameters()}
     return errors(loss, ref_loss, grads, ref)
+
+
+def relative(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item() if b.norm() > 0 else (a - b).norm().item()
+
+
+def check_tensor_parallel_lora():
+    """LoRA (rank 4, all seven projections, B random so that every factor gets a gradient) under --tp 2: the loss
+    and every adapter's gradient equal one process's (after the whole factors' partial gradients are summed), and
+    the adapters-only state gathers whole."""
+    import lora
+    import parallel
+    import tensor_parallel
+    g = torch.Generator().manual_seed(5)
+    idx, targets = (torch.randint(0, 128, (2, 96), generator=g) for _ in range(2))
+
+    def lora_model():
+        model = lora.apply_lora(tiny_model(False), 4, 8.0)
+        with torch.no_grad():
+            for m in lora.lora_modules(model).values():
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+        return model
+    g.manual_seed(6)
+    ref = lora_model()
+    ref_loss = step(ref, idx, targets, None)
+    g.manual_seed(6)
+    model = lora_model()
+    tp = tensor_parallel.shard_model(model)
+    assert len(tp.partial) == 14 and model.layers[0].self_attn.q_proj.lora_B.shape == (32, 4)
+    loss = step(model, idx, targets, None)
+    tp.reduce_partial_gradients(model)
+    out = {"loss": abs(loss - ref_loss) / abs(ref_loss)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[name] = relative(tp.gather(name, p.grad), dict(ref.named_parameters())[name].grad)
+    layout = parallel.Layout(0, WORLD, WORLD, 1, None, None, torch.device("cpu"), False, tensor=tp)
+    state, _ = layout.full_state(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]),
+                                 only_trainable=True)
+    whole = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    out["adapters-only state not whole"] = float(state.keys() != whole.keys() or any(
+        not torch.equal(state[n], p) for n, p in whole.items()))
+    return out
+
+
+def check_optimizer_state(rank):
+    """Two optimizer steps under --tp 2 against one process, then the state gathered whole (parallel.Layout.
+    full_state) and cut back (load_optimizer_state): Adafactor (tensor_parallel.Adafactor against torch's: factors
+    reduced over the split dim, norms over the whole tensor) on fp32 weights, and MixedPrecisionAdamW (fp32 masters
+    and moments) on bf16 weights with fp32 gradients. Relative errors of the weights and of every state tensor;
+    the round trip must be exact."""
+    import parallel
+    import tensor_parallel
+    from optim import MixedPrecisionAdamW
+    out = {}
+    for kind in ("adafactor", "bf16 adamw"):
+        def build(model, tp=None):
+            groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                      {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+            if kind == "bf16 adamw":
+                return MixedPrecisionAdamW(groups, lr=1e-2, moments="fp32")
+            if tp is None:
+                return torch.optim.Adafactor(groups, lr=1e-2)
+            return tensor_parallel.Adafactor(groups, tp=tp, names={p: n for n, p in model.named_parameters()},
+                                             lr=1e-2)
+
+        def train(model, opt, tp=None):
+            for i in range(2):  # gradients: a function of the parameter's full index (the same on every rank)
+                for name, p in model.named_parameters():
+                    full = (tp.gather(name, p.detach()) if tp else p.detach()).float()
+                    grad = torch.sin(torch.arange(full.numel()).view(full.shape) * 0.37 + i) * (1 + full.abs())
+                    if kind == "bf16 adamw":
+                        p.main_grad = tp.shard(name, grad) if tp else grad
+                    else:
+                        p.grad = tp.shard(name, grad) if tp else grad
+                opt.step()
+
+        dtype = torch.bfloat16 if kind == "bf16 adamw" else torch.float32
+        ref = tiny_model(False).to(dtype)
+        ref_opt = build(ref)
+        train(ref, ref_opt)
+        model = tiny_model(False).to(dtype)
+        tp = tensor_parallel.shard_model(model)
+        opt = build(model, tp)
+        train(model, opt, tp)
+        for name, p in ref.named_parameters():
+            out[f"{kind} {name}"] = relative(tp.gather(name, dict(model.named_parameters())[name].detach()).float(),
+                                             p.detach().float())
+        layout = parallel.Layout(rank, WORLD, WORLD, 1, None, None, torch.device("cpu"), False, tensor=tp)
+        _, full = layout.full_state(model, opt)
+        ref_state = ref_opt.state_dict()["state"]
+        for i, state in ref_state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim():
+                    out[f"{kind} state {i} {key}"] = relative(full["state"][i][key], value)
+        again = build(model, tp)
+        layout.load_optimizer_state(again, model, full)
+        out[f"{kind} round trip not exact"] = float(any(
+            not torch.equal(again.state[p][k], v) for p, s in opt.state.items() for k, v in s.items()
+            if torch.is_tensor(v)))
+    return out
 
 
 def check_data_parallel(rank):
@@ -180,6 +288,10 @@ def worker(rank, ports, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     results["tp_dense_untied"] = check_tensor_parallel(False, None)
     results["tp_sparse_tied"] = check_tensor_parallel(True, SparseConfig(budget=32, q_block=16, rule=MeanKey()))
+    t_new = time.perf_counter()
+    results["tp_lora"] = check_tensor_parallel_lora()
+    results["tp_optimizer_state"] = check_optimizer_state(rank)
+    results["time_new_checks"] = time.perf_counter() - t_new
     results["dp"] = check_data_parallel(rank)
     results["cp"] = check_context_parallel()
     t_sparse = time.perf_counter()
@@ -197,6 +309,9 @@ def worker(rank, ports, out_dir):
             ("dp", ["--tp", "1", "--batch", "1"], train.StopRequest),
             ("cp_part", ["--cp", "2", "--batch", "2"], StopAfterTwo),  # context parallel: stopped, resumed
             ("cp_part", ["--cp", "2", "--batch", "2", "--resume"], train.StopRequest)]
+    for name, flags in NEW_TP_RUNS.items():  # stopped after step 2 and resumed, 2 ranks
+        runs += [(name, ["--tp", "2", "--batch", "2", *flags], StopAfterTwo),
+                 (name, ["--tp", "2", "--batch", "2", *flags, "--resume"], train.StopRequest)]
     results["status"] = []
     for (out, args, stop), port in zip(runs, ports[1:]):
         os.environ["MASTER_PORT"] = str(port)
@@ -212,6 +327,14 @@ def worker(rank, ports, out_dir):
                                                        os.path.join(out_dir, "single"))))
         results["status"].append(train.main(train_args(out_dir, "--batch", "2", "--steps", "4", "--out",
                                                        os.path.join(out_dir, "tp_resumed_alone"), "--resume")))
+        for name, flags in NEW_TP_RUNS.items():  # one process: the reference, and a resume of the 2-rank checkpoint
+            results["status"].append(train.main(train_args(out_dir, "--batch", "2", *flags, "--out",
+                                                           os.path.join(out_dir, name + "_single"))))
+            if name != "tp_lora":
+                shutil.copytree(os.path.join(out_dir, name), os.path.join(out_dir, name + "_alone"))
+                results["status"].append(train.main(train_args(out_dir, "--batch", "2", "--steps", "4", *flags,
+                                                               "--out", os.path.join(out_dir, name + "_alone"),
+                                                               "--resume")))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
 
@@ -226,7 +349,7 @@ def job(tmp_path_factory):
     with open(os.path.join(out_dir, "data.txt"), "wb") as f:
         f.write(torch.randint(32, 127, (20000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy()
                 .tobytes())
-    mp.start_processes(worker, args=([free_port() for _ in range(7)], out_dir), nprocs=WORLD, join=True,
+    mp.start_processes(worker, args=([free_port() for _ in range(7 + 2 * len(NEW_TP_RUNS))], out_dir), nprocs=WORLD, join=True,
                        start_method="spawn")
     results = []
     for rank in range(WORLD):
@@ -235,7 +358,8 @@ def job(tmp_path_factory):
     return results, out_dir
 
 
-@pytest.mark.parametrize("check", ["tp_dense_untied", "tp_sparse_tied", "dp", "cp", "cp_sparse"])
+@pytest.mark.parametrize("check", ["tp_dense_untied", "tp_sparse_tied", "tp_lora", "tp_optimizer_state", "dp", "cp",
+                                   "cp_sparse"])
 def test_loss_and_every_gradient_equal_one_process(job, check):
     for rank, results in enumerate(job[0]):
         errs = results[check]
@@ -255,7 +379,8 @@ def test_train_across_ranks_resumes_and_matches_one_process(job):
     process's (--batch 2), and the checkpoint is one process's: full tensors, which a single process resumes."""
     from model import Model, ModelConfig
     results, out_dir = job
-    assert results[0]["status"] == [0, 130, 0, 0, 130, 0, 0, 0] and results[1]["status"] == [0, 130, 0, 0, 130, 0]
+    assert results[0]["status"][:6] + results[0]["status"][12:14] == [0, 130, 0, 0, 130, 0, 0, 0]
+    assert results[1]["status"][:6] == [0, 130, 0, 0, 130, 0]
     full, part, dp, cp, single, alone = (os.path.join(out_dir, name) for name in
                                          ("tp_full", "tp_part", "dp", "cp_part", "single", "tp_resumed_alone"))
     assert losses(part) == losses(full) and len(losses(full)) == 3
@@ -270,6 +395,61 @@ def test_train_across_ranks_resumes_and_matches_one_process(job):
     for i, state in ref["optimizer"]["state"].items():  # AdamW's moments gathered whole
         torch.testing.assert_close(ckpt["optimizer"]["state"][i]["exp_avg"], state["exp_avg"], rtol=0, atol=1e-6)
     assert losses(alone)[:3] == losses(full) and len(losses(alone)) == 4  # one process continued it
+
+
+def near(a, b) -> bool:
+    """Within TOL relative L2, or 1e-8 absolute (a tensor near zero: Adafactor's biases, 2e-6 after 3 steps from 0)."""
+    return relative(a, b) <= TOL or (a - b).abs().max().item() <= 1e-8
+
+
+def test_tp_bf16_adafactor_lora_resume_and_match_one_process(job):
+    """train.py at --tp 2 with bf16 weights (fp32 masters and moments), Adafactor, LoRA (rank 4, all seven
+    projections): stopped after step 2 and resumed by 2 ranks, its losses are one process's (bf16: within BF16_TOL,
+    else TOL); the checkpoint's weights and optimizer state are one process's, whole; one process resumes it (bf16,
+    Adafactor); the LoRA run's OUT/lora holds the whole adapters, as one process's does."""
+    from safetensors.torch import load_file
+    results, out_dir = job
+    statuses = [130, 0] * len(NEW_TP_RUNS)  # each stopped after step 2, then resumed
+    assert results[1]["status"][6:] == statuses and results[0]["status"][6:12] == statuses
+    assert results[0]["status"][14:] == [0, 0, 0, 0, 0]  # one process: bf16 ref + resume, adafactor ref + resume, lora
+    for name in NEW_TP_RUNS:
+        run, single = os.path.join(out_dir, name), os.path.join(out_dir, name + "_single")
+        assert len(losses(run)) == 3
+        torch.testing.assert_close(losses(run), losses(single), rtol=BF16_TOL if name == "tp_bf16" else TOL, atol=0,
+                                   msg=name)
+        ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)
+        ref = torch.load(os.path.join(single, "ckpt.pt"), weights_only=True)
+        assert ckpt["model"].keys() == ref["model"].keys()
+        # fp32: relative L2 errors (Adam's g / sqrt(v) magnifies the rounding of near-zero gradients elementwise:
+        # LoRA's B, zero at the start, 3e-7 apart at 2.5e-2). bf16: AdamW moves a weight by about lr a step, and
+        # under bf16 compute the sign of a near-zero gradient may differ (3 steps: up to 6 lr apart; seen 3.9e-3 at
+        # lr 1e-3); its moments within BF16_STATE_TOL
+        lr = ckpt["args"]["lr"]
+        for key, value in ref["model"].items():
+            if name == "tp_bf16":
+                assert (ckpt["model"][key].float() - value.float()).abs().max() <= 6 * lr, (name, key)
+            else:
+                assert near(ckpt["model"][key], value), (name, key)
+        for i, state in ref["optimizer"]["state"].items():
+            for key, value in state.items():
+                if not (torch.is_tensor(value) and value.dim()):
+                    continue
+                ours = ckpt["optimizer"]["state"][i][key]
+                assert ours.shape == value.shape and ours.dtype == value.dtype, f"{name} {i} {key}"
+                if name == "tp_bf16" and key == "master":  # fp32 weights: as the weights above
+                    assert (ours - value).abs().max() <= 6 * lr, (name, i, key)
+                elif name == "tp_bf16":
+                    assert relative(ours, value) <= BF16_STATE_TOL, (name, i, key)
+                else:
+                    assert near(ours, value), (name, i, key)
+        if name != "tp_lora":
+            assert losses(os.path.join(out_dir, name + "_alone"))[:3] == losses(run)
+            assert len(losses(os.path.join(out_dir, name + "_alone"))) == 4
+    ours = load_file(os.path.join(out_dir, "tp_lora", "lora", "adapter_model.safetensors"))
+    theirs = load_file(os.path.join(out_dir, "tp_lora_single", "lora", "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 7 * 2
+    for key, value in theirs.items():
+        assert ours[key].shape == value.shape and near(ours[key], value), key
 
 
 def test_tp_without_torchrun_is_refused(tmp_path, capsys, monkeypatch):
@@ -303,14 +483,20 @@ def test_cp_refusals_and_rank_plan(tmp_path, capsys, monkeypatch):
                       num_attention_heads=4, num_key_value_heads=2)
     args = argparse.Namespace(dtype="float32", grad_pages="float32", params_dtype="float32", optimizer="adamw",
                               seq=4096, chunk=512, batch=1, page_size=16, sparse=False, lora_rank=None)
-    # under --tp, auto weights mean fp32 (bf16 weights are refused there), and given bf16 weights are refused
+    # under --tp, auto weights may be bf16 with fp32 moments (the plan picks them where fp32 weights do not fit);
+    # bf16 and int8 moments are refused
     import parallel
     tp2 = argparse.Namespace(tp=2, cp=1)
-    auto = argparse.Namespace(optimizer="adamw", params_dtype="auto", lora_rank=None)
+    auto = argparse.Namespace(optimizer="adamw", params_dtype="auto", lora_rank=None, moments=None)
     parallel.check(tp2, cfg, auto)
-    assert auto.params_dtype == "float32"
-    with pytest.raises(UserError, match="--params-dtype bfloat16: not supported yet"):
-        parallel.check(tp2, cfg, argparse.Namespace(optimizer="adamw", params_dtype="bfloat16", lora_rank=None))
+    assert auto.params_dtype == "auto" and auto.moments_allowed == ("fp32",)
+    squeezed = argparse.Namespace(**{**vars(args), "dtype": "bfloat16", "params_dtype": "auto", "moments": None,
+                                     "moments_allowed": ("fp32",)})
+    assert planner._precision_options(squeezed) == [("float32", None), ("bfloat16", "fp32")]
+    for moments in ("bf16", "int8"):
+        with pytest.raises(UserError, match=f"--tp 2 with --moments {moments}: not supported"):
+            parallel.check(tp2, cfg, argparse.Namespace(optimizer="adamw", params_dtype="bfloat16", lora_rank=None,
+                                                        moments=moments))
     whole = planner.parts(cfg, args)
     total = sum(math.prod(s) for s in planner.param_shapes(cfg))
     share = context_parallel.rank_plan(whole, cfg, total, tp=2, cp=4)
