@@ -8,11 +8,12 @@ them. Tensor parallelism (tensor_parallel.py), context parallelism (context_para
 Ranks t = 0..T-1 of one (d, c) form a tensor-parallel group (one model, heads split; consecutive ranks, so on one
 host it spans NVLink neighbours); ranks c = 0..P-1 of one (d, t) a context-parallel group (the same sequences and
 shard, the history's pages divided: its ranks compute identical gradients, so they need no reduction); ranks of one
-(c, t) across d a data-parallel group (the same shard, different sequences). Every rank draws the step's global batch of --batch x D sequences from (seed, step) and
-trains on its D-th share, so a run's losses are those of one GPU at --batch x D. Checkpoints are gathered to rank 0
-as the usual OUT/ckpt.pt of one GPU (full tensors: model, or a LoRA run's adapters, and optimizer state: AdamW's
-moments, bf16 weights' fp32 masters and fp32 moments, Adafactor's factors), so exports and resumes work at any T and
-D, one process included; OUT/lora/ holds the whole adapters. A single process (no torchrun) sets up nothing and runs the plain path.
+(c, t) across d a data-parallel group (the same shard, different sequences). Every rank draws the step's global
+batch of --batch x D sequences from (seed, step) and trains on its D-th share, so a run's losses are those of one
+GPU at --batch x D. Checkpoints are gathered to rank 0 as the usual OUT/ckpt.pt of one GPU (full tensors: model, or
+a LoRA run's adapters, and optimizer state: AdamW's moments, bf16 weights' fp32 masters and fp32 moments,
+Adafactor's factors), so exports and resumes work at any T and D, one process included; OUT/lora/ holds the whole
+adapters. A single process (no torchrun) sets up nothing and runs the plain path.
 """
 
 import dataclasses
