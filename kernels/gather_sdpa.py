@@ -166,13 +166,13 @@ class SDPAKernel:
     """Gather + fused SDPA over dense parts (see the module docstring). backend: "cpu", "cudnn" or "flash"; None
     picks "cpu" for CPU tensors and "cudnn" for CUDA ones (what F.scaled_dot_product_attention uses for bf16 on
     an H100/H200). fallback: a kernel for the parts this one does not take (sparse, document masks); None raises
-    NotImplementedError on them."""
+    NotImplementedError on them. fp32 tensors on CUDA raise NotImplementedError (the CUDA ops take bf16/fp16)."""
 
     def __init__(self, backend=None, fallback=None):
         if backend is not None and backend not in OPS:
             raise ValueError(f"SDPAKernel: backend must be one of {', '.join(OPS)}, got {backend!r}")
-        missing = [n for b in ([backend] if backend else OPS) for n in OPS[b] if not hasattr(ATEN, n)]
-        if backend is not None and missing:
+        missing = [name for name in OPS.get(backend, ()) if not hasattr(ATEN, name)]  # an older torch
+        if missing:
             raise NotImplementedError(f"SDPAKernel({backend!r}): torch {torch.__version__} lacks {missing}")
         self.backend, self.fallback = backend, fallback
 
