@@ -26,15 +26,22 @@ A kernel is an object with
         adds this part's dK/dV into part.dk_pages/dv_pages; dq: an fp32 tensor to accumulate into (+=) or None
 `TritonKernel` (kernels/paged_attention.py) and `ReferenceKernel` (plain fp32 PyTorch over the same pages,
 kernels/paged_reference.py); default_kernel picks Triton for CUDA tensors or under TRITON_INTERPRET=1, the
-reference for CPU tensors otherwise (the chunked step on a laptop).
+reference for CPU tensors otherwise (the chunked step on a laptop). `SDPAKernel` (kernels/gather_sdpa.py, issue
+#18's candidate, never picked by default): each dense part's pages gathered into contiguous K/V and computed by
+PyTorch's fused attention ops (cuDNN / FlashAttention on CUDA, the CPU flash op on CPUs), to be measured against
+Triton with bench.py kernel --kernels triton,sdpa.
 """
 from typing import NamedTuple, Optional
 
 import torch
 
+from kernels.gather_sdpa import SDPAKernel
 from kernels.paged_attention import _interpreting, paged_attention_forward, softmax_delta
 from kernels.paged_attention_backward import paged_attention_backward
 from kernels.paged_reference import gather_pages, paged_attention_reference, paged_attention_reference_backward
+
+__all__ = ["Part", "OnePart", "TritonKernel", "ReferenceKernel", "SDPAKernel", "default_kernel", "attention_forward",
+           "attend"]  # SDPAKernel: re-exported from kernels/gather_sdpa.py, next to the other kernels
 
 
 class Part(NamedTuple):

@@ -9,6 +9,10 @@ Benchmarks of nano-oomb: chunk-recurrent training steps, the paged attention ker
     # 2. kernel: paged attention (Triton) vs torch SDPA, causal, Qwen2.5-7B heads, one chunk = the whole sequence,
     #    and one --chunk of queries at the end of the sequence (what training runs); plus a correctness check
     python bench.py kernel --lengths 16384,32768,65536 --page-size 64,128
+    #    issue #18: the Triton paged kernels vs the gather + cuDNN / FlashAttention candidate (kernels/gather_sdpa.py),
+    #    each against SDPA, at training's call (a chunk of 4096 queries over its history)
+    python bench.py kernel --lengths 16384,65536 --page-size 64 --chunk 4096 --heads 28 --kv-heads 4 --head-dim 128 \
+        --kernels triton,sdpa,sdpa-flash
 
     # 3. exact: gradients of chunked bf16 / fp32 and full-sequence bf16 vs a full-sequence fp32 reference
     python bench.py exact --model small,small-d128 --seq 4096 --chunk 1024 --page-size 64
@@ -25,6 +29,8 @@ CPU smoke tests (Triton's interpreter is used automatically without a GPU; it is
 
     python bench.py step --device cpu --model tiny --lengths 128,256 --chunk 64 --page-size 16 --repeats 1
     python bench.py kernel --device cpu --heads 4 --kv-heads 2 --head-dim 16 --lengths 64 --chunk 32 --page-size 16
+    python bench.py kernel --device cpu --heads 4 --kv-heads 2 --head-dim 16 --lengths 64 --chunk 32 --page-size 16 \
+        --kernels triton,sdpa
     python bench.py exact --device cpu --model tiny --seq 256 --chunk 64 --page-size 16
 """
 import argparse
@@ -38,7 +44,7 @@ import json
 from bench_lib import BENCH_PRESETS, T0, Recorder, env_info, format_row, model_config
 import torch
 
-from bench_attention import bench_kernel, check_exact, sparse_fidelity
+from bench_attention import KERNEL_IMPL, bench_kernel, check_exact, sparse_fidelity
 from bench_step import bench_step
 from sparse_attn import RULES
 
@@ -129,6 +135,10 @@ def parse_args(argv=None):
     k.add_argument("--batch", type=int, default=1)
     k.add_argument("--repeats", type=int, default=5)
     k.add_argument("--no-sdpa", action="store_true", help="skip SDPA (and the correctness check)")
+    k.add_argument("--kernels", type=lambda t: t.split(","), default=["triton"],
+                   help="paged kernels to measure, comma-separated: triton (kernels/paged_attention.py), sdpa "
+                        "(kernels/gather_sdpa.py: pages gathered, then PyTorch's fused op for the device: cuDNN on "
+                        "CUDA), sdpa-cudnn, sdpa-flash (that CUDA op; issue #18)")
 
     e = sub.add_parser("exact", parents=[common], help="gradient exactness vs an fp32 full-sequence reference")
     e.add_argument("--model", type=lambda t: t.split(","), default=["small", "small-d128"],
@@ -167,6 +177,10 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but CUDA is not available")
+    if args.what == "kernel":
+        bad = [name for name in args.kernels if name not in KERNEL_IMPL]
+        if bad:
+            raise SystemExit(f"error: --kernels must name kernels among {', '.join(KERNEL_IMPL)}, got {bad}")
     if args.what == "step":
         model_config(args.model)  # fail fast on a bad name
         bad = [ps for ps in args.page_size if args.chunk % ps]

@@ -8,11 +8,12 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from attention import Part, SDPAKernel
 from bench_lib import (build_model, free_memory, full_sequence_step, over_budget, r, random_tokens, run_point,
                        timed)
 from chunk_train import chunked_step
 from data import TokenData
-from kernels.paged_attention import paged_attention_forward
+from kernels.paged_attention import paged_attention_forward, softmax_delta
 from kernels.paged_attention_backward import paged_attention_backward
 from kernels.paged_reference import gather_pages
 from model import Model, ModelConfig
@@ -34,6 +35,17 @@ def attention_flops(batch, heads, head_dim, q_len, kv_len):
 
 
 FWD_BWD = 3.5  # forward+backward FLOPs / forward FLOPs (see attention_flops)
+
+# --kernels: the paged kernels measured against SDPA, and their rows' impl. triton: kernels/paged_attention.py,
+# called directly (as before --kernels); sdpa*: kernels/gather_sdpa.py's SDPAKernel (issue #18's candidate: pages
+# gathered into contiguous K/V, then PyTorch's fused ops), through the kernel interface attend uses. sdpa: the op
+# for the device (cuDNN on CUDA, the CPU flash op on a CPU); sdpa-cudnn / sdpa-flash: that CUDA op.
+KERNEL_IMPL = {"triton": "paged", "sdpa": "gather-sdpa", "sdpa-cudnn": "gather-cudnn", "sdpa-flash": "gather-flash"}
+
+
+def make_kernel(name):
+    """The SDPAKernel of a --kernels name (not triton)."""
+    return SDPAKernel({"sdpa": None, "sdpa-cudnn": "cudnn", "sdpa-flash": "flash"}[name])
 
 
 def rel_err(x, ref):
@@ -76,16 +88,35 @@ def bench_kernel(args, device, rec):
             t_fb, (dq, dk, dv) = timed(fwd_bwd, device, args.warmup, args.repeats, events=True)
             ref.update(dq=dq.transpose(1, 2), dk=dk.transpose(1, 2), dv=dv.transpose(1, 2))
             fwd_ms, fb_ms = statistics.median(t_fwd) * 1e3, statistics.median(t_fb) * 1e3
+            ref["tflops"] = (fwd_flops / fwd_ms / 1e9, FWD_BWD * fwd_flops / fb_ms / 1e9)  # for the kernels' ratios
             return dict(fwd_ms=r(fwd_ms, 3), fwdbwd_ms=r(fb_ms, 3), fwd_tflops=r(fwd_flops / fwd_ms / 1e9, 1),
                         fwdbwd_tflops=r(FWD_BWD * fwd_flops / fb_ms / 1e9, 1))
 
         if not args.no_sdpa:
             rec.emit(run_point(dict(base, impl="sdpa", config="full", q_len=T, page_size=None), sdpa_body, device))
 
+        def grad_errs(dq, dk_pages, dv_pages, table):
+            """dq [B, T, H, D] and the dk/dv pages of the full config vs SDPA's gradients."""
+            return dict(dq_rel_err=r(rel_err(dq, ref["dq"]), 6),
+                        dk_rel_err=r(rel_err(gather_pages(dk_pages, table, 0, T), ref["dk"]), 6),
+                        dv_rel_err=r(rel_err(gather_pages(dv_pages, table, 0, T), ref["dv"]), 6))
+
+        def time_fwd_bwd(fwd, fwd_bwd, flops):
+            t_fwd, _ = timed(fwd, device, args.warmup, args.repeats, events=True)
+            t_fb, _ = timed(fwd_bwd, device, args.warmup, args.repeats, events=True)
+            fwd_ms, fb_ms = statistics.median(t_fwd) * 1e3, statistics.median(t_fb) * 1e3
+            out = dict(fwd_ms=r(fwd_ms, 3), fwdbwd_ms=r(fb_ms, 3), fwd_tflops=r(flops / fwd_ms / 1e9, 1),
+                       fwdbwd_tflops=r(FWD_BWD * flops / fb_ms / 1e9, 1))
+            if "tflops" in ref:  # TFLOP/s as a fraction of SDPA's at this length (its full causal call)
+                out.update(fwd_vs_sdpa=r(flops / fwd_ms / 1e9 / ref["tflops"][0], 3),
+                           fwdbwd_vs_sdpa=r(FWD_BWD * flops / fb_ms / 1e9 / ref["tflops"][1], 3))
+            return out
+
         for page_size in args.page_size:
             if T % page_size:
-                rec.emit(dict(base, impl="paged", page_size=page_size, status="skipped",
-                              error=f"length {T} is not a multiple of page size {page_size}"))
+                for name in args.kernels:
+                    rec.emit(dict(base, impl=KERNEL_IMPL[name], page_size=page_size, status="skipped",
+                                  error=f"length {T} is not a multiple of page size {page_size}"))
                 continue
 
             # --- the pool: every batch row gets its own pages, in a shuffled order, plus one spare page
@@ -104,8 +135,9 @@ def bench_kernel(args, device, rec):
             configs = [("full", T)] + ([("chunk", args.chunk)] if args.chunk < T else [])
             for config, C in configs:
                 if over_budget(args):
-                    rec.emit(dict(base, impl="paged", config=config, page_size=page_size, status="skipped",
-                                  error="time budget"))
+                    for name in args.kernels:
+                        rec.emit(dict(base, impl=KERNEL_IMPL[name], config=config, page_size=page_size,
+                                      status="skipped", error="time budget"))
                     continue
                 q_start = T - C  # queries are the last C positions; all T positions are in the pages
                 qc, doc = q[:, q_start:].contiguous(), do[:, q_start:].contiguous()
@@ -121,9 +153,7 @@ def bench_kernel(args, device, rec):
                             dk_pages.zero_(), dv_pages.zero_()
                             dq = paged_attention_backward(doc, qc, o, lse, k_pages, v_pages, table, q_start,
                                                           dk_pages, dv_pages)
-                            out["dq_rel_err"] = r(rel_err(dq, ref["dq"]), 6)
-                            out["dk_rel_err"] = r(rel_err(gather_pages(dk_pages, table, 0, T), ref["dk"]), 6)
-                            out["dv_rel_err"] = r(rel_err(gather_pages(dv_pages, table, 0, T), ref["dv"]), 6)
+                            out.update(grad_errs(dq, dk_pages, dv_pages, table))
                         del o, lse
 
                     def fwd():
@@ -134,15 +164,38 @@ def bench_kernel(args, device, rec):
                         return paged_attention_backward(doc, qc, o, lse, k_pages, v_pages, table, q_start,
                                                         dk_pages, dv_pages)
 
-                    t_fwd, _ = timed(fwd, device, args.warmup, args.repeats, events=True)
-                    t_fb, _ = timed(fwd_bwd, device, args.warmup, args.repeats, events=True)
-                    fwd_ms, fb_ms = statistics.median(t_fwd) * 1e3, statistics.median(t_fb) * 1e3
-                    out.update(fwd_ms=r(fwd_ms, 3), fwdbwd_ms=r(fb_ms, 3), fwd_tflops=r(flops / fwd_ms / 1e9, 1),
-                               fwdbwd_tflops=r(FWD_BWD * flops / fb_ms / 1e9, 1))
-                    return out
+                    return dict(out, **time_fwd_bwd(fwd, fwd_bwd, flops))
 
-                record = dict(base, impl="paged", config=config, q_len=C, page_size=page_size)
-                rec.emit(run_point(record, paged_body, device))
+                def kernel_body(kernel):
+                    """A kernel object of attention.py (SDPAKernel) through its interface, as attend calls it:
+                    forward(q, part) -> (o, lse); backward(do, q, lse, delta, part) with delta = rowsum(dO * O).
+                    Each call gathers the part's pages itself: the gather is in the times."""
+                    part = Part(k_pages, v_pages, dk_pages, dv_pages, table, q_start)
+                    out = {}
+                    if "o" in ref:
+                        o, lse = kernel.forward(qc, part)
+                        out["o_rel_err"] = r(rel_err(o, ref["o"][:, q_start:]), 6)
+                        if config == "full" and "dq" in ref:
+                            dk_pages.zero_(), dv_pages.zero_()
+                            dq = kernel.backward(doc, qc, lse, softmax_delta(doc, o), part)
+                            out.update(grad_errs(dq, dk_pages, dv_pages, table))
+                        del o, lse
+
+                    def fwd():
+                        return kernel.forward(qc, part)
+
+                    def fwd_bwd():
+                        o, lse = kernel.forward(qc, part)
+                        return kernel.backward(doc, qc, lse, softmax_delta(doc, o), part)
+
+                    return dict(out, **time_fwd_bwd(fwd, fwd_bwd, flops))
+
+                for name in args.kernels:
+                    record = dict(base, impl=KERNEL_IMPL[name], config=config, q_len=C, page_size=page_size)
+                    if name == "triton":
+                        rec.emit(run_point(record, paged_body, device))
+                    else:
+                        rec.emit(run_point(record, lambda: kernel_body(make_kernel(name)), device))
             del k_pages, v_pages, dk_pages, dv_pages
         del q, k, v, do, ref
         free_memory(device)

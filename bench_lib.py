@@ -202,10 +202,13 @@ def format_row(d) -> str:
     if d.get("mode") == "kernel":
         errs = " ".join(f"{k[:-8]} {d[k]:.0e}" for k in ("o_rel_err", "dq_rel_err", "dk_rel_err", "dv_rel_err")
                         if d.get(k) is not None)
-        return (f"kernel {d.get('impl', '?'):>5} {d.get('config', '-'):>5} T {d['length']:>6} q {_f(d.get('q_len'), '>6')} "
-                f"p {_f(d.get('page_size'), '>3')} | fwd {_f(d.get('fwd_ms'), '8.2f')} ms {_f(d.get('fwd_tflops'), '5.1f')} "
-                f"TF/s | f+b {_f(d.get('fwdbwd_ms'), '8.2f')} ms {_f(d.get('fwdbwd_tflops'), '5.1f')} TF/s"
-                f"{' | rel err ' + errs if errs else ''}{tail}")
+        vs = (f" | /sdpa fwd {d['fwd_vs_sdpa']:.2f} f+b {d['fwdbwd_vs_sdpa']:.2f}"
+              if d.get("fwd_vs_sdpa") is not None and d.get("fwdbwd_vs_sdpa") is not None else "")
+        return (f"kernel {d.get('impl', '?'):>12} {d.get('config', '-'):>5} T {d['length']:>6} "
+                f"q {_f(d.get('q_len'), '>6')} p {_f(d.get('page_size'), '>3')} | fwd {_f(d.get('fwd_ms'), '8.2f')} ms "
+                f"{_f(d.get('fwd_tflops'), '5.1f')} TF/s | f+b {_f(d.get('fwdbwd_ms'), '8.2f')} ms "
+                f"{_f(d.get('fwdbwd_tflops'), '5.1f')} TF/s"
+                f"{vs}{' | rel err ' + errs if errs else ''}{tail}")
     if d.get("mode") == "exact":
         extra = ""
         if d.get("grad_rel_err") is not None:

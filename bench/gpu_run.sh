@@ -9,6 +9,8 @@
 #   tests         versions, then the GPU-relevant tests, 8 processes (compiled kernels vs references)      150 s
 #   exact         chunked bf16 gradients vs an fp32 full-sequence reference, head_dim 64 and 128             90 s
 #   kernel        paged attention vs SDPA (cuDNN), Qwen2.5-7B heads, 16K/64K, fwd and fwd+bwd                 120 s
+#   kernel-sdpa   issue #18: the Triton paged kernel vs the gather + cuDNN / flash candidate (kernels/gather_sdpa.py),
+#                 its tests on the GPU first, then 28/4 heads x 128 at 16K/64K and 14/2 x 64 at 64K, chunk 4096   300 s
 #   step-7b       Qwen2.5-7B at 16K and 32K: chunked vs model.py's full sequence + checkpointing            140 s
 #   step-7b-128k  Qwen2.5-7B at 128K, dense and sparse, pages on the GPU                                    170 s
 #   offload-7b-1m Qwen2.5-7B, one whole sparse step at 1M tokens, pages in pinned host memory               360 s
@@ -126,7 +128,8 @@ for name in "$@"; do
             $PY -m pytest -q -n 8 tests/test_paged_attention.py tests/test_paged_kv.py tests/test_chunk_train.py \
             tests/test_offload.py tests/test_sparse_attn.py tests/test_model.py tests/test_layer_ops.py \
             tests/test_precision.py tests/test_lora.py tests/test_sample.py tests/test_doc_masks.py \
-            tests/test_loss_masks.py tests/test_documents.py >'$OUT/pytest.txt' 2>&1; rc=\$?; \
+            tests/test_loss_masks.py tests/test_documents.py tests/test_gather_sdpa.py >'$OUT/pytest.txt' 2>&1; \
+            rc=\$?; \
             tail -15 '$OUT/pytest.txt'; exit \$rc" ;;
     exact)
         stage exact 90 "$PY" bench.py exact --model small,small-d128 --seq 4096 --chunk 1024 --page-size 64 \
@@ -134,6 +137,12 @@ for name in "$@"; do
     kernel)
         stage kernel 120 "$PY" bench.py kernel --lengths 16384,65536 --page-size 64 --chunk 4096 --heads 28 \
             --kv-heads 4 --head-dim 128 --warmup 1 --repeats 5 --time-budget 110 ;;
+    kernel-sdpa)
+        stage kernel-sdpa-tests 60 "$PY" -m pytest -q tests/test_gather_sdpa.py
+        stage kernel-sdpa 180 "$PY" bench.py kernel --lengths 16384,65536 --page-size 64 --chunk 4096 --heads 28 \
+            --kv-heads 4 --head-dim 128 --kernels triton,sdpa,sdpa-flash --warmup 1 --repeats 5 --time-budget 170
+        stage kernel-sdpa-d64 60 "$PY" bench.py kernel --lengths 65536 --page-size 64 --chunk 4096 --heads 14 \
+            --kv-heads 2 --head-dim 64 --kernels triton,sdpa,sdpa-flash --warmup 1 --repeats 5 --time-budget 55 ;;
     step-7b)  # 8192-token chunks and 4 GiB of kept stage-1 outputs: the settings of the README's 16K row
         stage step-7b 140 "${STEP7B[@]}" --lengths 16384,32768 --chunk 8192 --output-cache 4 --warmup 1 --repeats 2 \
             --point-budget 20 --time-budget 130 ;;

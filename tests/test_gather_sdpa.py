@@ -1,0 +1,152 @@
+"""Tests of kernels/gather_sdpa.py (SDPAKernel, the gather + fused-SDPA candidate of issue #18) against
+attention.ReferenceKernel on the same parts: forward (o, lse) and backward (dq, dK/dV pages), one part and two
+parts merged, then whole chunked steps through attend with the paged and the offloaded stores.
+
+On a CPU the kernel runs PyTorch's CPU flash-attention op (the same code path as cuDNN/flash on CUDA, other ops);
+on a GPU the CUDA ops ("cudnn", "flash"), bf16 only. Tolerances (relative to the largest reference magnitude, as in
+tests/test_paged_attention.py): fp32 1e-5 (summation order only); bf16 2e-2 (bf16 inputs, P rounded inside the
+fused kernels, o/dq and the per-call dK/dV stored in bf16 before their fp32 sums).
+"""
+import pytest
+import torch
+
+from attention import Part, ReferenceKernel, SDPAKernel
+from chunk_train import chunked_step
+from kernels.paged_attention import softmax_delta
+from offload import OffloadedKVStore
+from paged_kv import PagedKVStore
+from test_chunk_train import assert_grads_match, tiny_model
+from test_paged_attention import DEVICE, assert_close, make_problem
+
+REF = ReferenceKernel()
+BACKENDS = ["cpu"] if DEVICE == "cpu" else ["cudnn", "flash"]
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cpu" else [torch.bfloat16]  # the CUDA ops: bf16/fp16
+
+
+def part_of(p, grads, kv_len=None, q_start=None, holds_chunk=True, last=True):
+    """A Part over make_problem's pages, its dK/dV pages fp32 copies of `grads` (prefilled: the kernels add)."""
+    return Part(p["k_pages"], p["v_pages"], grads[0].clone(), grads[1].clone(), p["table"],
+                p["q_start"] if q_start is None else q_start, kv_len, holds_chunk=holds_chunk, last=last)
+
+
+def run(kernel, q, do, parts):
+    """attend's steps over `parts` with `kernel`: (o, lse, dq, [(dk_pages, dv_pages) per part])."""
+    if len(parts) == 1:
+        o, lse = kernel.forward(q, parts[0])
+        dq = None
+    else:
+        o = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+        for j, part in enumerate(parts):
+            kernel.forward(q, part, out=(o, lse), merge=j > 0)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    o = o.to(q.dtype)
+    delta = softmax_delta(do, o)
+    for part in parts:
+        dq = kernel.backward(do, q, lse, delta, part, dq=dq)
+    return o, lse, dq, [(part.dk_pages, part.dv_pages) for part in parts]
+
+
+def compare(p, dtype, backend, make_parts):
+    """SDPAKernel vs ReferenceKernel on fresh parts from make_parts(): o, lse, dq and every part's dK/dV pages at
+    the positions the problem holds (the rest: NaN-poisoned K/V slots, their gradient pages left untouched)."""
+    ref = run(REF, p["q"], p["do"], make_parts())
+    got = run(SDPAKernel(backend), p["q"], p["do"], make_parts())
+    assert got[0].dtype == p["q"].dtype and got[2].dtype == ref[2].dtype
+    for what, a, b in (("o", got[0], ref[0]), ("lse", got[1], ref[1]), ("dq", got[2], ref[2])):
+        assert_close(a, b, dtype, what)
+    t = p["touched"]
+    for j, ((dk, dv), (rk, rv)) in enumerate(zip(got[3], ref[3])):
+        assert_close(dk[t], rk[t], dtype, f"dk pages of part {j}")
+        assert_close(dv[t], rv[t], dtype, f"dv pages of part {j}")
+        assert torch.equal(dk[~t], p["prefill"][0][~t]) and torch.equal(dv[~t], p["prefill"][1][~t])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,C,hist,H,Hkv,D,page,explicit_kv_len", [
+    (2, 16, 0, 2, 2, 16, 8, False),   # no history: the diagonal call alone, GQA ratio 1
+    (2, 16, 24, 4, 2, 16, 8, False),  # history + diagonal, GQA ratio 2
+    (1, 12, 20, 6, 2, 32, 8, True),   # ratio 3, head_dim 32, partial pages, kv_len = q_start + C given
+])
+def test_one_part_matches_reference(backend, dtype, B, C, hist, H, Hkv, D, page, explicit_kv_len):
+    p = make_problem(B, C, hist, H, Hkv, D, page, dtype, seed=B * 1000 + hist * 10 + H)
+    compare(p, dtype, backend, lambda: [part_of(p, p["prefill"], kv_len=hist + C if explicit_kv_len else None)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_history_only_parts_merged_match_reference(backend, dtype):
+    """The offloaded store's shape of a call: a history-only part (kv_len <= q_start: all visible, no diagonal)
+    then the part holding the chunk, merged by out/merge, each backward with the merged lse and delta. The first
+    part reads the first 20 positions of the same table as if the queries sat at 28 (kv_len < q_start); the second
+    all 28 + C, so positions 0..19 get gradients from both parts."""
+    B, C, hist, H, Hkv, D, page = 2, 8, 20, 4, 2, 16, 8
+    p = make_problem(B, C, hist, H, Hkv, D, page, dtype, seed=7)
+
+    def parts():
+        return [part_of(p, p["prefill"], kv_len=hist, q_start=hist + 8, holds_chunk=False, last=False),
+                part_of(p, p["prefill"])]
+    compare(p, dtype, backend, parts)
+
+
+def test_unsupported_parts_raise_or_fall_back():
+    """Sparse tables, document masks and a table ending inside the chunk are not taken: NotImplementedError, or
+    the fallback kernel's result when one is given."""
+    p = make_problem(1, 8, 8, 2, 2, 16, 8, torch.float32, seed=3)
+    docs = part_of(p, p["prefill"])._replace(doc_start=torch.zeros(1, 8, dtype=torch.int32, device=DEVICE))
+    inside = part_of(p, p["prefill"], kv_len=12)
+    for part in (docs, inside):
+        with pytest.raises(NotImplementedError):
+            SDPAKernel("cpu" if DEVICE == "cpu" else "cudnn").forward(p["q"], part)
+    o, lse = SDPAKernel(fallback=REF).forward(p["q"], inside)
+    o_ref, lse_ref = REF.forward(p["q"], inside)
+    assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+
+
+def chunked_grads(store_of, model, batch, seq, chunk, page, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 256, (batch, seq), generator=g).to(DEVICE)
+    targets = torch.randint(0, 256, (batch, seq), generator=g).to(DEVICE)
+    model.zero_grad(set_to_none=True)
+    loss = chunked_step(model, idx, targets, chunk_size=chunk, page_size=page, store=store_of(model, batch, seq))
+    return loss, {n: q.grad.clone() for n, q in model.named_parameters()}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="fp32 chunked steps: the CUDA ops take bf16 only")
+@pytest.mark.parametrize("store", ["paged", "offload"])
+def test_chunked_step_through_attend_matches_reference_kernel(store):
+    """A whole chunked fp32 step (batch 2, partial last chunk and page; offload: history in parts of 32 tokens)
+    with SDPAKernel in the store: loss and every parameter gradient equal the reference kernel's (rel. 1e-5)."""
+    batch, seq, chunk, page = 2, 72, 32, 16
+    model = tiny_model(5)
+
+    def store_of(kernel):
+        if store == "paged":
+            return lambda m, b, s: PagedKVStore.for_sequence(m, b, s, page, torch.float32, DEVICE, kernel=kernel)
+        return lambda m, b, s: OffloadedKVStore.for_sequence(m, b, s, page, torch.float32, DEVICE,
+                                                             cache_tokens=2 * page, kernel=kernel)
+    ref_loss, ref_grads = chunked_grads(store_of(REF), model, batch, seq, chunk, page, seed=11)
+    loss, grads = chunked_grads(store_of(SDPAKernel()), model, batch, seq, chunk, page, seed=11)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for n, q in model.named_parameters():
+        q.grad = grads[n]
+    assert_grads_match(model, ref_grads)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_cuda_ops_on_the_meta_device(backend):
+    """The CUDA branch without a GPU: the cuDNN / flash ops' meta kernels take this file's arguments (schemas,
+    None for undefined tensors, philox placeholders) and give the shapes and dtypes the interface promises, for a
+    part with history and diagonal at Qwen2.5-7B's head shapes (28 / 4 heads, head_dim 128)."""
+    B, C, hist, H, Hkv, D, page = 1, 64, 128, 28, 4, 128, 16
+    n = (hist + C) // page
+    q = torch.empty(B, C, H, D, dtype=torch.bfloat16, device="meta")
+    pages = torch.empty(B * n, page, Hkv, D, dtype=torch.bfloat16, device="meta")
+    grads = torch.empty(B * n, page, Hkv, D, dtype=torch.float32, device="meta")
+    part = Part(pages, pages, grads, grads, torch.arange(B * n, device="meta").view(B, n).int(), hist)
+    kernel = SDPAKernel(backend)
+    o, lse = kernel.forward(q, part)
+    assert (o.shape, o.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (B, H, C), torch.float32)
+    dq = kernel.backward(q, q, lse, softmax_delta(q, o), part)
+    assert (dq.shape, dq.dtype) == (q.shape, q.dtype)
