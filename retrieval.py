@@ -7,10 +7,15 @@ One example of `length` bytes:
     filler words ... #4821=QZKA; ... filler ... #0937=MMOP; ... filler ... ?4821=QZKA
                      `-- the queried pair, `distance` bytes before the question   `-- question and answer
 
-Filler is lowercase words and spaces; each key->value pair is "#" + digits + "=" + capitals + ";". Keys are distinct,
-so the queried key appears exactly once before the question, and digits never occur in filler. The loss mask
-covers exactly the answer bytes (mask[i] = 1: token i is a loss target, as in tokenize_data.py), so the loss
-measures retrieval alone: the answer is unguessable without finding the key `distance` bytes back (1 in 26 per byte).
+Filler is lowercase words and spaces; each key->value pair is "#" + key + "=" + capitals + ";", the key spelled in
+digits or (key_symbols > 10) in non-ASCII bytes. Keys are distinct, so the queried key appears exactly once before
+the question, and key symbols never occur in filler. The loss mask covers exactly the answer bytes (mask[i] = 1:
+token i is a loss target, as in tokenize_data.py), so the loss measures retrieval alone: the answer is unguessable
+without finding the key `distance` bytes back (1 in 26 per byte).
+
+Ask fewer questions than there are pairs (make_qa_example): when every pair is asked, "a value not answered yet"
+narrows question k of n to n - k + 1 candidates without reading any key, a loss of ln(n!)/n (1.51 for 10 of 10,
+1.92 for 16 of 16), the plateau the H200's first table run sat on (bench/RESULTS.md).
 
 `write_dataset` stores N examples as tokenize_data's .bin + .bin.json + .mask.bin (one document per example);
 `answer_accuracy` scores a model through chunked no-grad attention over a KV store, so 32K+ token examples run in
@@ -32,6 +37,15 @@ from tokenize_data import TokenizedCorpus, write_corpus
 LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
 CAPITALS = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
 DIGITS = np.frombuffer(b"0123456789", dtype=np.uint8)
+HIGH_BYTES = np.arange(128, 256, dtype=np.uint8)  # non-ASCII: never in filler, values or "#=;?"
+
+
+def key_alphabet(key_symbols: int):
+    """The bytes keys are spelled in: the first key_symbols digits (<= 10), else the first key_symbols non-ASCII
+    bytes (<= 128): one-byte keys of a large alphabet make a pure induction task (no digit pairs to match)."""
+    if not 2 <= key_symbols <= 128:
+        raise ValueError(f"key_symbols must lie in [2, 128], got {key_symbols}")
+    return DIGITS[:key_symbols] if key_symbols <= 10 else HIGH_BYTES[:key_symbols]
 VOCAB_SIZE = 256  # bytes
 
 
@@ -47,7 +61,8 @@ def _filler(rng, n):
     return out
 
 
-def make_example(seed, length: int, distance: int, n_pairs: int = 8, key_len: int = 4, value_len: int = 4):
+def make_example(seed, length: int, distance: int, n_pairs: int = 8, key_len: int = 4, value_len: int = 4,
+                 key_symbols: int = 10):
     """-> (ids [length] int64, loss_mask [length] uint8): a deterministic function of all arguments.
 
     distance: bytes from the start of the queried pair to the start of the question; n_pairs - 1 distractor pairs
@@ -59,12 +74,13 @@ def make_example(seed, length: int, distance: int, n_pairs: int = 8, key_len: in
         raise ValueError(f"need key_len, value_len, n_pairs >= 1, got {key_len}, {value_len}, {n_pairs}")
     if not pair_len <= distance <= context:
         raise ValueError(f"distance must lie in [{pair_len}, {context}] for length {length}, got {distance}")
-    if n_pairs > 10 ** key_len:
-        raise ValueError(f"{n_pairs} distinct keys of {key_len} digits do not exist")
+    alphabet = key_alphabet(key_symbols)
+    if n_pairs > key_symbols ** key_len:
+        raise ValueError(f"{n_pairs} distinct keys of {key_len} symbols (of {key_symbols}) do not exist")
     rng = np.random.default_rng(list(seed) if isinstance(seed, (tuple, list)) else seed)
     keys, seen = [], set()  # distinct keys in the order drawn; keys[0] is the one asked for
     while len(keys) < n_pairs:
-        key = rng.choice(DIGITS, size=key_len)
+        key = rng.choice(alphabet, size=key_len)
         if key.tobytes() not in seen:
             seen.add(key.tobytes())
             keys.append(key)
@@ -87,7 +103,7 @@ def make_example(seed, length: int, distance: int, n_pairs: int = 8, key_len: in
 
 
 def make_qa_example(seed, length: int, distance: int, n_pairs: int = 64, n_questions: int = 16, key_len: int = 4,
-                    value_len: int = 4):
+                    value_len: int = 4, key_symbols: int = 10):
     """-> (ids [length] int64, loss_mask [length] uint8): many questions per example, for training.
 
     n_pairs key->value pairs sit in the first `length - distance - n_questions * qa_len` bytes (qa_len = key_len +
@@ -99,15 +115,16 @@ def make_qa_example(seed, length: int, distance: int, n_pairs: int = 64, n_quest
     if key_len < 1 or value_len < 1 or not 1 <= n_questions <= n_pairs:
         raise ValueError(f"need key_len, value_len >= 1 and 1 <= n_questions <= n_pairs, got {key_len}, "
                          f"{value_len}, {n_questions}, {n_pairs}")
-    if n_pairs > 10 ** key_len:
-        raise ValueError(f"{n_pairs} distinct keys of {key_len} digits do not exist")
+    alphabet = key_alphabet(key_symbols)
+    if n_pairs > key_symbols ** key_len:
+        raise ValueError(f"{n_pairs} distinct keys of {key_len} symbols (of {key_symbols}) do not exist")
     slots = list(range(0, context - distance + 1, pair_len))  # pair starts at least `distance` before question 1
     if distance < pair_len or len(slots) < n_pairs:
         raise ValueError(f"length {length} at distance {distance} leaves room for {max(len(slots), 0)} pairs before "
                          f"{n_questions} questions, {n_pairs} asked (distance must also be >= {pair_len})")
     rng = np.random.default_rng(list(seed) if isinstance(seed, (tuple, list)) else seed)
-    keys = rng.choice(10 ** key_len, size=n_pairs, replace=False)  # distinct
-    keys = [DIGITS[(k // 10 ** np.arange(key_len - 1, -1, -1)) % 10] for k in keys]
+    keys = rng.choice(key_symbols ** key_len, size=n_pairs, replace=False)  # distinct, as base-key_symbols numbers
+    keys = [alphabet[(k // key_symbols ** np.arange(key_len - 1, -1, -1)) % key_symbols] for k in keys]
     values = [rng.choice(CAPITALS, size=value_len) for _ in range(n_pairs)]
     ids = _filler(rng, context)
     for start, key, value in zip(sorted(rng.choice(slots, size=n_pairs, replace=False).tolist()), keys, values):

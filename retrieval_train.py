@@ -59,7 +59,9 @@ def parse(argv):
                    help="bytes per example (default: distance + room for the pairs and questions, page-aligned)")
     t.add_argument("--pairs", type=int, default=64, help="key->value pairs per example")
     t.add_argument("--questions", type=int, default=32, help="questions (answers) per example")
-    t.add_argument("--key-len", type=int, default=4, help="digits per key")
+    t.add_argument("--key-len", type=int, default=4, help="symbols per key")
+    t.add_argument("--key-symbols", type=int, default=10,
+                   help="alphabet of a key symbol: digits (<= 10), else that many non-ASCII bytes (<= 128)")
     t.add_argument("--value-len", type=int, default=4, help="capitals per answer")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch", type=int, default=8, help="examples per step (at --distance)")
@@ -121,7 +123,9 @@ def resolve(args):
                         f"{args.curriculum_frac:g})")
     if not 0 <= args.curriculum <= args.distance:
         raise UserError(f"--curriculum {args.curriculum} must lie in [0, --distance {args.distance}]")
-    if not 1 <= args.key_len <= 8 or args.pairs > 10 ** args.key_len:
+    if not 2 <= args.key_symbols <= 128:
+        raise UserError(f"--key-symbols {args.key_symbols} must lie in [2, 128]")
+    if not 1 <= args.key_len <= 8 or args.pairs > args.key_symbols ** args.key_len:
         raise UserError(f"--key-len {args.key_len} must lie in [1, 8] and allow --pairs {args.pairs} distinct keys")
     pair = pair_len(args)
     if args.curriculum and args.curriculum < pair:
@@ -207,7 +211,7 @@ def make_store(args, model, batch, length, device, dtype):
 def examples_at(seed, n, length, distance, args):
     from retrieval import make_qa_example
     return [make_qa_example((*seed, i), length, distance, args.pairs, args.questions, args.key_len,
-                            args.value_len)
+                            args.value_len, args.key_symbols)
             for i in range(n)]
 
 

@@ -38,9 +38,25 @@ def test_qa_example_layout():
         make_qa_example(0, 400, 300, n_pairs=8, n_questions=4)
 
 
+def test_qa_example_with_one_byte_keys_of_a_large_alphabet():
+    """--key-symbols 128: keys are single non-ASCII bytes, found nowhere but in their pair and question."""
+    ids, mask = make_qa_example(5, 600, 200, n_pairs=64, n_questions=16, key_len=1, value_len=1, key_symbols=128)
+    text = ids.astype(np.uint8).tobytes()
+    pairs = [text[i + 1] for i in range(len(text) - 4) if text[i:i + 1] == b"#"]
+    assert len(pairs) == len(set(pairs)) == 64 and all(k >= 128 for k in pairs)
+    questions = text[-16 * 5:]
+    for q in range(16):
+        key, answer = questions[5 * q + 1], questions[5 * q + 3:5 * q + 4]
+        assert questions[5 * q:5 * q + 1] == b"?" and text.count(bytes([key])) == 2  # its pair and its question
+        assert text[text.index(bytes([ord("#"), key, ord("=")])) + 3:][:1] == answer and answer.isupper()
+    assert mask.sum() == 16 and (ids[mask.astype(bool)] < 128).all()
+    with pytest.raises(ValueError, match="key_symbols must lie in"):
+        make_qa_example(0, 600, 200, key_len=1, key_symbols=129)
+
+
 def test_loss_only_on_answer_bytes():
     """The targets of a batch: the next byte where it is an answer byte, IGNORE_INDEX (no loss) everywhere else."""
-    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4})
+    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10})
     examples = rt.examples_at((0, 0, 5), 2, 176, 64, args)
     ids, targets, n = rt.batch_tensors(examples, "cpu")
     mask = torch.as_tensor(np.stack([e[1] for e in examples])).bool()
@@ -52,7 +68,7 @@ def test_loss_only_on_answer_bytes():
 
 
 def test_heldout_set_is_fixed_and_apart_from_training():
-    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4})
+    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10})
     a = rt.examples_at((7, 1), 3, 176, 64, args)
     b = rt.examples_at((7, 1), 3, 176, 64, args)
     train = [e for step in range(3) for e in rt.examples_at((7, 0, step), 2, 176, 64, args)]
@@ -132,6 +148,7 @@ def test_short_batch_keeps_the_tokens_per_step_while_examples_grow():
     (["--curriculum-hold", "0.9"], "error: --curriculum-hold 0.9 must lie in [0, --curriculum-frac 0.8)"),
     (["--short-batch", "16"], "error: --short-batch 16 needs --curriculum and must be >= --batch 8"),
     (["--value-len", "0"], "error: --value-len must be > 0"),
+    (["--key-symbols", "300"], "error: --key-symbols 300 must lie in [2, 128]"),
     (["--chunk", "100"], "error: --page-size 64 must be a power of two >= 16 dividing --chunk 100"),
     (["--key-len", "1", "--pairs", "64"], "error: --key-len 1 must lie in [1, 8] and allow --pairs 64 distinct keys"),
 ])
