@@ -97,9 +97,11 @@ def _dense_scores(qs, k, C, q_start, doc_start=None):
         cols = torch.arange(q_start + 1, L, device=k.device)
         hidden = cols > (q_start + torch.arange(C, device=k.device))[:, None]  # [C, L - q_start - 1]
         s.view(B, Hkv, GC // C, C, L)[..., q_start + 1:].masked_fill_(hidden, float("-inf"))
-    if doc_start is not None:
-        before = torch.arange(L, device=k.device) < _doc_rows(doc_start, B, C)[:, :, None, :, None]  # [B,Hkv|1,1,C,L]
-        s.view(B, Hkv, GC // C, C, L).masked_fill_(before, float("-inf"))
+    if doc_start is not None:  # only the columns before the latest document start can be hidden (one host sync)
+        hi = min(L, int(doc_start.max()))
+        if hi > 0:
+            before = torch.arange(hi, device=k.device) < _doc_rows(doc_start, B, C)[:, :, None, :, None]
+            s.view(B, Hkv, GC // C, C, L)[..., :hi].masked_fill_(before, float("-inf"))  # [B,Hkv|1,1,C,hi]
     return s
 
 

@@ -199,3 +199,42 @@ def test_bad_doc_start():
     model = tiny_model(0)
     with pytest.raises(ValueError, match="doc_start"):
         chunked_step(model, idx, idx, 16, 16, doc_start=torch.ones(2, 8, dtype=torch.long))
+
+
+def random_doc_starts(B, C, first, generator):
+    """int32 [B, C] nondecreasing document starts (absolute positions first..), each <= its query's position."""
+    pos = first + torch.arange(C)
+    cuts = (torch.rand(B, C, generator=generator) < 0.1) * pos  # a document starts where a cut falls
+    return torch.cummax(cuts, dim=1).values.int().to(DEVICE)
+
+
+def test_dense_doc_bounds_cache_equals_plain():
+    """The dK/dV launcher's per-chunk cache of the document bounds gives what computing them every call gives,
+    and recomputes on another tensor, an in-place change of the same one, or other arguments."""
+    from kernels.paged_attention_backward import _dense_doc_bounds, _doc_bounds
+    g = torch.Generator().manual_seed(0)
+    doc = random_doc_starts(2, 48, 32, g)
+    for args in [(0, 2, 5, 16), (0, 2, 5, 16), (16, 2, 3, 16), (0, 4, 10, 8)]:
+        got, want = _dense_doc_bounds(doc, *args), _doc_bounds(doc, *args)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), args
+    doc[:, 40:] = 70  # in place: the version counter changes
+    assert all(torch.equal(a, b) for a, b in zip(_dense_doc_bounds(doc, 0, 4, 10, 8), _doc_bounds(doc, 0, 4, 10, 8)))
+    other = random_doc_starts(2, 48, 32, g)
+    assert all(torch.equal(a, b) for a, b in zip(_dense_doc_bounds(other, 0, 4, 10, 8),
+                                                 _doc_bounds(other, 0, 4, 10, 8)))
+
+
+def test_reference_doc_mask_on_leading_columns_equals_full_mask():
+    """The reference kernel masks document starts only in the columns before the latest one: the same scores as
+    masking every column, for starts before, inside and past the part (and none at all)."""
+    from kernels.paged_reference import _dense_scores
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, G, C, D, q_start = 2, 2, 2, 24, 8, 40
+    for L, shift in ((q_start + C, 0), (30, 0), (q_start + C, -q_start)):  # whole table; a short part; starts 0
+        qs = torch.randn(B, Hkv, G * C, D, generator=g).to(DEVICE)
+        k = torch.randn(B, Hkv, L, D, generator=g).to(DEVICE)
+        doc = (random_doc_starts(B, C, q_start, g) + shift).clamp(min=0)
+        want = _dense_scores(qs, k, C, q_start)
+        hidden = torch.arange(L, device=DEVICE) < doc.long()[:, None, None, :, None]
+        want.view(B, Hkv, G, C, L).masked_fill_(hidden, float("-inf"))
+        assert torch.equal(_dense_scores(qs, k, C, q_start, doc), want), (L, shift)
