@@ -134,8 +134,7 @@ def _check(model, idx, targets, chunk_size, store, doc_start=None):
 def _slice(doc_start, s, e):
     """The chunk [s, e) of doc_start [B, T] as the kernels take it: int32, contiguous. Made once per chunk and
     stage and shared by every layer (the kernels' launchers would otherwise cast and copy it once per layer and
-    call; the backward's per-kv-tile query bounds are then computed once per chunk, see
-    kernels/paged_attention_backward._dense_doc_bounds)."""
+    call)."""
     if doc_start is None:
         return None
     return doc_start[:, s:e].to(torch.int32).contiguous()

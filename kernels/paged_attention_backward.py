@@ -220,23 +220,6 @@ def _doc_bounds(doc, shift, n_kv_heads, tiles, bn):
     return doc_own, torch.searchsorted(doc_own, tile_last, right=True).to(torch.int32)
 
 
-_doc_bounds_cache = [None]  # ((doc, doc._version, shift, n_kv_heads, tiles, bn), result) of the last call
-
-
-def _dense_doc_bounds(doc, shift, n_kv_heads, tiles, bn):
-    """_doc_bounds, reused while its arguments are the same: every layer of a chunk's backward passes the same
-    doc tensor (chunk_train makes it once per chunk) and kv length, so the six small ops (and launches) run once
-    per chunk, not once per layer. The cache holds the tensor itself (compared by identity, never a reused id)
-    and its version counter (an in-place change misses), and only the last entry."""
-    key = (shift, n_kv_heads, tiles, bn)
-    hit = _doc_bounds_cache[0]
-    if hit is not None and hit[0][0] is doc and hit[0][1] == doc._version and hit[0][2:] == key:
-        return hit[1]
-    out = _doc_bounds(doc, shift, n_kv_heads, tiles, bn)
-    _doc_bounds_cache[0] = ((doc, doc._version) + key, out)
-    return out
-
-
 def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages,
                              scale=None, kv_len=None, delta=None, dq=None, q_block=None, doc_start=None):
     """Backward of paged_attention_forward. Returns dq (q.dtype, q's shape) and ADDS the
@@ -303,7 +286,7 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
     if kv_len > n_hist * page_size:  # dense: the whole table, or a sparse table's own chunk pages (causal)
         table = page_table[:, 0, 0, n_hist:] if sparse else page_table
         shift, tiles = n_hist * page_size, triton.cdiv(kv_len - n_hist * page_size, bn)
-        doc_own, q_end = (_dense_doc_bounds(doc, shift, n_kv_heads, tiles, bn) if has_doc else (doc, table))
+        doc_own, q_end = (_doc_bounds(doc, shift, n_kv_heads, tiles, bn) if has_doc else (doc, table))
         _dkdv_kernel[(tiles, B * n_kv_heads)](
             *kv_args, table, table, table, table, doc_own, table, q_end, q_start - shift, C, kv_len - shift, 1,
             scale * LOG2E, scale, *strides, table.stride(0), *((C * n_kv_heads, C) if has_doc else (0, 0)), tiles,

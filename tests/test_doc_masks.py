@@ -208,22 +208,6 @@ def random_doc_starts(B, C, first, generator):
     return torch.cummax(cuts, dim=1).values.int().to(DEVICE)
 
 
-def test_dense_doc_bounds_cache_equals_plain():
-    """The dK/dV launcher's per-chunk cache of the document bounds gives what computing them every call gives,
-    and recomputes on another tensor, an in-place change of the same one, or other arguments."""
-    from kernels.paged_attention_backward import _dense_doc_bounds, _doc_bounds
-    g = torch.Generator().manual_seed(0)
-    doc = random_doc_starts(2, 48, 32, g)
-    for args in [(0, 2, 5, 16), (0, 2, 5, 16), (16, 2, 3, 16), (0, 4, 10, 8)]:
-        got, want = _dense_doc_bounds(doc, *args), _doc_bounds(doc, *args)
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), args
-    doc[:, 40:] = 70  # in place: the version counter changes
-    assert all(torch.equal(a, b) for a, b in zip(_dense_doc_bounds(doc, 0, 4, 10, 8), _doc_bounds(doc, 0, 4, 10, 8)))
-    other = random_doc_starts(2, 48, 32, g)
-    assert all(torch.equal(a, b) for a, b in zip(_dense_doc_bounds(other, 0, 4, 10, 8),
-                                                 _doc_bounds(other, 0, 4, 10, 8)))
-
-
 def test_reference_doc_mask_on_leading_columns_equals_full_mask():
     """The reference kernel masks document starts only in the columns before the latest one: the same scores as
     masking every column, for starts before, inside and past the part (and none at all)."""
