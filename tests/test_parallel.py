@@ -339,6 +339,27 @@ def worker(rank, ports, out_dir):
         json.dump(results, f)
 
 
+def worker4(rank, ports, out_dir):
+    """Four ranks: train.py at --tp 2 --cp 2 (one sequence row per step, history split, heads split) and at --tp 2
+    over 2 data-parallel ranks (--batch 1 each); rank 0 then runs one process at --batch 2, the same global batch.
+    The layouts' groups compose: each run's losses must be one process's."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="4")
+    torch.set_num_threads(1)
+    import train
+    status = []
+    for (name, flags), port in zip((("tp2_cp2", ["--tp", "2", "--cp", "2", "--batch", "2"]),
+                                    ("tp2_dp2", ["--tp", "2", "--batch", "1"])), ports):
+        os.environ["MASTER_PORT"] = str(port)
+        status.append(train.main(train_args(out_dir, *flags, "--out", os.path.join(out_dir, name))))
+    if rank == 0:
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            del os.environ[name]
+        status.append(train.main(train_args(out_dir, "--batch", "2", "--out", os.path.join(out_dir, "single"))))
+    with open(os.path.join(out_dir, f"status{rank}.json"), "w") as f:
+        json.dump(status, f)
+
+
 # ------------------------------------------------------------------------------------------------ the tests
 
 
@@ -504,3 +525,22 @@ def test_cp_refusals_and_rank_plan(tmp_path, capsys, monkeypatch):
     assert share.device[pool] == whole.device[pool] // 4 and share.device_per_token == whole.device_per_token // 4
     split = context_parallel.tp_sharded_params(cfg)
     assert share.device["weights (fp32)"] == 4 * (total - split // 2)
+
+
+def test_four_ranks_tp_with_cp_and_with_data_parallel_match_one_process(tmp_path):
+    """torchrun-like launches of 4 processes: --tp 2 --cp 2, and --tp 2 x 2 data-parallel ranks; every loss of
+    each equals one process's at the same global batch (the groups of parallel.from_env composed, not only each
+    kind alone)."""
+    out_dir = str(tmp_path)
+    with open(os.path.join(out_dir, "data.txt"), "wb") as f:
+        f.write(torch.randint(32, 127, (20000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy()
+                .tobytes())
+    mp.start_processes(worker4, args=([free_port() for _ in range(2)], out_dir), nprocs=4, join=True,
+                       start_method="spawn")
+    for rank in range(4):
+        with open(os.path.join(out_dir, f"status{rank}.json")) as f:
+            assert json.load(f) == [0, 0] + [0] * (rank == 0), rank
+    single = losses(os.path.join(out_dir, "single"))
+    assert len(single) == 3
+    for name in ("tp2_cp2", "tp2_dp2"):
+        torch.testing.assert_close(losses(os.path.join(out_dir, name)), single, rtol=TOL, atol=0, msg=name)
