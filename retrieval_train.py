@@ -19,7 +19,9 @@ detached, dense attention with the gradients into earlier chunks' K/V cut (chunk
 pair --chunk or more bytes before its question can then only be found by weights trained for something else.
 
 --curriculum D0: the training distance stays at D0 for the first --curriculum-hold of the steps, then grows
-geometrically to --distance by --curriculum-frac of them (the length with it); evaluation is always at --distance.
+geometrically to --distance by --curriculum-frac of them (the length with it); evaluation is always at --distance,
+and at D0 too (exact_match_at_start). --hold-until ACC ends the hold as soon as that exact match reaches ACC (the
+growth then starts early and the full distance gets the steps saved).
 Why a hold: the retrieval circuit forms suddenly after a long plateau (bench/RESULTS.md), and short examples buy the
 plateau's steps cheaply; once formed, the growing distance only has to stretch it.
 
@@ -74,6 +76,8 @@ def parse(argv):
     t.add_argument("--curriculum", type=int, default=0, metavar="D0", help="start distance (0: none)")
     t.add_argument("--curriculum-frac", type=float, default=0.8, help="reach --distance at this fraction of steps")
     t.add_argument("--curriculum-hold", type=float, default=0.0, help="stay at D0 for this fraction of the steps")
+    t.add_argument("--hold-until", type=float, default=None, metavar="ACC",
+                   help="end the hold early once the exact match at D0 reaches ACC (checked every --eval-every)")
     t.add_argument("--eval-every", type=int, default=25)
     t.add_argument("--eval-examples", type=int, default=16)
     t.add_argument("--model", default="small", help="model.py preset (default: %(default)s)")
@@ -121,6 +125,9 @@ def resolve(args):
     if not 0 <= args.curriculum_hold < args.curriculum_frac:
         raise UserError(f"--curriculum-hold {args.curriculum_hold:g} must lie in [0, --curriculum-frac "
                         f"{args.curriculum_frac:g})")
+    if args.hold_until is not None and not (0 <= args.hold_until <= 1 and args.curriculum and args.curriculum_hold):
+        raise UserError(f"--hold-until {args.hold_until:g} must lie in [0, 1] and needs --curriculum and "
+                        f"--curriculum-hold > 0")
     if not 0 <= args.curriculum <= args.distance:
         raise UserError(f"--curriculum {args.curriculum} must lie in [0, --distance {args.distance}]")
     if not 2 <= args.key_symbols <= 128:
@@ -142,9 +149,12 @@ def resolve(args):
     return args
 
 
-def distance_at(step, args):
-    """The training distance of `step`: --distance, or on the curriculum D0 * (D / D0)^progress, page-aligned."""
-    hold, end = args.curriculum_hold * args.steps, args.curriculum_frac * args.steps
+def distance_at(step, args, hold_end=None):
+    """The training distance of `step`: --distance, or on the curriculum D0 * (D / D0)^progress, page-aligned.
+    hold_end: the step at which --hold-until ended the hold early (None: the planned --curriculum-hold); the growth
+    then takes as many steps as planned, and the full distance the rest."""
+    hold = args.curriculum_hold * args.steps if hold_end is None else min(hold_end, args.curriculum_hold * args.steps)
+    end = hold + (args.curriculum_frac - args.curriculum_hold) * args.steps
     progress = min(1.0, max(0.0, step - hold) / max(1, end - hold))
     if not args.curriculum or progress >= 1:
         return args.distance
@@ -152,13 +162,13 @@ def distance_at(step, args):
     return max(pair_len(args), min(args.distance, round(d / args.page_size) * args.page_size))
 
 
-def batch_at(step, args):
+def batch_at(step, args, hold_end=None):
     """The examples of `step`: --batch, or on the curriculum with --short-batch B0 the power of two nearest below
     B0 * length(D0) / length (the same tokens per step as at D0), between --batch and B0. Why: the plateau before the
     circuit forms is counted in answers seen, and short examples sell answers cheaply."""
     if not args.short_batch:
         return args.batch
-    length = args.length - args.distance + distance_at(step, args)
+    length = args.length - args.distance + distance_at(step, args, hold_end)
     fit = args.short_batch * (args.length - args.distance + args.curriculum) // length
     return max(args.batch, min(args.short_batch, 1 << (fit.bit_length() - 1) if fit else 0))
 
@@ -266,7 +276,8 @@ def train(args):
                                                             "num_attention_heads", "num_key_value_heads")}}
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    curriculum = (f" (curriculum from {args.curriculum}, held for {args.curriculum_hold:.0%} of the steps, "
+    until = f" or until exact match {args.hold_until:g} there" if args.hold_until is not None else ""
+    curriculum = (f" (curriculum from {args.curriculum}, held for {args.curriculum_hold:.0%} of the steps{until}, "
                   f"grown by {args.curriculum_frac:.0%})" if args.curriculum else "")
     tqdm.write(f"retrieval {args.attn}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                f"{model.num_params() / 1e6:.1f}M params on {device} | {args.batch} x {args.length} bytes"
@@ -278,12 +289,12 @@ def train(args):
     log = open(os.path.join(args.out, "log.jsonl"), "w")
     rates, acc, exact = [], float("nan"), float("nan")
     bar = tqdm(range(args.steps), desc=f"retrieval {args.attn}", dynamic_ncols=True)
-    started, steps = time.perf_counter(), args.steps
+    started, steps, hold_end = time.perf_counter(), args.steps, None
     for step in bar:
         t0 = time.perf_counter()
-        distance = distance_at(step, args)
+        distance = distance_at(step, args, hold_end)
         length = args.length - args.distance + distance
-        batch = batch_at(step, args)
+        batch = batch_at(step, args, hold_end)
         if batch not in stores:
             longest = args.short_batch * (args.length - args.distance + args.curriculum) // batch  # batch_at's
             stores[batch] = make_store(args, model, batch, min(args.length, -(-longest // args.page_size)
@@ -307,6 +318,11 @@ def train(args):
             acc, exact = evaluate(model, stores, heldout, args, device, dtype)
             if heldout_start is not None:
                 record["exact_match_at_start"] = evaluate(model, stores, heldout_start, args, device, dtype)[1]
+                if (args.hold_until is not None and hold_end is None and distance == args.curriculum
+                        and record["exact_match_at_start"] >= args.hold_until):
+                    hold_end = record["hold_ended_at"] = step + 1
+                    tqdm.write(f"step {step + 1}: exact match {record['exact_match_at_start']:.3f} at distance "
+                               f"{args.curriculum} >= --hold-until {args.hold_until:g}: the distance grows from here")
             model.train()
             record |= {"token_accuracy": acc, "exact_match": exact}
         log.write(json.dumps(record) + "\n")

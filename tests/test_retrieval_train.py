@@ -94,15 +94,20 @@ def test_train_writes_log_and_curve_then_plot_combines(tmp_path, capsys, modes):
     runs = []
     for mode in modes:
         out = str(tmp_path / mode)
-        curriculum = ("--curriculum", "32", "--curriculum-hold", "0.25", "--short-batch", "4") * (mode == "detached")
-        assert train_subprocess(out, mode, *curriculum).splitlines()[-1].startswith(f"done: {mode}, 2 steps, "
+        curriculum = ("--curriculum", "32", "--curriculum-hold", "0.7", "--hold-until", "0", "--short-batch",
+                      "4", "--eval-every", "1", "--steps", "3") * (mode == "detached")
+        steps = 3 if curriculum else 2
+        assert train_subprocess(out, mode, *curriculum).splitlines()[-1].startswith(f"done: {mode}, {steps} steps, "
                                                                                      f"distance 64")
         records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-        assert [r["step"] for r in records] == [1, 2]
+        assert [r["step"] for r in records] == list(range(1, steps + 1))
         assert all(0 <= r["token_accuracy"] <= 1 and 0 <= r["exact_match"] <= 1 for r in records)
         assert all(np.isfinite(r["loss"]) for r in records)
         if curriculum:
-            assert [(r["distance"], r["batch"]) for r in records] == [(32, 4), (48, 2)]
+            # the planned hold is 2.1 steps; --hold-until 0 ends it at the first evaluation (after step 1), so the
+            # third step is past the growth (0.3 steps long): the full distance
+            assert [(r["distance"], r["batch"]) for r in records] == [(32, 4), (32, 4), (64, 2)]
+            assert records[0]["hold_ended_at"] == 1 and not any("hold_ended_at" in r for r in records[1:])
             assert all(0 <= r["exact_match_at_start"] <= 1 for r in records)
         else:
             assert all(r["length"] == 176 and r["distance"] == 64 and r["batch"] == 2 for r in records)
@@ -127,6 +132,8 @@ def test_curriculum_grows_the_distance():
     args.curriculum_hold = 0.3  # 30 steps at D0, then the same growth compressed into steps 30..50
     held = [rt.distance_at(step, args) for step in range(100)]
     assert held[:31] == [4096] * 31 and 4096 < held[31] < held[49] < 32768 and held[50:] == [32768] * 50
+    early = [rt.distance_at(step, args, hold_end=10) for step in range(100)]  # --hold-until met at step 10
+    assert early[:11] == [4096] * 11 and early[11:31] == held[31:51] and early[30:] == [32768] * 70
 
 
 def test_short_batch_keeps_the_tokens_per_step_while_examples_grow():
@@ -146,6 +153,7 @@ def test_short_batch_keeps_the_tokens_per_step_while_examples_grow():
     (["--attn", "local"], "error: argument --attn: invalid choice"),
     (["--distance", "4096", "--length", "4100"], "error: --length 4100 at --distance 4096 leaves room for"),
     (["--curriculum-hold", "0.9"], "error: --curriculum-hold 0.9 must lie in [0, --curriculum-frac 0.8)"),
+    (["--hold-until", "0.9"], "error: --hold-until 0.9 must lie in [0, 1] and needs --curriculum and"),
     (["--short-batch", "16"], "error: --short-batch 16 needs --curriculum and must be >= --batch 8"),
     (["--value-len", "0"], "error: --value-len must be > 0"),
     (["--key-symbols", "300"], "error: --key-symbols 300 must lie in [2, 128]"),
