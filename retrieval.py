@@ -103,14 +103,18 @@ def make_example(seed, length: int, distance: int, n_pairs: int = 8, key_len: in
 
 
 def make_qa_example(seed, length: int, distance: int, n_pairs: int = 64, n_questions: int = 16, key_len: int = 4,
-                    value_len: int = 4, key_symbols: int = 10):
+                    value_len: int = 4, key_symbols: int = 10, separator: bool = True):
     """-> (ids [length] int64, loss_mask [length] uint8): many questions per example, for training.
 
     n_pairs key->value pairs sit in the first `length - distance - n_questions * qa_len` bytes (qa_len = key_len +
     value_len + 3), the rest is filler, and the example ends with n_questions questions about distinct pairs, each
     "?" key "=" value ";". Every queried pair starts at least `distance` bytes before the first question, so every
-    answer lies `distance` or more bytes after its pair; the loss mask covers the value bytes of every question."""
-    pair_len = qa_len = key_len + value_len + 3
+    answer lies `distance` or more bytes after its pair; the loss mask covers the value bytes of every question.
+    separator=False drops the "=": "#" key value ";" and "?" key value ";", so the value directly follows its key,
+    the textbook induction pattern (with "=" the value sits two places after the key's last symbol, and the circuit
+    needs a two-back copy besides)."""
+    sep = [ord("=")] if separator else []
+    pair_len = qa_len = key_len + value_len + 2 + len(sep)
     context = length - n_questions * qa_len
     if key_len < 1 or value_len < 1 or not 1 <= n_questions <= n_pairs:
         raise ValueError(f"need key_len, value_len >= 1 and 1 <= n_questions <= n_pairs, got {key_len}, "
@@ -128,13 +132,13 @@ def make_qa_example(seed, length: int, distance: int, n_pairs: int = 64, n_quest
     values = [rng.choice(CAPITALS, size=value_len) for _ in range(n_pairs)]
     ids = _filler(rng, context)
     for start, key, value in zip(sorted(rng.choice(slots, size=n_pairs, replace=False).tolist()), keys, values):
-        ids[start:start + pair_len] = np.r_[ord("#"), key, ord("="), value, ord(";")]
+        ids[start:start + pair_len] = np.r_[ord("#"), key, sep, value, ord(";")]
     asked = rng.choice(n_pairs, size=n_questions, replace=False)
-    questions = [np.r_[ord("?"), keys[i], ord("="), values[i], ord(";")] for i in asked]
+    questions = [np.r_[ord("?"), keys[i], sep, values[i], ord(";")] for i in asked]
     ids = np.r_[ids, *questions].astype(np.int64)
     mask = np.zeros(length, dtype=np.uint8)
     for q in range(n_questions):
-        answer = context + q * qa_len + key_len + 2
+        answer = context + q * qa_len + 1 + key_len + len(sep)
         mask[answer:answer + value_len] = 1
     return ids, mask
 

@@ -65,6 +65,8 @@ def parse(argv):
     t.add_argument("--key-symbols", type=int, default=10,
                    help="alphabet of a key symbol: digits (<= 10), else that many non-ASCII bytes (<= 128)")
     t.add_argument("--value-len", type=int, default=4, help="capitals per answer")
+    t.add_argument("--no-separator", dest="separator", action="store_false",
+                   help='pairs "#" key value ";" (no "="): the value right after its key')
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch", type=int, default=8, help="examples per step (at --distance)")
     t.add_argument("--short-batch", type=int, default=None, metavar="B0",
@@ -100,8 +102,8 @@ def parse(argv):
 
 
 def pair_len(args):
-    """Bytes of one pair (and of one question): "#" key digits "=" value capitals ";" ("?" ... ";")."""
-    return args.key_len + args.value_len + 3
+    """Bytes of one pair (and of one question): "#" key "=" value ";" ("?" ... ";"), without "=" on --no-separator."""
+    return args.key_len + args.value_len + 2 + args.separator
 
 
 def resolve(args):
@@ -221,7 +223,7 @@ def make_store(args, model, batch, length, device, dtype):
 def examples_at(seed, n, length, distance, args):
     from retrieval import make_qa_example
     return [make_qa_example((*seed, i), length, distance, args.pairs, args.questions, args.key_len,
-                            args.value_len, args.key_symbols)
+                            args.value_len, args.key_symbols, args.separator)
             for i in range(n)]
 
 

@@ -50,13 +50,22 @@ def test_qa_example_with_one_byte_keys_of_a_large_alphabet():
         assert questions[5 * q:5 * q + 1] == b"?" and text.count(bytes([key])) == 2  # its pair and its question
         assert text[text.index(bytes([ord("#"), key, ord("=")])) + 3:][:1] == answer and answer.isupper()
     assert mask.sum() == 16 and (ids[mask.astype(bool)] < 128).all()
+    # without the "=": "#kV;" pairs and "?kV;" questions, the loss on V right after its key
+    ids, mask = make_qa_example(5, 600, 200, n_pairs=64, n_questions=16, key_len=1, value_len=1, key_symbols=128,
+                                separator=False)
+    text = ids.astype(np.uint8).tobytes()
+    assert b"=" not in text and mask.sum() == 16
+    for q in range(16):
+        question = text[-16 * 4 + 4 * q:][:4]
+        assert question[:1] == b"?" and question[3:4] == b";" and text.count(question[1:3]) == 2  # pair, question
+        assert mask[600 - 16 * 4 + 4 * q:][:4].tolist() == [0, 0, 1, 0]
     with pytest.raises(ValueError, match="key_symbols must lie in"):
         make_qa_example(0, 600, 200, key_len=1, key_symbols=129)
 
 
 def test_loss_only_on_answer_bytes():
     """The targets of a batch: the next byte where it is an answer byte, IGNORE_INDEX (no loss) everywhere else."""
-    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10})
+    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10, "separator": True})
     examples = rt.examples_at((0, 0, 5), 2, 176, 64, args)
     ids, targets, n = rt.batch_tensors(examples, "cpu")
     mask = torch.as_tensor(np.stack([e[1] for e in examples])).bool()
@@ -68,7 +77,7 @@ def test_loss_only_on_answer_bytes():
 
 
 def test_heldout_set_is_fixed_and_apart_from_training():
-    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10})
+    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10, "separator": True})
     a = rt.examples_at((7, 1), 3, 176, 64, args)
     b = rt.examples_at((7, 1), 3, 176, 64, args)
     train = [e for step in range(3) for e in rt.examples_at((7, 0, step), 2, 176, 64, args)]
