@@ -65,7 +65,8 @@ def test_qa_example_with_one_byte_keys_of_a_large_alphabet():
 
 def test_loss_only_on_answer_bytes():
     """The targets of a batch: the next byte where it is an answer byte, IGNORE_INDEX (no loss) everywhere else."""
-    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10, "separator": True})
+    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10,
+                             "separator": True})
     examples = rt.examples_at((0, 0, 5), 2, 176, 64, args)
     ids, targets, n = rt.batch_tensors(examples, "cpu")
     mask = torch.as_tensor(np.stack([e[1] for e in examples])).bool()
@@ -77,7 +78,8 @@ def test_loss_only_on_answer_bytes():
 
 
 def test_heldout_set_is_fixed_and_apart_from_training():
-    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10, "separator": True})
+    args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10,
+                             "separator": True})
     a = rt.examples_at((7, 1), 3, 176, 64, args)
     b = rt.examples_at((7, 1), 3, 176, 64, args)
     train = [e for step in range(3) for e in rt.examples_at((7, 0, step), 2, 176, 64, args)]
