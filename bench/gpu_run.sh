@@ -100,17 +100,20 @@ PYEOF
 export -f pack_bench
 export PY
 # the retrieval experiment (bench/RESULTS.md, "Long-range retrieval"): a 2-layer, hidden-256 model from scratch, 64
-# one-byte keys (of 128 non-ASCII bytes) -> one-capital answers per example, 16 of them asked (fewer questions than
+# one-byte keys (of 128 non-ASCII bytes), each followed by its one-capital answer ("#kV;": the textbook induction
+# pattern), 16 of them asked (fewer questions than
 # pairs: when all are asked, elimination alone reaches a loss of ln(n!)/n, the plateau of the first H200 table run,
 # whose flags were --key-len 1 --pairs 10 --questions 10 with these); 128 short examples per step while the distance
 # is held at 512 (up to 70% of the steps, until the exact match there reaches 0.95), then the distance grows to 32768
 # over 20% of the steps with as many tokens per step (down to 16
 # examples); chunks of 512, so every asked pair sits in an earlier chunk than its question (detached never gets a
 # gradient from question to pair). The three modes run side by side: on the H200 each leaves the GPU mostly idle.
-# Not yet run with --key-symbols 128 --pairs 64 --questions 16: calibrate at --distance 512 first (retrieval-calib).
-RETR_ARGS=${RETR_ARGS:---model small --layers 2 --hidden 256 --key-len 1 --key-symbols 128 --value-len 1 --pairs 64 \
---questions 16 --distance 32768 --curriculum 512 --curriculum-hold 0.7 --hold-until 0.95 --curriculum-frac 0.9 \
---steps 1350 --batch 16 --short-batch 128 --chunk 512 --lr 1e-3 --warmup 100 --eval-every 100 --eval-examples 32 --time-budget 470}
+# Not yet run with --key-symbols 128 --no-separator --pairs 64 --questions 16: calibrate at --distance 512 first
+# (retrieval-calib), with and without --no-separator.
+RETR_ARGS=${RETR_ARGS:---model small --layers 2 --hidden 256 --key-len 1 --key-symbols 128 --value-len 1 \
+--no-separator --pairs 64 --questions 16 --distance 32768 --curriculum 512 --curriculum-hold 0.7 --hold-until 0.95 \
+--curriculum-frac 0.9 --steps 1350 --batch 16 --short-batch 128 --chunk 512 --lr 1e-3 --warmup 100 --eval-every 100 \
+--eval-examples 32 --time-budget 470}
 RETR_MODES=${RETR_MODES:-dense sparse detached}
 export RETR_ARGS RETR_MODES
 retrieval() {  # every mode of RETR_MODES into /tmp/retrieval/MODE at once; the plot and a table into $OUT
