@@ -68,26 +68,12 @@ def export_run(model, out: str, init_from=None) -> str:
     bf16 copy of them (--params-dtype auto), and the export must equal the checkpoint + adapters that peft loads.
     Otherwise in place (the model is plain afterwards). Returns the directory."""
     init_dir = _init_dir(init_from)
-    adapters = lora_modules(model)
-    if adapters and init_dir:
-        model = _merged_onto(Model.from_pretrained(init_dir), adapters)
-    elif adapters:
-        merge_lora(model)
+    if lora_modules(model):
+        model = merge_lora(model, into=Model.from_pretrained(init_dir) if init_dir else None)
     try:
         return export_hf(model, os.path.join(out, "hf"), init_dir=init_dir)
     except (OSError, ValueError) as e:
         raise UserError(f"--export: {e}") from None
-
-
-def _merged_onto(base, adapters: dict):
-    """W += scale * B A for each adapter (lora_modules' {name: wrapper}) into `base`'s Linear of the same name, in
-    fp32, rounded once to W's dtype. Returns base."""
-    with torch.no_grad():
-        for name, m in adapters.items():
-            w = base.get_submodule(name).weight
-            delta = m.scale * (m.lora_B.detach().float().cpu() @ m.lora_A.detach().float().cpu())  # [out, r] @ [r, in]
-            w.copy_((w.float() + delta).to(w.dtype))
-    return base
 
 
 def export_checkpoint(out: str, load_checkpoint) -> str:

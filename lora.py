@@ -107,16 +107,20 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets=LORA_TARGETS) 
     return model
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, into: nn.Module | None = None) -> nn.Module:
     """Fold each adapter into its base weight, W += scale * B A (computed in fp32, rounded once to W's dtype), and
     put the base Linear back in the wrapper's place: a plain model again, for export. In place; returns the model.
-    The base parameters stay frozen."""
-    for name, m in lora_modules(model).items():
-        with torch.no_grad():
-            w = m.base.weight
-            w.copy_((w.float() + m.scale * (m.lora_B @ m.lora_A)).to(w.dtype))  # [out, r] @ [r, in]
-        _swap(model, name, m.base)
-    return model
+    The base parameters stay frozen. into: a plain model of the same architecture (e.g. the --init-from checkpoint's
+    own weights, where the run trained over a bf16 copy of them): the adapters are folded into its Linear of the
+    same name instead, `model` is left as it is, and `into` is returned."""
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            w = (into.get_submodule(name) if into is not None else m.base).weight
+            delta = m.scale * (m.lora_B.float() @ m.lora_A.float())  # [out, r] @ [r, in]
+            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+            if into is None:
+                _swap(model, name, m.base)
+    return model if into is None else into
 
 
 # ------------------------------------------------------------------------------------------------ PEFT format
