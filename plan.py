@@ -319,14 +319,16 @@ def plan_run(cfg: ModelConfig, args, memory: Memory) -> Plan:
 
 
 MOMENTS = ("fp32", "bf16", "int8")  # optim.MOMENTS, most precise first
+# under --tp > 1, bf16 weights take fp32 moments only: a shard's stochastic rounding draws and int8 blocks are not
+# the whole tensor's (parallel.check refuses the others when given)
+TP_MOMENTS = ("fp32",)
 
 
 def _precision_options(args) -> list[tuple[str, str | None]]:
     """(params_dtype, moments) to try, most precise first. bf16 weights need AdamW and bf16 compute; LoRA's
     adapters train with torch's AdamW, so no --moments there."""
     bf16_ok = args.optimizer == "adamw" and args.dtype == "bfloat16"
-    # --tp limits bf16 weights to fp32 moments (parallel.check)
-    moments = [args.moments] if args.moments else list(getattr(args, "moments_allowed", MOMENTS))
+    moments = [args.moments] if args.moments else list(MOMENTS if getattr(args, "tp", 1) == 1 else TP_MOMENTS)
     bf16 = [("bfloat16", None)] if args.lora_rank else [("bfloat16", m) for m in moments]
     if args.params_dtype == "auto" and args.lora_rank and bf16_ok:
         # LoRA's base is frozen: bf16 (a Qwen checkpoint's own precision) loses no update, halves the base and

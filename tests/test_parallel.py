@@ -510,9 +510,9 @@ def test_cp_refusals_and_rank_plan(tmp_path, capsys, monkeypatch):
     tp2 = argparse.Namespace(tp=2, cp=1)
     auto = argparse.Namespace(optimizer="adamw", params_dtype="auto", lora_rank=None, moments=None)
     parallel.check(tp2, cfg, auto)
-    assert auto.params_dtype == "auto" and auto.moments_allowed == ("fp32",)
+    assert auto.params_dtype == "auto"
     squeezed = argparse.Namespace(**{**vars(args), "dtype": "bfloat16", "params_dtype": "auto", "moments": None,
-                                     "moments_allowed": ("fp32",)})
+                                     "tp": 2})
     assert planner._precision_options(squeezed) == [("float32", None), ("bfloat16", "fp32")]
     for moments in ("bf16", "int8"):
         with pytest.raises(UserError, match=f"--tp 2 with --moments {moments}: not supported"):
