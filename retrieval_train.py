@@ -164,14 +164,25 @@ def distance_at(step, args, hold_end=None):
     return max(pair_len(args), min(args.distance, round(d / args.page_size) * args.page_size))
 
 
+def length_at(distance, args):
+    """The example length at a training distance: --length (the full distance's) less the distance not travelled."""
+    return args.length - args.distance + distance
+
+
+def longest_with(batch, args):
+    """The longest example batch_at gives `batch` (> --batch) examples (its inverse), page-aligned: what that
+    batch's store must hold."""
+    longest = args.short_batch * length_at(args.curriculum, args) // batch
+    return min(args.length, -(-longest // args.page_size) * args.page_size)
+
+
 def batch_at(step, args, hold_end=None):
     """The examples of `step`: --batch, or on the curriculum with --short-batch B0 the power of two nearest below
     B0 * length(D0) / length (the same tokens per step as at D0), between --batch and B0. Why: the plateau before the
     circuit forms is counted in answers seen, and short examples sell answers cheaply."""
     if not args.short_batch:
         return args.batch
-    length = args.length - args.distance + distance_at(step, args, hold_end)
-    fit = args.short_batch * (args.length - args.distance + args.curriculum) // length
+    fit = args.short_batch * length_at(args.curriculum, args) // length_at(distance_at(step, args, hold_end), args)
     return max(args.batch, min(args.short_batch, 1 << (fit.bit_length() - 1) if fit else 0))
 
 
@@ -269,8 +280,8 @@ def train(args):
     heldout = examples_at((args.seed, 1), args.eval_examples, args.length, args.distance, args)
     # on a curriculum, the same questions at its start distance too: whether the circuit is exact where it trains
     # first, before the distance grows (the H200 run's hold ended with it half-formed: bench/RESULTS.md)
-    start_length = args.length - args.distance + args.curriculum
-    heldout_start = (examples_at((args.seed, 1), args.eval_examples, start_length, args.curriculum, args)
+    heldout_start = (examples_at((args.seed, 1), args.eval_examples, length_at(args.curriculum, args), args.curriculum,
+                                 args)
                      if args.curriculum else None)
     cfg = model.config
     config = {**vars(args), "device": str(device), "params": model.num_params(), "chance_per_byte": CHANCE,
@@ -295,12 +306,10 @@ def train(args):
     for step in bar:
         t0 = time.perf_counter()
         distance = distance_at(step, args, hold_end)
-        length = args.length - args.distance + distance
+        length = length_at(distance, args)
         batch = batch_at(step, args, hold_end)
         if batch not in stores:
-            longest = args.short_batch * (args.length - args.distance + args.curriculum) // batch  # batch_at's
-            stores[batch] = make_store(args, model, batch, min(args.length, -(-longest // args.page_size)
-                                                               * args.page_size), device, dtype)
+            stores[batch] = make_store(args, model, batch, longest_with(batch, args), device, dtype)
         ids, targets, n_targets = batch_tensors(examples_at((args.seed, 0, step), batch, length, distance,
                                                             args), device)
         for group in optimizer.param_groups:
