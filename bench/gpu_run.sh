@@ -116,15 +116,31 @@ RETR_ARGS=${RETR_ARGS:---model small --layers 2 --hidden 256 --key-len 1 --key-s
 --eval-examples 32 --time-budget 470}
 RETR_MODES=${RETR_MODES:-dense sparse detached}
 export RETR_ARGS RETR_MODES
-retrieval() {  # every mode of RETR_MODES into /tmp/retrieval/MODE at once; the plot and a table into $OUT
-    rm -rf /tmp/retrieval && mkdir -p /tmp/retrieval
+# side_by_side DIR 'NAME FLAGS;NAME FLAGS;...': retrieval_train.py runs at once on the one GPU (each leaves it mostly
+# idle), each into DIR/NAME, its start and end lines prefixed [NAME]; then DIR as $OUT/$(basename DIR).tgz
+side_by_side() {
+    local dir=$1 run name flags IFS=";"
+    rm -rf "$dir" && mkdir -p "$dir"
+    for run in $2; do
+        name=${run%% *}; flags=${run#* }
+        # shellcheck disable=SC2086  # flags is a list of flags
+        (IFS=" "; $PY retrieval_train.py train --out "$dir/$name" $flags 2>&1 | tr "\r" "\n" | \
+            grep -E "^(retrieval [a-z]+: [0-9]+ layers|done|stopped|error)" | sed "s/^/[$name] /") &
+    done
+    wait
+    tar czf "$OUT/$(basename "$dir").tgz" -C "$(dirname "$dir")" "$(basename "$dir")"
+}
+export -f side_by_side
+retrieval() {  # every mode of RETR_MODES with RETR_ARGS into /tmp/retrieval/MODE at once; plot and table into $OUT
+    local mode
+    RETR_RUNS=""
+    for mode in $RETR_MODES; do RETR_RUNS+="$mode $RETR_ARGS --attn $mode;"; done
+    export RETR_RUNS
     # shellcheck disable=SC2016  # expanded by the stage's bash
-    stage retrieval 545 bash -c 'for mode in $RETR_MODES; do ($PY retrieval_train.py train --out /tmp/retrieval/$mode \
-        --attn $mode $RETR_ARGS 2>&1 | tr "\r" "\n" | grep -E "^(retrieval [a-z]+: [0-9]+ layers|done|stopped|error)" \
-        | sed "s/^/[$mode] /") & done; wait; runs=$(for m in $RETR_MODES; do [ -f /tmp/retrieval/$m/log.jsonl ] && \
-        echo /tmp/retrieval/$m; done); $PY retrieval_train.py plot --out "$OUT/retrieval.png" $runs \
-        >"$OUT/retrieval_table.txt" 2>&1; rc=$?; cat "$OUT/retrieval_table.txt"; tar czf "$OUT/retrieval.tgz" -C /tmp \
-        retrieval; exit $rc'
+    stage retrieval 545 bash -c 'side_by_side /tmp/retrieval "$RETR_RUNS"; runs=$(for m in $RETR_MODES; do \
+        [ -f /tmp/retrieval/$m/log.jsonl ] && echo /tmp/retrieval/$m; done); $PY retrieval_train.py plot \
+        --out "$OUT/retrieval.png" $runs >"$OUT/retrieval_table.txt" 2>&1; rc=$?; cat "$OUT/retrieval_table.txt"; \
+        exit $rc'
 }
 
 for name in "$@"; do
@@ -217,11 +233,9 @@ for name in "$@"; do
     retrieval)
         retrieval ;;
     retrieval-calib)  # RETR_CALIB: 'NAME FLAGS;NAME FLAGS;...' retrieval_train.py runs at once on the one GPU
-        stage retrieval-calib "${RETR_CALIB_LIMIT:-420}" bash -c 'IFS=";"; for run in $RETR_CALIB; do \
-            name=${run%% *}; flags=${run#* }; (IFS=" "; $PY retrieval_train.py train --out "/tmp/calib/$name" \
-            --overwrite $flags 2>&1 | tr "\r" "\n" | grep -E "^(retrieval [a-z]+: [0-9]+ layers|done|stopped|error)" | sed "s/^/[$name] /"; \
-            cp "/tmp/calib/$name/log.jsonl" "$OUT/calib_$name.jsonl") & done; wait; \
-            tar czf "$OUT/calib.tgz" -C /tmp calib' ;;
+        # shellcheck disable=SC2016  # expanded by the stage's bash
+        stage retrieval-calib "${RETR_CALIB_LIMIT:-420}" bash -c 'side_by_side /tmp/calib "$RETR_CALIB"; \
+            for log in /tmp/calib/*/log.jsonl; do cp "$log" "$OUT/calib_$(basename "$(dirname "$log")").jsonl"; done' ;;
     *)
         echo "unknown stage '$name' (see the header of $0)"; exit 2 ;;
     esac
