@@ -181,9 +181,9 @@ def _rotate(x, cos, sin):
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, T, heads, D]; cos/sin: [T, D] or, per batch row, [B, T, D] fp32 (rope_cos_sin). Rotates pairs (i, i + D/2). The fused kernel saves
-    nothing for backward (the gradient is the inverse rotation); autograd through _rotate saves x and its rotated
-    half."""
+    """x: [B, T, heads, D]; cos/sin: [T, D] or, per batch row, [B, T, D] fp32 (rope_cos_sin). Rotates pairs
+    (i, i + D/2). The fused kernel saves nothing for backward (the gradient is the inverse rotation); autograd through
+    _rotate saves x and its rotated half."""
     half = x.shape[-1] // 2
     if layer_ops.available(x) and x.is_contiguous() and half & (half - 1) == 0:
         return layer_ops.RopeFunction.apply(x, cos, sin)
@@ -372,8 +372,9 @@ class Model(nn.Module):
     def loss(self, x, targets, scale: float = 1.0, backward: bool = False):
         """scale * (sum of the token cross-entropies) of hidden states x [B, T, hidden] (hidden()'s output) against
         targets [B, T] - positions whose target is IGNORE_INDEX add nothing -, so scale = 1 / trained_tokens(targets)
-        of the whole sequence gives its mean token loss (chunk_train passes each chunk that scale), a slice of positions at a time, so that only one slice's logits exist: [slice, vocab] instead
-        of [B * T, vocab] in bf16, in fp32 and their fp32 gradient (1.8 MB per token for a 152K vocabulary).
+        of the whole sequence gives its mean token loss (chunk_train passes each chunk that scale). A slice of
+        positions at a time, so that only one slice's logits exist: [slice, vocab] instead of [B * T, vocab] in bf16,
+        in fp32 and their fp32 gradient (1.8 MB per token for a 152K vocabulary).
 
         backward=True also backpropagates each slice through the final norm and the LM head right away: their
         parameters' gradients accumulate as in any backward, and the gradient w.r.t. x [B, T, hidden] is returned

@@ -29,6 +29,13 @@ def train_args(out_dir, *extra):
     return TRAIN + ["--data", os.path.join(out_dir, "data.txt"), *extra]
 
 
+def write_data(out_dir):
+    """out_dir/data.txt: 20,000 printable bytes, what train_args trains on."""
+    with open(os.path.join(out_dir, "data.txt"), "wb") as f:
+        f.write(torch.randint(32, 127, (20000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy()
+                .tobytes())
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -367,11 +374,9 @@ def worker4(rank, ports, out_dir):
 def job(tmp_path_factory):
     """Run the spawned job once; its results per rank, and its directory (the train.py runs' --out dirs)."""
     out_dir = str(tmp_path_factory.mktemp("parallel"))
-    with open(os.path.join(out_dir, "data.txt"), "wb") as f:
-        f.write(torch.randint(32, 127, (20000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy()
-                .tobytes())
-    mp.start_processes(worker, args=([free_port() for _ in range(7 + 2 * len(NEW_TP_RUNS))], out_dir), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    write_data(out_dir)
+    mp.start_processes(worker, args=([free_port() for _ in range(7 + 2 * len(NEW_TP_RUNS))], out_dir), nprocs=WORLD,
+                       join=True, start_method="spawn")
     results = []
     for rank in range(WORLD):
         with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
@@ -532,9 +537,7 @@ def test_four_ranks_tp_with_cp_and_with_data_parallel_match_one_process(tmp_path
     each equals one process's at the same global batch (the groups of parallel.from_env composed, not only each
     kind alone)."""
     out_dir = str(tmp_path)
-    with open(os.path.join(out_dir, "data.txt"), "wb") as f:
-        f.write(torch.randint(32, 127, (20000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy()
-                .tobytes())
+    write_data(out_dir)
     mp.start_processes(worker4, args=([free_port() for _ in range(2)], out_dir), nprocs=4, join=True,
                        start_method="spawn")
     for rank in range(4):
