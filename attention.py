@@ -27,9 +27,9 @@ A kernel is an object with
 `TritonKernel` (kernels/paged_attention.py) and `ReferenceKernel` (plain fp32 PyTorch over the same pages,
 kernels/paged_reference.py); default_kernel picks Triton for CUDA tensors or under TRITON_INTERPRET=1, the
 reference for CPU tensors otherwise (the chunked step on a laptop). `SDPAKernel` (kernels/gather_sdpa.py, issue
-#18's candidate, never picked by default): each dense part's pages gathered into contiguous K/V and computed by
-PyTorch's fused attention ops (cuDNN / FlashAttention on CUDA, the CPU flash op on CPUs), to be measured against
-Triton with bench.py kernel --kernels triton,sdpa.
+#18): each dense part's pages gathered into contiguous K/V and computed by PyTorch's fused attention ops (cuDNN /
+FlashAttention on CUDA, the CPU flash op on CPUs); not the default yet, chosen by name (named_kernel: train.py and
+bench.py step --attn-kernel sdpa), measured against Triton with bench.py kernel --kernels triton,sdpa.
 """
 from typing import NamedTuple, Optional
 
@@ -40,7 +40,8 @@ from kernels.paged_attention import _interpreting, paged_attention_forward, soft
 from kernels.paged_attention_backward import paged_attention_backward
 from kernels.paged_reference import gather_pages, paged_attention_reference, paged_attention_reference_backward
 
-__all__ = ["Part", "OnePart", "TritonKernel", "ReferenceKernel", "SDPAKernel", "default_kernel", "attention_forward",
+__all__ = ["Part", "OnePart", "TritonKernel", "ReferenceKernel", "SDPAKernel", "default_kernel", "named_kernel",
+           "attention_forward",
            "attend"]  # SDPAKernel: re-exported from kernels/gather_sdpa.py, next to the other kernels
 
 
@@ -121,6 +122,18 @@ def default_kernel(device):
     """Triton for CUDA tensors, and for CPU tensors when its interpreter is on (the tests of the kernels); else the
     plain-PyTorch reference (a CPU without the interpreter, which would raise)."""
     return TritonKernel() if torch.device(device).type == "cuda" or _interpreting() else ReferenceKernel()
+
+
+ATTN_KERNELS = ("triton", "sdpa")  # train.py / bench.py step --attn-kernel
+
+
+def named_kernel(name, device):
+    """--attn-kernel's kernel: "triton", the default above; "sdpa", SDPAKernel for the dense parts (pages gathered,
+    then cuDNN on CUDA: 1.42x Triton's 7B step at 128K on an H200, bench/RESULTS.md) with the default kernel for
+    the parts it does not take (sparse tables, document masks, fp32 on CUDA)."""
+    if name not in ATTN_KERNELS:
+        raise ValueError(f"attention kernel must be one of {', '.join(ATTN_KERNELS)}, got {name!r}")
+    return default_kernel(device) if name == "triton" else SDPAKernel(fallback=default_kernel(device))
 
 
 def attention_forward(history, q, k, v, kernel, scale=None, merge=None):

@@ -44,6 +44,7 @@ import json
 from bench_lib import BENCH_PRESETS, T0, Recorder, env_info, format_row, model_config
 import torch
 
+from attention import ATTN_KERNELS
 from bench_attention import KERNEL_IMPL, bench_kernel, check_exact, sparse_fidelity
 from bench_step import bench_step
 from sparse_attn import RULES
@@ -116,6 +117,9 @@ def parse_args(argv=None):
                    help="chunked-path stores to run, comma-separated: paged (pages on the GPU), offload (host), "
                         "sparse (sparse attention, pages on the GPU), sparse-offload (sparse, pages on the host)")
     s.add_argument("--cache-tokens", type=int, default=65536, help="offload: tokens per GPU cache buffer")
+    s.add_argument("--attn-kernel", default="triton", choices=ATTN_KERNELS,
+                   help="the chunked path's attention kernel: triton (kernels/paged_attention.py) or sdpa "
+                        "(kernels/gather_sdpa.py for dense parts, Triton for the sparse ones; issue #18)")
     s.add_argument("--grad-pages", default="float32", choices=["float32", "bfloat16"], help="dK/dV page dtype")
     s.add_argument("--last-chunks", type=int, default=0, metavar="N",
                    help="probe: random history instead of stage 1, then only the last N chunks of stage 2 "

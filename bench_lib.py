@@ -194,7 +194,8 @@ def format_row(d) -> str:
     status = d.get("status", "?")
     tail = "" if status == "ok" else f"  [{status}{': ' + d['error'] if d.get('error') else ''}]"
     if d.get("mode") == "step":
-        return (f"step {d['model']} {d['path']:>7} T {d['length']:>7} c {d['chunk']} p {_f(d.get('page_size'), '>3')} "
+        path = d["path"] + ("+sdpa" if d.get("attn_kernel") == "sdpa" and d["path"] != "full" else "")
+        return (f"step {d['model']} {path:>7} T {d['length']:>7} c {d['chunk']} p {_f(d.get('page_size'), '>3')} "
                 f"ckpt {int(d['checkpoint'])} | {_f(d.get('step_s'), '7.3f')} s {_f(d.get('tokens_per_s'), '7,.0f')} tok/s "
                 f"{_f(d.get('tflops'), '5.1f')} TF/s | GiB peak {_f(d.get('peak_gib'), '5.2f')} act "
                 f"{_f(d.get('activation_gib'), '5.2f')} pool {_f(d.get('pool_gib'), '5.2f')} | loss "

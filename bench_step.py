@@ -6,6 +6,7 @@ import statistics
 
 import torch
 
+from attention import named_kernel
 from bench_lib import (GiB, build_model, free_memory, full_sequence_step, peak_gib, profile_once, r,
                        random_tokens, run_point, over_budget, timed)
 from chunk_train import backward_chunk, chunked_step
@@ -75,7 +76,9 @@ def bench_step(args, device, rec):
           f"{args.params_dtype} + grads {grad_bytes / GiB:.1f} GiB fp32), batch {args.batch}, chunk {args.chunk}, "
           f"checkpoint {args.checkpoint}, bf16 compute on {device}", flush=True)
 
-    base = dict(mode="step", model=args.model, batch=args.batch, chunk=args.chunk, checkpoint=args.checkpoint,
+    # the chunked path's attention kernel: Triton, or sdpa with Triton for the parts it does not take (sparse tables)
+    kernel = named_kernel(args.attn_kernel, device)
+    base = dict(mode="step", model=args.model, attn_kernel=args.attn_kernel, batch=args.batch, chunk=args.chunk, checkpoint=args.checkpoint,
                 output_cache_gib=args.output_cache, params_dtype=args.params_dtype, params_gib=r(param_bytes / GiB),
                 grads_gib=r(grad_bytes / GiB))
     last_time = {}  # path -> (length, median step seconds): predicts the next point's time for --time-budget
@@ -137,10 +140,11 @@ def bench_step(args, device, rec):
                 sparse = SparseConfig(budget=args.budget, q_block=args.q_block) if sparse_attn else None
                 if not offloaded:
                     store = PagedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device, grad_dtype,
-                                                      sparse=sparse, output_cache_bytes=int(args.output_cache * 2**30))
+                                                      sparse=sparse, output_cache_bytes=int(args.output_cache * 2**30),
+                                                      kernel=kernel)
                 else:
                     store = OffloadedKVStore.for_sequence(model, args.batch, length, page_size, bf16, device,
-                                                          args.cache_tokens, grad_dtype, sparse=sparse)
+                                                          args.cache_tokens, grad_dtype, sparse=sparse, kernel=kernel)
 
                 def step():
                     if args.last_chunks:

@@ -166,6 +166,11 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                        help="dense (exact) or page-level sparse attention (sparse_attn.py: each --q-block of queries "
                             f"reads --budget history tokens + its chunk); auto: sparse when --seq > "
                             f"{SPARSE_AUTO_RATIO} x --budget (default: %(default)s)")
+    chunk.add_argument("--attn-kernel", default="triton", choices=["triton", "sdpa"],
+                       help="the chunked path's attention kernel: triton (kernels/paged_attention.py), or sdpa: each "
+                            "dense part's pages gathered, then PyTorch's fused op (cuDNN on CUDA; kernels/"
+                            "gather_sdpa.py), Triton for sparse and document-masked parts; 1.42x faster for the 7B "
+                            "128K step on an H200 (bench/RESULTS.md) (default: %(default)s)")
     chunk.add_argument("--budget", type=int, default=None,
                        help="sparse attention: history tokens per query block (sink, recent and top-scoring pages), "
                             "a multiple of --page-size (default: 4096)")

@@ -37,6 +37,7 @@ import parallel
 import plan as planner
 import plan_suggest
 import plots
+from attention import named_kernel
 from checkpoint import load_checkpoint, open_log, resume_settings, save_checkpoint
 from chunk_train import chunked_step
 from context_parallel import ShardedKVStore
@@ -109,14 +110,16 @@ def build_store(args, model, plan, device, layout=None):
         return None
     kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
     sparse = planner.sparse_config(args, plan.q_block) if args.sparse else None
+    kernel = named_kernel(args.attn_kernel, device)
     if layout and layout.cp > 1:
         return ShardedKVStore.for_sequence(model, args.batch, args.seq, args.chunk, args.page_size, kv_dtype, device,
-                                           layout.cp_group, grad_dtype, sparse=sparse)
+                                           layout.cp_group, grad_dtype, kernel=kernel, sparse=sparse)
     if plan.offload:
         return OffloadedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device,
-                                             args.cache_tokens, grad_dtype, sparse=sparse)
+                                             args.cache_tokens, grad_dtype, sparse=sparse, kernel=kernel)
     return PagedKVStore.for_sequence(model, args.batch, args.seq, args.page_size, kv_dtype, device, grad_dtype,
-                                     sparse=sparse, output_cache_bytes=plan.device.get(planner.OUTPUT_CACHE, 0))
+                                     sparse=sparse, output_cache_bytes=plan.device.get(planner.OUTPUT_CACHE, 0),
+                                     kernel=kernel)
 
 
 def lr_at(step, args):

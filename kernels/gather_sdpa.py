@@ -166,7 +166,8 @@ class SDPAKernel:
     """Gather + fused SDPA over dense parts (see the module docstring). backend: "cpu", "cudnn" or "flash"; None
     picks "cpu" for CPU tensors and "cudnn" for CUDA ones (what F.scaled_dot_product_attention uses for bf16 on
     an H100/H200). fallback: a kernel for the parts this one does not take (sparse, document masks); None raises
-    NotImplementedError on them. fp32 tensors on CUDA raise NotImplementedError (the CUDA ops take bf16/fp16)."""
+    NotImplementedError on them. fp32 tensors on CUDA go to the fallback, or raise NotImplementedError without one
+    (the CUDA ops take bf16/fp16)."""
 
     def __init__(self, backend=None, fallback=None):
         if backend is not None and backend not in OPS:
@@ -186,8 +187,10 @@ class SDPAKernel:
 
     def _split(self, q, part):
         """(Nh, Ld): history keys 0..Nh-1 (no mask) and the diagonal's length (0 or C), or None if the part is
-        not one this kernel takes."""
+        not one this kernel takes (with a fallback, fp32 CUDA tensors are not taken either: the ops refuse them)."""
         if part.q_block is not None or part.table.dim() != 2 or part.doc_start is not None:
+            return None
+        if self.fallback is not None and q.device.type != "cpu" and q.dtype not in (torch.bfloat16, torch.float16):
             return None
         C = q.shape[1]
         kv_len = part.q_start + C if part.kv_len is None else min(part.kv_len, part.q_start + C)

@@ -10,7 +10,7 @@ fused kernels, o/dq and the per-call dK/dV stored in bf16 before their fp32 sums
 import pytest
 import torch
 
-from attention import Part, ReferenceKernel, SDPAKernel
+from attention import Part, ReferenceKernel, SDPAKernel, default_kernel, named_kernel
 from chunk_train import chunked_step
 from kernels.paged_attention import softmax_delta
 from offload import OffloadedKVStore
@@ -102,6 +102,26 @@ def test_unsupported_parts_raise_or_fall_back():
     o, lse = SDPAKernel(fallback=REF).forward(p["q"], inside)
     o_ref, lse_ref = REF.forward(p["q"], inside)
     assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+
+
+def test_named_kernel_hands_what_sdpa_does_not_take_to_the_default():
+    """named_kernel("sdpa") (--attn-kernel sdpa): SDPAKernel with the device's default kernel as its fallback, so
+    document-masked parts (and on a GPU fp32 ones, which the CUDA ops refuse) get the default kernel's result."""
+    kernel = named_kernel("sdpa", DEVICE)
+    assert isinstance(kernel, SDPAKernel) and type(kernel.fallback) is type(default_kernel(DEVICE))
+    assert type(named_kernel("triton", DEVICE)) is type(default_kernel(DEVICE))
+    with pytest.raises(ValueError, match="must be one of"):
+        named_kernel("cudnn", DEVICE)
+    dtypes = [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        p = make_problem(1, 16, 16, 2, 2, 16, 16, dtype, seed=4)  # the Triton fallback's pages: >= 16 tokens
+        parts = [part_of(p, p["prefill"])._replace(doc_start=torch.zeros(1, 16, dtype=torch.int32, device=DEVICE))]
+        if DEVICE != "cpu" and dtype == torch.float32:
+            parts.append(part_of(p, p["prefill"]))  # a plain dense part, but fp32 on CUDA
+        for part in parts:
+            o, lse = kernel.forward(p["q"], part)
+            o_ref, lse_ref = kernel.fallback.forward(p["q"], part)
+            assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
 
 
 def chunked_grads(store_of, model, batch, seq, chunk, page, seed):

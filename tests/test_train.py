@@ -109,7 +109,8 @@ def test_mismatched_checkpoint_shapes(tmp_path, capsys):
 @pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-targets", "q_proj,down_proj"]],
                          ids=["full", "lora"])
 def test_chunked_path_follows_the_full_sequence_path(tmp_path, plain_layer_ops, extra):
-    """--seq > --chunk trains chunk-recurrently; its gradients are exact, so two steps give the same losses."""
+    """--seq > --chunk trains chunk-recurrently; its gradients are exact, so two steps give the same losses: pages
+    on the device or offloaded, and through --attn-kernel sdpa (kernels/gather_sdpa.py, the CPU flash op here)."""
     args = ["--model", "tiny", "--device", "cpu", "--seq", "96", "--batch", "1", "--steps", "2", "--eval-iters", "1",
             "--eval-interval", "2"]  # one evaluation, at the end
     args += extra
@@ -117,8 +118,11 @@ def test_chunked_path_follows_the_full_sequence_path(tmp_path, plain_layer_ops, 
     chunked = args + ["--chunk", "32", "--page-size", "16"]
     assert train.main(chunked + ["--out", str(tmp_path / "chunked")]) == 0
     assert train.main(chunked + ["--offload", "on", "--cache-tokens", "32", "--out", str(tmp_path / "offload")]) == 0
-    for a, b, c in zip(losses(tmp_path / "full"), losses(tmp_path / "chunked"), losses(tmp_path / "offload")):
-        assert abs(a - b) <= 1e-5 * a and abs(a - c) <= 1e-5 * a
+    assert train.main(chunked + ["--attn-kernel", "sdpa", "--out", str(tmp_path / "sdpa")]) == 0
+    runs = [losses(tmp_path / name) for name in ("full", "chunked", "offload", "sdpa")]
+    assert all(len(run) == 2 for run in runs)
+    for a, *others in zip(*runs):
+        assert all(abs(a - b) <= 1e-5 * a for b in others), (a, others)
 
 
 def assert_export_matches(out, tmp_path):
