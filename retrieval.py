@@ -8,7 +8,7 @@ One example of `length` bytes:
                      `-- the queried pair, `distance` bytes before the question   `-- question and answer
 
 Filler is lowercase words and spaces; each key->value pair is "#" + key + "=" + capitals + ";", the key spelled in
-digits or (key_symbols > 10) in non-ASCII bytes. Keys are distinct, so the queried key appears exactly once before
+digits, (key_symbols > 10) in non-ASCII bytes, or (key_capitals) in capitals. Keys are distinct, so the queried key appears exactly once before
 the question, and key symbols never occur in filler. The loss mask covers exactly the answer bytes (mask[i] = 1:
 token i is a loss target, as in tokenize_data.py), so the loss measures retrieval alone: the answer is unguessable
 without finding the key `distance` bytes back (1 in 26 per byte).
@@ -40,9 +40,17 @@ DIGITS = np.frombuffer(b"0123456789", dtype=np.uint8)
 HIGH_BYTES = np.arange(128, 256, dtype=np.uint8)  # non-ASCII: never in filler, values or "#=;?"
 
 
-def key_alphabet(key_symbols: int):
+def key_alphabet(key_symbols: int, capitals: bool = False):
     """The bytes keys are spelled in: the first key_symbols digits (<= 10), else the first key_symbols non-ASCII
-    bytes (<= 128): one-byte keys of a large alphabet make a pure induction task (no digit pairs to match)."""
+    bytes (<= 128): one-byte keys of a large alphabet make a pure induction task (no digit pairs to match).
+    capitals: the first key_symbols capitals (<= 26), the values' own alphabet. Why: on the H200 the copy circuit
+    formed for the answers' later bytes (a capital string continued from its earlier copy) but never for the first
+    byte after a digit or non-ASCII key (bench/RESULTS.md); a key in capitals makes the first byte the same
+    continuation of a capital string."""
+    if capitals:
+        if not 2 <= key_symbols <= 26:
+            raise ValueError(f"key_symbols must lie in [2, 26] for capital keys, got {key_symbols}")
+        return CAPITALS[:key_symbols]
     if not 2 <= key_symbols <= 128:
         raise ValueError(f"key_symbols must lie in [2, 128], got {key_symbols}")
     return DIGITS[:key_symbols] if key_symbols <= 10 else HIGH_BYTES[:key_symbols]
@@ -103,7 +111,7 @@ def make_example(seed, length: int, distance: int, n_pairs: int = 8, key_len: in
 
 
 def make_qa_example(seed, length: int, distance: int, n_pairs: int = 64, n_questions: int = 16, key_len: int = 4,
-                    value_len: int = 4, key_symbols: int = 10, separator: bool = True):
+                    value_len: int = 4, key_symbols: int = 10, separator: bool = True, key_capitals: bool = False):
     """-> (ids [length] int64, loss_mask [length] uint8): many questions per example, for training.
 
     n_pairs key->value pairs sit in the first `length - distance - n_questions * qa_len` bytes (qa_len = key_len +
@@ -112,14 +120,15 @@ def make_qa_example(seed, length: int, distance: int, n_pairs: int = 64, n_quest
     answer lies `distance` or more bytes after its pair; the loss mask covers the value bytes of every question.
     separator=False drops the "=": "#" key value ";" and "?" key value ";", so the value directly follows its key,
     the textbook induction pattern (with "=" the value sits two places after the key's last symbol, and the circuit
-    needs a two-back copy besides)."""
+    needs a two-back copy besides). key_capitals: keys spelled in capitals (key_alphabet); a key may then also occur
+    inside another pair's value (for 3-capital keys and 16 pairs of 4-capital values, about 0.4% of questions)."""
     sep = [ord("=")] if separator else []
     pair_len = qa_len = key_len + value_len + 2 + len(sep)
     context = length - n_questions * qa_len
     if key_len < 1 or value_len < 1 or not 1 <= n_questions <= n_pairs:
         raise ValueError(f"need key_len, value_len >= 1 and 1 <= n_questions <= n_pairs, got {key_len}, "
                          f"{value_len}, {n_questions}, {n_pairs}")
-    alphabet = key_alphabet(key_symbols)
+    alphabet = key_alphabet(key_symbols, key_capitals)
     if n_pairs > key_symbols ** key_len:
         raise ValueError(f"{n_pairs} distinct keys of {key_len} symbols (of {key_symbols}) do not exist")
     slots = list(range(0, context - distance + 1, pair_len))  # pair starts at least `distance` before question 1

@@ -64,6 +64,8 @@ def parse(argv):
     t.add_argument("--key-len", type=int, default=4, help="symbols per key")
     t.add_argument("--key-symbols", type=int, default=10,
                    help="alphabet of a key symbol: digits (<= 10), else that many non-ASCII bytes (<= 128)")
+    t.add_argument("--key-capitals", action="store_true",
+                   help="keys spelled in the first --key-symbols capitals (<= 26), the values' alphabet")
     t.add_argument("--value-len", type=int, default=4, help="capitals per answer")
     t.add_argument("--no-separator", dest="separator", action="store_false",
                    help='pairs "#" key value ";" (no "="): the value right after its key')
@@ -134,6 +136,8 @@ def resolve(args):
         raise UserError(f"--curriculum {args.curriculum} must lie in [0, --distance {args.distance}]")
     if not 2 <= args.key_symbols <= 128:
         raise UserError(f"--key-symbols {args.key_symbols} must lie in [2, 128]")
+    if args.key_capitals and args.key_symbols > 26:
+        raise UserError(f"--key-symbols {args.key_symbols} must be <= 26 with --key-capitals")
     if not 1 <= args.key_len <= 8 or args.pairs > args.key_symbols ** args.key_len:
         raise UserError(f"--key-len {args.key_len} must lie in [1, 8] and allow --pairs {args.pairs} distinct keys")
     pair = pair_len(args)
@@ -234,7 +238,7 @@ def make_store(args, model, batch, length, device, dtype):
 def examples_at(seed, n, length, distance, args):
     from retrieval import make_qa_example
     return [make_qa_example((*seed, i), length, distance, args.pairs, args.questions, args.key_len,
-                            args.value_len, args.key_symbols, args.separator)
+                            args.value_len, args.key_symbols, args.separator, args.key_capitals)
             for i in range(n)]
 
 

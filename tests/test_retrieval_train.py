@@ -63,10 +63,26 @@ def test_qa_example_with_one_byte_keys_of_a_large_alphabet():
         make_qa_example(0, 600, 200, key_len=1, key_symbols=129)
 
 
+def test_qa_example_with_capital_keys():
+    """--key-capitals: keys spelled in capitals (the values' alphabet), no "=": each pair "#" + 3-capital key + 4
+    capitals + ";", each question the same after "?", the loss on the 4 value capitals."""
+    ids, mask = make_qa_example(6, 600, 200, n_pairs=16, n_questions=8, key_len=3, value_len=4, key_symbols=26,
+                                separator=False, key_capitals=True)
+    text = ids.astype(np.uint8).tobytes()
+    pairs = [text[i + 1:i + 8] for i in range(len(text) - 8) if text[i:i + 1] == b"#"]
+    assert len(pairs) == 16 and len({p[:3] for p in pairs}) == 16 and all(p.isupper() for p in pairs)
+    for q in range(8):
+        question = text[600 - 8 * 9 + 9 * q:][:9]
+        assert question[:1] == b"?" and question[8:9] == b";" and question[1:8] in pairs
+        assert mask[600 - 8 * 9 + 9 * q:][:9].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 0]
+    with pytest.raises(ValueError, match=r"\[2, 26\] for capital keys"):
+        make_qa_example(0, 600, 200, key_len=2, key_symbols=27, key_capitals=True)
+
+
 def test_loss_only_on_answer_bytes():
     """The targets of a batch: the next byte where it is an answer byte, IGNORE_INDEX (no loss) everywhere else."""
     args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10,
-                             "separator": True})
+                             "separator": True, "key_capitals": False})
     examples = rt.examples_at((0, 0, 5), 2, 176, 64, args)
     ids, targets, n = rt.batch_tensors(examples, "cpu")
     mask = torch.as_tensor(np.stack([e[1] for e in examples])).bool()
@@ -79,7 +95,7 @@ def test_loss_only_on_answer_bytes():
 
 def test_heldout_set_is_fixed_and_apart_from_training():
     args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10,
-                             "separator": True})
+                             "separator": True, "key_capitals": False})
     a = rt.examples_at((7, 1), 3, 176, 64, args)
     b = rt.examples_at((7, 1), 3, 176, 64, args)
     train = [e for step in range(3) for e in rt.examples_at((7, 0, step), 2, 176, 64, args)]
@@ -168,6 +184,7 @@ def test_short_batch_keeps_the_tokens_per_step_while_examples_grow():
     (["--short-batch", "16"], "error: --short-batch 16 needs --curriculum and must be >= --batch 8"),
     (["--value-len", "0"], "error: --value-len must be > 0"),
     (["--key-symbols", "300"], "error: --key-symbols 300 must lie in [2, 128]"),
+    (["--key-symbols", "30", "--key-capitals"], "error: --key-symbols 30 must be <= 26 with --key-capitals"),
     (["--chunk", "100"], "error: --page-size 64 must be a power of two >= 16 dividing --chunk 100"),
     (["--key-len", "1", "--pairs", "64"], "error: --key-len 1 must lie in [1, 8] and allow --pairs 64 distinct keys"),
 ])
