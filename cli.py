@@ -169,8 +169,8 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     chunk.add_argument("--attn-kernel", default="triton", choices=["triton", "sdpa"],
                        help="the chunked path's attention kernel: triton (kernels/paged_attention.py), or sdpa: each "
                             "dense part's pages gathered, then PyTorch's fused op (cuDNN on CUDA; kernels/"
-                            "gather_sdpa.py), Triton for sparse and document-masked parts; 1.42x faster for the 7B "
-                            "128K step on an H200 (bench/RESULTS.md) (default: %(default)s)")
+                            "gather_sdpa.py), Triton for sparse and document-masked parts; the 7B 128K step in 44 s on "
+                            "an H200, Triton's 52-63 s (bench/RESULTS.md) (default: %(default)s)")
     chunk.add_argument("--budget", type=int, default=None,
                        help="sparse attention: history tokens per query block (sink, recent and top-scoring pages), "
                             "a multiple of --page-size (default: 4096)")

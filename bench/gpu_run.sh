@@ -10,8 +10,9 @@
 #   exact         chunked bf16 gradients vs an fp32 full-sequence reference, head_dim 64 and 128             90 s
 #   kernel        paged attention vs SDPA (cuDNN), Qwen2.5-7B heads, 16K/64K, fwd and fwd+bwd                 120 s
 #   kernel-sdpa   issue #18: the Triton paged kernel vs the gather + cuDNN / flash candidate (kernels/gather_sdpa.py),
-#                 its tests on the GPU first, then 28/4 heads x 128 at 16K/64K and 14/2 x 64 at 64K, chunk 4096   300 s
+#                 its tests on the GPU first, then 28/4 heads x 128 at 16K/64K/256K and 14/2 x 64 at 64K, chunk 4096  360 s
 #   step-7b       Qwen2.5-7B at 16K and 32K: chunked vs model.py's full sequence + checkpointing            140 s
+#   step-7b-sdpa  the same with --attn-kernel sdpa, then its dense 128K point (one warm-up step)               340 s
 #   step-7b-128k  Qwen2.5-7B at 128K, dense and sparse, pages on the GPU                                    170 s
 #   offload-7b-1m Qwen2.5-7B, one whole sparse step at 1M tokens, pages in pinned host memory               360 s
 #   train-1m      python train.py --seq 1000000 --steps 6 (the README's front door, a few steps)           200 s
@@ -99,21 +100,18 @@ PYEOF
 }
 export -f pack_bench
 export PY
-# the retrieval experiment (bench/RESULTS.md, "Long-range retrieval"): a 2-layer, hidden-256 model from scratch, 64
-# one-byte keys (of 128 non-ASCII bytes), each followed by its one-capital answer ("#kV;": the textbook induction
-# pattern), 16 of them asked (fewer questions than
-# pairs: when all are asked, elimination alone reaches a loss of ln(n!)/n, the plateau of the first H200 table run,
-# whose flags were --key-len 1 --pairs 10 --questions 10 with these); 128 short examples per step while the distance
-# is held at 512 (up to 70% of the steps, until the exact match there reaches 0.95), then the distance grows to 32768
-# over 20% of the steps with as many tokens per step (down to 16
-# examples); chunks of 512, so every asked pair sits in an earlier chunk than its question (detached never gets a
-# gradient from question to pair). The three modes run side by side: on the H200 each leaves the GPU mostly idle.
-# Not yet run with --key-symbols 128 --no-separator --pairs 64 --questions 16: calibrate at --distance 512 first
-# (retrieval-calib), with and without --no-separator.
-RETR_ARGS=${RETR_ARGS:---model small --layers 2 --hidden 256 --key-len 1 --key-symbols 128 --value-len 1 \
---no-separator --pairs 64 --questions 16 --distance 32768 --curriculum 512 --curriculum-hold 0.7 --hold-until 0.95 \
---curriculum-frac 0.9 --steps 1350 --batch 16 --short-batch 128 --chunk 512 --lr 1e-3 --warmup 100 --eval-every 100 \
---eval-examples 32 --time-budget 470}
+# the retrieval experiment (bench/RESULTS.md, "Long-range retrieval" and the eleventh session's section): a 2-layer,
+# hidden-256 model from scratch; 16 pairs "#" + 3-capital key + 4-capital value + ";" (no "="), 8 of them asked (with
+# all asked, eliminating values already answered is a shortcut); 128 short examples per step while the distance is
+# held at 512 (up to 50% of the steps, until the exact match there reaches 0.9), then the distance grows to 32768 by
+# 85% of the steps with as many tokens per step (down to 16 examples); chunks of 512, so every asked pair sits in an
+# earlier chunk than its question (detached never gets a gradient from question to pair). The three modes run side
+# by side: on the H200 each leaves the GPU mostly idle. The schedule is the eleventh session's table run; capital
+# keys (--key-capitals) are new since: with 1-byte non-ASCII keys only the values' later bytes were learned.
+RETR_ARGS=${RETR_ARGS:---model small --layers 2 --hidden 256 --key-len 3 --key-symbols 26 --key-capitals \
+--no-separator --value-len 4 --pairs 16 --questions 8 --distance 32768 --curriculum 512 --curriculum-hold 0.5 \
+--hold-until 0.9 --curriculum-frac 0.85 --steps 1350 --batch 16 --short-batch 128 --chunk 512 --lr 1e-3 --warmup 100 \
+--eval-every 100 --eval-examples 32 --time-budget 470}
 RETR_MODES=${RETR_MODES:-dense sparse detached}
 export RETR_ARGS RETR_MODES
 # side_by_side DIR 'NAME FLAGS;NAME FLAGS;...': retrieval_train.py runs at once on the one GPU (each leaves it mostly
@@ -162,13 +160,19 @@ for name in "$@"; do
             --kv-heads 4 --head-dim 128 --warmup 1 --repeats 5 --time-budget 110 ;;
     kernel-sdpa)
         stage kernel-sdpa-tests 60 "$PY" -m pytest -q tests/test_gather_sdpa.py
-        stage kernel-sdpa 180 "$PY" bench.py kernel --lengths 16384,65536 --page-size 64 --chunk 4096 --heads 28 \
-            --kv-heads 4 --head-dim 128 --kernels triton,sdpa,sdpa-flash --warmup 1 --repeats 5 --time-budget 170
+        stage kernel-sdpa 240 "$PY" bench.py kernel --lengths 16384,65536,262144 --page-size 64 --chunk 4096 \
+            --heads 28 --kv-heads 4 --head-dim 128 --kernels triton,sdpa,sdpa-flash --warmup 1 --repeats 5 \
+            --time-budget 230
         stage kernel-sdpa-d64 60 "$PY" bench.py kernel --lengths 65536 --page-size 64 --chunk 4096 --heads 14 \
             --kv-heads 2 --head-dim 64 --kernels triton,sdpa,sdpa-flash --warmup 1 --repeats 5 --time-budget 55 ;;
     step-7b)  # 8192-token chunks and 4 GiB of kept stage-1 outputs: the settings of the README's 16K row
         stage step-7b 140 "${STEP7B[@]}" --lengths 16384,32768 --chunk 8192 --output-cache 4 --warmup 1 --repeats 2 \
             --point-budget 20 --time-budget 130 ;;
+    step-7b-sdpa)  # step-7b and step-7b-128k's dense point with --attn-kernel sdpa (issue #18), warmed up
+        stage step-7b-sdpa 140 "${STEP7B[@]}" --lengths 16384,32768 --chunk 8192 --output-cache 4 --attn-kernel sdpa \
+            --warmup 1 --repeats 2 --point-budget 20 --time-budget 130
+        stage step-7b-128k-sdpa 200 "${STEP7B[@]}" --lengths 131072 --chunk 8192 --stores paged --attn-kernel sdpa \
+            --warmup 1 --repeats 1 --no-baseline ;;
     step-7b-128k)
         stage step-7b-128k 170 "${STEP7B[@]}" --lengths 131072 --chunk 8192 --stores paged,sparse --budget 4096 \
             --warmup 0 --repeats 1 --no-baseline ;;
