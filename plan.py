@@ -76,6 +76,11 @@ OUTPUT_CACHE_SHARE = 0.5
 # PCIe, so once per chunk (the largest power of two <= --chunk) moves ~5x fewer pages (bench/RESULTS.md).
 DEFAULT_Q_BLOCK = 128
 OUTPUT_CACHE = "attention outputs kept for stage 2"
+# --attn-kernel sdpa (kernels/gather_sdpa.py) at its largest call: per history token of the part, K and V gathered
+# into contiguous tensors and, in the backward, their gradients, in the compute dtype, plus one fp32 copy at a time
+# for the pages' index_add; per query of the chunk, the calls' fp32 outputs and their merge (or dq and its terms).
+SDPA_KV_COMPUTE_COPIES, SDPA_KV_FP32_COPIES, SDPA_Q_FP32_COPIES = 4, 1, 4
+SDPA_TEMPORARIES = "attention kernel temporaries (--attn-kernel sdpa)"
 
 
 @dataclass
@@ -240,6 +245,14 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
         else:
             _add(plan, "device", "sparse index (page summaries, selections)", summaries + selections + tables,
                  args.seq)
+    if getattr(args, "attn_kernel", "triton") == "sdpa" and not args.sparse:  # sparse parts go to Triton
+        kv = args.batch * cfg.num_key_value_heads * cfg.head_dim * (SDPA_KV_COMPUTE_COPIES * compute_bytes
+                                                                    + SDPA_KV_FP32_COPIES * FP32)
+        q = args.batch * args.chunk * cfg.num_attention_heads * cfg.head_dim * SDPA_Q_FP32_COPIES * FP32
+        if offload:  # a part is at most what the page cache holds
+            plan.device[SDPA_TEMPORARIES] = kv * min(args.seq, args.cache_tokens + args.chunk) + q
+        else:  # the last chunk's part: the whole sequence
+            _add(plan, "device", SDPA_TEMPORARIES, kv * args.seq + q, args.seq)
     if not offload:
         _add(plan, "device", "KV/dKV page pool", pool_per_token * args.seq, args.seq)
         return plan

@@ -55,6 +55,27 @@ def test_plan_matches_the_pool_and_parameter_sizes():
     assert planner.parts(cfg, args, offload=True).host_per_token == 28 * 4 * 128 * 2 * (2 + 2) == 114_688
 
 
+def test_sdpa_kernel_temporaries_are_planned():
+    """--attn-kernel sdpa gathers a dense part's K/V (the whole history on the GPU pool; at most the page cache and
+    the chunk offloaded) and keeps fp32 outputs per query; sparse parts go to Triton, so nothing is added there.
+    The 7B at 128K, chunk 8192, bf16: 1.18 GiB planned (measured on the H200: 1.53 GiB above the Triton step)."""
+    argv = ("--model", "qwen2.5-7b", "--seq", "131072", "--chunk", "8192", "--dtype", "bfloat16", "--attn", "dense")
+    cfg = preset("qwen2.5-7b")
+    triton = planner.parts(cfg, settings(*argv))
+    args = settings(*argv, "--attn-kernel", "sdpa")
+    plan = planner.parts(cfg, args)
+    per_token = 4 * 128 * (4 * 2 + 4)  # kv heads x head dim x (4 bf16 copies + 1 fp32)
+    per_query = 28 * 128 * 4 * 4
+    assert plan.device[planner.SDPA_TEMPORARIES] == per_token * 131072 + per_query * 8192
+    assert plan.device_per_token == triton.device_per_token + math.ceil(plan.device[planner.SDPA_TEMPORARIES] / 131072)
+    assert planner.SDPA_TEMPORARIES not in triton.device
+    offloaded = planner.parts(cfg, args, offload=True)  # not growing: a part is at most cache + chunk
+    assert offloaded.device[planner.SDPA_TEMPORARIES] == per_token * (65536 + 8192) + per_query * 8192
+    assert planner.SDPA_TEMPORARIES not in offloaded.growing
+    args.sparse = True
+    assert planner.SDPA_TEMPORARIES not in planner.parts(cfg, args).device
+
+
 def test_optimizer_state_is_what_torch_keeps():
     """The plan's optimizer bytes against AdamW's and Adafactor's real state after one step."""
     cfg = preset("tiny")
