@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from attention import Part, SDPAKernel
-from bench_lib import (build_model, free_memory, full_sequence_step, over_budget, r, random_tokens, run_point,
-                       timed)
+from bench_lib import (build_model, free_memory, full_sequence_step, over_budget, profile_once, r, random_tokens,
+                       run_point, timed)
 from chunk_train import chunked_step
 from data import TokenData
 from kernels.paged_attention import paged_attention_forward, softmax_delta
@@ -188,7 +188,10 @@ def bench_kernel(args, device, rec):
                         o, lse = kernel.forward(qc, part)
                         return kernel.backward(doc, qc, lse, softmax_delta(doc, o), part)
 
-                    return dict(out, **time_fwd_bwd(fwd, fwd_bwd, flops))
+                    out.update(time_fwd_bwd(fwd, fwd_bwd, flops))
+                    if args.profile and device.type == "cuda":  # where a short history's fixed costs go
+                        profile_once(fwd_bwd, device, args.profile, f"{type(kernel).__name__} {config} T {T}")
+                    return out
 
                 for name in args.kernels:
                     record = dict(base, impl=KERNEL_IMPL[name], config=config, q_len=C, page_size=page_size)
