@@ -22,8 +22,9 @@ A kernel is an object with
     forward(q, part, scale, out=None, merge=False) -> (o, lse)
         o [B, C, H, D], lse [B, H, C] fp32 (natural log); out=(o fp32, lse): write there, and with merge=True
         combine with what they hold (the earlier parts) by log-sum-exp
-    backward(do, q, lse, delta, part, scale, dq=None) -> dq
-        adds this part's dK/dV into part.dk_pages/dv_pages; dq: an fp32 tensor to accumulate into (+=) or None
+    backward(do, q, lse, delta, part, scale, dq=None, o=None) -> dq
+        adds this part's dK/dV into part.dk_pages/dv_pages; dq: an fp32 tensor to accumulate into (+=) or None;
+        o: the whole (merged) output delta = rowsum(dO * o) came from, for kernels that form delta themselves
 `TritonKernel` (kernels/paged_attention.py) and `ReferenceKernel` (plain fp32 PyTorch over the same pages,
 kernels/paged_reference.py); default_kernel picks Triton for CUDA tensors or under TRITON_INTERPRET=1, the
 reference for CPU tensors otherwise (the chunked step on a laptop). `SDPAKernel` (kernels/gather_sdpa.py, issue
@@ -85,7 +86,7 @@ class TritonKernel:
                                        kv_len=part.kv_len, out=out, merge=merge, q_block=part.q_block,
                                        doc_start=part.doc_start)
 
-    def backward(self, do, q, lse, delta, part, scale=None, dq=None):
+    def backward(self, do, q, lse, delta, part, scale=None, dq=None, o=None):  # o: not needed, delta is given
         return paged_attention_backward(do, q, None, lse, part.k_pages, part.v_pages, part.table, part.q_start,
                                         part.dk_pages, part.dv_pages, scale, kv_len=part.kv_len, delta=delta, dq=dq,
                                         q_block=part.q_block, doc_start=part.doc_start)
@@ -110,7 +111,7 @@ class ReferenceKernel:
         out[1].copy_(lse)
         return out
 
-    def backward(self, do, q, lse, delta, part, scale=None, dq=None):
+    def backward(self, do, q, lse, delta, part, scale=None, dq=None, o=None):  # o: not needed, delta is given
         grad = paged_attention_reference_backward(do, q, lse, delta, part.k_pages, part.v_pages, part.table,
                                                   part.q_start, part.dk_pages, part.dv_pages, scale,
                                                   kv_len=part.kv_len, q_block=part.q_block,
@@ -129,8 +130,8 @@ ATTN_KERNELS = ("triton", "sdpa")  # train.py / bench.py step --attn-kernel
 
 def named_kernel(name, device):
     """--attn-kernel's kernel: "triton", the default above; "sdpa", SDPAKernel for the dense parts (pages gathered,
-    then cuDNN on CUDA: the 7B step at 128K in 44 s on an H200, Triton's 52-63 s; bench/RESULTS.md) with the default kernel for
-    the parts it does not take (sparse tables, document masks, fp32 on CUDA)."""
+    then cuDNN on CUDA: the 7B step at 128K in 44 s on an H200, Triton's 52-63 s; bench/RESULTS.md) with the
+    default kernel for the parts it does not take (sparse tables, document masks, fp32 on CUDA)."""
     if name not in ATTN_KERNELS:
         raise ValueError(f"attention kernel must be one of {', '.join(ATTN_KERNELS)}, got {name!r}")
     return default_kernel(device) if name == "triton" else SDPAKernel(fallback=default_kernel(device))
@@ -189,7 +190,7 @@ class _Attention(torch.autograd.Function):
         for j, part in enumerate(ctx.history.parts(q, k, v, backward=True)):
             if j == 0 and not part.last:  # parts accumulate into an fp32 dq
                 dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            dq = ctx.kernel.backward(do, q, lse, delta, part, ctx.scale, dq=dq)
+            dq = ctx.kernel.backward(do, q, lse, delta, part, ctx.scale, dq=dq, o=o)
             if part.holds_chunk:  # now holding what later chunks added for the chunk's pages + its own share
                 dk = _chunk_rows(part.dk_pages, part, q.shape[1]).to(ctx.kv_dtypes[0])
                 dv = _chunk_rows(part.dv_pages, part, q.shape[1]).to(ctx.kv_dtypes[1])

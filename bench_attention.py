@@ -168,7 +168,7 @@ def bench_kernel(args, device, rec):
 
                 def kernel_body(kernel):
                     """A kernel object of attention.py (SDPAKernel) through its interface, as attend calls it:
-                    forward(q, part) -> (o, lse); backward(do, q, lse, delta, part) with delta = rowsum(dO * O).
+                    forward(q, part) -> (o, lse); backward(do, q, lse, delta, part, o=o) with delta = rowsum(dO * O).
                     Each call gathers the part's pages itself: the gather is in the times."""
                     part = Part(k_pages, v_pages, dk_pages, dv_pages, table, q_start)
                     out = {}
@@ -177,7 +177,7 @@ def bench_kernel(args, device, rec):
                         out["o_rel_err"] = r(rel_err(o, ref["o"][:, q_start:]), 6)
                         if config == "full" and "dq" in ref:
                             dk_pages.zero_(), dv_pages.zero_()
-                            dq = kernel.backward(doc, qc, lse, softmax_delta(doc, o), part)
+                            dq = kernel.backward(doc, qc, lse, softmax_delta(doc, o), part, o=o)
                             out.update(grad_errs(dq, dk_pages, dv_pages, table))
                         del o, lse
 
@@ -186,7 +186,7 @@ def bench_kernel(args, device, rec):
 
                     def fwd_bwd():
                         o, lse = kernel.forward(qc, part)
-                        return kernel.backward(doc, qc, lse, softmax_delta(doc, o), part)
+                        return kernel.backward(doc, qc, lse, softmax_delta(doc, o), part, o=o)
 
                     out.update(time_fwd_bwd(fwd, fwd_bwd, flops))
                     if args.profile and device.type == "cuda":  # where a short history's fixed costs go

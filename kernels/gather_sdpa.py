@@ -19,11 +19,12 @@ mask) the queries at positions q_start..q_start+C-1 see the table's positions p 
 K/V are gathered once per call, from the pages through the table, by one index_select of the flat page rows into
 [B, kv_len, Hkv, D] (q.dtype) viewed as [B, Hkv, kv_len, D] (the [B, S, H, D] memory layout the fused ops take).
 
-Backward: each call's gradients with the ops' own backward functions, given the FINAL (merged) lse and an output
-whose delta is the merged one (see _out_for_delta): then P = exp(S - lse_final) is exactly this call's share of the
-whole softmax and dS = P * (dP - delta_final), so the partial dq, dK, dV add up to the exact gradients, the same
-identity the Triton kernels and the reference use for several parts. dK/dV are added into the pages through the
-table (index_add_ in fp32; bf16 pages: the fp32 sum rounded once, as the reference does).
+Backward: each call's gradients with the ops' own backward functions, given the FINAL (merged) lse and the merged
+output (attend passes it as o; without it, one rebuilt from delta, see _out_for_delta): then P = exp(S - lse_final)
+is exactly this call's share of the whole softmax and dS = P * (dP - delta_final), so the partial dq, dK, dV add up
+to the exact gradients, the same identity the Triton kernels and the reference use for several parts. dK/dV are
+added into the pages through the table (index_add_ in fp32; bf16 pages: the fp32 sum rounded once, as the
+reference does).
 
 Ops (torch >= 2.5; checked on 2.13 CPU, the GPU machines run 2.11):
     CPU    aten::_scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, *, attn_mask, scale)
@@ -112,9 +113,9 @@ def _merge(o1, lse1, o2, lse2):
 def _out_for_delta(do, delta):
     """An output O' [B, C, H, D] (do.dtype) with rowsum(dO * O') = delta: O' = dO * delta / |dO|^2 per row (0 where
     dO = 0, whose delta is 0). The fused backward ops read `out` only to form delta = rowsum(dO * out) themselves;
-    the kernel interface hands delta (of the merged output, computed by attend) and not the output, so this is what
-    is passed as `out`. In fp32 exact to rounding; in bf16 O' is rounded, so the ops' delta differs from the given
-    one by ~2^-9 relative (the size of the rounding of the bf16 merged output that delta came from)."""
+    a caller that hands delta without the merged output (the kernel interface's o=None) gets this passed as `out`.
+    In fp32 exact to rounding; in bf16 O' is rounded, so the ops' delta differs from the given one by ~2^-9 relative
+    (the size of the rounding of the bf16 merged output that delta came from)."""
     d = do.float()
     n2 = d.square().sum(-1)  # [B, C, H]
     c = torch.where(n2 > 0, delta.transpose(1, 2) / n2.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
@@ -237,11 +238,11 @@ class SDPAKernel:
         out[1].copy_(lse)
         return out
 
-    def backward(self, do, q, lse, delta, part, scale=None, dq=None):
+    def backward(self, do, q, lse, delta, part, scale=None, dq=None, o=None):
         split = self._split(q, part)
         if split is None:
             self._unsupported(part, "backward")
-            return self.fallback.backward(do, q, lse, delta, part, scale, dq=dq)
+            return self.fallback.backward(do, q, lse, delta, part, scale, dq=dq, o=o)
         backend = self._backend(q)
         B, C, H, D = q.shape
         Hkv = part.k_pages.shape[2]
@@ -250,9 +251,10 @@ class SDPAKernel:
         q, do = q.contiguous(), do.to(q.dtype).contiguous()
         rows = _flat_rows(part.table, Nh + Ld, part.k_pages.shape[1])  # [B, Nh + Ld], as in the forward
         k, v = _gather(part.k_pages, rows, q.dtype), _gather(part.v_pages, rows, q.dtype)
-        # `out` for the ops: delta is the merged output's, lse the merged lse, so each call's P is its share of
-        # the whole softmax and dS = P * (dP - delta) its exact share of dS (see _out_for_delta)
-        o = _out_for_delta(do, delta)
+        # `out` for the ops, which form delta = rowsum(dO * out) themselves: the merged output (attend passes it),
+        # or one rebuilt from delta (_out_for_delta); with the merged lse, each call's P is its share of the whole
+        # softmax and dS = P * (dP - delta) its exact share of dS
+        o = _out_for_delta(do, delta) if o is None else o.to(q.dtype).contiguous()
         grad = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dq is None else dq
         lse = lse.float()
         if Nh:

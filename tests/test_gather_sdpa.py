@@ -29,8 +29,9 @@ def part_of(p, grads, kv_len=None, q_start=None, holds_chunk=True, last=True):
                 p["q_start"] if q_start is None else q_start, kv_len, holds_chunk=holds_chunk, last=last)
 
 
-def run(kernel, q, do, parts):
-    """attend's steps over `parts` with `kernel`: (o, lse, dq, [(dk_pages, dv_pages) per part])."""
+def run(kernel, q, do, parts, pass_o=False):
+    """attend's steps over `parts` with `kernel`: (o, lse, dq, [(dk_pages, dv_pages) per part]). pass_o: the
+    backward also gets the merged output (as attend passes it), else only delta."""
     if len(parts) == 1:
         o, lse = kernel.forward(q, parts[0])
         dq = None
@@ -43,15 +44,15 @@ def run(kernel, q, do, parts):
     o = o.to(q.dtype)
     delta = softmax_delta(do, o)
     for part in parts:
-        dq = kernel.backward(do, q, lse, delta, part, dq=dq)
+        dq = kernel.backward(do, q, lse, delta, part, dq=dq, o=o if pass_o else None)
     return o, lse, dq, [(part.dk_pages, part.dv_pages) for part in parts]
 
 
-def compare(p, dtype, backend, make_parts):
+def compare(p, dtype, backend, make_parts, pass_o):
     """SDPAKernel vs ReferenceKernel on fresh parts from make_parts(): o, lse, dq and every part's dK/dV pages at
     the positions the problem holds (the rest: NaN-poisoned K/V slots, their gradient pages left untouched)."""
     ref = run(REF, p["q"], p["do"], make_parts())
-    got = run(SDPAKernel(backend), p["q"], p["do"], make_parts())
+    got = run(SDPAKernel(backend), p["q"], p["do"], make_parts(), pass_o)
     assert got[0].dtype == p["q"].dtype and got[2].dtype == ref[2].dtype
     for what, a, b in (("o", got[0], ref[0]), ("lse", got[1], ref[1]), ("dq", got[2], ref[2])):
         assert_close(a, b, dtype, what)
@@ -69,14 +70,17 @@ def compare(p, dtype, backend, make_parts):
     (2, 16, 24, 4, 2, 16, 8, False),  # history + diagonal, GQA ratio 2
     (1, 12, 20, 6, 2, 32, 8, True),   # ratio 3, head_dim 32, partial pages, kv_len = q_start + C given
 ])
-def test_one_part_matches_reference(backend, dtype, B, C, hist, H, Hkv, D, page, explicit_kv_len):
+@pytest.mark.parametrize("pass_o", [True, False], ids=["o", "delta-only"])
+def test_one_part_matches_reference(backend, dtype, B, C, hist, H, Hkv, D, page, explicit_kv_len, pass_o):
     p = make_problem(B, C, hist, H, Hkv, D, page, dtype, seed=B * 1000 + hist * 10 + H)
-    compare(p, dtype, backend, lambda: [part_of(p, p["prefill"], kv_len=hist + C if explicit_kv_len else None)])
+    compare(p, dtype, backend, lambda: [part_of(p, p["prefill"], kv_len=hist + C if explicit_kv_len else None)],
+            pass_o)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_history_only_parts_merged_match_reference(backend, dtype):
+@pytest.mark.parametrize("pass_o", [True, False], ids=["o", "delta-only"])
+def test_history_only_parts_merged_match_reference(backend, dtype, pass_o):
     """The offloaded store's shape of a call: a history-only part (kv_len <= q_start: all visible, no diagonal)
     then the part holding the chunk, merged by out/merge, each backward with the merged lse and delta. The first
     part reads the first 20 positions of the same table as if the queries sat at 28 (kv_len < q_start); the second
@@ -87,7 +91,7 @@ def test_history_only_parts_merged_match_reference(backend, dtype):
     def parts():
         return [part_of(p, p["prefill"], kv_len=hist, q_start=hist + 8, holds_chunk=False, last=False),
                 part_of(p, p["prefill"])]
-    compare(p, dtype, backend, parts)
+    compare(p, dtype, backend, parts, pass_o)
 
 
 def test_unsupported_parts_raise_or_fall_back():
