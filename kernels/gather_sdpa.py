@@ -102,12 +102,14 @@ def _repeat_heads(t, G):
 
 
 def _merge(o1, lse1, o2, lse2):
-    """Two partial attentions (o [B, C, H, D] fp32, lse [B, H, C]) over disjoint keys -> their union's, by
-    log-sum-exp (rows that see nothing in both keep o = 0, lse = -inf)."""
+    """Two partial attentions (o [B, C, H, D] in any dtype and strides, lse [B, H, C] fp32) over disjoint keys ->
+    their union's (o fp32, contiguous), by log-sum-exp (rows that see nothing in both keep o = 0, lse = -inf).
+    Written into one fp32 tensor (the products promote bf16 in place of an fp32 copy of each input)."""
     lse = torch.logaddexp(lse1, lse2)
     shift = lse.masked_fill(lse == float("-inf"), 0.0)
     w1, w2 = (torch.exp(x - shift).transpose(1, 2)[..., None] for x in (lse1, lse2))  # [B, C, H, 1]
-    return o1 * w1 + o2 * w2, lse
+    o = torch.mul(o1, w1, out=torch.empty(o1.shape, dtype=torch.float32, device=o1.device))
+    return o.addcmul_(o2, w2), lse
 
 
 def _out_for_delta(do, delta):
@@ -218,22 +220,22 @@ class SDPAKernel:
         Nh, Ld = split  # Ld > 0 only where Nh = q_start: the keys are positions 0..Nh+Ld-1 of the table
         rows = _flat_rows(part.table, Nh + Ld, part.k_pages.shape[1])  # [B, Nh + Ld]
         k, v = _gather(part.k_pages, rows, q.dtype), _gather(part.v_pages, rows, q.dtype)  # [B, Hkv, Nh + Ld, D]
-        o = lse = None
+        o = lse = None  # o: a [B, C, H, D] view of a call's output (q.dtype), or the two calls merged (fp32)
         if Nh:  # every query sees keys 0..Nh-1: one unmasked call, the groups folded into the query length
             oh, lh = _sdpa_forward(backend, _fold(q, Hkv), k[:, :, :Nh], v[:, :, :Nh], False, scale)
-            o, lse = _unfold(oh, C).float(), lh.reshape(B, H, C)  # [B, Hkv, G*C] is [B, H, C] row for row
+            o, lse = _unfold(oh, C), lh.reshape(B, H, C).float()  # [B, Hkv, G*C] is [B, H, C] row for row
         if Ld:  # the chunk's own C keys: a square top-left causal call, K/V repeated over each group
             kd, vd = (_repeat_heads(t[:, :, Nh:], H // Hkv) for t in (k, v))  # [B, H, C, D]
             od, ld = _sdpa_forward(backend, q.transpose(1, 2), kd, vd, True, scale)
-            od, ld = od.transpose(1, 2).float(), ld.float()  # [B, C, H, D], [B, H, C]
+            od, ld = od.transpose(1, 2), ld.float()  # [B, C, H, D], [B, H, C]
             o, lse = (od, ld) if o is None else _merge(o, lse, od, ld)
         if o is None:  # a part of no keys
             o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             lse = torch.full((B, H, C), float("-inf"), dtype=torch.float32, device=q.device)
         if out is None:
-            return o.to(q.dtype), lse
+            return o.to(q.dtype).contiguous(), lse
         if merge:
-            o, lse = _merge(out[0].float(), out[1], o, lse)
+            o, lse = _merge(out[0], out[1], o, lse)
         out[0].copy_(o)
         out[1].copy_(lse)
         return out
@@ -270,6 +272,7 @@ class SDPAKernel:
                                         lse, True, scale)
             grad.add_(gq.transpose(1, 2))
             own = rows[:, Nh:]  # [B, C]
-            _add_rows(part.dk_pages, own, gk.float().reshape(B, Hkv, G, C, D).sum(2))  # the group's heads summed
-            _add_rows(part.dv_pages, own, gv.float().reshape(B, Hkv, G, C, D).sum(2))
+            # the group's heads summed, in fp32 without an fp32 copy of each
+            _add_rows(part.dk_pages, own, gk.reshape(B, Hkv, G, C, D).sum(2, dtype=torch.float32))
+            _add_rows(part.dv_pages, own, gv.reshape(B, Hkv, G, C, D).sum(2, dtype=torch.float32))
         return grad.to(q.dtype) if dq is None else dq
