@@ -72,8 +72,13 @@ def test_sdpa_kernel_temporaries_are_planned():
     offloaded = planner.parts(cfg, args, offload=True)  # not growing: a part is at most cache + chunk
     assert offloaded.device[planner.SDPA_TEMPORARIES] == per_token * (65536 + 8192) + per_query * 8192
     assert planner.SDPA_TEMPORARIES not in offloaded.growing
-    args.sparse = True
+    gpu = planner.Memory(device=140 * GIB, host=120 * GIB, on_gpu=True)
+    text = "\n".join(planner.describe(planner.plan_run(cfg, args, gpu), gpu, args))
+    assert "attention kernel: sdpa (gather + fused SDPA) for dense parts" in text, text
+    args.sparse = True  # every part sparse: the plan adds nothing and says sdpa has no effect
     assert planner.SDPA_TEMPORARIES not in planner.parts(cfg, args).device
+    text = "\n".join(planner.describe(planner.plan_run(cfg, args, gpu), gpu, args))
+    assert "attention kernel: the default for every part" in text, text
 
 
 def test_optimizer_state_is_what_torch_keeps():
