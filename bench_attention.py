@@ -8,7 +8,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from attention import Part, SDPAKernel
+from attention import Part, SDPAKernel, named_kernel
 from bench_lib import (build_model, free_memory, full_sequence_step, over_budget, profile_once, r, random_tokens,
                        run_point, timed)
 from chunk_train import chunked_step
@@ -232,9 +232,11 @@ def _check_exact_one(args, device, rec, name, page_size):
 
     B, T, bf16 = args.batch, args.seq, torch.bfloat16
 
-    def offloaded(grad_dtype):
+    def offloaded(grad_dtype, kernel=None):
         return OffloadedKVStore.for_sequence(model, B, T, page_size, bf16, device, cache_tokens=max(args.chunk, 8192),
-                                             grad_dtype=grad_dtype)
+                                             grad_dtype=grad_dtype, kernel=kernel)
+
+    sdpa = named_kernel("sdpa", device)
 
     variants = {
         "full_fp32": lambda: full_sequence_step(model, idx, tgt, torch.float32),  # the reference
@@ -246,6 +248,11 @@ def _check_exact_one(args, device, rec, name, page_size):
                                              store=offloaded(torch.float32)),
         "offload_bf16_grad_pages_bf16": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, bf16,
                                                              store=offloaded(bf16)),
+        # --attn-kernel sdpa (kernels/gather_sdpa.py): pages on the device, then offloaded
+        "chunked_bf16_sdpa": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, bf16, store=PagedKVStore.
+                                                  for_sequence(model, B, T, page_size, bf16, device, kernel=sdpa)),
+        "offload_bf16_sdpa": lambda: chunked_step(model, idx, tgt, args.chunk, page_size, bf16,
+                                                  store=offloaded(torch.float32, sdpa)),
     }
     ref_grads, ref_loss, errs = None, None, {}
     base = dict(mode="exact", model=name, head_dim=cfg.head_dim, batch=args.batch, length=args.seq,

@@ -7,7 +7,8 @@
 # call of 10 minutes: e.g. `tests step-7b train-1m fidelity`, then `step-7b-128k offload-7b-1m`, then `kernel exact
 # train`):
 #   tests         versions, then the GPU-relevant tests, 8 processes (compiled kernels vs references)      150 s
-#   exact         chunked bf16 gradients vs an fp32 full-sequence reference, head_dim 64 and 128             90 s
+#   exact         chunked bf16 gradients vs an fp32 full-sequence reference, head_dim 64 and 128, Triton and
+#                 --attn-kernel sdpa, pages on the GPU and offloaded                                         120 s
 #   kernel        paged attention vs SDPA (cuDNN), Qwen2.5-7B heads, 16K/64K, fwd and fwd+bwd                 120 s
 #   kernel-sdpa   issue #18: the Triton paged kernel vs the gather + cuDNN / flash candidate (kernels/gather_sdpa.py),
 #                 its tests on the GPU first, then 28/4 heads x 128 at 16K/64K/256K and 14/2 x 64 at 64K, chunk 4096,
@@ -154,8 +155,8 @@ for name in "$@"; do
             rc=\$?; \
             tail -15 '$OUT/pytest.txt'; exit \$rc" ;;
     exact)
-        stage exact 90 "$PY" bench.py exact --model small,small-d128 --seq 4096 --chunk 1024 --page-size 64 \
-            --time-budget 80 ;;
+        stage exact 120 "$PY" bench.py exact --model small,small-d128 --seq 4096 --chunk 1024 --page-size 64 \
+            --time-budget 110 ;;
     kernel)
         stage kernel 120 "$PY" bench.py kernel --lengths 16384,65536 --page-size 64 --chunk 4096 --heads 28 \
             --kv-heads 4 --head-dim 128 --warmup 1 --repeats 5 --time-budget 110 ;;
