@@ -69,7 +69,7 @@ class LseMerge:
     def forward(self, o, lse):
         """o [B, C, H, D] (this rank's parts), lse [B, H, C] fp32 (-inf: nothing visible) -> the merged (o fp32,
         lse), the same on every rank."""
-        m = lse.clone()
+        m = lse.clone(memory_format=torch.contiguous_format)  # all_reduce pairs elements in memory order
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
         shift = m.masked_fill(m == float("-inf"), 0.0)  # rows no rank sees anything of: weights exp(-inf) = 0
         w = torch.exp(lse - shift)  # [B, H, C]

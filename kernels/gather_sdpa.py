@@ -138,7 +138,9 @@ def _sdpa_forward(backend, q, k, v, causal, scale):
         o, lse = ATEN._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
     else:
         raise ValueError(f"unknown backend {backend!r}")
-    return o, lse.reshape(B, H, -1)[..., :L]  # cuDNN: [B, H, L, 1]; slicing guards a padded lse
+    # cuDNN: [B, H, L, 1]; slicing guards a padded lse; the CPU op's may be laid out [B, L, H]: made contiguous, as
+    # the interface's lse is (a cross-rank all_reduce pairs elements in memory order)
+    return o, lse.reshape(B, H, -1)[..., :L].contiguous()
 
 
 def _sdpa_backward(backend, do, q, k, v, o, lse, causal, scale):

@@ -217,9 +217,9 @@ def check_data_parallel(rank):
 
 def check_context_parallel():
     """The history sharded over both processes (chunks round-robin: 4 chunks of 32 tokens, 3 of them history), one
-    process's loss and gradients; also with packed documents, and clear_grad (detach_history) where only the
-    owner holds the pages."""
-    from attention import ReferenceKernel
+    process's loss and gradients; also with packed documents, clear_grad (detach_history) where only the owner
+    holds the pages, and through --attn-kernel sdpa's kernel (each rank's parts, then the merge across ranks)."""
+    from attention import ReferenceKernel, SDPAKernel
     from chunk_train import chunked_step
     from context_parallel import ShardedKVStore
     from paged_kv import PagedKVStore
@@ -229,18 +229,31 @@ def check_context_parallel():
     pos = torch.arange(112)
     docs = torch.stack([torch.where(pos >= 70, 70, torch.where(pos >= 20, 20, 0)), torch.where(pos >= 40, 40, 0)])
     out = {}
-    for variant, doc_start, detach in (("", None, False), ("detached ", None, True), ("documents ", docs, False)):
+    for variant, doc_start, detach, kernel in (("", None, False, ReferenceKernel()),
+                                               ("detached ", None, True, ReferenceKernel()),
+                                               ("documents ", docs, False, ReferenceKernel()),
+                                               ("sdpa ", None, False, SDPAKernel(fallback=ReferenceKernel()))):
         ref = tiny_model(False)
         ref_loss = chunked_step(ref, idx, targets, chunk_size=32, page_size=16, detach_history=detach,
                                 doc_start=doc_start, store=PagedKVStore.for_sequence(ref, 2, 112, 16, torch.float32,
                                                                                      "cpu", kernel=ReferenceKernel()))
         model = tiny_model(False)
-        store = ShardedKVStore.for_sequence(model, 2, 112, 32, 16, torch.float32, "cpu", kernel=ReferenceKernel())
+        store = ShardedKVStore.for_sequence(model, 2, 112, 32, 16, torch.float32, "cpu", kernel=kernel)
         assert store.inner.allocator.num_pages == 2 * 2 * 4  # 2 layers x 2 rows x 2 chunks of 2 pages: half
         loss = chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=store, detach_history=detach,
                             doc_start=doc_start)
         errs = errors(loss, ref_loss, {n: p.grad for n, p in model.named_parameters()}, ref)
         out.update({variant + name: err for name, err in errs.items()})
+    # LseMerge on an lse laid out [B, C, H] in memory on one rank only (what the CPU SDPA op returned before its
+    # lse was made contiguous): all_reduce pairs elements in memory order, so it must see the same layout
+    import torch.distributed as dist
+    from context_parallel import LseMerge
+    g = torch.Generator().manual_seed(10 + dist.get_rank())
+    o, lse = torch.randn(2, 5, 4, 8, generator=g), torch.randn(2, 4, 5, generator=g)
+    want = LseMerge().forward(o, lse)
+    strided = lse.transpose(1, 2).contiguous().transpose(1, 2) if dist.get_rank() == 0 else lse
+    got = LseMerge().forward(o, strided)
+    out["lse merge of a strided lse"] = max(relative(got[0], want[0]), relative(got[1], want[1]))
     return out
 
 
