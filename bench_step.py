@@ -78,9 +78,9 @@ def bench_step(args, device, rec):
 
     # the chunked path's attention kernel: Triton, or sdpa with Triton for the parts it does not take (sparse tables)
     kernel = named_kernel(args.attn_kernel, device)
-    base = dict(mode="step", model=args.model, attn_kernel=args.attn_kernel, batch=args.batch, chunk=args.chunk, checkpoint=args.checkpoint,
-                output_cache_gib=args.output_cache, params_dtype=args.params_dtype, params_gib=r(param_bytes / GiB),
-                grads_gib=r(grad_bytes / GiB))
+    base = dict(mode="step", model=args.model, attn_kernel=args.attn_kernel, batch=args.batch, chunk=args.chunk,
+                checkpoint=args.checkpoint, output_cache_gib=args.output_cache, params_dtype=args.params_dtype,
+                params_gib=r(param_bytes / GiB), grads_gib=r(grad_bytes / GiB))
     last_time = {}  # path -> (length, median step seconds): predicts the next point's time for --time-budget
     baseline_oom_at = None
     losses = {}  # (path, length) -> loss

@@ -420,8 +420,8 @@ def describe(plan: Plan, memory: Memory, args) -> list[str]:
         lines.append(f"  KV/dKV pages {where} (--offload {args.offload}); attention: {attention} (--attn {args.attn})")
         kernel = getattr(args, "attn_kernel", "triton")
         if kernel == "sdpa":  # say when the choice has no effect: SDPAKernel hands sparse parts to the default
-            lines.append("  attention kernel: the default for every part (--attn-kernel sdpa takes unmasked dense parts "
-                         "only)" if args.sparse else "  attention kernel: sdpa (gather + fused SDPA) for dense parts, the "
-                         "default for packed documents' masked ones (--attn-kernel sdpa)")
+            lines.append("  attention kernel: the default for every part (--attn-kernel sdpa takes unmasked dense "
+                         "parts only)" if args.sparse else "  attention kernel: sdpa (gather + fused SDPA) for dense "
+                         "parts, the default for packed documents' masked ones (--attn-kernel sdpa)")
     lines.append("FITS" if plan.fits else f"REFUSED: {plan.refusal}")
     return lines

@@ -8,8 +8,9 @@ One example of `length` bytes:
                      `-- the queried pair, `distance` bytes before the question   `-- question and answer
 
 Filler is lowercase words and spaces; each key->value pair is "#" + key + "=" + capitals + ";", the key spelled in
-digits, (key_symbols > 10) in non-ASCII bytes, or (key_capitals) in capitals. Keys are distinct, so the queried key appears exactly once before
-the question, and key symbols never occur in filler. The loss mask covers exactly the answer bytes (mask[i] = 1:
+digits, (key_symbols > 10) in non-ASCII bytes, or (key_capitals) in capitals. Keys are distinct, so the queried key
+appears once before the question as a key (capital keys may also occur inside another pair's value), and key
+symbols never occur in filler. The loss mask covers exactly the answer bytes (mask[i] = 1:
 token i is a loss target, as in tokenize_data.py), so the loss measures retrieval alone: the answer is unguessable
 without finding the key `distance` bytes back (1 in 26 per byte).
 

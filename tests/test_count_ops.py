@@ -16,7 +16,8 @@ def test_counts_the_launches_the_chunked_step_makes():
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     head = proc.stdout.splitlines()[0]
-    ops, launches = (int(x.replace(",", "")) for x in re.search(r"([\d,]+) aten ops and ([\d,]+) Triton", head).groups())
+    counts = re.search(r"([\d,]+) aten ops and ([\d,]+) Triton", head).groups()
+    ops, launches = (int(x.replace(",", "")) for x in counts)
     found = dict((name, int(n)) for n, name in re.findall(r"launch\s+(\d+)\s+(\S+)", proc.stdout))
     assert (found["_fwd_kernel"], found["_dq_kernel"], found["_dkdv_kernel"]) == (1 + 4, 4, 4), proc.stdout
     assert launches == sum(found.values()) and ops > 100, head  # the model's own ops are counted too
