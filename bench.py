@@ -140,7 +140,7 @@ def parse_args(argv=None):
     k.add_argument("--repeats", type=int, default=5)
     k.add_argument("--no-sdpa", action="store_true", help="skip SDPA (and the correctness check)")
     k.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                   help="after timing each sdpa* point, profile one more forward+backward and print the top ROWS ops")
+                   help="after timing each kernel's point, profile one more forward+backward and print the top ROWS ops")
     k.add_argument("--kernels", type=lambda t: t.split(","), default=["triton"],
                    help="paged kernels to measure, comma-separated: triton (kernels/paged_attention.py), sdpa "
                         "(kernels/gather_sdpa.py: pages gathered, then PyTorch's fused op for the device: cuDNN on "

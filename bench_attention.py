@@ -8,13 +8,12 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from attention import Part, SDPAKernel, named_kernel
+from attention import Part, SDPAKernel, TritonKernel, named_kernel
 from bench_lib import (build_model, free_memory, full_sequence_step, over_budget, profile_once, r, random_tokens,
                        run_point, timed)
 from chunk_train import chunked_step
 from data import TokenData
-from kernels.paged_attention import paged_attention_forward, softmax_delta
-from kernels.paged_attention_backward import paged_attention_backward
+from kernels.paged_attention import softmax_delta
 from kernels.paged_reference import gather_pages
 from model import Model, ModelConfig
 from offload import OffloadedKVStore
@@ -36,15 +35,17 @@ def attention_flops(batch, heads, head_dim, q_len, kv_len):
 
 FWD_BWD = 3.5  # forward+backward FLOPs / forward FLOPs (see attention_flops)
 
-# --kernels: the paged kernels measured against SDPA, and their rows' impl. triton: kernels/paged_attention.py,
-# called directly (as before --kernels); sdpa*: kernels/gather_sdpa.py's SDPAKernel (issue #18's candidate: pages
-# gathered into contiguous K/V, then PyTorch's fused ops), through the kernel interface attend uses. sdpa: the op
-# for the device (cuDNN on CUDA, the CPU flash op on a CPU); sdpa-cudnn / sdpa-flash: that CUDA op.
+# --kernels: the paged kernels measured against SDPA, each through the kernel interface attend uses, and their rows'
+# impl. triton: kernels/paged_attention.py; sdpa*: kernels/gather_sdpa.py's SDPAKernel (issue #18: pages gathered
+# into contiguous K/V, then PyTorch's fused ops). sdpa: the op for the device (cuDNN on CUDA, the CPU flash op on a
+# CPU); sdpa-cudnn / sdpa-flash: that CUDA op.
 KERNEL_IMPL = {"triton": "paged", "sdpa": "gather-sdpa", "sdpa-cudnn": "gather-cudnn", "sdpa-flash": "gather-flash"}
 
 
 def make_kernel(name):
-    """The SDPAKernel of a --kernels name (not triton)."""
+    """The kernel object of a --kernels name."""
+    if name == "triton":
+        return TritonKernel()
     return SDPAKernel({"sdpa": None, "sdpa-cudnn": "cudnn", "sdpa-flash": "flash"}[name])
 
 
@@ -143,33 +144,10 @@ def bench_kernel(args, device, rec):
                 qc, doc = q[:, q_start:].contiguous(), do[:, q_start:].contiguous()
                 flops = attention_flops(B, H, D, C, T)
 
-                def paged_body():
-                    out = {}
-                    # correctness, once: forward vs SDPA's output, and (full config) gradients vs SDPA's
-                    if "o" in ref:
-                        o, lse = paged_attention_forward(qc, k_pages, v_pages, table, q_start)
-                        out["o_rel_err"] = r(rel_err(o, ref["o"][:, q_start:]), 6)
-                        if config == "full" and "dq" in ref:
-                            dk_pages.zero_(), dv_pages.zero_()
-                            dq = paged_attention_backward(doc, qc, o, lse, k_pages, v_pages, table, q_start,
-                                                          dk_pages, dv_pages)
-                            out.update(grad_errs(dq, dk_pages, dv_pages, table))
-                        del o, lse
-
-                    def fwd():
-                        return paged_attention_forward(qc, k_pages, v_pages, table, q_start)
-
-                    def fwd_bwd():  # the backward adds into dk/dv pages; their values do not matter here
-                        o, lse = fwd()
-                        return paged_attention_backward(doc, qc, o, lse, k_pages, v_pages, table, q_start,
-                                                        dk_pages, dv_pages)
-
-                    return dict(out, **time_fwd_bwd(fwd, fwd_bwd, flops))
-
                 def kernel_body(kernel):
-                    """A kernel object of attention.py (SDPAKernel) through its interface, as attend calls it:
-                    forward(q, part) -> (o, lse); backward(do, q, lse, delta, part, o=o) with delta = rowsum(dO * O).
-                    Each call gathers the part's pages itself: the gather is in the times."""
+                    """A kernel object of attention.py through its interface, as attend calls it: forward(q, part)
+                    -> (o, lse); backward(do, q, lse, delta, part, o=o) with delta = rowsum(dO * O). SDPAKernel
+                    gathers the part's pages in each call: the gather is in the times."""
                     part = Part(k_pages, v_pages, dk_pages, dv_pages, table, q_start)
                     out = {}
                     if "o" in ref:
@@ -195,10 +173,7 @@ def bench_kernel(args, device, rec):
 
                 for name in args.kernels:
                     record = dict(base, impl=KERNEL_IMPL[name], config=config, q_len=C, page_size=page_size)
-                    if name == "triton":
-                        rec.emit(run_point(record, paged_body, device))
-                    else:
-                        rec.emit(run_point(record, lambda: kernel_body(make_kernel(name)), device))
+                    rec.emit(run_point(record, lambda: kernel_body(make_kernel(name)), device))
             del k_pages, v_pages, dk_pages, dv_pages
         del q, k, v, do, ref
         free_memory(device)
