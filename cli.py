@@ -166,7 +166,7 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                        help="dense (exact) or page-level sparse attention (sparse_attn.py: each --q-block of queries "
                             f"reads --budget history tokens + its chunk); auto: sparse when --seq > "
                             f"{SPARSE_AUTO_RATIO} x --budget (default: %(default)s)")
-    chunk.add_argument("--attn-kernel", default="triton", choices=["triton", "sdpa"],
+    chunk.add_argument("--attn-kernel", default="triton", choices=["triton", "sdpa"],  # attention.ATTN_KERNELS
                        help="the chunked path's attention kernel: triton (kernels/paged_attention.py), or sdpa: each "
                             "dense part's pages gathered, then PyTorch's fused op (cuDNN on CUDA; kernels/"
                             "gather_sdpa.py), Triton for sparse and document-masked parts; the 7B 128K step in 44 s on "

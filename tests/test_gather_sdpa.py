@@ -10,7 +10,8 @@ fused kernels, o/dq and the per-call dK/dV stored in bf16 before their fp32 sums
 import pytest
 import torch
 
-from attention import Part, ReferenceKernel, SDPAKernel, default_kernel, named_kernel
+import cli
+from attention import ATTN_KERNELS, Part, ReferenceKernel, SDPAKernel, default_kernel, named_kernel
 from chunk_train import chunked_step
 from kernels.paged_attention import softmax_delta
 from offload import OffloadedKVStore
@@ -117,6 +118,8 @@ def test_named_kernel_hands_what_sdpa_does_not_take_to_the_default():
     assert type(named_kernel("triton", DEVICE)) is type(default_kernel(DEVICE))
     with pytest.raises(ValueError, match="must be one of"):
         named_kernel("cudnn", DEVICE)
+    for name in ATTN_KERNELS:  # cli.py spells the names out (it imports no torch); every one of them parses there
+        assert cli.parse_args(["--attn-kernel", name]).attn_kernel == name
     dtypes = [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.bfloat16]
     for dtype in dtypes:
         p = make_problem(1, 16, 16, 2, 2, 16, 16, dtype, seed=4)  # the Triton fallback's pages: >= 16 tokens
