@@ -175,6 +175,7 @@ class RetrievalScore:
     exact_match: float  # fraction of answers (maximal runs of target tokens) with every token right
     n_examples: int
     n_answers: int  # make_example: one per example; make_qa_example: n_questions
+    byte_accuracy: tuple  # accuracy of each answer's k-th token (k = 0, 1, ...): which part of the copy fails
 
 
 @torch.no_grad()
@@ -223,6 +224,7 @@ def answer_accuracy(model, examples, chunk_size=4096, batch_size=1, compute_dtyp
         batches.append(examples[i:j])
         i = j
     correct = total = exact = answers = 0
+    right_at, seen_at = {}, {}  # offset within an answer -> right predictions, targets
     store, store_shape = None, None  # one store, replaced when the batch's [B, T] changes
     for batch in tqdm(batches, desc="retrieval eval", disable=not progress):
         ids = torch.as_tensor(np.stack([e[0] for e in batch]), dtype=torch.long, device=device)
@@ -238,7 +240,14 @@ def answer_accuracy(model, examples, chunk_size=4096, batch_size=1, compute_dtyp
         span = starts.flatten().cumsum(0).view_as(mask)  # answer ids, distinct across rows
         answers += int(starts.sum())
         exact += int(starts.sum()) - span[mask & ~hit].unique().numel()
-    return RetrievalScore(correct / max(total, 1), exact / max(answers, 1), len(examples), answers)
+        # offset of each target within its answer: its column minus the column of its answer's first token
+        cols = torch.arange(mask.shape[1], device=device).expand_as(mask)
+        first = torch.where(starts, cols, -1).cummax(1).values
+        for k, h in zip((cols - first)[mask].tolist(), hit[mask].tolist()):
+            right_at[k] = right_at.get(k, 0) + h
+            seen_at[k] = seen_at.get(k, 0) + 1
+    return RetrievalScore(correct / max(total, 1), exact / max(answers, 1), len(examples), answers,
+                          tuple(right_at[k] / seen_at[k] for k in sorted(seen_at)))
 
 
 def main(argv=None):

@@ -261,7 +261,7 @@ def evaluate(model, stores, heldout, args, device, dtype):
     score = answer_accuracy(model, heldout, args.chunk, args.batch, dtype,
                             make_store=lambda b, t: stores[b] if b in stores else make_store(args, model, b, t,
                                                                                              device, dtype))
-    return score.token_accuracy, score.exact_match
+    return score
 
 
 def train(args):
@@ -330,16 +330,19 @@ def train(args):
         out_of_time = args.time_budget is not None and record["elapsed_s"] > args.time_budget
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or out_of_time:
             model.eval()
-            acc, exact = evaluate(model, stores, heldout, args, device, dtype)
+            score = evaluate(model, stores, heldout, args, device, dtype)
+            acc, exact = score.token_accuracy, score.exact_match
             if heldout_start is not None:
-                record["exact_match_at_start"] = evaluate(model, stores, heldout_start, args, device, dtype)[1]
+                at_start = evaluate(model, stores, heldout_start, args, device, dtype)
+                record |= {"exact_match_at_start": at_start.exact_match,
+                           "byte_accuracy_at_start": list(at_start.byte_accuracy)}
                 if (args.hold_until is not None and hold_end is None and distance == args.curriculum
                         and record["exact_match_at_start"] >= args.hold_until):
                     hold_end = record["hold_ended_at"] = step + 1
                     tqdm.write(f"step {step + 1}: exact match {record['exact_match_at_start']:.3f} at distance "
                                f"{args.curriculum} >= --hold-until {args.hold_until:g}: the distance grows from here")
             model.train()
-            record |= {"token_accuracy": acc, "exact_match": exact}
+            record |= {"token_accuracy": acc, "exact_match": exact, "byte_accuracy": list(score.byte_accuracy)}
         log.write(json.dumps(record) + "\n")
         log.flush()
         bar.set_postfix({"loss": f"{loss:.3f}", "d": distance, "acc": f"{acc:.3f}", "exact": f"{exact:.3f}",
@@ -381,7 +384,8 @@ def plot(runs, out):
     loaded = [read_run(run) for run in runs]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     distance_axis = axes[2].twinx()
-    print(f"{'run':<28} {'mode':<9} {'steps':>5} {'distance':>8} {'exact':>6} {'per-byte':>8} {'tok/s':>9}")
+    print(f"{'run':<28} {'mode':<9} {'steps':>5} {'distance':>8} {'exact':>6} {'per-byte':>8} {'tok/s':>9}  "
+          f"by answer byte (1st, 2nd, ...)")
     for run, (config, records) in zip(runs, loaded):
         evals = [r for r in records if "exact_match" in r]
         label = f"{config['attn']} ({os.path.basename(os.path.normpath(run))})"
@@ -401,7 +405,8 @@ def plot(runs, out):
         last = evals[-1] if evals else {"exact_match": float("nan"), "token_accuracy": float("nan")}
         print(f"{run[-28:]:<28} {config['attn']:<9} {len(records):>5} {config['distance']:>8} "
               f"{last['exact_match']:>6.3f} {last['token_accuracy']:>8.3f} "
-              f"{rates[len(rates) // 2] if rates else float('nan'):>9,.0f}")
+              f"{rates[len(rates) // 2] if rates else float('nan'):>9,.0f}  "
+              f"{' '.join(f'{a:.2f}' for a in last.get('byte_accuracy', []))}")
     distances = "/".join(map(str, sorted({config["distance"] for config, _ in loaded})))
     value_lens = sorted({config.get("value_len", 4) for config, _ in loaded})
     for ax, title, chance in ((axes[0], f"exact match (whole {'/'.join(map(str, value_lens))}-byte answers)",

@@ -30,7 +30,8 @@
 #   ft-0.5b-128k  a random Qwen2.5-0.5B HF checkpoint (bench/check_export.py make), --init-from it at 128K x 3
 #                 steps --export, then with --lora-rank 16; transformers / peft reload and compare logits      500 s
 #   retrieval     the long-range retrieval experiment (retrieval_train.py): dense, sparse and detached side by side
-#                 on the one GPU, then one plot; RETR_ARGS replaces the shared flags below, RETR_MODES the modes 545 s
+#                 on the one GPU, then one plot; RETR_ARGS replaces the shared flags below, RETR_MODES the modes,
+#                 RETR_EXTRA adds runs of other flags beside them                                          545 s
 #   retrieval-calib  RETR_CALIB's runs ('NAME FLAGS;...') side by side: $OUT/calib_NAME.jsonl, all in calib.tgz  420 s
 #                 RETR_ARGS replaces the shared settings below; RETR_TIME_DENSE etc. the per-mode time budgets
 #
@@ -108,14 +109,15 @@ export PY
 # held at 512 (up to 50% of the steps, until the exact match there reaches 0.9), then the distance grows to 32768 by
 # 85% of the steps with as many tokens per step (down to 16 examples); chunks of 512, so every asked pair sits in an
 # earlier chunk than its question (detached never gets a gradient from question to pair). The three modes run side
-# by side: on the H200 each leaves the GPU mostly idle. The schedule is the eleventh session's table run; capital
+# by side: on the H200 each leaves the GPU mostly idle. The schedule is the eleventh session's table run (1250 steps: ~1,190 fit the time); capital
 # keys (--key-capitals) are new since: with 1-byte non-ASCII keys only the values' later bytes were learned.
 RETR_ARGS=${RETR_ARGS:---model small --layers 2 --hidden 256 --key-len 3 --key-symbols 26 --key-capitals \
 --no-separator --value-len 4 --pairs 16 --questions 8 --distance 32768 --curriculum 512 --curriculum-hold 0.5 \
---hold-until 0.9 --curriculum-frac 0.85 --steps 1350 --batch 16 --short-batch 128 --chunk 512 --lr 1e-3 --warmup 100 \
+--hold-until 0.9 --curriculum-frac 0.85 --steps 1250 --batch 16 --short-batch 128 --chunk 512 --lr 1e-3 --warmup 100 \
 --eval-every 100 --eval-examples 32 --time-budget 470}
 RETR_MODES=${RETR_MODES:-dense sparse detached}
-export RETR_ARGS RETR_MODES
+RETR_EXTRA=${RETR_EXTRA:-}  # 'NAME FLAGS;...': more runs beside the modes (full flag lists), in the plot and table too
+export RETR_ARGS RETR_MODES RETR_EXTRA
 # side_by_side DIR 'NAME FLAGS;NAME FLAGS;...': retrieval_train.py runs at once on the one GPU (each leaves it mostly
 # idle), each into DIR/NAME, its start and end lines prefixed [NAME]; then DIR as $OUT/$(basename DIR).tgz
 side_by_side() {
@@ -135,10 +137,11 @@ retrieval() {  # every mode of RETR_MODES with RETR_ARGS into /tmp/retrieval/MOD
     local mode
     RETR_RUNS=""
     for mode in $RETR_MODES; do RETR_RUNS+="$mode $RETR_ARGS --attn $mode;"; done
+    RETR_RUNS+=$RETR_EXTRA
     export RETR_RUNS
     # shellcheck disable=SC2016  # expanded by the stage's bash
-    stage retrieval 545 bash -c 'side_by_side /tmp/retrieval "$RETR_RUNS"; runs=$(for m in $RETR_MODES; do \
-        [ -f /tmp/retrieval/$m/log.jsonl ] && echo /tmp/retrieval/$m; done); $PY retrieval_train.py plot \
+    stage retrieval 545 bash -c 'side_by_side /tmp/retrieval "$RETR_RUNS"; runs=$(IFS=";"; for r in $RETR_RUNS; do \
+        m=${r%% *}; [ -f /tmp/retrieval/$m/log.jsonl ] && echo /tmp/retrieval/$m; done); $PY retrieval_train.py plot \
         --out "$OUT/retrieval.png" $runs >"$OUT/retrieval_table.txt" 2>&1; rc=$?; cat "$OUT/retrieval_table.txt"; \
         exit $rc'
 }

@@ -151,3 +151,5 @@ def test_answer_accuracy_counts_right_answers(tiny_model, scored_examples):
     assert score.n_examples == 3
     assert score.token_accuracy == pytest.approx((4 + 3 + right_2) / 12)
     assert score.exact_match == pytest.approx((1 + 0 + (right_2 == 4)) / 3)
+    right_2_at = (direct[2] == ids[2])[-VALUE_LEN:].tolist()  # example 1 misses only its last byte
+    assert score.byte_accuracy == pytest.approx([(2 + r) / 3 for r in right_2_at[:-1]] + [(1 + right_2_at[-1]) / 3])

@@ -129,6 +129,8 @@ def test_train_writes_log_and_curve_then_plot_combines(tmp_path, capsys, modes):
         records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
         assert [r["step"] for r in records] == list(range(1, steps + 1))
         assert all(0 <= r["token_accuracy"] <= 1 and 0 <= r["exact_match"] <= 1 for r in records)
+        # the per-answer-byte accuracies average to the per-byte one (every answer has --value-len bytes)
+        assert all(r["token_accuracy"] == pytest.approx(np.mean(r["byte_accuracy"])) for r in records)
         assert all(np.isfinite(r["loss"]) for r in records)
         if curriculum:
             # the planned hold is 2.1 steps; --hold-until 0 ends it at the first evaluation (after step 1), so the
