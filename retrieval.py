@@ -112,7 +112,8 @@ def make_example(seed, length: int, distance: int, n_pairs: int = 8, key_len: in
 
 
 def make_qa_example(seed, length: int, distance: int, n_pairs: int = 64, n_questions: int = 16, key_len: int = 4,
-                    value_len: int = 4, key_symbols: int = 10, separator: bool = True, key_capitals: bool = False):
+                    value_len: int = 4, key_symbols: int = 10, separator: bool = True, key_capitals: bool = False,
+                    values_like_keys: bool = False):
     """-> (ids [length] int64, loss_mask [length] uint8): many questions per example, for training.
 
     n_pairs key->value pairs sit in the first `length - distance - n_questions * qa_len` bytes (qa_len = key_len +
@@ -122,7 +123,10 @@ def make_qa_example(seed, length: int, distance: int, n_pairs: int = 64, n_quest
     separator=False drops the "=": "#" key value ";" and "?" key value ";", so the value directly follows its key,
     the textbook induction pattern (with "=" the value sits two places after the key's last symbol, and the circuit
     needs a two-back copy besides). key_capitals: keys spelled in capitals (key_alphabet); a key may then also occur
-    inside another pair's value (for 3-capital keys and 16 pairs of 4-capital values, about 0.4% of questions)."""
+    inside another pair's value (for 3-capital keys and 16 pairs of 4-capital values, about 0.4% of questions).
+    values_like_keys: values spelled in the keys' alphabet too (chance 1 / key_symbols per byte): with 128 non-ASCII
+    symbols a symbol pair recurs by chance ~100x less often than a capital pair, so a match on the last two symbols
+    is nearly always the right pair (with capitals, ~9% of them recur elsewhere in an 8-pair example)."""
     sep = [ord("=")] if separator else []
     pair_len = qa_len = key_len + value_len + 2 + len(sep)
     context = length - n_questions * qa_len
@@ -139,7 +143,7 @@ def make_qa_example(seed, length: int, distance: int, n_pairs: int = 64, n_quest
     rng = np.random.default_rng(list(seed) if isinstance(seed, (tuple, list)) else seed)
     keys = rng.choice(key_symbols ** key_len, size=n_pairs, replace=False)  # distinct, as base-key_symbols numbers
     keys = [alphabet[(k // key_symbols ** np.arange(key_len - 1, -1, -1)) % key_symbols] for k in keys]
-    values = [rng.choice(CAPITALS, size=value_len) for _ in range(n_pairs)]
+    values = [rng.choice(alphabet if values_like_keys else CAPITALS, size=value_len) for _ in range(n_pairs)]
     ids = _filler(rng, context)
     for start, key, value in zip(sorted(rng.choice(slots, size=n_pairs, replace=False).tolist()), keys, values):
         ids[start:start + pair_len] = np.r_[ord("#"), key, sep, value, ord(";")]

@@ -36,7 +36,11 @@ import os
 import sys
 import time
 
-CHANCE = 1 / 26  # per answer byte: values are uniform capitals
+
+
+def chance_per_byte(args):
+    """Accuracy of a uniform guess per answer byte: values are uniform capitals, or symbols of the keys' alphabet."""
+    return 1 / args.key_symbols if args.values_like_keys else 1 / 26
 
 
 class UserError(Exception):
@@ -66,7 +70,9 @@ def parse(argv):
                    help="alphabet of a key symbol: digits (<= 10), else that many non-ASCII bytes (<= 128)")
     t.add_argument("--key-capitals", action="store_true",
                    help="keys spelled in the first --key-symbols capitals (<= 26), the values' alphabet")
-    t.add_argument("--value-len", type=int, default=4, help="capitals per answer")
+    t.add_argument("--value-len", type=int, default=4, help="symbols per answer (capitals by default)")
+    t.add_argument("--values-like-keys", action="store_true",
+                   help="values spelled in the keys' alphabet (chance 1 / --key-symbols per byte)")
     t.add_argument("--no-separator", dest="separator", action="store_false",
                    help='pairs "#" key value ";" (no "="): the value right after its key')
     t.add_argument("--steps", type=int, default=1000)
@@ -238,7 +244,8 @@ def make_store(args, model, batch, length, device, dtype):
 def examples_at(seed, n, length, distance, args):
     from retrieval import make_qa_example
     return [make_qa_example((*seed, i), length, distance, args.pairs, args.questions, args.key_len,
-                            args.value_len, args.key_symbols, args.separator, args.key_capitals)
+                            args.value_len, args.key_symbols, args.separator, args.key_capitals,
+                            args.values_like_keys)
             for i in range(n)]
 
 
@@ -288,7 +295,7 @@ def train(args):
                                  args)
                      if args.curriculum else None)
     cfg = model.config
-    config = {**vars(args), "device": str(device), "params": model.num_params(), "chance_per_byte": CHANCE,
+    config = {**vars(args), "device": str(device), "params": model.num_params(), "chance_per_byte": chance_per_byte(args),
               "model_config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size",
                                                             "num_attention_heads", "num_key_value_heads")}}
     with open(os.path.join(args.out, "config.json"), "w") as f:
@@ -301,7 +308,7 @@ def train(args):
                f"{f' ({args.short_batch} x shorter ones at first)' if args.short_batch else ''}, "
                f"{args.questions} answers of {args.value_len} bytes each at distance >= {args.distance}"
                f"{curriculum} | chunk {args.chunk}"
-               f"{f', sparse budget {args.budget}' if args.attn == 'sparse' else ''} | chance {CHANCE:.3f}/byte")
+               f"{f', sparse budget {args.budget}' if args.attn == 'sparse' else ''} | chance {chance_per_byte(args):.3f}/byte")
     extra = {"detach_history": True} if args.attn == "detached" else {}
     log = open(os.path.join(args.out, "log.jsonl"), "w")
     rates, acc, exact = [], float("nan"), float("nan")
@@ -355,7 +362,7 @@ def train(args):
     log.close()
     plot([args.out], os.path.join(args.out, "curve.png"))
     print(f"done: {args.attn}, {steps} steps, distance {args.distance} | per-byte accuracy {acc:.3f}, exact "
-          f"match {exact:.3f} (chance {CHANCE:.3f} per byte) | {float(np.median(rates)):,.0f} tok/s (median) | "
+          f"match {exact:.3f} (chance {chance_per_byte(args):.3f} per byte) | {float(np.median(rates)):,.0f} tok/s (median) | "
           f"{args.out}/log.jsonl, curve.png")
     return 0
 
@@ -409,8 +416,9 @@ def plot(runs, out):
               f"{' '.join(f'{a:.2f}' for a in last.get('byte_accuracy', []))}")
     distances = "/".join(map(str, sorted({config["distance"] for config, _ in loaded})))
     value_lens = sorted({config.get("value_len", 4) for config, _ in loaded})
+    chance = max(config.get("chance_per_byte", 1 / 26) for config, _ in loaded)  # the highest of the runs' alphabets
     for ax, title, chance in ((axes[0], f"exact match (whole {'/'.join(map(str, value_lens))}-byte answers)",
-                               CHANCE ** value_lens[0]), (axes[1], "per-byte accuracy", CHANCE)):
+                               chance ** value_lens[0]), (axes[1], "per-byte accuracy", chance)):
         ax.axhline(chance, color="gray", linestyle=":", label="chance")
         ax.set(xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"{title}, held-out, distance {distances}")
         ax.grid(alpha=0.3)

@@ -79,10 +79,25 @@ def test_qa_example_with_capital_keys():
         make_qa_example(0, 600, 200, key_len=2, key_symbols=27, key_capitals=True)
 
 
+def test_qa_example_with_values_like_keys():
+    """--values-like-keys: keys and values both in 128 non-ASCII symbols (2-symbol keys, 4-symbol values); filler and
+    punctuation stay ASCII, so every non-ASCII byte belongs to a key or a value."""
+    ids, mask = make_qa_example(3, 600, 200, n_pairs=8, n_questions=4, key_len=2, value_len=4, key_symbols=128,
+                                separator=False, values_like_keys=True)
+    text = ids.astype(np.uint8).tobytes()
+    pairs = [text[i + 1:i + 7] for i in range(len(text) - 7) if text[i:i + 1] == b"#"]
+    assert len(pairs) == 8 and all(min(p) >= 128 for p in pairs) and (ids >= 128).sum() == 8 * 6 + 4 * 6
+    answers = ids[mask.astype(bool)]
+    assert len(answers) == 16 and (answers >= 128).all()
+    args = rt.resolve(rt.parse(["train", "--out", "/nonexistent/x", "--key-symbols", "128", "--values-like-keys"]))
+    assert rt.chance_per_byte(args) == 1 / 128
+
+
 def test_loss_only_on_answer_bytes():
     """The targets of a batch: the next byte where it is an answer byte, IGNORE_INDEX (no loss) everywhere else."""
     args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10,
-                             "separator": True, "key_capitals": False})
+                             "separator": True, "key_capitals": False,
+                             "values_like_keys": False})
     examples = rt.examples_at((0, 0, 5), 2, 176, 64, args)
     ids, targets, n = rt.batch_tensors(examples, "cpu")
     mask = torch.as_tensor(np.stack([e[1] for e in examples])).bool()
@@ -95,7 +110,8 @@ def test_loss_only_on_answer_bytes():
 
 def test_heldout_set_is_fixed_and_apart_from_training():
     args = type("Args", (), {"pairs": 4, "questions": 2, "key_len": 4, "value_len": 4, "key_symbols": 10,
-                             "separator": True, "key_capitals": False})
+                             "separator": True, "key_capitals": False,
+                             "values_like_keys": False})
     a = rt.examples_at((7, 1), 3, 176, 64, args)
     b = rt.examples_at((7, 1), 3, 176, 64, args)
     train = [e for step in range(3) for e in rt.examples_at((7, 0, step), 2, 176, 64, args)]
