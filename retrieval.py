@@ -126,7 +126,7 @@ def make_qa_example(seed, length: int, distance: int, n_pairs: int = 64, n_quest
     inside another pair's value (for 3-capital keys and 16 pairs of 4-capital values, about 0.4% of questions).
     values_like_keys: values spelled in the keys' alphabet too (chance 1 / key_symbols per byte): with 128 non-ASCII
     symbols a symbol pair recurs by chance ~100x less often than a capital pair, so a match on the last two symbols
-    is nearly always the right pair (with capitals, ~9% of them recur elsewhere in an 8-pair example)."""
+    is nearly always the right pair (with capitals, ~8% of them recur elsewhere in an 8-pair example)."""
     sep = [ord("=")] if separator else []
     pair_len = qa_len = key_len + value_len + 2 + len(sep)
     context = length - n_questions * qa_len

@@ -294,8 +294,8 @@ def train(args):
     heldout_start = (examples_at((args.seed, 1), args.eval_examples, length_at(args.curriculum, args), args.curriculum,
                                  args)
                      if args.curriculum else None)
-    cfg = model.config
-    config = {**vars(args), "device": str(device), "params": model.num_params(), "chance_per_byte": chance_per_byte(args),
+    cfg, chance = model.config, chance_per_byte(args)
+    config = {**vars(args), "device": str(device), "params": model.num_params(), "chance_per_byte": chance,
               "model_config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size",
                                                             "num_attention_heads", "num_key_value_heads")}}
     with open(os.path.join(args.out, "config.json"), "w") as f:
@@ -308,7 +308,7 @@ def train(args):
                f"{f' ({args.short_batch} x shorter ones at first)' if args.short_batch else ''}, "
                f"{args.questions} answers of {args.value_len} bytes each at distance >= {args.distance}"
                f"{curriculum} | chunk {args.chunk}"
-               f"{f', sparse budget {args.budget}' if args.attn == 'sparse' else ''} | chance {chance_per_byte(args):.3f}/byte")
+               f"{f', sparse budget {args.budget}' if args.attn == 'sparse' else ''} | chance {chance:.3f}/byte")
     extra = {"detach_history": True} if args.attn == "detached" else {}
     log = open(os.path.join(args.out, "log.jsonl"), "w")
     rates, acc, exact = [], float("nan"), float("nan")
@@ -362,7 +362,7 @@ def train(args):
     log.close()
     plot([args.out], os.path.join(args.out, "curve.png"))
     print(f"done: {args.attn}, {steps} steps, distance {args.distance} | per-byte accuracy {acc:.3f}, exact "
-          f"match {exact:.3f} (chance {chance_per_byte(args):.3f} per byte) | {float(np.median(rates)):,.0f} tok/s (median) | "
+          f"match {exact:.3f} (chance {chance:.3f} per byte) | {float(np.median(rates)):,.0f} tok/s (median) | "
           f"{args.out}/log.jsonl, curve.png")
     return 0
 
