@@ -313,58 +313,65 @@ def train(args):
     log = open(os.path.join(args.out, "log.jsonl"), "w")
     rates, acc, exact = [], float("nan"), float("nan")
     bar = tqdm(range(args.steps), desc=f"retrieval {args.attn}", dynamic_ncols=True)
-    started, steps, hold_end = time.perf_counter(), args.steps, None
-    for step in bar:
-        t0 = time.perf_counter()
-        distance = distance_at(step, args, hold_end)
-        length = length_at(distance, args)
-        batch = batch_at(step, args, hold_end)
-        if batch not in stores:
-            stores[batch] = make_store(args, model, batch, longest_with(batch, args), device, dtype)
-        ids, targets, n_targets = batch_tensors(examples_at((args.seed, 0, step), batch, length, distance,
-                                                            args), device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
-        loss = chunked_step(model, ids, targets, args.chunk, args.page_size, dtype, store=stores[batch], **extra)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rates.append(ids.numel() / (time.perf_counter() - t0))
-        record = {"step": step + 1, "loss": loss, "distance": distance, "length": length, "batch": batch,
-                  "lr": lr_at(step, args), "tokens_per_s": rates[-1], "elapsed_s": time.perf_counter() - started}
-        out_of_time = args.time_budget is not None and record["elapsed_s"] > args.time_budget
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or out_of_time:
-            model.eval()
-            score = evaluate(model, stores, heldout, args, device, dtype)
-            acc, exact = score.token_accuracy, score.exact_match
-            if heldout_start is not None:
-                at_start = evaluate(model, stores, heldout_start, args, device, dtype)
-                record |= {"exact_match_at_start": at_start.exact_match,
-                           "byte_accuracy_at_start": list(at_start.byte_accuracy)}
-                if (args.hold_until is not None and hold_end is None and distance == args.curriculum
-                        and record["exact_match_at_start"] >= args.hold_until):
-                    hold_end = record["hold_ended_at"] = step + 1
-                    tqdm.write(f"step {step + 1}: exact match {record['exact_match_at_start']:.3f} at distance "
-                               f"{args.curriculum} >= --hold-until {args.hold_until:g}: the distance grows from here")
-            model.train()
-            record |= {"token_accuracy": acc, "exact_match": exact, "byte_accuracy": list(score.byte_accuracy)}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        bar.set_postfix({"loss": f"{loss:.3f}", "d": distance, "acc": f"{acc:.3f}", "exact": f"{exact:.3f}",
-                         "tok/s": f"{rates[-1]:,.0f}"})
-        if out_of_time:
-            steps = step + 1
-            tqdm.write(f"stopped after step {steps} of {args.steps}: --time-budget {args.time_budget:g} s spent")
-            break
+    started, steps, hold_end, logged, interrupted = time.perf_counter(), args.steps, None, 0, False
+    try:  # Ctrl-C: stop, keep what finished (log.jsonl is written a step at a time) and plot it
+        for step in bar:
+            t0 = time.perf_counter()
+            distance = distance_at(step, args, hold_end)
+            length = length_at(distance, args)
+            batch = batch_at(step, args, hold_end)
+            if batch not in stores:
+                stores[batch] = make_store(args, model, batch, longest_with(batch, args), device, dtype)
+            ids, targets, n_targets = batch_tensors(examples_at((args.seed, 0, step), batch, length, distance,
+                                                                args), device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            loss = chunked_step(model, ids, targets, args.chunk, args.page_size, dtype, store=stores[batch], **extra)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rates.append(ids.numel() / (time.perf_counter() - t0))
+            record = {"step": step + 1, "loss": loss, "distance": distance, "length": length, "batch": batch,
+                      "lr": lr_at(step, args), "tokens_per_s": rates[-1], "elapsed_s": time.perf_counter() - started}
+            out_of_time = args.time_budget is not None and record["elapsed_s"] > args.time_budget
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or out_of_time:
+                model.eval()
+                score = evaluate(model, stores, heldout, args, device, dtype)
+                acc, exact = score.token_accuracy, score.exact_match
+                if heldout_start is not None:
+                    at_start = evaluate(model, stores, heldout_start, args, device, dtype)
+                    record |= {"exact_match_at_start": at_start.exact_match,
+                               "byte_accuracy_at_start": list(at_start.byte_accuracy)}
+                    if (args.hold_until is not None and hold_end is None and distance == args.curriculum
+                            and record["exact_match_at_start"] >= args.hold_until):
+                        hold_end = record["hold_ended_at"] = step + 1
+                        tqdm.write(f"step {step + 1}: exact match {record['exact_match_at_start']:.3f} at "
+                                   f"distance {args.curriculum} >= --hold-until {args.hold_until:g}: the distance "
+                                   f"grows from here")
+                model.train()
+                record |= {"token_accuracy": acc, "exact_match": exact, "byte_accuracy": list(score.byte_accuracy)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            logged = step + 1
+            bar.set_postfix({"loss": f"{loss:.3f}", "d": distance, "acc": f"{acc:.3f}", "exact": f"{exact:.3f}",
+                             "tok/s": f"{rates[-1]:,.0f}"})
+            if out_of_time:
+                steps = step + 1
+                tqdm.write(f"stopped after step {steps} of {args.steps}: --time-budget {args.time_budget:g} s spent")
+                break
+    except KeyboardInterrupt:
+        steps, interrupted = logged, True
+        tqdm.write(f"interrupted after step {steps} of {args.steps}: plotting the finished steps")
     bar.close()
     log.close()
     plot([args.out], os.path.join(args.out, "curve.png"))
-    print(f"done: {args.attn}, {steps} steps, distance {args.distance} | per-byte accuracy {acc:.3f}, exact "
-          f"match {exact:.3f} (chance {chance:.3f} per byte) | {float(np.median(rates)):,.0f} tok/s (median) | "
-          f"{args.out}/log.jsonl, curve.png")
-    return 0
+    median = float(np.median(rates)) if rates else float("nan")
+    print(f"{'interrupted' if interrupted else 'done'}: {args.attn}, {steps} steps, distance {args.distance} | "
+          f"per-byte accuracy {acc:.3f}, exact match {exact:.3f} (chance {chance:.3f} per byte) | {median:,.0f} tok/s "
+          f"(median) | {args.out}/log.jsonl, curve.png")
+    return 130 if interrupted else 0  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 # ------------------------------------------------------------------------------------------------ plot

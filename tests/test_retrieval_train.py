@@ -129,6 +129,30 @@ def train_subprocess(out, mode, *extra):
     return proc.stdout
 
 
+def test_ctrl_c_keeps_the_finished_steps_and_plots_them(tmp_path):
+    """SIGINT mid-run (as Ctrl-C sends it): the run stops, log.jsonl keeps every finished step, curve.png is
+    written, and the exit status is 130."""
+    import signal
+    import time
+    out = str(tmp_path / "run")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, "retrieval_train.py", "train", "--out", out, "--attn", "dense", *TOY,
+                             "--steps", "100000", "--eval-every", "1000"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(log) and open(log).read().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    records = [json.loads(line) for line in open(log)]
+    assert len(records) >= 2 and [r["step"] for r in records] == list(range(1, len(records) + 1))
+    assert f"interrupted after step {len(records)} of 100000" in stdout
+    assert stdout.splitlines()[-1].startswith(f"interrupted: dense, {len(records)} steps")
+    assert os.path.getsize(os.path.join(out, "curve.png")) > 0
+
+
 @pytest.mark.parametrize("modes", [("sparse", "detached")])
 def test_train_writes_log_and_curve_then_plot_combines(tmp_path, capsys, modes):
     """Two steps of each mode on a toy model (dense is these paths with neither twist), then one PNG of both. The
