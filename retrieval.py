@@ -7,12 +7,13 @@ One example of `length` bytes:
     filler words ... #4821=QZKA; ... filler ... #0937=MMOP; ... filler ... ?4821=QZKA
                      `-- the queried pair, `distance` bytes before the question   `-- question and answer
 
-Filler is lowercase words and spaces; each key->value pair is "#" + key + "=" + capitals + ";", the key spelled in
-digits, (key_symbols > 10) in non-ASCII bytes, or (key_capitals) in capitals. Keys are distinct, so the queried key
-appears once before the question as a key (capital keys may also occur inside another pair's value), and key
-symbols never occur in filler. The loss mask covers exactly the answer bytes (mask[i] = 1:
-token i is a loss target, as in tokenize_data.py), so the loss measures retrieval alone: the answer is unguessable
-without finding the key `distance` bytes back (1 in 26 per byte).
+Filler is lowercase words and spaces; each key->value pair is "#" + key + "=" + value + ";", the key spelled in
+digits, (key_symbols > 10) in non-ASCII bytes, or (key_capitals) in capitals, the value in capitals or
+(make_qa_example's values_like_keys) in the keys' alphabet. Keys are distinct, so the queried key appears once
+before the question as a key (where keys and values share an alphabet a key may also occur inside another pair's
+value), and key symbols never occur in filler. The loss mask covers exactly the answer bytes (mask[i] = 1: token i
+is a loss target, as in tokenize_data.py), so the loss measures retrieval alone: the answer is unguessable without
+finding the key `distance` bytes back (1 in 26 per byte for capitals, 1 in key_symbols for values_like_keys).
 
 Ask fewer questions than there are pairs (make_qa_example): when every pair is asked, "a value not answered yet"
 narrows question k of n to n - k + 1 candidates without reading any key, a loss of ln(n!)/n (1.51 for 10 of 10,
