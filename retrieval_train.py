@@ -37,7 +37,6 @@ import sys
 import time
 
 
-
 def chance_per_byte(args):
     """Accuracy of a uniform guess per answer byte: values are uniform capitals, or symbols of the keys' alphabet."""
     return 1 / args.key_symbols if args.values_like_keys else 1 / 26
