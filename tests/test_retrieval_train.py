@@ -205,6 +205,19 @@ def test_curriculum_grows_the_distance():
     assert early[:11] == [4096] * 11 and early[11:31] == held[31:51] and early[30:] == [32768] * 70
 
 
+@pytest.mark.parametrize("flags", [[], ["--no-separator"], ["--key-symbols", "128", "--values-like-keys"]])
+def test_pair_len_is_the_generated_pairs_length(flags):
+    """rt.pair_len (torch-free, for checking flags before any import of torch) repeats retrieval.make_qa_example's
+    layout: every "#" ... ";" pair and "?" ... ";" question of a generated example is that long."""
+    args = rt.resolve(rt.parse(["train", "--out", "/nonexistent/x", "--distance", "256", "--pairs", "6",
+                                "--questions", "3", "--key-len", "2", "--value-len", "3", *flags]))
+    ids, _ = rt.examples_at((0,), 1, args.length, args.distance, args)[0]
+    starts = [i for i, t in enumerate(ids.tolist()) if t in (ord("#"), ord("?"))]
+    ends = [i for i, t in enumerate(ids.tolist()) if t == ord(";")]
+    assert len(starts) == len(ends) == 6 + 3
+    assert all(e - s + 1 == rt.pair_len(args) for s, e in zip(starts, ends))
+
+
 def test_short_batch_keeps_the_tokens_per_step_while_examples_grow():
     args = rt.resolve(rt.parse(["train", "--out", "/nonexistent/x", "--distance", "32768", "--curriculum", "512",
                                 "--steps", "100", "--curriculum-frac", "0.5", "--batch", "4", "--short-batch", "64",
