@@ -118,8 +118,8 @@ export PY
 # earlier chunk than its question (detached never gets a gradient from question to pair). The modes run side by side:
 # on the H200 each leaves the GPU mostly idle.
 RETR_ARGS=${RETR_ARGS:---model small --layers 2 --hidden 256 --key-len 2 --key-symbols 128 --values-like-keys \
---no-separator --value-len 4 --pairs 8 --questions 4 --distance 32768 --curriculum 512 --curriculum-hold 0.6 \
---hold-until 0.9 --curriculum-frac 0.8 --steps 900 --batch 16 --short-batch 128 --chunk 512 --lr 1e-3 --warmup 100 \
+--no-separator --value-len 4 --pairs 8 --questions 4 --distance 32768 --curriculum 512 --curriculum-hold 0.7 \
+--hold-until 0.96 --curriculum-frac 0.85 --steps 1000 --batch 16 --short-batch 128 --chunk 512 --lr 1e-3 --warmup 100 \
 --eval-every 50 --eval-examples 128 --time-budget 480}
 RETR_MODES=${RETR_MODES:-dense sparse detached}
 RETR_EXTRA=${RETR_EXTRA:-}  # 'NAME FLAGS;...': more runs beside the modes (full flag lists), in the plot and table too
