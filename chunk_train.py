@@ -14,6 +14,11 @@ them, are kept in a store (paged_kv.py):
           own K/V the gradient accumulated for them by all later chunks plus its own. Then the chunk's pages are
           released (LIFO) and the previous chunk goes next.
 
+keep_activations=N (memory for speed): the last N chunks before the last run stage 1 with grad instead, their
+forward kept as in any backprop; stage 2 then runs only their backward, in the same right-to-left order, so the
+gradient is the same. Each kept chunk saves a forward of the whole chunk (stage 2's recomputation), for one chunk's
+activations more of memory per kept chunk (with N = chunks - 1 nothing is recomputed: plain backprop, chunk by chunk).
+
 After the step, the parameters' gradients are those of the mean token loss of the whole batch, as full-sequence
 backprop would compute them, accumulated in fp32 across chunks in either of two set-ups:
   - fp32 parameters, compute under autocast (`compute_dtype`): gradients accumulate in param.grad (fp32).
@@ -28,6 +33,8 @@ With a sparse store (PagedKVStore or OffloadedKVStore with sparse=..., sparse_at
 attends to a budget of selected history pages; stage 1 stores the selection and stage 2 reuses it, so the gradient
 is the exact gradient of that sparse-attention model.
 """
+
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -176,7 +183,8 @@ def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=
 
 
 def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dtype=torch.float32, store=None,
-                 checkpoint=False, progress=False, doc_start=None, detach_history=False) -> float:
+                 checkpoint=False, progress=False, doc_start=None, detach_history=False,
+                 keep_activations: int = 0) -> float:
     """Forward + backward of the mean token loss over idx/targets [B, T]; gradients accumulate into param.grad
     (fp32 parameters) or param.main_grad (bf16 parameters), in fp32 either way.
 
@@ -191,6 +199,8 @@ def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dty
     detach_history: drop the gradient that flows from a chunk's queries into earlier chunks' K/V (each chunk's
     K/V then get the gradient of their own chunk's queries only): an experiment on what exact KV gradients buy,
     not the exact gradient.
+    keep_activations: how many chunks before the last keep their forward from stage 1 for stage 2 (module
+    docstring); at most chunks - 1 take effect.
     Returns the loss (a float)."""
     B, T = idx.shape
     if store is None:
@@ -199,20 +209,68 @@ def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dty
     n_trained = trained_tokens(targets)
     store.reset()  # a step interrupted earlier may have left pages allocated
     chunks = _chunks(T, chunk_size)
-    # stage 1 skips the last chunk: nothing after it needs its K/V before stage 2 recomputes (and stores) them
-    s_last = chunks[-1][0]
+    if keep_activations < 0:
+        raise ValueError(f"keep_activations must be >= 0, got {keep_activations}")
+    n_kept = min(keep_activations, len(chunks) - 1)
+    # stage 1 skips the last chunk: nothing after it needs its K/V before stage 2 recomputes (and stores) them; the
+    # n_kept chunks before it run with grad (below), so the no-grad part stops at the first of them
+    s_kept = chunks[len(chunks) - 1 - n_kept][0]
     bar = StepProgress(len(chunks) - 1, len(chunks), B * chunk_size, progress)
-    fill_kv(model, idx[:, :s_last], store, chunk_size, compute_dtype, progress=bar,
-            doc_start=_slice(doc_start, 0, s_last))
+    fill_kv(model, idx[:, :s_kept], store, chunk_size, compute_dtype, progress=bar,
+            doc_start=_slice(doc_start, 0, s_kept))
 
     total = torch.zeros((), device=idx.device)
-    with fp32_gradients(model):
+    args = dict(compute_dtype=compute_dtype, checkpoint=checkpoint, n_trained=n_trained, doc_start=doc_start)
+    with fp32_gradients(model):  # the kept forwards too: their weight gradients go where stage 2's go
+        kept = {}  # chunk start -> ChunkForward, in stage 1's order (they store their K/V as they run)
+        for s, e in chunks[len(chunks) - 1 - n_kept:-1]:
+            kept[s] = forward_chunk(model, idx, targets, s, e, store, **args)
+            bar.chunk_done(1)
         for s, e in chunks[::-1]:
-            total += backward_chunk(model, idx, targets, s, e, store, compute_dtype, checkpoint, n_trained=n_trained,
-                                    doc_start=doc_start, detach_history=detach_history)
+            forward = kept.pop(s) if s in kept else forward_chunk(model, idx, targets, s, e, store, **args)
+            total += forward.backward(store, detach_history)
             bar.chunk_done(2)
     bar.close()
     return total.item()
+
+
+@dataclass
+class ChunkForward:
+    """A chunk's forward with grad, its backward still to run: x [B, C, hidden] the last layer's output, dx its
+    gradient from the loss (the head's backward already ran, model.loss(backward=True)), loss the chunk's share of
+    the mean loss (detached), num_layers the model's. The autograd graph hangs off x."""
+    start: int
+    end: int
+    x: torch.Tensor
+    dx: torch.Tensor
+    loss: torch.Tensor
+    num_layers: int
+
+    def backward(self, store, detach_history=False):
+        """Backprop the chunk (every later chunk's backward must have run: the gradients they sent to its K/V are
+        read from the store's pages now), then release its pages. Returns the loss."""
+        if detach_history:  # what later chunks sent back to this chunk's K/V is dropped: start its gradient at zero
+            for layer in range(self.num_layers):
+                store.clear_grad(layer, self.start, self.end)
+        self.x.backward(self.dx)
+        for layer in range(self.num_layers):
+            store.truncate(layer, self.start)  # the chunk is retired: its K/V and gradient pages go back to the pool
+        return self.loss
+
+
+def forward_chunk(model, idx, targets, s, e, store, compute_dtype=torch.float32, checkpoint=False, n_trained=None,
+                  doc_start=None) -> ChunkForward:
+    """The forward with grad of the chunk [s, e) of idx/targets [B, T] over the store's history (it stores the
+    chunk's K/V unless stored), and the loss's sliced head backward: (sum of the chunk's token losses) /
+    n_trained (trained_tokens(targets) of the whole idx if None)."""
+    if n_trained is None:
+        n_trained = trained_tokens(targets)
+    ds = _slice(doc_start, s, e)
+    with _autocast(model, idx.device, compute_dtype):
+        x = model.hidden(idx[:, s:e], attn=ChunkAttention(store, s, doc_start=ds), start_pos=s,
+                         checkpoint=checkpoint, doc_start=ds)
+        loss, dx = model.loss(x, targets[:, s:e], scale=1.0 / max(n_trained, 1), backward=True)  # sliced head bwd
+    return ChunkForward(s, e, x, dx, loss, model.config.num_hidden_layers)
 
 
 def backward_chunk(model, idx, targets, s, e, store, compute_dtype=torch.float32, checkpoint=False, n_trained=None,
@@ -221,20 +279,8 @@ def backward_chunk(model, idx, targets, s, e, store, compute_dtype=torch.float32
     [0, e)): recompute with grad, backward (sum of the chunk's token losses / n_trained, the trained tokens of the
     whole idx: trained_tokens(targets) if None), then release the chunk's pages. Returns the chunk's share of the
     loss (a detached tensor). doc_start, detach_history: see chunked_step (doc_start of the whole idx)."""
-    if n_trained is None:
-        n_trained = trained_tokens(targets)
-    if detach_history:  # what later chunks sent back to this chunk's K/V is dropped: start its gradient at zero
-        for layer in range(model.config.num_hidden_layers):
-            store.clear_grad(layer, s, e)
-    ds = _slice(doc_start, s, e)
-    with _autocast(model, idx.device, compute_dtype):
-        x = model.hidden(idx[:, s:e], attn=ChunkAttention(store, s, doc_start=ds), start_pos=s,
-                         checkpoint=checkpoint, doc_start=ds)
-        loss, dx = model.loss(x, targets[:, s:e], scale=1.0 / max(n_trained, 1), backward=True)  # sliced head bwd
-    x.backward(dx)
-    for layer in range(model.config.num_hidden_layers):
-        store.truncate(layer, s)  # the chunk is retired: its K/V and gradient pages go back to the pool
-    return loss
+    return forward_chunk(model, idx, targets, s, e, store, compute_dtype, checkpoint, n_trained,
+                         doc_start).backward(store, detach_history)
 
 
 @torch.no_grad()

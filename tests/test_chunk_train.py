@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from attention import ReferenceKernel
 from chunk_train import chunked_loss, chunked_step, fill_kv
 from model import Model, ModelConfig, preset
+from offload import OffloadedKVStore
 from paged_kv import OutOfPages, PagedKVStore, ReferenceKVStore
+from sparse_attn import SparseConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -127,6 +129,75 @@ def test_kept_attention_outputs_skip_stage_two_forwards(budget_chunks):
     assert not len(store.kept_outputs) and store.kept_outputs.bytes == 0  # nothing outlives the step
 
 
+def _keep_store(kind, model, B, T, kernel):
+    if kind == "reference":
+        return ReferenceKVStore.for_sequence(model, B, T, 16, torch.float32, DEVICE)
+    if kind == "offloaded":  # a GPU cache of 5 pages per row: the history (up to 13 pages) streams in parts
+        return OffloadedKVStore.for_sequence(model, B, T, 16, torch.float32, DEVICE, cache_tokens=80, kernel=kernel)
+    return PagedKVStore.for_sequence(model, B, T, 16, torch.float32, DEVICE, kernel=kernel)
+
+
+@pytest.mark.parametrize("store_kind,keep,checkpoint", [
+    ("reference", 1, True),   # chunk 2 kept; layers recomputed inside every chunk, the kept one's in its backward
+    ("paged", 2, False),      # chunks 1 and 2 kept: their pages, tables and the pool's LIFO release
+    ("paged", 9, False),      # more than there are: chunks 0-2 kept, no no-grad pass at all
+    ("offloaded", 2, False),  # the kept chunks' backward streams the history again, after the last chunk's
+])
+def test_kept_activations_are_exact(store_kind, keep, checkpoint):
+    """chunked_step(keep_activations=N): the N chunks before the last run with grad in stage 1 and stage 2 runs
+    only their backward. Loss and gradients are still the full sequence's (fp32, 1e-5), every page goes back, and
+    each kept chunk's layers run forward once, not twice: seq 200, chunk 64 is 4 chunks; stage 1 attends in L - 1
+    layers per no-grad chunk (the last layer stops at its K/V) and L per kept chunk, stage 2 in L per other chunk."""
+    model = tiny_model(11)
+    L, B, T, C = model.config.num_hidden_layers, 2, 200, 64
+    g = torch.Generator().manual_seed(11)
+    idx, targets = (torch.randint(0, 256, (B, T), generator=g).to(DEVICE) for _ in range(2))
+    ref_loss, ref_grads = full_sequence_grads(model, idx, targets)
+    kernel = CountingKernel()
+    store = _keep_store(store_kind, model, B, T, kernel)
+    loss = chunked_step(model, idx, targets, chunk_size=C, page_size=16, store=store, checkpoint=checkpoint,
+                        keep_activations=keep)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert_grads_match(model, ref_grads)
+    if store_kind == "paged":
+        kept = min(keep, 3)
+        assert kernel.forwards == (3 - kept) * (L - 1) + kept * L + (4 - kept) * L
+        assert store.allocator.num_free == store.allocator.num_pages
+
+
+@pytest.mark.parametrize("case", ["sparse", "documents", "detached", "bf16-params"])
+def test_kept_activations_change_only_the_order(case):
+    """Where the full-sequence reference is not the plain one (sparse selections, packed documents, a detached
+    history) or the rounding differs (bf16 weights, fp32 main_grad): keep_activations=2 gives the loss and gradients
+    of keep_activations=0, the same computations in another order (fp32: 1e-5; bf16 weights: main_grad to 1e-4,
+    where the kept chunks' head gradients are summed earlier)."""
+    B, T, C = 2, 160, 32  # 5 chunks: 2 run with no grad in stage 1, 2 kept
+    dtype = torch.bfloat16 if case == "bf16-params" else torch.float32
+    g = torch.Generator().manual_seed(13)
+    idx, targets = (torch.randint(0, 256, (B, T), generator=g).to(DEVICE) for _ in range(2))
+    kwargs = {"detach_history": True} if case == "detached" else {}
+    if case == "documents":
+        starts = torch.zeros(B, T, dtype=torch.long)
+        for b, first in [(0, 40), (0, 90), (1, 64), (1, 65)]:  # one document of one token, one at a chunk start
+            starts[b, first:] = first
+        kwargs["doc_start"] = starts.to(DEVICE)
+    sparse = SparseConfig(budget=32, q_block=16) if case == "sparse" else None
+    results = []
+    for keep in (0, 2):
+        model = tiny_model(13).to(dtype)
+        store = PagedKVStore.for_sequence(model, B, T, 16, dtype, DEVICE, kernel=ReferenceKernel(), sparse=sparse)
+        loss = chunked_step(model, idx, targets, chunk_size=C, page_size=16, compute_dtype=dtype, store=store,
+                            keep_activations=keep, **kwargs)
+        grads = {n: (p.main_grad if dtype == torch.bfloat16 else p.grad).clone() for n, p in model.named_parameters()}
+        results.append((loss, grads))
+    (loss0, grads0), (loss2, grads2) = results
+    tol = 1e-4 if dtype == torch.bfloat16 else 1e-5
+    assert abs(loss2 - loss0) <= tol * abs(loss0)
+    for n, g0 in grads0.items():
+        err = ((grads2[n] - g0).norm() / g0.norm()).item()
+        assert err <= tol, f"{n}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("batch,seq,chunk,page,checkpoint", [
     (2, 200, 64, 16, False),  # partial last chunk and page, batch 2
     (1, 160, 32, 16, True),   # layers recomputed inside the chunk
@@ -205,6 +276,8 @@ def test_bad_arguments():
     small_pool = PagedKVStore(2, 1, 2, 16, page_size=16, num_pages=3, dtype=torch.float32, device=DEVICE)
     with pytest.raises(OutOfPages, match="pages needed"):
         chunked_step(model, idx, idx, chunk_size=32, page_size=16, store=small_pool)
+    with pytest.raises(ValueError, match="keep_activations must be >= 0"):
+        chunked_step(model, idx, idx, chunk_size=32, page_size=16, keep_activations=-1)
     model.lm_head.weight.data = model.lm_head.weight.data.double()
     with pytest.raises(ValueError, match="share one dtype"):
         chunked_step(model, idx, idx, chunk_size=32, page_size=16)
