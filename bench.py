@@ -111,6 +111,9 @@ def parse_args(argv=None):
     s.add_argument("--no-baseline", action="store_true", help="skip the full-sequence baseline")
     s.add_argument("--output-cache", type=float, default=0.0,
                    help="GiB of stage-1 attention outputs a GPU store keeps for stage 2 (train.py sizes this itself)")
+    s.add_argument("--keep-activations", type=int, default=0, metavar="N",
+                   help="the N chunks before the last keep their stage-1 forward for stage 2, which then runs only "
+                        "their backward (chunked_step; N chunks' activations more memory, N forwards fewer)")
     s.add_argument("--budget", type=int, default=4096, help="sparse store: history tokens per query block")
     s.add_argument("--q-block", type=int, default=128, help="sparse store: queries per selection block")
     s.add_argument("--stores", type=lambda t: t.split(","), default=["paged"],

@@ -194,7 +194,9 @@ def format_row(d) -> str:
     status = d.get("status", "?")
     tail = "" if status == "ok" else f"  [{status}{': ' + d['error'] if d.get('error') else ''}]"
     if d.get("mode") == "step":
-        path = d["path"] + ("+sdpa" if d.get("attn_kernel") == "sdpa" and d["path"] != "full" else "")
+        chunked = d["path"] != "full"
+        path = (d["path"] + ("+sdpa" if d.get("attn_kernel") == "sdpa" and chunked else "")
+                + (f"+keep{d['keep_activations']}" if d.get("keep_activations") and chunked else ""))
         return (f"step {d['model']} {path:>7} T {d['length']:>7} c {d['chunk']} p {_f(d.get('page_size'), '>3')} "
                 f"ckpt {int(d['checkpoint'])} | {_f(d.get('step_s'), '7.3f')} s {_f(d.get('tokens_per_s'), '7,.0f')} tok/s "
                 f"{_f(d.get('tflops'), '5.1f')} TF/s | GiB peak {_f(d.get('peak_gib'), '5.2f')} act "

@@ -79,7 +79,8 @@ def bench_step(args, device, rec):
     # the chunked path's attention kernel: Triton, or sdpa with Triton for the parts it does not take (sparse tables)
     kernel = named_kernel(args.attn_kernel, device)
     base = dict(mode="step", model=args.model, attn_kernel=args.attn_kernel, batch=args.batch, chunk=args.chunk,
-                checkpoint=args.checkpoint, output_cache_gib=args.output_cache, params_dtype=args.params_dtype,
+                checkpoint=args.checkpoint, output_cache_gib=args.output_cache,
+                keep_activations=args.keep_activations, params_dtype=args.params_dtype,
                 params_gib=r(param_bytes / GiB), grads_gib=r(grad_bytes / GiB))
     last_time = {}  # path -> (length, median step seconds): predicts the next point's time for --time-budget
     baseline_oom_at = None
@@ -151,7 +152,8 @@ def bench_step(args, device, rec):
                         return partial_step(model, idx, tgt, args.chunk, store, args.last_chunks, bf16,
                                             args.checkpoint)
                     return chunked_step(model, idx, tgt, args.chunk, page_size, bf16, store=store,
-                                        checkpoint=args.checkpoint, progress=args.progress)
+                                        checkpoint=args.checkpoint, progress=args.progress,
+                                        keep_activations=args.keep_activations)
             else:
                 def step():
                     return full_sequence_step(model, idx, tgt, bf16, checkpoint=True)

@@ -17,7 +17,9 @@
 #   step-7b-sdpa  the same with --attn-kernel sdpa, then its dense 128K point (one warm-up step), stage-1 outputs
 #                 kept for stage 2 (--output-cache 28)                                                        340 s
 #   step-0.5b     Qwen2.5-0.5B at 32K, chunks of 4096 / 8192 / 16384 (the larger with stage-1 outputs kept; 16384
-#                 also with --attn-kernel sdpa) vs model.py's full sequence + checkpointing                     260 s
+#                 also with --attn-kernel sdpa, and with --keep-activations) vs model.py's full sequence +
+#                 checkpointing                                                                                330 s
+#   step-7b-keep  step-7b-sdpa's 16K/32K with --keep-activations 1 (stage 1's last chunk kept for stage 2)      140 s
 #   step-7b-256k-sdpa  Qwen2.5-7B dense at 256K through --attn-kernel sdpa, checkpointing in each chunk          330 s
 #   step-7b-128k  Qwen2.5-7B at 128K, dense and sparse, pages on the GPU                                    170 s
 #   offload-7b-1m Qwen2.5-7B, one whole sparse step at 1M tokens, pages in pinned host memory               360 s
@@ -191,16 +193,23 @@ for name in "$@"; do
         # them where GPU memory is spare (93.7 GiB without them): stage 2 then runs no attention forward
         stage step-7b-128k-sdpa 200 "${STEP7B[@]}" --lengths 131072 --chunk 8192 --stores paged --attn-kernel sdpa \
             --output-cache 28 --warmup 1 --repeats 1 --no-baseline ;;
+    step-7b-keep)  # step-7b-sdpa's 16K/32K with the chunk before the last kept from stage 1 (--keep-activations 1:
+        # ~30 GiB more at chunk 8192, one chunk's forward fewer: at 16K no recomputation at all)
+        stage step-7b-keep 140 "${STEP7B[@]}" --lengths 16384,32768 --chunk 8192 --output-cache 4 --attn-kernel sdpa \
+            --keep-activations 1 --warmup 1 --repeats 2 --point-budget 20 --time-budget 130 ;;
     step-7b-256k-sdpa)  # issue #18's 256K line (<= 160 s; 227.8 s with Triton): 42 GiB of pages, so checkpointing
         # inside each chunk, and 14 GiB of stage-1 outputs kept (~8 layers' at 1.8 GiB each), not all 28 (49 GiB)
         stage step-7b-256k-sdpa 330 "${STEP7B[@]}" --lengths 262144 --chunk 8192 --stores paged --attn-kernel sdpa \
             --checkpoint --output-cache 14 --warmup 0 --repeats 1 --no-baseline ;;
     step-0.5b)  # issue #18's host-bound point (0.5B at 32K, >= 1.0x asked): 4096-token chunks as in the earlier rows,
         # then fewer host calls per step: 8192 and 16384-token chunks, every stage-1 attention output kept (1.4 GB);
-        # 16384 at 0.98x in the thirteenth session, so also through --attn-kernel sdpa (cuDNN, as the baseline uses)
-        stage step-0.5b 260 bash -c "for run in '4096 0 triton' '8192 2 triton' '16384 2 triton' '16384 2 sdpa'; do \
-            set -- \$run; $PY bench.py step --model qwen2.5-0.5b --page-size 64 --lengths 32768 --chunk \$1 \
-            --output-cache \$2 --attn-kernel \$3 --warmup 1 --repeats 3 --point-budget 30 || exit 1; done" ;;
+        # 16384 at 0.98x in the thirteenth session, so also through --attn-kernel sdpa (cuDNN, as the baseline uses),
+        # and with stage 1's forwards kept (--keep-activations: 3 of 4 chunks of 8192, 1 of 2 of 16384: nothing
+        # recomputed, ~12 GiB of activations per 8192 tokens)
+        stage step-0.5b 330 bash -c "for run in '4096 0 triton 0' '8192 2 triton 0' '16384 2 triton 0' \
+            '16384 2 sdpa 0' '8192 0 sdpa 3' '16384 0 sdpa 1'; do set -- \$run; $PY bench.py step \
+            --model qwen2.5-0.5b --page-size 64 --lengths 32768 --chunk \$1 --output-cache \$2 --attn-kernel \$3 \
+            --keep-activations \$4 --warmup 1 --repeats 3 --point-budget 30 || exit 1; done" ;;
     step-7b-128k)
         stage step-7b-128k 170 "${STEP7B[@]}" --lengths 131072 --chunk 8192 --stores paged,sparse --budget 4096 \
             --warmup 0 --repeats 1 --no-baseline ;;
