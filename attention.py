@@ -130,8 +130,9 @@ ATTN_KERNELS = ("triton", "sdpa")  # train.py / bench.py step --attn-kernel
 
 def named_kernel(name, device):
     """--attn-kernel's kernel: "triton", the default above; "sdpa", SDPAKernel for the dense parts (pages gathered,
-    then cuDNN on CUDA: the 7B step at 128K in 44 s on an H200, Triton's 52-63 s; bench/RESULTS.md) with the
-    default kernel for the parts it does not take (sparse tables, document masks, fp32 on CUDA)."""
+    then cuDNN on CUDA: the 7B step at 128K in 35 s on an H200 with every stage-1 attention output kept, 44 s
+    without, Triton's 52-63 s; bench/RESULTS.md) with the default kernel for the parts it does not take (sparse
+    tables, document masks, fp32 on CUDA)."""
     if name not in ATTN_KERNELS:
         raise ValueError(f"attention kernel must be one of {', '.join(ATTN_KERNELS)}, got {name!r}")
     return default_kernel(device) if name == "triton" else SDPAKernel(fallback=default_kernel(device))

@@ -169,8 +169,13 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     chunk.add_argument("--attn-kernel", default="triton", choices=["triton", "sdpa"],  # attention.ATTN_KERNELS
                        help="the chunked path's attention kernel: triton (kernels/paged_attention.py), or sdpa: each "
                             "dense part's pages gathered, then PyTorch's fused op (cuDNN on CUDA; kernels/"
-                            "gather_sdpa.py), Triton for sparse and document-masked parts; the 7B 128K step in 44 s on "
-                            "an H200, Triton's 52-63 s (bench/RESULTS.md) (default: %(default)s)")
+                            "gather_sdpa.py), Triton for sparse and document-masked parts; the 7B 128K step in 35 s on "
+                            "an H200 with every stage-1 attention output kept, Triton's 52-63 s (bench/RESULTS.md) "
+                            "(default: %(default)s)")
+    chunk.add_argument("--keep-activations", type=int, default=None, metavar="N",
+                       help="the N chunks before the last run stage 1 with grad and keep their activations, so stage 2 "
+                            "runs only their backward: N chunk forwards fewer per step for N chunks' activations of "
+                            "memory, which the plan counts (chunk_train.py) (default: 0)")
     chunk.add_argument("--budget", type=int, default=None,
                        help="sparse attention: history tokens per query block (sink, recent and top-scoring pages), "
                             "a multiple of --page-size (default: 4096)")
@@ -218,7 +223,7 @@ def check_values(args):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"{_flag(name)} must be > 0, got {value}")
-    for name in ("min_lr", "weight_decay", "grad_clip", "warmup", "eval_iters"):
+    for name in ("min_lr", "weight_decay", "grad_clip", "warmup", "eval_iters", "keep_activations"):
         value = getattr(args, name)
         if value is not None and value < 0:
             raise UserError(f"{_flag(name)} must be >= 0, got {value}")
@@ -298,7 +303,8 @@ def _unused(args, name, why):
         raise UserError(f"{_flag(name)} {getattr(args, name)} is not used: {why}")
 
 
-DEFAULTS_CHUNKED = dict(page_size=64, grad_pages="auto", cache_tokens=65536, budget=4096, select="meankey")
+DEFAULTS_CHUNKED = dict(page_size=64, grad_pages="auto", cache_tokens=65536, budget=4096, select="meankey",
+                        keep_activations=0)
 
 
 def resolve(args, gpu: bool):

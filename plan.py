@@ -14,8 +14,8 @@ RAM, so their sum is what must fit.
                                        full-sequence path, one chunk on the chunked path
     loss slice                         one slice of Model.loss's logits and their gradients
     chunked path: the KV/dKV page pool (grows with --seq), or offloaded a fixed page cache with the pool on the host;
-    sparse attention's page summaries and selections (grow with --seq); stage-1 attention outputs kept for stage 2
-    in part of what is left (OUTPUT_CACHE_SHARE).
+    sparse attention's page summaries and selections (grow with --seq); --keep-activations' chunks, one chunk's
+    activations each; stage-1 attention outputs kept for stage 2 in part of what is left (OUTPUT_CACHE_SHARE).
 
     weights, gradients and optimizer state by --params-dtype (state_parts):
       float32               4 + 4 + AdamW 8 (or Adafactor's factors) per parameter
@@ -76,6 +76,7 @@ OUTPUT_CACHE_SHARE = 0.5
 # PCIe, so once per chunk (the largest power of two <= --chunk) moves ~5x fewer pages (bench/RESULTS.md).
 DEFAULT_Q_BLOCK = 128
 OUTPUT_CACHE = "attention outputs kept for stage 2"
+KEPT_ACTIVATIONS = "activations of the chunks kept from stage 1 (--keep-activations)"
 # --attn-kernel sdpa (kernels/gather_sdpa.py) at its largest call: per history token of the part, K and V gathered
 # into contiguous tensors and, in the backward, their gradients, in the compute dtype, plus one fp32 copy at a time
 # for the pages' index_add; per query of the chunk, the calls' fp32 outputs and their merge (or dq and its terms).
@@ -210,6 +211,11 @@ def activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int, full_sequen
     return cfg.num_hidden_layers * layer + compute_bytes * BACKWARD_INTERMEDIATES * cfg.intermediate_size
 
 
+def kept_chunks(args) -> int:
+    """How many chunks keep their stage-1 forward: --keep-activations, at most every chunk but the last."""
+    return min(getattr(args, "keep_activations", 0) or 0, math.ceil(args.seq / args.chunk) - 1)
+
+
 def sparse_config(args, q_block) -> SparseConfig:
     """The sparse-attention settings of a run (--budget, the planned q-block, --select) as the stores take them."""
     return SparseConfig(budget=args.budget, q_block=q_block, rule=RULES[args.select]())
@@ -233,6 +239,8 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
         device |= {name: activations * args.seq, "loss slice": loss_slice}
         return Plan(device, {}, activations, 0, growing={name})
     device |= {f"activations (one {args.chunk}-token chunk)": activations * args.chunk, "loss slice": loss_slice}
+    if kept_chunks(args):  # each alive from its stage-1 forward to its backward, beside the chunk in flight
+        device[KEPT_ACTIVATIONS] = activations * args.chunk * kept_chunks(args)
     kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
     pool_per_token = PagedKVStore.bytes_per_token(cfg, kv_dtype, grad_dtype) * args.batch
     plan = Plan(device, {}, 0, 0, offload=offload, q_block=q_block if args.sparse else None)
@@ -322,7 +330,9 @@ def plan_run(cfg: ModelConfig, args, memory: Memory) -> Plan:
     plan.refusal = refusal(plan, memory, args)
     if not offload and plan.fits:
         # the last chunks first, whose attention over the longest history costs the most to recompute
-        need = PagedKVStore.output_bytes_per_token(cfg, DTYPES[args.dtype]) * args.batch * (args.seq - args.chunk)
+        # (not those of kept chunks, whose forward stage 2 does not repeat)
+        recomputed = max(0, args.seq - args.chunk * (1 + kept_chunks(args)))
+        need = PagedKVStore.output_bytes_per_token(cfg, DTYPES[args.dtype]) * args.batch * recomputed
         spare = int(USABLE_SHARE * memory.device) - sum(plan.device.values())
         plan.device[OUTPUT_CACHE] = min(need, int(OUTPUT_CACHE_SHARE * max(0, spare)))
     return plan

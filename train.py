@@ -144,7 +144,8 @@ def train_step(model, x, y, args, device, store, doc_start=None) -> float:
     with fp32_gradients(model):
         if chunked(args):
             return chunked_step(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store,
-                                progress=args.seq >= 8 * args.chunk, doc_start=doc_start)
+                                progress=args.seq >= 8 * args.chunk, doc_start=doc_start,
+                                keep_activations=args.keep_activations)
         with autocast(args, device):
             hidden = model.hidden(x, doc_start=doc_start)
             scale = 1.0 / max(trained_tokens(y), 1)

@@ -94,6 +94,8 @@ CASES = [
     (["--page-size", "7"], "--page-size 7 is not used"),
     (["--q-block", "3"], "--q-block 3 is not used"),
     (["--cache-tokens", "4096"], "--cache-tokens 4096 is not used"),
+    (["--keep-activations", "1"], "--keep-activations 1 is not used"),
+    (CHUNKED + ["--keep-activations", "-1"], "--keep-activations must be >= 0"),
     (["--offload", "on"], "--offload on works on the chunked path only"),
     (["--attn", "sparse"], "--attn sparse works on the chunked path only"),
     (CHUNKED + ["--attn", "dense", "--budget", "256"], "--budget 256 is not used"),

@@ -218,7 +218,8 @@ def check_data_parallel(rank):
 def check_context_parallel():
     """The history sharded over both processes (chunks round-robin: 4 chunks of 32 tokens, 3 of them history), one
     process's loss and gradients; also with packed documents, clear_grad (detach_history) where only the owner
-    holds the pages, and through --attn-kernel sdpa's kernel (each rank's parts, then the merge across ranks)."""
+    holds the pages, through --attn-kernel sdpa's kernel (each rank's parts, then the merge across ranks), and with
+    two chunks' forwards kept from stage 1 (keep_activations: their backward runs after the last chunk's)."""
     from attention import ReferenceKernel, SDPAKernel
     from chunk_train import chunked_step
     from context_parallel import ShardedKVStore
@@ -229,10 +230,11 @@ def check_context_parallel():
     pos = torch.arange(112)
     docs = torch.stack([torch.where(pos >= 70, 70, torch.where(pos >= 20, 20, 0)), torch.where(pos >= 40, 40, 0)])
     out = {}
-    for variant, doc_start, detach, kernel in (("", None, False, ReferenceKernel()),
-                                               ("detached ", None, True, ReferenceKernel()),
-                                               ("documents ", docs, False, ReferenceKernel()),
-                                               ("sdpa ", None, False, SDPAKernel(fallback=ReferenceKernel()))):
+    for variant, doc_start, detach, kernel, keep in (("", None, False, ReferenceKernel(), 0),
+                                                     ("detached ", None, True, ReferenceKernel(), 0),
+                                                     ("documents ", docs, False, ReferenceKernel(), 0),
+                                                     ("sdpa ", None, False, SDPAKernel(fallback=ReferenceKernel()), 0),
+                                                     ("kept ", None, False, ReferenceKernel(), 2)):
         ref = tiny_model(False)
         ref_loss = chunked_step(ref, idx, targets, chunk_size=32, page_size=16, detach_history=detach,
                                 doc_start=doc_start, store=PagedKVStore.for_sequence(ref, 2, 112, 16, torch.float32,
@@ -241,7 +243,7 @@ def check_context_parallel():
         store = ShardedKVStore.for_sequence(model, 2, 112, 32, 16, torch.float32, "cpu", kernel=kernel)
         assert store.inner.allocator.num_pages == 2 * 2 * 4  # 2 layers x 2 rows x 2 chunks of 2 pages: half
         loss = chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=store, detach_history=detach,
-                            doc_start=doc_start)
+                            doc_start=doc_start, keep_activations=keep)
         errs = errors(loss, ref_loss, {n: p.grad for n, p in model.named_parameters()}, ref)
         out.update({variant + name: err for name, err in errs.items()})
     # LseMerge on an lse laid out [B, C, H] in memory on one rank only (what the CPU SDPA op returned before its

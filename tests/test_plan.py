@@ -81,6 +81,26 @@ def test_sdpa_kernel_temporaries_are_planned():
     assert "attention kernel: the default for every part" in text, text
 
 
+def test_kept_activations_are_planned():
+    """--keep-activations N: N chunks' activations more on the device, at most every chunk but the last (7B at
+    32K, chunk 8192: 4 chunks, so 9 keeps 3), and the attention outputs of kept chunks are not asked of the output
+    cache (stage 2 does not repeat their forward)."""
+    argv = ("--model", "qwen2.5-7b", "--seq", "32768", "--chunk", "8192", "--dtype", "bfloat16", "--attn", "dense")
+    cfg = preset("qwen2.5-7b")
+    base = planner.parts(cfg, settings(*argv))
+    chunk = base.device["activations (one 8192-token chunk)"]
+    assert planner.KEPT_ACTIVATIONS not in base.device
+    for keep, kept in ((1, 1), (9, 3)):
+        plan = planner.parts(cfg, settings(*argv, "--keep-activations", str(keep)))
+        assert plan.device[planner.KEPT_ACTIVATIONS] == kept * chunk
+        assert plan.device_per_token == base.device_per_token  # not growing with --seq
+    gpu = planner.Memory(device=1000 * GIB, host=120 * GIB, on_gpu=True)  # room for every output
+    per_token = planner.PagedKVStore.output_bytes_per_token(cfg, torch.bfloat16)
+    for keep, recomputed in ((0, 32768 - 8192), (1, 32768 - 2 * 8192), (3, 0)):
+        plan = planner.plan_run(cfg, settings(*argv, "--keep-activations", str(keep)), gpu)
+        assert plan.device[planner.OUTPUT_CACHE] == per_token * recomputed
+
+
 def test_optimizer_state_is_what_torch_keeps():
     """The plan's optimizer bytes against AdamW's and Adafactor's real state after one step."""
     cfg = preset("tiny")
