@@ -2,7 +2,8 @@
 What would make a refused plan fit: each change of the command line re-planned on its own (plan.plan_auto), then the
 smallest combination when no single change does. `--plan` prints them; train.py's refusal names the first that fits.
 
-    candidates   --offload on, a smaller --chunk, --grad-pages bfloat16, --params-dtype bfloat16 [--moments X],
+    candidates   --keep-activations 0 (if given), --offload on, a smaller --chunk, --grad-pages bfloat16,
+                 --params-dtype bfloat16 [--moments X],
                  --lora-rank 16, the largest --batch and the longest --seq that fit (binary search: memory grows
                  with both, so every smaller value fits when one does)
 """
@@ -55,6 +56,8 @@ def _moves(cfg, args, plan) -> list[tuple[str, dict]]:
     """The single changes worth re-planning, least intrusive first: (flags, changed args). args: the run's
     arguments before plan_auto (auto settings still auto)."""
     moves = []
+    if chunked(args) and args.keep_activations:  # speed bought with memory: the first thing to give back
+        moves.append(("--keep-activations 0", dict(keep_activations=0)))
     if chunked(args) and not plan.offload and args.offload != "on":
         moves.append(("--offload on", dict(offload="on")))
     if chunked(args):
@@ -99,7 +102,8 @@ def suggest(cfg: ModelConfig, args, memory: Memory, plan: Plan) -> list[Suggesti
     if chunk_moves:
         fitting = [m for m in chunk_moves if m.plan.fits]
         best = fitting[0] if fitting else chunk_moves[-1]
-        out.insert(1 if out and out[0].flags == "--offload on" else 0, best)
+        first = ("--keep-activations 0", "--offload on")  # less intrusive than a smaller chunk: before it
+        out.insert(sum(1 for s in out[:2] if s.flags in first), best)
         discrete.append((best.flags, dict(chunk=int(best.flags.split()[1]))))
     if args.batch > 1:
         batch = _largest_fitting(cfg, args, memory, "batch", 1, args.batch - 1)

@@ -70,6 +70,19 @@ def test_refused_plan_suggests_changes_that_each_re_plan():
     assert ": FITS, " in line and "GiB planned on the gpu + " in line and "pinned host memory" in line, line
 
 
+def test_kept_activations_are_the_first_suggestion_to_give_back():
+    """--keep-activations that the GPU cannot hold (0.5B at 256K, 16K-token chunks, 15 kept: ~20 GiB each): REFUSED,
+    and the first suggestion, --keep-activations 0, fits."""
+    cfg = preset("qwen2.5-0.5b")
+    args = settings("--model", "qwen2.5-0.5b", "--seq", "262144", "--chunk", "16384", "--attn", "dense",
+                    "--keep-activations", "15", auto=True)
+    plan, _ = planner.plan_auto(cfg, args, H200)
+    assert not plan.fits and plan.device[planner.KEPT_ACTIVATIONS] > 139 * GIB
+    first = plan_suggest.suggest(cfg, args, H200, plan)[0]
+    assert first.flags == "--keep-activations 0" and first.plan.fits
+    assert planner.KEPT_ACTIVATIONS not in first.plan.device
+
+
 def test_lora_at_the_longest_length_is_suggested_on_the_host_limit():
     """LoRA's 7B fits the GPU easily; the host's pages limit the length, which the suggestion names."""
     cfg = preset("qwen2.5-7b")
