@@ -89,7 +89,7 @@ def reference_loss(model, batch):
 
 def run_args(**kw):
     base = dict(chunk=4096, page_size=64, dtype="float32", params_dtype="float32", seq=64, batch=3, seed=0,
-                eval_iters=2)
+                eval_iters=2, keep_activations=0)
     return SimpleNamespace(**{**base, **kw})
 
 
