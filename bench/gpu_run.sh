@@ -20,7 +20,7 @@
 #                 also with --attn-kernel sdpa, and with --keep-activations) vs model.py's full sequence +
 #                 checkpointing                                                                                330 s
 #   step-7b-keep  step-7b-sdpa's 16K/32K with --keep-activations 1 (stage 1's last chunk kept for stage 2)      140 s
-#   step-7b-256k-sdpa  Qwen2.5-7B dense at 256K through --attn-kernel sdpa, checkpointing in each chunk          330 s
+#   step-7b-256k-sdpa  Qwen2.5-7B dense at 256K through --attn-kernel sdpa                                      330 s
 #   step-7b-128k  Qwen2.5-7B at 128K, dense and sparse, pages on the GPU                                    170 s
 #   offload-7b-1m Qwen2.5-7B, one whole sparse step at 1M tokens, pages in pinned host memory               360 s
 #   offload-7b-1m-nockpt  the same without --checkpoint (room on an H200: 47.7 GiB used with it)          360 s
@@ -198,10 +198,11 @@ for name in "$@"; do
         # ~30 GiB more at chunk 8192, one chunk's forward fewer: at 16K no recomputation at all)
         stage step-7b-keep 140 "${STEP7B[@]}" --lengths 16384,32768 --chunk 8192 --output-cache 4 --attn-kernel sdpa \
             --keep-activations 1 --warmup 1 --repeats 2 --point-budget 20 --time-budget 130 ;;
-    step-7b-256k-sdpa)  # issue #18's 256K line (<= 160 s; 227.8 s with Triton): 42 GiB of pages, so checkpointing
-        # inside each chunk, and 14 GiB of stage-1 outputs kept (~8 layers' at 1.8 GiB each), not all 28 (49 GiB)
+    step-7b-256k-sdpa)  # issue #18's 256K line (<= 160 s; 227.8 s with Triton and --checkpoint): 42 GiB of pages +
+        # 42.6 GiB of weights and fp32 gradients + ~30 GiB of one 8192-token chunk's activations leave ~10 GiB of the
+        # usable share: no recomputation inside the chunk, 6 GiB of stage-1 outputs kept (3 layers' of 28)
         stage step-7b-256k-sdpa 330 "${STEP7B[@]}" --lengths 262144 --chunk 8192 --stores paged --attn-kernel sdpa \
-            --checkpoint --output-cache 14 --warmup 0 --repeats 1 --no-baseline ;;
+            --output-cache 6 --warmup 0 --repeats 1 --no-baseline ;;
     step-0.5b)  # issue #18's host-bound point (0.5B at 32K, >= 1.0x asked): 4096-token chunks as in the earlier rows,
         # then fewer host calls per step: 8192 and 16384-token chunks, every stage-1 attention output kept (1.4 GB);
         # 16384 at 0.98x in the thirteenth session, so also through --attn-kernel sdpa (cuDNN, as the baseline uses),
