@@ -7,6 +7,7 @@ standing in for the GPU (the same launcher code runs; the interpreter's own tens
     python bench/count_ops.py                                  # the tiny preset, 2048 tokens in chunks of 512
     python bench/count_ops.py --attn-kernel sdpa --layers 4    # another kernel, fewer layers (faster)
     python bench/count_ops.py --packed 4                       # 4 documents packed per sequence (doc_start masks)
+    python bench/count_ops.py --keep-activations 3             # stage 1's chunks kept for stage 2 (no recompute)
 
 Prints the totals per step and per layer-chunk (stage 1 and stage 2 together), and the most frequent ops.
 """
@@ -68,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--attn-kernel", default="triton", choices=ATTN_KERNELS)
     ap.add_argument("--packed", type=int, default=0, metavar="N", help="N equal documents per sequence (0: none)")
+    ap.add_argument("--keep-activations", type=int, default=0, metavar="N",
+                    help="chunks before the last whose stage-1 forward is kept for stage 2 (chunked_step)")
     ap.add_argument("--top", type=int, default=25, help="ops to list")
     args = ap.parse_args(argv)
     if args.seq % args.chunk or (args.packed and args.seq % args.packed):
@@ -88,7 +91,8 @@ def main(argv=None):
                                       kernel=named_kernel(args.attn_kernel, "cpu"))
 
     def step():
-        return chunked_step(model, idx, targets, args.chunk, args.page_size, store=store, doc_start=doc_start)
+        return chunked_step(model, idx, targets, args.chunk, args.page_size, store=store, doc_start=doc_start,
+                            keep_activations=args.keep_activations)
 
     step()  # once uncounted: first-call work (caches, lazily built tables) is not per step
     model.zero_grad(set_to_none=True)
@@ -97,7 +101,8 @@ def main(argv=None):
     layer_chunks = cfg.num_hidden_layers * args.seq // args.chunk
     n_ops, n_launches = sum(count.ops.values()), sum(count.launches.values())
     print(f"{args.model} ({cfg.num_hidden_layers} layers), {args.seq} tokens in chunks of {args.chunk}, "
-          f"--attn-kernel {args.attn_kernel}{f', {args.packed} packed documents' if args.packed else ''}: "
+          f"--attn-kernel {args.attn_kernel}{f', {args.packed} packed documents' if args.packed else ''}"
+          f"{f', {args.keep_activations} chunks kept' if args.keep_activations else ''}: "
           f"{n_ops:,} aten ops and {n_launches:,} Triton launches per step, {n_ops / layer_chunks:.0f} and "
           f"{n_launches / layer_chunks:.1f} per layer-chunk")
     for name, n in count.launches.most_common():
