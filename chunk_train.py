@@ -14,7 +14,7 @@ them, are kept in a store (paged_kv.py):
           own K/V the gradient accumulated for them by all later chunks plus its own. Then the chunk's pages are
           released (LIFO) and the previous chunk goes next.
 
-keep_activations=N (memory for speed): the last N chunks before the last run stage 1 with grad instead, their
+keep_activations=N (memory for speed): the N chunks before the last run stage 1 with grad instead, their
 forward kept as in any backprop; stage 2 then runs only their backward, in the same right-to-left order, so the
 gradient is the same. Each kept chunk saves a forward of the whole chunk (stage 2's recomputation), for one chunk's
 activations more of memory per kept chunk (with N = chunks - 1 nothing is recomputed: plain backprop, chunk by chunk).
