@@ -165,10 +165,10 @@ def test_kept_activations_are_exact(store_kind, keep, checkpoint):
         assert store.allocator.num_free == store.allocator.num_pages
 
 
-@pytest.mark.parametrize("case", ["sparse", "documents", "detached", "bf16-params"])
+@pytest.mark.parametrize("case", ["sparse", "offloaded-sparse", "documents", "detached", "bf16-params"])
 def test_kept_activations_change_only_the_order(case):
-    """Where the full-sequence reference is not the plain one (sparse selections, packed documents, a detached
-    history) or the rounding differs (bf16 weights, fp32 main_grad): keep_activations=2 gives the loss and gradients
+    """Where the full-sequence reference is not the plain one (sparse selections, on the GPU or over offloaded
+    pages, packed documents, a detached history) or the rounding differs (bf16 weights, fp32 main_grad): keep_activations=2 gives the loss and gradients
     of keep_activations=0, the same computations in another order (fp32: 1e-5; bf16 weights: main_grad to 1e-4,
     where the kept chunks' head gradients are summed earlier)."""
     B, T, C = 2, 160, 32  # 5 chunks: 2 run with no grad in stage 1, 2 kept
@@ -181,11 +181,15 @@ def test_kept_activations_change_only_the_order(case):
         for b, first in [(0, 40), (0, 90), (1, 64), (1, 65)]:  # one document of one token, one at a chunk start
             starts[b, first:] = first
         kwargs["doc_start"] = starts.to(DEVICE)
-    sparse = SparseConfig(budget=32, q_block=16) if case == "sparse" else None
+    sparse = SparseConfig(budget=32, q_block=16) if case.endswith("sparse") else None
     results = []
     for keep in (0, 2):
         model = tiny_model(13).to(dtype)
-        store = PagedKVStore.for_sequence(model, B, T, 16, dtype, DEVICE, kernel=ReferenceKernel(), sparse=sparse)
+        if case == "offloaded-sparse":  # a cache buffer holds the chunk's pages and each block's selection
+            store = OffloadedKVStore.for_sequence(model, B, T, 16, dtype, DEVICE, cache_tokens=160,
+                                                  kernel=ReferenceKernel(), sparse=sparse)
+        else:
+            store = PagedKVStore.for_sequence(model, B, T, 16, dtype, DEVICE, kernel=ReferenceKernel(), sparse=sparse)
         loss = chunked_step(model, idx, targets, chunk_size=C, page_size=16, compute_dtype=dtype, store=store,
                             keep_activations=keep, **kwargs)
         grads = {n: (p.main_grad if dtype == torch.bfloat16 else p.grad).clone() for n, p in model.named_parameters()}
