@@ -168,9 +168,9 @@ def test_kept_activations_are_exact(store_kind, keep, checkpoint):
 @pytest.mark.parametrize("case", ["sparse", "offloaded-sparse", "documents", "detached", "bf16-params"])
 def test_kept_activations_change_only_the_order(case):
     """Where the full-sequence reference is not the plain one (sparse selections, on the GPU or over offloaded
-    pages, packed documents, a detached history) or the rounding differs (bf16 weights, fp32 main_grad): keep_activations=2 gives the loss and gradients
-    of keep_activations=0, the same computations in another order (fp32: 1e-5; bf16 weights: main_grad to 1e-4,
-    where the kept chunks' head gradients are summed earlier)."""
+    pages, packed documents, a detached history) or the rounding differs (bf16 weights, fp32 main_grad):
+    keep_activations=2 gives the loss and gradients of keep_activations=0, the same computations in another order
+    (fp32: 1e-5; bf16 weights: main_grad to 1e-4, where the kept chunks' head gradients are summed earlier)."""
     B, T, C = 2, 160, 32  # 5 chunks: 2 run with no grad in stage 1, 2 kept
     dtype = torch.bfloat16 if case == "bf16-params" else torch.float32
     g = torch.Generator().manual_seed(13)
