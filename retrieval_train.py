@@ -422,10 +422,10 @@ def plot(runs, out):
               f"{' '.join(f'{a:.2f}' for a in last.get('byte_accuracy', []))}")
     distances = "/".join(map(str, sorted({config["distance"] for config, _ in loaded})))
     value_lens = sorted({config.get("value_len", 4) for config, _ in loaded})
-    chance = max(config.get("chance_per_byte", 1 / 26) for config, _ in loaded)  # the highest of the runs' alphabets
-    for ax, title, chance in ((axes[0], f"exact match (whole {'/'.join(map(str, value_lens))}-byte answers)",
-                               chance ** value_lens[0]), (axes[1], "per-byte accuracy", chance)):
-        ax.axhline(chance, color="gray", linestyle=":", label="chance")
+    per_byte = max(config.get("chance_per_byte", 1 / 26) for config, _ in loaded)  # the highest of the runs' alphabets
+    for ax, title, level in ((axes[0], f"exact match (whole {'/'.join(map(str, value_lens))}-byte answers)",
+                              per_byte ** value_lens[0]), (axes[1], "per-byte accuracy", per_byte)):
+        ax.axhline(level, color="gray", linestyle=":", label="chance")
         ax.set(xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"{title}, held-out, distance {distances}")
         ax.grid(alpha=0.3)
     if any(config.get("curriculum") for config, _ in loaded):  # dashed lines to name
