@@ -220,14 +220,14 @@ def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dty
             doc_start=_slice(doc_start, 0, s_kept))
 
     total = torch.zeros((), device=idx.device)
-    args = dict(compute_dtype=compute_dtype, checkpoint=checkpoint, n_trained=n_trained, doc_start=doc_start)
+    per_chunk = dict(compute_dtype=compute_dtype, checkpoint=checkpoint, n_trained=n_trained, doc_start=doc_start)
     with fp32_gradients(model):  # the kept forwards too: their weight gradients go where stage 2's go
         kept = {}  # chunk start -> ChunkForward, in stage 1's order (they store their K/V as they run)
         for s, e in chunks[len(chunks) - 1 - n_kept:-1]:
-            kept[s] = forward_chunk(model, idx, targets, s, e, store, **args)
+            kept[s] = forward_chunk(model, idx, targets, s, e, store, **per_chunk)
             bar.chunk_done(1)
         for s, e in chunks[::-1]:
-            forward = kept.pop(s) if s in kept else forward_chunk(model, idx, targets, s, e, store, **args)
+            forward = kept.pop(s) if s in kept else forward_chunk(model, idx, targets, s, e, store, **per_chunk)
             total += forward.backward(store, detach_history)
             bar.chunk_done(2)
     bar.close()
