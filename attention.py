@@ -29,8 +29,9 @@ A kernel is an object with
 kernels/paged_reference.py); default_kernel picks Triton for CUDA tensors or under TRITON_INTERPRET=1, the
 reference for CPU tensors otherwise (the chunked step on a laptop). `SDPAKernel` (kernels/gather_sdpa.py, issue
 #18): each dense part's pages gathered into contiguous K/V and computed by PyTorch's fused attention ops (cuDNN /
-FlashAttention on CUDA, the CPU flash op on CPUs); not the default yet, chosen by name (named_kernel: train.py and
-bench.py step --attn-kernel sdpa), measured against Triton with bench.py kernel --kernels triton,sdpa.
+FlashAttention on CUDA, the CPU flash op on CPUs), measured against Triton with bench.py kernel --kernels
+triton,sdpa: the default for dense parts on CUDA since it won there (named_kernel "auto", train.py and bench.py step
+--attn-kernel), with Triton for the parts it does not take.
 """
 from typing import NamedTuple, Optional
 
@@ -41,9 +42,8 @@ from kernels.paged_attention import _interpreting, paged_attention_forward, soft
 from kernels.paged_attention_backward import paged_attention_backward
 from kernels.paged_reference import gather_pages, paged_attention_reference, paged_attention_reference_backward
 
-__all__ = ["Part", "OnePart", "TritonKernel", "ReferenceKernel", "SDPAKernel", "default_kernel", "named_kernel",
-           "attention_forward",
-           "attend"]  # SDPAKernel: re-exported from kernels/gather_sdpa.py, next to the other kernels
+__all__ = ["Part", "OnePart", "TritonKernel", "ReferenceKernel", "SDPAKernel", "default_kernel", "kernel_name",
+           "named_kernel", "attention_forward", "attend"]  # SDPAKernel: re-exported from kernels/gather_sdpa.py, next to the other kernels
 
 
 class Part(NamedTuple):
@@ -125,17 +125,27 @@ def default_kernel(device):
     return TritonKernel() if torch.device(device).type == "cuda" or _interpreting() else ReferenceKernel()
 
 
-ATTN_KERNELS = ("triton", "sdpa")  # train.py / bench.py step --attn-kernel
+ATTN_KERNELS = ("auto", "triton", "sdpa")  # train.py / bench.py step --attn-kernel
+
+
+def kernel_name(name, device):
+    """The concrete kernel "auto" stands for on `device`: sdpa on CUDA (on an H200 its chunk calls run at 0.76-1.03
+    of cuDNN's full-sequence TF/s where Triton's run at 0.60-0.69, and the 7B 128K step takes 35 s against 52 s;
+    bench/RESULTS.md), triton elsewhere (the CPU reference or the interpreter, as the tests run them)."""
+    if name not in ATTN_KERNELS:
+        raise ValueError(f"attention kernel must be one of {', '.join(ATTN_KERNELS)}, got {name!r}")
+    if name != "auto":
+        return name
+    return "sdpa" if torch.device(device).type == "cuda" else "triton"
 
 
 def named_kernel(name, device):
     """--attn-kernel's kernel: "triton", the default above; "sdpa", SDPAKernel for the dense parts (pages gathered,
-    then cuDNN on CUDA: the 7B step at 128K in 35 s on an H200 with every stage-1 attention output kept, 44 s
-    without, Triton's 52-63 s; bench/RESULTS.md) with the default kernel for the parts it does not take (sparse
-    tables, document masks, fp32 on CUDA)."""
-    if name not in ATTN_KERNELS:
-        raise ValueError(f"attention kernel must be one of {', '.join(ATTN_KERNELS)}, got {name!r}")
-    return default_kernel(device) if name == "triton" else SDPAKernel(fallback=default_kernel(device))
+    then cuDNN on CUDA) with the default kernel for the parts it does not take (sparse tables, document masks, fp32
+    on CUDA); "auto", kernel_name's choice for the device."""
+    if kernel_name(name, device) == "triton":
+        return default_kernel(device)
+    return SDPAKernel(fallback=default_kernel(device))
 
 
 def attention_forward(history, q, k, v, kernel, scale=None, merge=None):

@@ -120,9 +120,10 @@ def parse_args(argv=None):
                    help="chunked-path stores to run, comma-separated: paged (pages on the GPU), offload (host), "
                         "sparse (sparse attention, pages on the GPU), sparse-offload (sparse, pages on the host)")
     s.add_argument("--cache-tokens", type=int, default=65536, help="offload: tokens per GPU cache buffer")
-    s.add_argument("--attn-kernel", default="triton", choices=ATTN_KERNELS,
+    s.add_argument("--attn-kernel", default="auto", choices=ATTN_KERNELS,
                    help="the chunked path's attention kernel: triton (kernels/paged_attention.py) or sdpa "
-                        "(kernels/gather_sdpa.py for dense parts, Triton for the sparse ones; issue #18)")
+                        "(kernels/gather_sdpa.py for dense parts, Triton for the sparse ones; issue #18); auto: sdpa "
+                        "on CUDA, triton elsewhere (default: %(default)s)")
     s.add_argument("--grad-pages", default="float32", choices=["float32", "bfloat16"], help="dK/dV page dtype")
     s.add_argument("--last-chunks", type=int, default=0, metavar="N",
                    help="probe: random history instead of stage 1, then only the last N chunks of stage 2 "

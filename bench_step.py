@@ -6,7 +6,7 @@ import statistics
 
 import torch
 
-from attention import named_kernel
+from attention import kernel_name, named_kernel
 from bench_lib import (GiB, build_model, free_memory, full_sequence_step, peak_gib, profile_once, r,
                        random_tokens, run_point, over_budget, timed)
 from chunk_train import backward_chunk, chunked_step
@@ -76,9 +76,10 @@ def bench_step(args, device, rec):
           f"{args.params_dtype} + grads {grad_bytes / GiB:.1f} GiB fp32), batch {args.batch}, chunk {args.chunk}, "
           f"checkpoint {args.checkpoint}, bf16 compute on {device}", flush=True)
 
-    # the chunked path's attention kernel: Triton, or sdpa with Triton for the parts it does not take (sparse tables)
+    # the chunked path's attention kernel: Triton, or sdpa with Triton for the parts it does not take (sparse tables);
+    # recorded by its concrete name (auto: sdpa on CUDA)
     kernel = named_kernel(args.attn_kernel, device)
-    base = dict(mode="step", model=args.model, attn_kernel=args.attn_kernel, batch=args.batch, chunk=args.chunk,
+    base = dict(mode="step", model=args.model, attn_kernel=kernel_name(args.attn_kernel, device), batch=args.batch, chunk=args.chunk,
                 checkpoint=args.checkpoint, output_cache_gib=args.output_cache,
                 keep_activations=args.keep_activations, params_dtype=args.params_dtype,
                 params_gib=r(param_bytes / GiB), grads_gib=r(grad_bytes / GiB))

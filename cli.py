@@ -52,6 +52,16 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def _count_or_auto(text: str):
+    """--keep-activations: "auto" (the plan chooses) or a whole number (checked >= 0 by check_values)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
 def parse_args(argv=None, description=None) -> argparse.Namespace:
     """The arguments as given: a default that depends on the device (or on other arguments) stays None until
     `resolve` fills it, so that the checks can tell a value the user chose from one chosen for them."""
@@ -166,16 +176,17 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                        help="dense (exact) or page-level sparse attention (sparse_attn.py: each --q-block of queries "
                             f"reads --budget history tokens + its chunk); auto: sparse when --seq > "
                             f"{SPARSE_AUTO_RATIO} x --budget (default: %(default)s)")
-    chunk.add_argument("--attn-kernel", default="triton", choices=["triton", "sdpa"],  # attention.ATTN_KERNELS
+    chunk.add_argument("--attn-kernel", default="auto", choices=["auto", "triton", "sdpa"],  # attention.ATTN_KERNELS
                        help="the chunked path's attention kernel: triton (kernels/paged_attention.py), or sdpa: each "
                             "dense part's pages gathered, then PyTorch's fused op (cuDNN on CUDA; kernels/"
                             "gather_sdpa.py), Triton for sparse and document-masked parts; the 7B 128K step in 35 s on "
-                            "an H200 with every stage-1 attention output kept, Triton's 52-63 s (bench/RESULTS.md) "
-                            "(default: %(default)s)")
-    chunk.add_argument("--keep-activations", type=int, default=None, metavar="N",
+                            "an H200 with every stage-1 attention output kept, Triton's 52-63 s (bench/RESULTS.md); "
+                            "auto: sdpa for dense attention in bf16 on a GPU, else triton (default: %(default)s)")
+    chunk.add_argument("--keep-activations", type=_count_or_auto, default=None, metavar="N",
                        help="the N chunks before the last run stage 1 with grad and keep their activations, so stage 2 "
                             "runs only their backward: N chunk forwards fewer per step for N chunks' activations of "
-                            "memory, which the plan counts (chunk_train.py) (default: 0)")
+                            "memory, which the plan counts (chunk_train.py); auto: as many as half of the memory the "
+                            "plan leaves spare holds, pages on the device only (default: auto)")
     chunk.add_argument("--budget", type=int, default=None,
                        help="sparse attention: history tokens per query block (sink, recent and top-scoring pages), "
                             "a multiple of --page-size (default: 4096)")
@@ -225,7 +236,7 @@ def check_values(args):
             raise UserError(f"{_flag(name)} must be > 0, got {value}")
     for name in ("min_lr", "weight_decay", "grad_clip", "warmup", "eval_iters", "keep_activations"):
         value = getattr(args, name)
-        if value is not None and value < 0:
+        if value is not None and value != "auto" and value < 0:
             raise UserError(f"{_flag(name)} must be >= 0, got {value}")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out, --overwrite deletes it: give one of them")
@@ -304,7 +315,7 @@ def _unused(args, name, why):
 
 
 DEFAULTS_CHUNKED = dict(page_size=64, grad_pages="auto", cache_tokens=65536, budget=4096, select="meankey",
-                        keep_activations=0)
+                        keep_activations="auto")
 
 
 def resolve(args, gpu: bool):
@@ -358,6 +369,9 @@ def resolve(args, gpu: bool):
             _unused(args, "budget", why)
     if args.offload == "off":
         _unused(args, "cache_tokens", "--offload off keeps every page on the device, with no cache")
+    if args.attn_kernel == "auto":  # attention.kernel_name's rule, where the CUDA ops apply: bf16/fp16 dense parts
+        gpu_dense = args.device != "cpu" and args.dtype in ("bfloat16", "float16") and not args.sparse
+        args.attn_kernel = "sdpa" if gpu_dense else "triton"
     _fill(args)
     if args.page_size < MIN_PAGE_SIZE or args.page_size & (args.page_size - 1):
         raise UserError(f"--page-size must be a power of two >= {MIN_PAGE_SIZE} on the chunked path, got "

@@ -25,7 +25,8 @@ RAM, so their sum is what must fit.
 
 Choices left to the plan (plan_auto, before anything is allocated): --params-dtype auto (fp32 when that fits, else
 bf16 weights with the most precise --moments that fits; with LoRA the frozen base in bf16), --grad-pages auto (fp32
-dK/dV pages when they fit, else bf16), each recorded with its reason. What would make a refused plan fit is
+dK/dV pages when they fit, else bf16), --keep-activations auto (pages on the device: as many chunks as KEPT_SHARE of
+what is left after the output cache holds), each recorded with its reason. What would make a refused plan fit is
 plan_suggest.py's.
 """
 
@@ -75,13 +76,19 @@ OUTPUT_CACHE_SHARE = 0.5
 # Without --q-block, sparse attention selects pages once per 128 queries; offloaded, every selected page crosses
 # PCIe, so once per chunk (the largest power of two <= --chunk) moves ~5x fewer pages (bench/RESULTS.md).
 DEFAULT_Q_BLOCK = 128
+# --keep-activations auto: chunks kept from stage 1 take at most this share of what is left after the output cache.
+# The cache comes first: at 128K it saves the 7B 9 s for 21 GiB (every layer's stage-2 attention forward), where a
+# kept 8192-token chunk saves one chunk's forward (~1/16 of the recomputation) for 30 GiB; at 16K/32K, where the
+# cache is small, kept chunks gave 1.061x -> 1.118x and 1.022x -> 1.061x (bench/RESULTS.md).
+KEPT_SHARE = 0.5
 OUTPUT_CACHE = "attention outputs kept for stage 2"
 KEPT_ACTIVATIONS = "activations of the chunks kept from stage 1 (--keep-activations)"
 # --attn-kernel sdpa (kernels/gather_sdpa.py) at its largest call: per history token of the part, K and V gathered
 # into contiguous tensors and, in the backward, their gradients, in the compute dtype, plus one fp32 copy at a time
 # for the pages' index_add; per query of the chunk, the calls' fp32 outputs and their merge (or dq and its terms).
 SDPA_KV_COMPUTE_COPIES, SDPA_KV_FP32_COPIES, SDPA_Q_FP32_COPIES = 4, 1, 4
-SDPA_TEMPORARIES = "attention kernel temporaries (--attn-kernel sdpa)"
+SDPA_TEMPORARIES = "attention kernel temporaries (--attn-kernel sdpa)"  # K/V gathered, per history token
+SDPA_QUERY_TEMPORARIES = "attention kernel outputs (--attn-kernel sdpa)"  # per query of the chunk: not growing
 
 
 @dataclass
@@ -107,6 +114,7 @@ class Plan:
     growing: set[str] = field(default_factory=set)  # the parts proportional to --seq
     offload: bool = False  # the chunked path's pages live in host memory
     q_block: int | None = None  # sparse attention: queries per selection
+    keep_activations: int = 0  # chunks kept from stage 1 that the plan counts (--keep-activations auto: its choice)
     refusal: str | None = None  # why the run does not fit; None: FITS
 
     @property
@@ -211,9 +219,20 @@ def activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int, full_sequen
     return cfg.num_hidden_layers * layer + compute_bytes * BACKWARD_INTERMEDIATES * cfg.intermediate_size
 
 
+def run_activation_bytes_per_token(cfg: ModelConfig, args) -> int:
+    """activation_bytes_per_token for the run's path and dtype, every batch row, with LoRA's intermediates."""
+    compute_bytes = DTYPES[args.dtype].itemsize
+    activations = activation_bytes_per_token(cfg, compute_bytes, not chunked(args)) * args.batch
+    if getattr(args, "lora_rank", None):  # each adapter saves its [rank] intermediate x A^T per token
+        activations += compute_bytes * args.lora_rank * len(lora_shapes(cfg, 1, args.lora_targets)) * args.batch
+    return activations
+
+
 def kept_chunks(args) -> int:
-    """How many chunks keep their stage-1 forward: --keep-activations, at most every chunk but the last."""
-    return min(getattr(args, "keep_activations", 0) or 0, math.ceil(args.seq / args.chunk) - 1)
+    """How many chunks keep their stage-1 forward: --keep-activations, at most every chunk but the last (auto: 0
+    until plan_run chooses)."""
+    n = getattr(args, "keep_activations", 0)
+    return min(0 if n in (None, "auto") else n, math.ceil(args.seq / args.chunk) - 1)
 
 
 def sparse_config(args, q_block) -> SparseConfig:
@@ -225,9 +244,7 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
     """The parts of a run with settings `args` (cli.resolve's), pages offloaded or not; no verdict yet."""
     compute_bytes = DTYPES[args.dtype].itemsize
     is_chunked = chunked(args)
-    activations = activation_bytes_per_token(cfg, compute_bytes, not is_chunked) * args.batch
-    if getattr(args, "lora_rank", None):  # each adapter saves its [rank] intermediate x A^T per token
-        activations += compute_bytes * args.lora_rank * len(lora_shapes(cfg, 1, args.lora_targets)) * args.batch
+    activations = run_activation_bytes_per_token(cfg, args)
     tokens = args.batch * (args.chunk if is_chunked else args.seq)  # whose activations and logits exist at once
     loss_slice = min(LOSS_SLICE_LOGITS, tokens * cfg.vocab_size) * (LOSS_COMPUTE_COPIES * compute_bytes
                                                                      + LOSS_FP32_COPIES * FP32)
@@ -243,7 +260,8 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
         device[KEPT_ACTIVATIONS] = activations * args.chunk * kept_chunks(args)
     kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
     pool_per_token = PagedKVStore.bytes_per_token(cfg, kv_dtype, grad_dtype) * args.batch
-    plan = Plan(device, {}, 0, 0, offload=offload, q_block=q_block if args.sparse else None)
+    plan = Plan(device, {}, 0, 0, offload=offload, q_block=q_block if args.sparse else None,
+                keep_activations=kept_chunks(args))
     if args.sparse:  # page summaries and stored selections, proportional to the length
         summaries, selections, tables = PageSelector.index_bytes(cfg, args.batch, args.seq, args.chunk,
                                                                  args.page_size, kv_dtype, sparse_config(args, q_block))
@@ -257,10 +275,11 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
         kv = args.batch * cfg.num_key_value_heads * cfg.head_dim * (SDPA_KV_COMPUTE_COPIES * compute_bytes
                                                                     + SDPA_KV_FP32_COPIES * FP32)
         q = args.batch * args.chunk * cfg.num_attention_heads * cfg.head_dim * SDPA_Q_FP32_COPIES * FP32
+        plan.device[SDPA_QUERY_TEMPORARIES] = q
         if offload:  # a part is at most what the page cache holds
-            plan.device[SDPA_TEMPORARIES] = kv * min(args.seq, args.cache_tokens + args.chunk) + q
+            plan.device[SDPA_TEMPORARIES] = kv * min(args.seq, args.cache_tokens + args.chunk)
         else:  # the last chunk's part: the whole sequence
-            _add(plan, "device", SDPA_TEMPORARIES, kv * args.seq + q, args.seq)
+            _add(plan, "device", SDPA_TEMPORARIES, kv * args.seq, args.seq)
     if not offload:
         _add(plan, "device", "KV/dKV page pool", pool_per_token * args.seq, args.seq)
         return plan
@@ -331,11 +350,27 @@ def plan_run(cfg: ModelConfig, args, memory: Memory) -> Plan:
     if not offload and plan.fits:
         # the last chunks first, whose attention over the longest history costs the most to recompute
         # (not those of kept chunks, whose forward stage 2 does not repeat)
-        recomputed = max(0, args.seq - args.chunk * (1 + kept_chunks(args)))
-        need = PagedKVStore.output_bytes_per_token(cfg, DTYPES[args.dtype]) * args.batch * recomputed
+        output_bytes = PagedKVStore.output_bytes_per_token(cfg, DTYPES[args.dtype]) * args.batch
+        need = output_bytes * max(0, args.seq - args.chunk * (1 + plan.keep_activations))
         spare = int(USABLE_SHARE * memory.device) - sum(plan.device.values())
         plan.device[OUTPUT_CACHE] = min(need, int(OUTPUT_CACHE_SHARE * max(0, spare)))
+        if getattr(args, "keep_activations", None) == "auto":
+            _keep_auto(plan, cfg, args, memory, output_bytes)
     return plan
+
+
+def _keep_auto(plan: Plan, cfg: ModelConfig, args, memory: Memory, output_bytes: int):
+    """--keep-activations auto: as many chunks as KEPT_SHARE of what the plan leaves after the output cache holds
+    (pages on the device only: offloaded runs are long, where a few kept chunks are a sliver of the step). Their
+    outputs then need no cache: it shrinks by theirs."""
+    per_chunk = run_activation_bytes_per_token(cfg, args) * args.chunk
+    spare = int(USABLE_SHARE * memory.device) - sum(plan.device.values())
+    n = min(math.ceil(args.seq / args.chunk) - 1, int(KEPT_SHARE * max(0, spare)) // per_chunk)
+    if n > 0:
+        plan.keep_activations = n
+        plan.device[KEPT_ACTIVATIONS] = per_chunk * n
+        need = output_bytes * max(0, args.seq - args.chunk * (1 + n))
+        plan.device[OUTPUT_CACHE] = min(plan.device[OUTPUT_CACHE], need)
 
 
 # ------------------------------------------------------------------------------------------------ choices
@@ -364,7 +399,8 @@ def _precision_options(args) -> list[tuple[str, str | None]]:
 
 def plan_auto(cfg: ModelConfig, args, memory: Memory):
     """plan_run, with the settings left to the plan chosen first: --params-dtype auto, --moments (bf16 weights, not
-    given) and --grad-pages auto, each the most precise whose plan fits. dK/dV pages are tried in fp32 with every
+    given) and --grad-pages auto, each the most precise whose plan fits; then --keep-activations auto from what
+    that plan leaves. dK/dV pages are tried in fp32 with every
     weight choice before bf16 ones: they carry the gradient of the whole history, the optimizer's moments only its
     step. Returns (plan, chosen): `chosen` a copy of args with concrete values, and moments_why / precision_why
     (phrases saying why; None and [] where nothing was left to choose). args is left alone."""
@@ -392,6 +428,11 @@ def plan_auto(cfg: ModelConfig, args, memory: Memory):
         reason = ("none fits" if not fits else "the plan fits" if chosen.grad_pages == "float32" else
                   "fp32 dK/dV pages do not fit")
         why.append(f"--grad-pages {chosen.grad_pages} (auto: {reason})")
+    if getattr(args, "keep_activations", None) == "auto":
+        chosen.keep_activations = plan.keep_activations
+        reason = ("the output cache first, then half of what is left" if plan.keep_activations else
+                  "pages offloaded" if plan.offload else "no memory to spare" if fits else "none fits")
+        why.append(f"--keep-activations {plan.keep_activations} (auto: {reason})")
     chosen.precision_why = why
     return plan, chosen
 

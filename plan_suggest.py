@@ -56,7 +56,7 @@ def _moves(cfg, args, plan) -> list[tuple[str, dict]]:
     """The single changes worth re-planning, least intrusive first: (flags, changed args). args: the run's
     arguments before plan_auto (auto settings still auto)."""
     moves = []
-    if chunked(args) and args.keep_activations:  # speed bought with memory: the first thing to give back
+    if chunked(args) and args.keep_activations not in (0, "auto"):  # speed bought with memory: given back first
         moves.append(("--keep-activations 0", dict(keep_activations=0)))
     if chunked(args) and not plan.offload and args.offload != "on":
         moves.append(("--offload on", dict(offload="on")))

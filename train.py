@@ -199,7 +199,8 @@ def start_lines(args, cfg, model, data, plan, memory, device, start) -> list[str
         attention = (f"sparse attention, {args.budget} history tokens per {plan.q_block}-query block"
                      if args.sparse else "dense exact attention")
         path = (f"chunked: {args.chunk}-token chunks, {args.page_size}-token KV pages {where} (--offload "
-                f"{args.offload}), dK/dV pages {args.grad_pages}, {attention} (--attn {args.attn})")
+                f"{args.offload}), dK/dV pages {args.grad_pages}, {attention} (--attn {args.attn}, --attn-kernel "
+                f"{args.attn_kernel})")
     else:
         path = f"full-sequence (--seq <= --chunk {args.chunk})"
     return [
@@ -245,12 +246,12 @@ def check_device(device):
 
 
 def plan_and_choose(cfg, args, memory):
-    """planner.plan_auto, its choices (--params-dtype, --moments, --grad-pages) written into args (so that the
-    checkpoint records them and --resume keeps them); for a refused plan also the suggestions, re-planned from the
-    settings as given. Returns (plan, suggestions)."""
+    """planner.plan_auto, its choices (--params-dtype, --moments, --grad-pages, --keep-activations) written into
+    args (so that the checkpoint records them and --resume keeps them); for a refused plan also the suggestions,
+    re-planned from the settings as given. Returns (plan, suggestions)."""
     given = copy.copy(args)
     plan, chosen = planner.plan_auto(cfg, args, memory)
-    for name in ("params_dtype", "moments", "grad_pages", "moments_why", "precision_why"):
+    for name in ("params_dtype", "moments", "grad_pages", "keep_activations", "moments_why", "precision_why"):
         setattr(args, name, getattr(chosen, name))
     return plan, ([] if plan.fits else plan_suggest.suggest(cfg, given, memory, plan))
 

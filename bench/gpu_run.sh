@@ -28,6 +28,8 @@
 #   fidelity      sparse vs exact gradients of the train-1m model, both selection rules                     100 s
 #   train         python train.py --steps 300 (the default small model)                                    120 s
 #   pack          packed documents (doc_start masks) vs the same bytes as one stream, --seq 65536, small   150 s
+#   train-auto    train.py's defaults (--attn-kernel auto, --keep-activations auto) vs triton and no kept chunks,
+#                 Qwen2.5-0.5B at 32K, 16384-token chunks, 6 steps: step time and peak vs the plan            150 s
 #   hf-baseline   HF transformers' Qwen2ForCausalLM anchors (needs shared/bench/hf_baseline.py in the repo) 150 s
 #   ft-7b-1m      python train.py --model qwen2.5-7b --seq 1048576 --steps 2 --eval-iters 0 --save never: the
 #                 default optimizer, dtypes chosen by the plan; per-step loss/time/peaks vs the plan's totals      590 s
@@ -108,7 +110,33 @@ print(f"{sys.argv[2]}: median {statistics.median(x['tokens_per_s'] for x in r[1:
 PYEOF
     done
 }
-export -f pack_bench
+# train.py's defaults against the settings they replaced: Qwen2.5-0.5B (random init) at 32K in 16384-token chunks,
+# 6 steps, as given (--attn-kernel auto: sdpa here; --keep-activations auto: the plan's choice) and with
+# --attn-kernel triton --keep-activations 0. Prints each run's start-line choices, median step time of steps 2..N
+# and peak GPU memory against the plan's total. AUTO_MODEL, AUTO_SEQ, AUTO_CHUNK, AUTO_STEPS: smaller for a CPU try-out.
+auto_bench() {
+    local dir=/tmp/auto model=${AUTO_MODEL:-qwen2.5-0.5b} seq=${AUTO_SEQ:-32768} chunk=${AUTO_CHUNK:-16384} run
+    local steps=${AUTO_STEPS:-6}
+    rm -rf "$dir" && mkdir -p "$dir"
+    for run in "defaults" "triton --attn-kernel triton --keep-activations 0"; do
+        set -- $run
+        local name=$1
+        shift
+        "$PY" train.py --model "$model" --seq "$seq" --chunk "$chunk" --batch 1 --steps "$steps" --eval-iters 0 \
+            --save never --out "$dir/$name" "$@" 2>&1 | tr '\r' '\n' | grep -E '^(run|error|done)' | \
+            sed "s/^/[$name] /"
+        cp "$dir/$name/log.jsonl" "$OUT/auto_$name.jsonl"
+        "$PY" - "$dir/$name/log.jsonl" "$name" <<'PYEOF'
+import json, statistics, sys
+r = [json.loads(line) for line in open(sys.argv[1])]
+losses = " ".join(f"{x['loss']:.4f}" for x in r)
+print(f"{sys.argv[2]}: median step {statistics.median(x['step_s'] for x in r[1:]):.3f} s (steps 2-{len(r)}), "
+      f"{statistics.median(x['tokens_per_s'] for x in r[1:]):,.0f} tok/s, peak {max(x['peak_mem_gib'] for x in r):.2f} "
+      f"GiB, losses {losses}")
+PYEOF
+    done
+}
+export -f pack_bench auto_bench
 export PY
 # the retrieval experiment (bench/RESULTS.md, "Long-range retrieval" and the later sessions' sections): a 2-layer,
 # hidden-256 model from scratch; 8 pairs "#" + 2-symbol key + 4-symbol value + ";" (no "="), keys and values in the
@@ -237,6 +265,8 @@ for name in "$@"; do
             grep -E '^(model|done|error|step 300)' ; cp /tmp/run/log.jsonl '$OUT/train.jsonl'" ;;
     pack)
         stage pack 150 bash -c pack_bench ;;
+    train-auto)
+        stage train-auto 150 bash -c auto_bench ;;
     hf-baseline)
         if [ -f shared/bench/hf_baseline.py ]; then
             stage hf-baseline 150 "$PY" shared/bench/hf_baseline.py qwen2.5-7b

@@ -61,16 +61,18 @@ def test_sdpa_kernel_temporaries_are_planned():
     The 7B at 128K, chunk 8192, bf16: 1.18 GiB planned (measured on the H200: 1.53 GiB above the Triton step)."""
     argv = ("--model", "qwen2.5-7b", "--seq", "131072", "--chunk", "8192", "--dtype", "bfloat16", "--attn", "dense")
     cfg = preset("qwen2.5-7b")
-    triton = planner.parts(cfg, settings(*argv))
+    triton = planner.parts(cfg, settings(*argv, "--attn-kernel", "triton"))
     args = settings(*argv, "--attn-kernel", "sdpa")
     plan = planner.parts(cfg, args)
     per_token = 4 * 128 * (4 * 2 + 4)  # kv heads x head dim x (4 bf16 copies + 1 fp32)
     per_query = 28 * 128 * 4 * 4
-    assert plan.device[planner.SDPA_TEMPORARIES] == per_token * 131072 + per_query * 8192
-    assert plan.device_per_token == triton.device_per_token + math.ceil(plan.device[planner.SDPA_TEMPORARIES] / 131072)
-    assert planner.SDPA_TEMPORARIES not in triton.device
+    assert plan.device[planner.SDPA_TEMPORARIES] == per_token * 131072
+    assert plan.device[planner.SDPA_QUERY_TEMPORARIES] == per_query * 8192  # the chunk's: not growing with --seq
+    assert plan.device_per_token == triton.device_per_token + per_token
+    assert planner.SDPA_TEMPORARIES not in triton.device and planner.SDPA_QUERY_TEMPORARIES not in triton.device
     offloaded = planner.parts(cfg, args, offload=True)  # not growing: a part is at most cache + chunk
-    assert offloaded.device[planner.SDPA_TEMPORARIES] == per_token * (65536 + 8192) + per_query * 8192
+    assert offloaded.device[planner.SDPA_TEMPORARIES] == per_token * (65536 + 8192)
+    assert offloaded.device[planner.SDPA_QUERY_TEMPORARIES] == per_query * 8192
     assert planner.SDPA_TEMPORARIES not in offloaded.growing
     gpu = planner.Memory(device=140 * GIB, host=120 * GIB, on_gpu=True)
     text = "\n".join(planner.describe(planner.plan_run(cfg, args, gpu), gpu, args))
@@ -79,6 +81,19 @@ def test_sdpa_kernel_temporaries_are_planned():
     assert planner.SDPA_TEMPORARIES not in planner.parts(cfg, args).device
     text = "\n".join(planner.describe(planner.plan_run(cfg, args, gpu), gpu, args))
     assert "attention kernel: the default for every part" in text, text
+
+
+def test_attn_kernel_auto_is_sdpa_where_the_cuda_ops_apply():
+    """--attn-kernel auto (the default) resolves to sdpa for dense bf16 attention on a GPU, which the plan then
+    counts, and to triton for sparse attention (Triton's parts only), fp32 compute (the CUDA ops refuse it) and CPUs."""
+    argv = ("--model", "qwen2.5-7b", "--seq", "131072", "--chunk", "8192", "--dtype", "bfloat16")
+    args = settings(*argv, "--attn", "dense")
+    assert args.attn_kernel == "sdpa"
+    assert planner.SDPA_TEMPORARIES in planner.parts(preset("qwen2.5-7b"), args).device
+    assert settings(*argv, "--attn", "sparse").attn_kernel == "triton"
+    assert settings(*argv[:-2], "--dtype", "float32", "--attn", "dense").attn_kernel == "triton"
+    assert settings(*argv, "--attn", "dense", gpu=False).attn_kernel == "triton"
+    assert settings(*argv, "--attn", "dense", "--attn-kernel", "triton").attn_kernel == "triton"  # given: kept
 
 
 def test_kept_activations_are_planned():
@@ -99,6 +114,35 @@ def test_kept_activations_are_planned():
     for keep, recomputed in ((0, 32768 - 8192), (1, 32768 - 2 * 8192), (3, 0)):
         plan = planner.plan_run(cfg, settings(*argv, "--keep-activations", str(keep)), gpu)
         assert plan.device[planner.OUTPUT_CACHE] == per_token * recomputed
+
+
+def test_keep_activations_auto_takes_half_of_what_the_output_cache_leaves():
+    """--keep-activations auto (the default): after the output cache (OUTPUT_CACHE_SHARE of the spare memory), as many
+    chunks as KEPT_SHARE of what is left holds, at most every chunk but the last; the cache then drops the kept
+    chunks' outputs. Offloaded pages or no spare memory: none. plan_auto records the choice and its reason."""
+    argv = ("--model", "qwen2.5-0.5b", "--seq", "65536", "--chunk", "8192", "--dtype", "bfloat16", "--attn", "dense")
+    cfg = preset("qwen2.5-0.5b")
+    args = settings(*argv)
+    assert args.keep_activations == "auto"
+    fixed = planner.parts(cfg, args)  # auto counts nothing until plan_run chooses
+    assert planner.KEPT_ACTIVATIONS not in fixed.device and fixed.keep_activations == 0
+    chunk = fixed.device["activations (one 8192-token chunk)"]
+    cache = planner.PagedKVStore.output_bytes_per_token(cfg, torch.bfloat16) * (65536 - 8192)
+    for kept in (0, 1, 3):  # free memory such that the spare after the whole cache holds 2 * kept + 1/2 chunks
+        spare = 2 * cache + (2 * kept + 0.5) * chunk
+        free = (sum(fixed.device.values()) + spare) / planner.USABLE_SHARE + 1024
+        plan = planner.plan_run(cfg, args, planner.Memory(device=int(free), host=100 * GIB, on_gpu=True))
+        assert plan.keep_activations == kept
+        assert plan.device.get(planner.KEPT_ACTIVATIONS, 0) == kept * chunk
+        assert plan.device[planner.OUTPUT_CACHE] == cache * (7 - kept) // 7  # the kept chunks' outputs dropped
+    roomy = planner.Memory(device=1000 * GIB, host=100 * GIB, on_gpu=True)
+    plan, chosen = planner.plan_auto(cfg, settings(*argv, auto=True), roomy)
+    assert plan.keep_activations == chosen.keep_activations == 7  # 8 chunks: every one but the last
+    assert plan.device[planner.OUTPUT_CACHE] == 0
+    assert "--keep-activations 7 (auto: the output cache first, then half of what is left)" in chosen.precision_why
+    plan, chosen = planner.plan_auto(cfg, settings(*argv, "--offload", "on", auto=True), roomy)
+    assert chosen.keep_activations == 0 and planner.KEPT_ACTIVATIONS not in plan.device
+    assert "--keep-activations 0 (auto: pages offloaded)" in chosen.precision_why
 
 
 def test_optimizer_state_is_what_torch_keeps():

@@ -108,19 +108,23 @@ def test_mismatched_checkpoint_shapes(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-targets", "q_proj,down_proj"]],
                          ids=["full", "lora"])
-def test_chunked_path_follows_the_full_sequence_path(tmp_path, plain_layer_ops, extra):
+def test_chunked_path_follows_the_full_sequence_path(tmp_path, plain_layer_ops, extra, capsys):
     """--seq > --chunk trains chunk-recurrently; its gradients are exact, so two steps give the same losses: pages
     on the device or offloaded, through --attn-kernel sdpa (kernels/gather_sdpa.py, the CPU flash op here), and
-    with stage 1's forwards kept (--keep-activations 2 of the 3 chunks before the last)."""
+    with stage 1's forwards kept (--keep-activations auto, the default: with RAM to spare, 2 of the 3 chunks before
+    the last)."""
     args = ["--model", "tiny", "--device", "cpu", "--seq", "96", "--batch", "1", "--steps", "2", "--eval-iters", "1",
             "--eval-interval", "2"]  # one evaluation, at the end
     args += extra
     assert train.main(args + ["--out", str(tmp_path / "full")]) == 0
     chunked = args + ["--chunk", "32", "--page-size", "16"]
-    assert train.main(chunked + ["--out", str(tmp_path / "chunked")]) == 0
+    assert train.main(chunked + ["--keep-activations", "0", "--out", str(tmp_path / "chunked")]) == 0
     assert train.main(chunked + ["--offload", "on", "--cache-tokens", "32", "--out", str(tmp_path / "offload")]) == 0
-    assert train.main(chunked + ["--attn-kernel", "sdpa", "--out", str(tmp_path / "sdpa")]) == 0
-    assert train.main(chunked + ["--keep-activations", "2", "--out", str(tmp_path / "kept")]) == 0
+    assert train.main(chunked + ["--attn-kernel", "sdpa", "--keep-activations", "0", "--out",
+                                 str(tmp_path / "sdpa")]) == 0
+    capsys.readouterr()
+    assert train.main(chunked + ["--out", str(tmp_path / "kept")]) == 0
+    assert "--keep-activations 2 (auto: the output cache first, then half of what is left)" in capsys.readouterr().out
     runs = [losses(tmp_path / name) for name in ("full", "chunked", "offload", "sdpa", "kept")]
     assert all(len(run) == 2 for run in runs)
     for a, *others in zip(*runs):
