@@ -30,8 +30,8 @@ kernels/paged_reference.py); default_kernel picks Triton for CUDA tensors or und
 reference for CPU tensors otherwise (the chunked step on a laptop). `SDPAKernel` (kernels/gather_sdpa.py, issue
 #18): each dense part's pages gathered into contiguous K/V and computed by PyTorch's fused attention ops (cuDNN /
 FlashAttention on CUDA, the CPU flash op on CPUs), measured against Triton with bench.py kernel --kernels
-triton,sdpa: the default for dense parts on CUDA since it won there (named_kernel "auto", train.py and bench.py step
---attn-kernel), with Triton for the parts it does not take.
+triton,sdpa: the default for dense parts of large enough chunks on CUDA, where it won (kernel_name's "auto", train.py
+and bench.py step --attn-kernel), with Triton for the parts it does not take.
 """
 from typing import NamedTuple, Optional
 
@@ -42,8 +42,9 @@ from kernels.paged_attention import _interpreting, paged_attention_forward, soft
 from kernels.paged_attention_backward import paged_attention_backward
 from kernels.paged_reference import gather_pages, paged_attention_reference, paged_attention_reference_backward
 
+# SDPAKernel: re-exported from kernels/gather_sdpa.py, next to the other kernels
 __all__ = ["Part", "OnePart", "TritonKernel", "ReferenceKernel", "SDPAKernel", "default_kernel", "kernel_name",
-           "named_kernel", "attention_forward", "attend"]  # SDPAKernel: re-exported from kernels/gather_sdpa.py, next to the other kernels
+           "named_kernel", "attention_forward", "attend"]
 
 
 class Part(NamedTuple):
@@ -128,22 +129,31 @@ def default_kernel(device):
 ATTN_KERNELS = ("auto", "triton", "sdpa")  # train.py / bench.py step --attn-kernel
 
 
-def kernel_name(name, device):
-    """The concrete kernel "auto" stands for on `device`: sdpa on CUDA (on an H200 its chunk calls run at 0.76-1.03
-    of cuDNN's full-sequence TF/s where Triton's run at 0.60-0.69, and the 7B 128K step takes 35 s against 52 s;
-    bench/RESULTS.md), triton elsewhere (the CPU reference or the interpreter, as the tests run them)."""
+# --attn-kernel auto: sdpa when a chunk's batch x tokens x hidden size reaches this. Below it the step is host-bound
+# and sdpa's extra host ops per call (gather, fold, merge) cost more than its faster GPU kernels save (H200, train.py:
+# the small model, 4096-token chunks x hidden 512 = 2^21, ran 1.06 s a step through Triton, 1.21 s through sdpa);
+# above it sdpa wins (the 0.5B, 16384 x 896 = 14.7M: 0.764 s against 0.842 s; the 7B, 8192 x 3584: 35 s against
+# 52 s at 128K). bench/RESULTS.md, fourteenth session.
+SDPA_AUTO_MIN_TOKENS_X_HIDDEN = 2**22
+
+
+def kernel_name(name, device, tokens_x_hidden):
+    """The concrete kernel `name` stands for: "auto" is sdpa on CUDA for chunks of batch x tokens x hidden >=
+    SDPA_AUTO_MIN_TOKENS_X_HIDDEN, triton otherwise (and on CPUs: the reference or the interpreter, as the tests run
+    them); "triton" and "sdpa" stand for themselves."""
     if name not in ATTN_KERNELS:
         raise ValueError(f"attention kernel must be one of {', '.join(ATTN_KERNELS)}, got {name!r}")
     if name != "auto":
         return name
-    return "sdpa" if torch.device(device).type == "cuda" else "triton"
+    big = tokens_x_hidden >= SDPA_AUTO_MIN_TOKENS_X_HIDDEN
+    return "sdpa" if torch.device(device).type == "cuda" and big else "triton"
 
 
-def named_kernel(name, device):
+def named_kernel(name, device, tokens_x_hidden=0):
     """--attn-kernel's kernel: "triton", the default above; "sdpa", SDPAKernel for the dense parts (pages gathered,
     then cuDNN on CUDA) with the default kernel for the parts it does not take (sparse tables, document masks, fp32
-    on CUDA); "auto", kernel_name's choice for the device."""
-    if kernel_name(name, device) == "triton":
+    on CUDA); "auto", kernel_name's choice for the device and the chunk's batch x tokens x hidden size."""
+    if kernel_name(name, device, tokens_x_hidden) == "triton":
         return default_kernel(device)
     return SDPAKernel(fallback=default_kernel(device))
 

@@ -123,7 +123,8 @@ def parse_args(argv=None):
     s.add_argument("--attn-kernel", default="auto", choices=ATTN_KERNELS,
                    help="the chunked path's attention kernel: triton (kernels/paged_attention.py) or sdpa "
                         "(kernels/gather_sdpa.py for dense parts, Triton for the sparse ones; issue #18); auto: sdpa "
-                        "on CUDA, triton elsewhere (default: %(default)s)")
+                        "on CUDA for chunks of batch x tokens x hidden >= 2^22, triton otherwise (attention."
+                        "kernel_name) (default: %(default)s)")
     s.add_argument("--grad-pages", default="float32", choices=["float32", "bfloat16"], help="dK/dV page dtype")
     s.add_argument("--last-chunks", type=int, default=0, metavar="N",
                    help="probe: random history instead of stage 1, then only the last N chunks of stage 2 "

@@ -77,10 +77,11 @@ def bench_step(args, device, rec):
           f"checkpoint {args.checkpoint}, bf16 compute on {device}", flush=True)
 
     # the chunked path's attention kernel: Triton, or sdpa with Triton for the parts it does not take (sparse tables);
-    # recorded by its concrete name (auto: sdpa on CUDA)
-    kernel = named_kernel(args.attn_kernel, device)
-    base = dict(mode="step", model=args.model, attn_kernel=kernel_name(args.attn_kernel, device), batch=args.batch, chunk=args.chunk,
-                checkpoint=args.checkpoint, output_cache_gib=args.output_cache,
+    # recorded by its concrete name (auto: sdpa on CUDA for chunks of batch x tokens x hidden >= 2^22)
+    size = args.batch * args.chunk * model.config.hidden_size
+    kernel = named_kernel(args.attn_kernel, device, size)
+    base = dict(mode="step", model=args.model, attn_kernel=kernel_name(args.attn_kernel, device, size),
+                batch=args.batch, chunk=args.chunk, checkpoint=args.checkpoint, output_cache_gib=args.output_cache,
                 keep_activations=args.keep_activations, params_dtype=args.params_dtype,
                 params_gib=r(param_bytes / GiB), grads_gib=r(grad_bytes / GiB))
     last_time = {}  # path -> (length, median step seconds): predicts the next point's time for --time-budget

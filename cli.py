@@ -181,12 +181,14 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
                             "dense part's pages gathered, then PyTorch's fused op (cuDNN on CUDA; kernels/"
                             "gather_sdpa.py), Triton for sparse and document-masked parts; the 7B 128K step in 35 s on "
                             "an H200 with every stage-1 attention output kept, Triton's 52-63 s (bench/RESULTS.md); "
-                            "auto: sdpa for dense attention in bf16 on a GPU, else triton (default: %(default)s)")
+                            "auto: the plan's choice, sdpa for dense bf16 attention on a GPU in chunks of batch x "
+                            "tokens x hidden >= 2^22 (smaller ones are host-bound, where Triton is faster), else "
+                            "triton (default: %(default)s)")
     chunk.add_argument("--keep-activations", type=_count_or_auto, default=None, metavar="N",
                        help="the N chunks before the last run stage 1 with grad and keep their activations, so stage 2 "
                             "runs only their backward: N chunk forwards fewer per step for N chunks' activations of "
-                            "memory, which the plan counts (chunk_train.py); auto: as many as half of the memory the "
-                            "plan leaves spare holds, pages on the device only (default: auto)")
+                            "memory, which the plan counts (chunk_train.py); auto: with dense attention and the pages "
+                            "on the device, as many as half of the memory the plan leaves spare holds (default: auto)")
     chunk.add_argument("--budget", type=int, default=None,
                        help="sparse attention: history tokens per query block (sink, recent and top-scoring pages), "
                             "a multiple of --page-size (default: 4096)")
@@ -369,9 +371,6 @@ def resolve(args, gpu: bool):
             _unused(args, "budget", why)
     if args.offload == "off":
         _unused(args, "cache_tokens", "--offload off keeps every page on the device, with no cache")
-    if args.attn_kernel == "auto":  # attention.kernel_name's rule, where the CUDA ops apply: bf16/fp16 dense parts
-        gpu_dense = args.device != "cpu" and args.dtype in ("bfloat16", "float16") and not args.sparse
-        args.attn_kernel = "sdpa" if gpu_dense else "triton"
     _fill(args)
     if args.page_size < MIN_PAGE_SIZE or args.page_size & (args.page_size - 1):
         raise UserError(f"--page-size must be a power of two >= {MIN_PAGE_SIZE} on the chunked path, got "

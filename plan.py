@@ -25,9 +25,10 @@ RAM, so their sum is what must fit.
 
 Choices left to the plan (plan_auto, before anything is allocated): --params-dtype auto (fp32 when that fits, else
 bf16 weights with the most precise --moments that fits; with LoRA the frozen base in bf16), --grad-pages auto (fp32
-dK/dV pages when they fit, else bf16), --keep-activations auto (pages on the device: as many chunks as KEPT_SHARE of
-what is left after the output cache holds), each recorded with its reason. What would make a refused plan fit is
-plan_suggest.py's.
+dK/dV pages when they fit, else bf16), --attn-kernel auto (sdpa for dense bf16 attention on a GPU in chunks large
+enough not to be host-bound: attn_kernel_auto), --keep-activations auto (dense attention, pages on the device: as
+many chunks as KEPT_SHARE of what is left after the output cache holds), each recorded with its reason. What would
+make a refused plan fit is plan_suggest.py's.
 """
 
 import copy
@@ -37,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from attention import SDPA_AUTO_MIN_TOKENS_X_HIDDEN, kernel_name
 from cli import chunked
 from model import LOSS_SLICE_LOGITS, Model, ModelConfig
 from offload import NUM_BUFFERS, OffloadedKVStore
@@ -228,6 +230,15 @@ def run_activation_bytes_per_token(cfg: ModelConfig, args) -> int:
     return activations
 
 
+def kept_chunk_bytes(cfg: ModelConfig, args) -> int:
+    """What a chunk kept from stage 1 holds until its backward: its activations, the bf16 copies of fp32 weights
+    that its matmuls saved (autocast casts each chunk's own: chunk_train._autocast has no weight cache), and its
+    last hidden state with the head's gradient (ChunkForward's x and dx, fp32 [B, C, hidden]). Measured on the H200
+    (small model, 15 kept 4096-token chunks): 0.545 GiB each, as planned here."""
+    x_dx = 2 * FP32 * cfg.hidden_size * args.batch * args.chunk
+    return run_activation_bytes_per_token(cfg, args) * args.chunk + weight_cast_bytes(cfg, args) + x_dx
+
+
 def kept_chunks(args) -> int:
     """How many chunks keep their stage-1 forward: --keep-activations, at most every chunk but the last (auto: 0
     until plan_run chooses)."""
@@ -257,7 +268,7 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
         return Plan(device, {}, activations, 0, growing={name})
     device |= {f"activations (one {args.chunk}-token chunk)": activations * args.chunk, "loss slice": loss_slice}
     if kept_chunks(args):  # each alive from its stage-1 forward to its backward, beside the chunk in flight
-        device[KEPT_ACTIVATIONS] = activations * args.chunk * kept_chunks(args)
+        device[KEPT_ACTIVATIONS] = kept_chunk_bytes(cfg, args) * kept_chunks(args)
     kv_dtype, grad_dtype = DTYPES[args.dtype], DTYPES[args.grad_pages]
     pool_per_token = PagedKVStore.bytes_per_token(cfg, kv_dtype, grad_dtype) * args.batch
     plan = Plan(device, {}, 0, 0, offload=offload, q_block=q_block if args.sparse else None,
@@ -354,16 +365,18 @@ def plan_run(cfg: ModelConfig, args, memory: Memory) -> Plan:
         need = output_bytes * max(0, args.seq - args.chunk * (1 + plan.keep_activations))
         spare = int(USABLE_SHARE * memory.device) - sum(plan.device.values())
         plan.device[OUTPUT_CACHE] = min(need, int(OUTPUT_CACHE_SHARE * max(0, spare)))
-        if getattr(args, "keep_activations", None) == "auto":
+        if getattr(args, "keep_activations", None) == "auto" and not args.sparse:
             _keep_auto(plan, cfg, args, memory, output_bytes)
     return plan
 
 
 def _keep_auto(plan: Plan, cfg: ModelConfig, args, memory: Memory, output_bytes: int):
-    """--keep-activations auto: as many chunks as KEPT_SHARE of what the plan leaves after the output cache holds
-    (pages on the device only: offloaded runs are long, where a few kept chunks are a sliver of the step). Their
-    outputs then need no cache: it shrinks by theirs."""
-    per_chunk = run_activation_bytes_per_token(cfg, args) * args.chunk
+    """--keep-activations auto: as many chunks as KEPT_SHARE of what the plan leaves after the output cache holds,
+    with dense attention and pages on the device only: offloaded runs are long, where a few kept chunks are a sliver
+    of the step, and with sparse attention kept chunks made the default 1M run slower on the H200 (18.0 s a step
+    with 107 kept against 16.4 s with none; bench/RESULTS.md), where dense runs gained (the small model at 64K
+    1.40x, the 7B at 16K 1.05x). Their outputs then need no cache: it shrinks by theirs."""
+    per_chunk = kept_chunk_bytes(cfg, args)
     spare = int(USABLE_SHARE * memory.device) - sum(plan.device.values())
     n = min(math.ceil(args.seq / args.chunk) - 1, int(KEPT_SHARE * max(0, spare)) // per_chunk)
     if n > 0:
@@ -397,18 +410,38 @@ def _precision_options(args) -> list[tuple[str, str | None]]:
     return bf16 if args.params_dtype == "bfloat16" else [("float32", None)]
 
 
+def attn_kernel_auto(cfg: ModelConfig, args) -> tuple[str, str | None]:
+    """(kernel, why) for --attn-kernel auto (attention.kernel_name's rule, with the reason where it takes triton);
+    a given kernel as it is, why None."""
+    name = getattr(args, "attn_kernel", "triton")
+    if name != "auto":
+        return name, None
+    size = args.batch * args.chunk * cfg.hidden_size
+    kernel = kernel_name(name, "cuda" if str(args.device).startswith("cuda") else "cpu", size)
+    if kernel == "sdpa" and (args.sparse or args.dtype == "float32"):  # SDPAKernel would hand every part to Triton
+        kernel = "triton"
+    why = ("not a GPU" if not str(args.device).startswith("cuda") else
+           "sparse attention: Triton's parts" if args.sparse else
+           "fp32 compute: the fused ops take bf16" if args.dtype == "float32" else
+           f"batch x chunk x hidden {size:,} < {SDPA_AUTO_MIN_TOKENS_X_HIDDEN:,}: host-bound, Triton is faster"
+           if kernel == "triton" else "gather + cuDNN for dense bf16 chunks on a GPU")
+    return kernel, why
+
+
 def plan_auto(cfg: ModelConfig, args, memory: Memory):
     """plan_run, with the settings left to the plan chosen first: --params-dtype auto, --moments (bf16 weights, not
-    given) and --grad-pages auto, each the most precise whose plan fits; then --keep-activations auto from what
-    that plan leaves. dK/dV pages are tried in fp32 with every
-    weight choice before bf16 ones: they carry the gradient of the whole history, the optimizer's moments only its
+    given) and --grad-pages auto, each the most precise whose plan fits, with --attn-kernel auto's kernel
+    (attn_kernel_auto); then --keep-activations auto from what that plan leaves. dK/dV pages are tried in fp32 with
+    every weight choice before bf16 ones: they carry the gradient of the whole history, the optimizer's moments only its
     step. Returns (plan, chosen): `chosen` a copy of args with concrete values, and moments_why / precision_why
     (phrases saying why; None and [] where nothing was left to choose). args is left alone."""
     pages = ["float32", "bfloat16"] if chunked(args) and args.grad_pages == "auto" else [args.grad_pages]
     options = [(g, p, m) for g in pages for p, m in _precision_options(args)]
+    kernel, kernel_why = attn_kernel_auto(cfg, args)
     for grad_pages, params_dtype, moments in options:
         chosen = copy.copy(args)
         chosen.grad_pages, chosen.params_dtype, chosen.moments = grad_pages, params_dtype, moments
+        chosen.attn_kernel = kernel
         plan = plan_run(cfg, chosen, memory)
         if plan.fits:
             break
@@ -428,10 +461,13 @@ def plan_auto(cfg: ModelConfig, args, memory: Memory):
         reason = ("none fits" if not fits else "the plan fits" if chosen.grad_pages == "float32" else
                   "fp32 dK/dV pages do not fit")
         why.append(f"--grad-pages {chosen.grad_pages} (auto: {reason})")
+    if chunked(args) and kernel_why:
+        why.append(f"--attn-kernel {kernel} (auto: {kernel_why})")
     if getattr(args, "keep_activations", None) == "auto":
         chosen.keep_activations = plan.keep_activations
         reason = ("the output cache first, then half of what is left" if plan.keep_activations else
-                  "pages offloaded" if plan.offload else "no memory to spare" if fits else "none fits")
+                  "pages offloaded" if plan.offload else "sparse attention" if args.sparse else
+                  "no memory to spare" if fits else "none fits")
         why.append(f"--keep-activations {plan.keep_activations} (auto: {reason})")
     chosen.precision_why = why
     return plan, chosen

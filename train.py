@@ -246,12 +246,13 @@ def check_device(device):
 
 
 def plan_and_choose(cfg, args, memory):
-    """planner.plan_auto, its choices (--params-dtype, --moments, --grad-pages, --keep-activations) written into
-    args (so that the checkpoint records them and --resume keeps them); for a refused plan also the suggestions,
-    re-planned from the settings as given. Returns (plan, suggestions)."""
+    """planner.plan_auto, its choices (--params-dtype, --moments, --grad-pages, --attn-kernel, --keep-activations)
+    written into args (so that the checkpoint records them and --resume keeps them); for a refused plan also the
+    suggestions, re-planned from the settings as given. Returns (plan, suggestions)."""
     given = copy.copy(args)
     plan, chosen = planner.plan_auto(cfg, args, memory)
-    for name in ("params_dtype", "moments", "grad_pages", "keep_activations", "moments_why", "precision_why"):
+    for name in ("params_dtype", "moments", "grad_pages", "attn_kernel", "keep_activations", "moments_why",
+                 "precision_why"):
         setattr(args, name, getattr(chosen, name))
     return plan, ([] if plan.fits else plan_suggest.suggest(cfg, given, memory, plan))
 

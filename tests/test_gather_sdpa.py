@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cli
-from attention import ATTN_KERNELS, Part, ReferenceKernel, SDPAKernel, default_kernel, named_kernel
+from attention import ATTN_KERNELS, Part, ReferenceKernel, SDPAKernel, default_kernel, kernel_name, named_kernel
 from chunk_train import chunked_step
 from kernels.paged_attention import softmax_delta
 from offload import OffloadedKVStore
@@ -118,6 +118,12 @@ def test_named_kernel_hands_what_sdpa_does_not_take_to_the_default():
     assert type(named_kernel("triton", DEVICE)) is type(default_kernel(DEVICE))
     with pytest.raises(ValueError, match="must be one of"):
         named_kernel("cudnn", DEVICE)
+    # auto (the default): sdpa on CUDA for chunks of batch x tokens x hidden >= 2^22 (smaller ones are host-bound),
+    # the default kernel on CPUs
+    assert [kernel_name("auto", "cuda", n) for n in (2**22, 2**22 - 1)] == ["sdpa", "triton"]
+    assert kernel_name("auto", "cpu", 2**30) == "triton" and kernel_name("sdpa", "cpu", 0) == "sdpa"
+    assert type(named_kernel("auto", DEVICE, 2**30)) is type(named_kernel("sdpa" if DEVICE != "cpu" else "triton",
+                                                                             DEVICE))
     for name in ATTN_KERNELS:  # cli.py spells the names out (it imports no torch); every one of them parses there
         assert cli.parse_args(["--attn-kernel", name]).attn_kernel == name
     dtypes = [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.bfloat16]

@@ -83,17 +83,31 @@ def test_sdpa_kernel_temporaries_are_planned():
     assert "attention kernel: the default for every part" in text, text
 
 
-def test_attn_kernel_auto_is_sdpa_where_the_cuda_ops_apply():
-    """--attn-kernel auto (the default) resolves to sdpa for dense bf16 attention on a GPU, which the plan then
-    counts, and to triton for sparse attention (Triton's parts only), fp32 compute (the CUDA ops refuse it) and CPUs."""
-    argv = ("--model", "qwen2.5-7b", "--seq", "131072", "--chunk", "8192", "--dtype", "bfloat16")
-    args = settings(*argv, "--attn", "dense")
-    assert args.attn_kernel == "sdpa"
-    assert planner.SDPA_TEMPORARIES in planner.parts(preset("qwen2.5-7b"), args).device
-    assert settings(*argv, "--attn", "sparse").attn_kernel == "triton"
-    assert settings(*argv[:-2], "--dtype", "float32", "--attn", "dense").attn_kernel == "triton"
-    assert settings(*argv, "--attn", "dense", gpu=False).attn_kernel == "triton"
-    assert settings(*argv, "--attn", "dense", "--attn-kernel", "triton").attn_kernel == "triton"  # given: kept
+def test_attn_kernel_auto_is_sdpa_for_large_dense_bf16_chunks_on_a_gpu():
+    """--attn-kernel auto (the default) is the plan's choice, recorded with its reason: sdpa for dense bf16 attention
+    on a GPU in chunks of batch x tokens x hidden >= 2^22 (the plan then counts its temporaries), triton for smaller
+    chunks (host-bound), sparse attention (Triton's parts), fp32 compute (the CUDA ops refuse it) and CPUs. A given
+    kernel stays."""
+    gpu = planner.Memory(device=140 * GIB, host=120 * GIB, on_gpu=True)
+
+    def choose(*argv, gpu_run=True):
+        args = settings("--dtype", "bfloat16", "--attn", "dense", *argv, gpu=gpu_run, auto=True)
+        plan, chosen = planner.plan_auto(preset(args.model), args, gpu)
+        return chosen.attn_kernel, [w for w in chosen.precision_why if w.startswith("--attn-kernel")], plan
+
+    seven_b = ("--model", "qwen2.5-7b", "--seq", "131072", "--chunk", "8192")
+    kernel, why, plan = choose(*seven_b)
+    assert (kernel, why) == ("sdpa", ["--attn-kernel sdpa (auto: gather + cuDNN for dense bf16 chunks on a GPU)"])
+    assert planner.SDPA_TEMPORARIES in plan.device
+    kernel, why, plan = choose("--model", "small", "--seq", "65536", "--chunk", "4096")  # 4096 x 512 = 2^21
+    assert kernel == "triton" and "2,097,152 < 4,194,304: host-bound" in why[0], why
+    assert planner.SDPA_TEMPORARIES not in plan.device
+    assert choose("--model", "small", "--seq", "65536", "--chunk", "8192")[0] == "sdpa"  # 2^22
+    assert choose(*seven_b, "--attn", "sparse")[:2] == ("triton", ["--attn-kernel triton (auto: sparse attention: "
+                                                                   "Triton's parts)"])
+    assert choose(*seven_b, "--dtype", "float32")[0] == "triton"
+    assert choose(*seven_b, gpu_run=False)[:2] == ("triton", ["--attn-kernel triton (auto: not a GPU)"])
+    assert choose(*seven_b, "--attn-kernel", "triton")[:2] == ("triton", [])  # given: kept, nothing to say
 
 
 def test_kept_activations_are_planned():
@@ -105,9 +119,12 @@ def test_kept_activations_are_planned():
     base = planner.parts(cfg, settings(*argv))
     chunk = base.device["activations (one 8192-token chunk)"]
     assert planner.KEPT_ACTIVATIONS not in base.device
+    # each kept chunk also holds the bf16 copies its matmuls made of the fp32 weights, and its last hidden state and
+    # the head's gradient (fp32): the H200's small model peaked at 0.545 GiB per kept 4096-token chunk, as here
+    per_kept = chunk + 2 * 7_615_616_512 + 2 * 4 * 3584 * 8192
     for keep, kept in ((1, 1), (9, 3)):
         plan = planner.parts(cfg, settings(*argv, "--keep-activations", str(keep)))
-        assert plan.device[planner.KEPT_ACTIVATIONS] == kept * chunk
+        assert plan.device[planner.KEPT_ACTIVATIONS] == kept * per_kept
         assert plan.device_per_token == base.device_per_token  # not growing with --seq
     gpu = planner.Memory(device=1000 * GIB, host=120 * GIB, on_gpu=True)  # room for every output
     per_token = planner.PagedKVStore.output_bytes_per_token(cfg, torch.bfloat16)
@@ -126,7 +143,7 @@ def test_keep_activations_auto_takes_half_of_what_the_output_cache_leaves():
     assert args.keep_activations == "auto"
     fixed = planner.parts(cfg, args)  # auto counts nothing until plan_run chooses
     assert planner.KEPT_ACTIVATIONS not in fixed.device and fixed.keep_activations == 0
-    chunk = fixed.device["activations (one 8192-token chunk)"]
+    chunk = planner.kept_chunk_bytes(cfg, args)
     cache = planner.PagedKVStore.output_bytes_per_token(cfg, torch.bfloat16) * (65536 - 8192)
     for kept in (0, 1, 3):  # free memory such that the spare after the whole cache holds 2 * kept + 1/2 chunks
         spare = 2 * cache + (2 * kept + 0.5) * chunk
@@ -143,6 +160,11 @@ def test_keep_activations_auto_takes_half_of_what_the_output_cache_leaves():
     plan, chosen = planner.plan_auto(cfg, settings(*argv, "--offload", "on", auto=True), roomy)
     assert chosen.keep_activations == 0 and planner.KEPT_ACTIVATIONS not in plan.device
     assert "--keep-activations 0 (auto: pages offloaded)" in chosen.precision_why
+    # sparse attention: none (slower at 1M on the H200 with them); a given number is kept
+    plan, chosen = planner.plan_auto(cfg, settings(*argv[:-1], "sparse", auto=True), roomy)
+    assert chosen.keep_activations == 0 and "--keep-activations 0 (auto: sparse attention)" in chosen.precision_why
+    plan, chosen = planner.plan_auto(cfg, settings(*argv[:-1], "sparse", "--keep-activations", "2", auto=True), roomy)
+    assert chosen.keep_activations == 2 and plan.device[planner.KEPT_ACTIVATIONS] == 2 * chunk
 
 
 def test_optimizer_state_is_what_torch_keeps():

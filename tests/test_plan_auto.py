@@ -32,6 +32,7 @@ def test_7b_at_1m_fits_with_the_default_flags():
     assert chosen.precision_why == ["--params-dtype bfloat16 (auto: fp32 weights do not fit)",
                                     "--moments bf16 (the most precise whose plan fits)",
                                     "--grad-pages bfloat16 (auto: fp32 dK/dV pages do not fit)",
+                                    "--attn-kernel triton (auto: sparse attention: Triton's parts)",
                                     "--keep-activations 0 (auto: pages offloaded)"]
     assert plan.host["KV/dKV pages"] == 114_688 * 2**20  # 112 GiB
     assert args.params_dtype == "auto"  # plan_auto leaves the given settings alone
