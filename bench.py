@@ -149,7 +149,8 @@ def parse_args(argv=None):
     k.add_argument("--kernels", type=lambda t: t.split(","), default=["triton"],
                    help="paged kernels to measure, comma-separated: triton (kernels/paged_attention.py), sdpa "
                         "(kernels/gather_sdpa.py: pages gathered, then PyTorch's fused op for the device: cuDNN on "
-                        "CUDA), sdpa-cudnn, sdpa-flash (that CUDA op; issue #18)")
+                        "CUDA), sdpa-cudnn, sdpa-flash (that CUDA op; issue #18), sdpa-gqa (sdpa with K/V handed "
+                        "to the op with their own heads: native GQA, no fold or repeat)")
 
     e = sub.add_parser("exact", parents=[common], help="gradient exactness vs an fp32 full-sequence reference")
     e.add_argument("--model", type=lambda t: t.split(","), default=["small", "small-d128"],

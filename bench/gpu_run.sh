@@ -10,9 +10,10 @@
 #   exact         chunked bf16 gradients vs an fp32 full-sequence reference, head_dim 64 and 128, Triton and
 #                 --attn-kernel sdpa, pages on the GPU and offloaded                                         120 s
 #   kernel        paged attention vs SDPA (cuDNN), Qwen2.5-7B heads, 16K/64K, fwd and fwd+bwd                 120 s
-#   kernel-sdpa   issue #18: the Triton paged kernel vs the gather + cuDNN / flash candidate (kernels/gather_sdpa.py),
-#                 its tests on the GPU first, then 28/4 heads x 128 at 16K/64K/256K and 14/2 x 64 at 64K, chunk 4096,
-#                 then a profile of the sdpa route at 16K                                                  420 s
+#   kernel-sdpa   issue #18: the Triton paged kernel vs gather + cuDNN (kernels/gather_sdpa.py: sdpa folds the GQA
+#                 groups, sdpa-gqa hands them to cuDNN; flash lost in the fourteenth session), its tests on the GPU
+#                 first, then 28/4 heads x 128 at 16K/64K/256K and 14/2 x 64 at 64K, chunk 4096, then a profile of
+#                 both sdpa routes at 16K                                                                    420 s
 #   step-7b       Qwen2.5-7B at 16K and 32K: chunked vs model.py's full sequence + checkpointing            140 s
 #   step-7b-sdpa  the same with --attn-kernel sdpa, then its dense 128K point (one warm-up step), stage-1 outputs
 #                 kept for stage 2 (--output-cache 28)                                                        340 s
@@ -205,13 +206,14 @@ for name in "$@"; do
     kernel-sdpa)
         stage kernel-sdpa-tests 60 "$PY" -m pytest -q tests/test_gather_sdpa.py
         stage kernel-sdpa 240 "$PY" bench.py kernel --lengths 16384,65536,262144 --page-size 64 --chunk 4096 \
-            --heads 28 --kv-heads 4 --head-dim 128 --kernels triton,sdpa,sdpa-flash --warmup 1 --repeats 5 \
+            --heads 28 --kv-heads 4 --head-dim 128 --kernels triton,sdpa,sdpa-gqa --warmup 1 --repeats 5 \
             --time-budget 230
         stage kernel-sdpa-d64 60 "$PY" bench.py kernel --lengths 65536 --page-size 64 --chunk 4096 --heads 14 \
-            --kv-heads 2 --head-dim 64 --kernels triton,sdpa,sdpa-flash --warmup 1 --repeats 5 --time-budget 55
+            --kv-heads 2 --head-dim 64 --kernels triton,sdpa,sdpa-gqa --warmup 1 --repeats 5 \
+            --time-budget 55
         # where the sdpa route's fixed costs go after a short history (0.71 of SDPA after 12K, 0.92 after 60K)
         stage kernel-sdpa-profile 60 "$PY" bench.py kernel --lengths 16384 --page-size 64 --chunk 4096 --heads 28 \
-            --kv-heads 4 --head-dim 128 --kernels sdpa --no-sdpa --profile 30 --warmup 1 --repeats 5 ;;
+            --kv-heads 4 --head-dim 128 --kernels sdpa,sdpa-gqa --no-sdpa --profile 30 --warmup 1 --repeats 5 ;;
     step-7b)  # 8192-token chunks and 4 GiB of kept stage-1 outputs: the settings of the README's 16K row
         stage step-7b 140 "${STEP7B[@]}" --lengths 16384,32768 --chunk 8192 --output-cache 4 --warmup 1 --repeats 2 \
             --point-budget 20 --time-budget 130 ;;

@@ -8,13 +8,20 @@ delta, part, scale, dq) -> dq, dK/dV added into part.dk_pages/dv_pages). For a d
 mask) the queries at positions q_start..q_start+C-1 see the table's positions p < kv_len with p <= q_start + i
 (bottom-right causal). That splits into two fused calls, merged by log-sum-exp:
 
-    history   keys 0..Nh-1, Nh = min(q_start, kv_len), visible to every query: no mask. GQA by folding each kv
-              head's G query heads into the query length: q [B, C, Hkv*G, D] -> [B, Hkv, G*C, D] (row g*C + i is
-              query i of head kv*G + g), so K/V [B, Hkv, Nh, D] are not repeated and the merged lse [B, H, C] is
-              the folded lse [B, Hkv, G*C] as a view.
+    history   keys 0..Nh-1, Nh = min(q_start, kv_len), visible to every query: no mask.
     diagonal  the chunk's own keys q_start..q_start+C-1 (present when kv_len = q_start + C): a square C x C call
-              with top-left causal masking (square: top-left = bottom-right), K/V repeated over the G heads of a
-              group ([B, H, C, D], small) and their gradients summed back over the group.
+              with top-left causal masking (square: top-left = bottom-right).
+
+GQA (H = Hkv * G query heads), two ways (native_gqa):
+    native    the ops take K/V with Hkv heads as they are and return dK/dV per kv head, summed over the group
+              (torch's CPU flash op, cuDNN and flash: their meta kernels agree; checked on the CPU, torch 2.13):
+              no copies. The default on CPUs; on CUDA a candidate until measured (bench.py kernel --kernels
+              sdpa-gqa).
+    fold      the default on CUDA (measured, torch 2.11). History: each kv head's G query heads folded into the
+              query length, q [B, C, Hkv*G, D] -> [B, Hkv, G*C, D] (row g*C + i is query i of head kv*G + g), so
+              K/V are not repeated and the merged lse [B, H, C] is the folded lse [B, Hkv, G*C] as a view.
+              Diagonal: K/V repeated over the G heads of a group ([B, H, C, D], small) and their gradients summed
+              back over the group.
 
 K/V are gathered once per call, from the pages through the table, by one index_select of the flat page rows into
 [B, kv_len, Hkv, D] (q.dtype) viewed as [B, Hkv, kv_len, D] (the [B, S, H, D] memory layout the fused ops take).
@@ -128,7 +135,8 @@ def _out_for_delta(do, delta):
 
 
 def _sdpa_forward(backend, q, k, v, causal, scale):
-    """One fused call: q [B, H, L, D], k, v [B, H, S, D] -> (o [B, H, L, D], lse [B, H, L] fp32 natural log)."""
+    """One fused call: q [B, H, L, D], k, v [B, H or Hkv, S, D] -> (o [B, H, L, D], lse [B, H, L] fp32 natural
+    log)."""
     B, H, L, _ = q.shape
     if backend == "cpu":
         o, lse = ATEN._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
@@ -144,8 +152,8 @@ def _sdpa_forward(backend, q, k, v, causal, scale):
 
 
 def _sdpa_backward(backend, do, q, k, v, o, lse, causal, scale):
-    """The fused call's backward: do, q, o [B, H, L, D], k, v [B, H, S, D], lse [B, H, L] fp32 (natural log) ->
-    (dq, dk, dv) in q.dtype."""
+    """The fused call's backward: do, q, o [B, H, L, D], k, v [B, H or Hkv, S, D], lse [B, H, L] fp32 (natural
+    log) -> (dq, dk, dv) in q.dtype, dk and dv with k's heads."""
     L, S = q.shape[2], k.shape[2]
     lse = lse.float().contiguous()
     if backend == "cpu":
@@ -172,15 +180,19 @@ class SDPAKernel:
     picks "cpu" for CPU tensors and "cudnn" for CUDA ones (what F.scaled_dot_product_attention uses for bf16 on
     an H100/H200). fallback: a kernel for the parts this one does not take (sparse, document masks); None raises
     NotImplementedError on them. fp32 tensors on CUDA go to the fallback, or raise NotImplementedError without one
-    (the CUDA ops take bf16/fp16)."""
+    (the CUDA ops take bf16/fp16). native_gqa: K/V with fewer heads handed to the ops as they are (True) or the
+    fold and repeat of the module docstring (False); None: native on CPUs, fold on CUDA."""
 
-    def __init__(self, backend=None, fallback=None):
+    def __init__(self, backend=None, fallback=None, native_gqa=None):
         if backend is not None and backend not in OPS:
             raise ValueError(f"SDPAKernel: backend must be one of {', '.join(OPS)}, got {backend!r}")
         missing = [name for name in OPS.get(backend, ()) if not hasattr(ATEN, name)]  # an older torch
         if missing:
             raise NotImplementedError(f"SDPAKernel({backend!r}): torch {torch.__version__} lacks {missing}")
-        self.backend, self.fallback = backend, fallback
+        self.backend, self.fallback, self.native_gqa = backend, fallback, native_gqa
+
+    def _native(self, q):
+        return q.device.type == "cpu" if self.native_gqa is None else self.native_gqa
 
     def _backend(self, q):
         backend = self.backend or ("cpu" if q.device.type == "cpu" else "cudnn")
@@ -222,12 +234,16 @@ class SDPAKernel:
         Nh, Ld = split  # Ld > 0 only where Nh = q_start: the keys are positions 0..Nh+Ld-1 of the table
         rows = _flat_rows(part.table, Nh + Ld, part.k_pages.shape[1])  # [B, Nh + Ld]
         k, v = _gather(part.k_pages, rows, q.dtype), _gather(part.v_pages, rows, q.dtype)  # [B, Hkv, Nh + Ld, D]
+        native = self._native(q)
         o = lse = None  # o: a [B, C, H, D] view of a call's output (q.dtype), or the two calls merged (fp32)
-        if Nh:  # every query sees keys 0..Nh-1: one unmasked call, the groups folded into the query length
+        if Nh and native:  # every query sees keys 0..Nh-1: one unmasked call
+            oh, lh = _sdpa_forward(backend, q.transpose(1, 2), k[:, :, :Nh], v[:, :, :Nh], False, scale)
+            o, lse = oh.transpose(1, 2), lh.float()
+        elif Nh:  # the same, the groups folded into the query length
             oh, lh = _sdpa_forward(backend, _fold(q, Hkv), k[:, :, :Nh], v[:, :, :Nh], False, scale)
             o, lse = _unfold(oh, C), lh.reshape(B, H, C).float()  # [B, Hkv, G*C] is [B, H, C] row for row
-        if Ld:  # the chunk's own C keys: a square top-left causal call, K/V repeated over each group
-            kd, vd = (_repeat_heads(t[:, :, Nh:], H // Hkv) for t in (k, v))  # [B, H, C, D]
+        if Ld:  # the chunk's own C keys: a square top-left causal call (fold: K/V repeated over each group)
+            kd, vd = (t[:, :, Nh:] if native else _repeat_heads(t[:, :, Nh:], H // Hkv) for t in (k, v))
             od, ld = _sdpa_forward(backend, q.transpose(1, 2), kd, vd, True, scale)
             od, ld = od.transpose(1, 2), ld.float()  # [B, C, H, D], [B, H, C]
             o, lse = (od, ld) if o is None else _merge(o, lse, od, ld)
@@ -261,20 +277,24 @@ class SDPAKernel:
         o = _out_for_delta(do, delta) if o is None else o.to(q.dtype).contiguous()
         grad = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dq is None else dq
         lse = lse.float()
-        if Nh:
+        native, G = self._native(q), H // Hkv
+        dot, qt, ot = do.transpose(1, 2), q.transpose(1, 2), o.transpose(1, 2)  # [B, H, C, D] views
+        if Nh and native:
+            gq, gk, gv = _sdpa_backward(backend, dot, qt, k[:, :, :Nh], v[:, :, :Nh], ot, lse, False, scale)
+            grad.add_(gq.transpose(1, 2))
+        elif Nh:
             gq, gk, gv = _sdpa_backward(backend, _fold(do, Hkv), _fold(q, Hkv), k[:, :, :Nh], v[:, :, :Nh],
                                         _fold(o, Hkv), lse.reshape(B, Hkv, -1), False, scale)
             grad.add_(_unfold(gq, C))
+        if Nh:
             _add_rows(part.dk_pages, rows[:, :Nh], gk)  # [B, Hkv, Nh, D]
             _add_rows(part.dv_pages, rows[:, :Nh], gv)
         if Ld:
-            G = H // Hkv
-            kd, vd = (_repeat_heads(t[:, :, Nh:], G) for t in (k, v))  # [B, H, C, D]
-            gq, gk, gv = _sdpa_backward(backend, do.transpose(1, 2), q.transpose(1, 2), kd, vd, o.transpose(1, 2),
-                                        lse, True, scale)
+            kd, vd = (t[:, :, Nh:] if native else _repeat_heads(t[:, :, Nh:], G) for t in (k, v))
+            gq, gk, gv = _sdpa_backward(backend, dot, qt, kd, vd, ot, lse, True, scale)
             grad.add_(gq.transpose(1, 2))
-            own = rows[:, Nh:]  # [B, C]
-            # the group's heads summed, in fp32 without an fp32 copy of each
-            _add_rows(part.dk_pages, own, gk.reshape(B, Hkv, G, C, D).sum(2, dtype=torch.float32))
-            _add_rows(part.dv_pages, own, gv.reshape(B, Hkv, G, C, D).sum(2, dtype=torch.float32))
+            if not native:  # [B, H, C, D]: the group's heads summed, in fp32 without an fp32 copy of each
+                gk, gv = (g.reshape(B, Hkv, G, C, D).sum(2, dtype=torch.float32) for g in (gk, gv))
+            _add_rows(part.dk_pages, rows[:, Nh:], gk)  # [B, Hkv, C, D]
+            _add_rows(part.dv_pages, rows[:, Nh:], gv)
         return grad.to(q.dtype) if dq is None else dq

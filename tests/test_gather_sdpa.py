@@ -49,11 +49,11 @@ def run(kernel, q, do, parts, pass_o=False):
     return o, lse, dq, [(part.dk_pages, part.dv_pages) for part in parts]
 
 
-def compare(p, dtype, backend, make_parts, pass_o):
+def compare(p, dtype, backend, make_parts, pass_o, native_gqa=None):
     """SDPAKernel vs ReferenceKernel on fresh parts from make_parts(): o, lse, dq and every part's dK/dV pages at
     the positions the problem holds (the rest: NaN-poisoned K/V slots, their gradient pages left untouched)."""
     ref = run(REF, p["q"], p["do"], make_parts())
-    got = run(SDPAKernel(backend), p["q"], p["do"], make_parts(), pass_o)
+    got = run(SDPAKernel(backend, native_gqa=native_gqa), p["q"], p["do"], make_parts(), pass_o)
     assert got[0].dtype == p["q"].dtype and got[2].dtype == ref[2].dtype
     assert got[0].is_contiguous() and got[1].is_contiguous()  # as the Triton kernels return them
     for what, a, b in (("o", got[0], ref[0]), ("lse", got[1], ref[1]), ("dq", got[2], ref[2])):
@@ -73,16 +73,19 @@ def compare(p, dtype, backend, make_parts, pass_o):
     (1, 12, 20, 6, 2, 32, 8, True),   # ratio 3, head_dim 32, partial pages, kv_len = q_start + C given
 ])
 @pytest.mark.parametrize("pass_o", [True, False], ids=["o", "delta-only"])
-def test_one_part_matches_reference(backend, dtype, B, C, hist, H, Hkv, D, page, explicit_kv_len, pass_o):
+@pytest.mark.parametrize("native_gqa", [True, False], ids=["native-gqa", "fold"])
+def test_one_part_matches_reference(backend, dtype, B, C, hist, H, Hkv, D, page, explicit_kv_len, pass_o,
+                                    native_gqa):
     p = make_problem(B, C, hist, H, Hkv, D, page, dtype, seed=B * 1000 + hist * 10 + H)
     compare(p, dtype, backend, lambda: [part_of(p, p["prefill"], kv_len=hist + C if explicit_kv_len else None)],
-            pass_o)
+            pass_o, native_gqa)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pass_o", [True, False], ids=["o", "delta-only"])
-def test_history_only_parts_merged_match_reference(backend, dtype, pass_o):
+@pytest.mark.parametrize("native_gqa", [True, False], ids=["native-gqa", "fold"])
+def test_history_only_parts_merged_match_reference(backend, dtype, pass_o, native_gqa):
     """The offloaded store's shape of a call: a history-only part (kv_len <= q_start: all visible, no diagonal)
     then the part holding the chunk, merged by out/merge, each backward with the merged lse and delta. The first
     part reads the first 20 positions of the same table as if the queries sat at 28 (kv_len < q_start); the second
@@ -93,7 +96,7 @@ def test_history_only_parts_merged_match_reference(backend, dtype, pass_o):
     def parts():
         return [part_of(p, p["prefill"], kv_len=hist, q_start=hist + 8, holds_chunk=False, last=False),
                 part_of(p, p["prefill"])]
-    compare(p, dtype, backend, parts, pass_o)
+    compare(p, dtype, backend, parts, pass_o, native_gqa)
 
 
 def test_unsupported_parts_raise_or_fall_back():
@@ -169,7 +172,8 @@ def test_chunked_step_through_attend_matches_reference_kernel(store):
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "flash"])
-def test_cuda_ops_on_the_meta_device(backend):
+@pytest.mark.parametrize("native_gqa", [True, False], ids=["native-gqa", "fold"])
+def test_cuda_ops_on_the_meta_device(backend, native_gqa):
     """The CUDA branch without a GPU: the cuDNN / flash ops' meta kernels take this file's arguments (schemas,
     None for undefined tensors, philox placeholders) and give the shapes and dtypes the interface promises, for a
     part with history and diagonal at Qwen2.5-7B's head shapes (28 / 4 heads, head_dim 128)."""
@@ -179,7 +183,7 @@ def test_cuda_ops_on_the_meta_device(backend):
     pages = torch.empty(B * n, page, Hkv, D, dtype=torch.bfloat16, device="meta")
     grads = torch.empty(B * n, page, Hkv, D, dtype=torch.float32, device="meta")
     part = Part(pages, pages, grads, grads, torch.arange(B * n, device="meta").view(B, n).int(), hist)
-    kernel = SDPAKernel(backend)
+    kernel = SDPAKernel(backend, native_gqa=native_gqa)
     o, lse = kernel.forward(q, part)
     assert (o.shape, o.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (B, H, C), torch.float32)
     dq = kernel.backward(q, q, lse, softmax_delta(q, o), part)
