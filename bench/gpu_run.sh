@@ -25,6 +25,8 @@
 #   step-7b-128k  Qwen2.5-7B at 128K, dense and sparse, pages on the GPU                                    170 s
 #   offload-7b-1m Qwen2.5-7B, one whole sparse step at 1M tokens, pages in pinned host memory               360 s
 #   offload-7b-1m-nockpt  the same without --checkpoint (room on an H200: 47.7 GiB used with it)          360 s
+#   profile-sparse-128k   Qwen2.5-7B sparse at 128K, then the top GPU ops of a profiled step                170 s
+#   profile-1m    the 1M sparse offloaded step's last 16 chunks of stage 2 (--last-chunks), then their top GPU ops 300 s
 #   train-1m      python train.py --seq 1000000 --steps 6 (the README's front door, a few steps)           200 s
 #   fidelity      sparse vs exact gradients of the train-1m model, both selection rules                     100 s
 #   train         python train.py --steps 300 (the default small model)                                    120 s
@@ -245,6 +247,14 @@ for name in "$@"; do
     step-7b-128k)
         stage step-7b-128k 170 "${STEP7B[@]}" --lengths 131072 --chunk 8192 --stores paged,sparse --budget 4096 \
             --warmup 0 --repeats 1 --no-baseline ;;
+    profile-sparse-128k)  # issue #18's sparse 128K line (<= 15 s; 20.1 s): the step, then its top GPU ops
+        stage profile-sparse-128k 170 "${STEP7B[@]}" --lengths 131072 --chunk 8192 --stores sparse --budget 4096 \
+            --warmup 0 --repeats 1 --no-baseline --profile 30 ;;
+    profile-1m)  # issue #18's 1M line (<= 150 s; 181 s): the last 16 of the 256 chunks of stage 2 over a random
+        # history (--last-chunks: the whole step's memory, 1/16 of stage 2's work), then their top GPU ops
+        stage profile-1m 300 "${STEP7B[@]}" --lengths 1048576 --chunk 4096 --stores sparse-offload \
+            --grad-pages bfloat16 --budget 4096 --q-block 4096 --last-chunks 16 --warmup 1 --repeats 1 --no-baseline \
+            --profile 30 ;;
     offload-7b-1m)  # one selection per 4096-token chunk (q-block = chunk), bf16 dK/dV pages: 112 GiB pinned
         stage offload-7b-1m 360 "${STEP7B[@]}" --lengths 1048576 --chunk 4096 --checkpoint --stores sparse-offload \
             --grad-pages bfloat16 --budget 4096 --q-block 4096 --warmup 0 --repeats 1 --no-baseline ;;
