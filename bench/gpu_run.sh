@@ -21,6 +21,7 @@
 #                 also with --attn-kernel sdpa, and with --keep-activations) vs model.py's full sequence +
 #                 checkpointing                                                                                330 s
 #   step-7b-keep  step-7b-sdpa's 16K/32K with --keep-activations 1 (stage 1's last chunk kept for stage 2)      140 s
+#   step-7b-32k-keep  32K with 2 of 4 chunks kept, and with 4096-token chunks, 5 of 8 kept                       200 s
 #   step-7b-256k-sdpa  Qwen2.5-7B dense at 256K through --attn-kernel sdpa                                      330 s
 #   step-7b-128k  Qwen2.5-7B at 128K, dense and sparse, pages on the GPU                                    170 s
 #   offload-7b-1m Qwen2.5-7B, one whole sparse step at 1M tokens, pages in pinned host memory               360 s
@@ -230,6 +231,11 @@ for name in "$@"; do
         # ~30 GiB more at chunk 8192, one chunk's forward fewer: at 16K no recomputation at all)
         stage step-7b-keep 140 "${STEP7B[@]}" --lengths 16384,32768 --chunk 8192 --output-cache 4 --attn-kernel sdpa \
             --keep-activations 1 --warmup 1 --repeats 2 --point-budget 20 --time-budget 130 ;;
+    step-7b-32k-keep)  # issue #18's 32K line (>= 1.10x; 1.061x with 1 of 4 chunks kept, 104.9 GiB): 2 of 4 kept
+        # (~24 GiB more: ~129 GiB), and 4096-token chunks with 5 of 8 kept (~15 GiB each); by FLOPs 1.23x either way
+        stage step-7b-32k-keep 200 bash -c "for run in '8192 2' '4096 5'; do set -- \$run; ${STEP7B[*]} \
+            --lengths 32768 --chunk \$1 --output-cache 4 --attn-kernel sdpa --keep-activations \$2 --warmup 1 \
+            --repeats 2 --point-budget 20 || exit 1; done" ;;
     step-7b-256k-sdpa)  # issue #18's 256K line (<= 160 s; 227.8 s with Triton and --checkpoint): 42 GiB of pages +
         # 42.6 GiB of weights and fp32 gradients + ~30 GiB of one 8192-token chunk's activations leave ~10 GiB of the
         # usable share: no recomputation inside the chunk, 6 GiB of stage-1 outputs kept (3 layers' of 28)
