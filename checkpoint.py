@@ -69,6 +69,12 @@ def resume_settings(args, ckpt, ckpt_path):
         args.params_dtype = had.get("params_dtype") or "float32"
     if chunked(args) and args.grad_pages == "auto":
         args.grad_pages = had.get("grad_pages") if had.get("grad_pages") in planner.DTYPES else "float32"
+    # the chunked path's other choices round differently (the kernels; kept chunks sum the head's gradients earlier),
+    # so an exact resume keeps them too (checkpoints from before auto: the old defaults, recorded as given)
+    if chunked(args) and args.keep_activations == "auto" and isinstance(had.get("keep_activations"), int):
+        args.keep_activations = had["keep_activations"]
+    if chunked(args) and args.attn_kernel == "auto" and had.get("attn_kernel") in ("triton", "sdpa"):
+        args.attn_kernel = had["attn_kernel"]
     if args.moments is None and args.params_dtype == "bfloat16":
         args.moments, args.moments_why = had.get("moments"), "the checkpoint's"
     for name in ("params_dtype", "moments"):

@@ -179,3 +179,22 @@ def test_no_eval_no_checkpoint_and_the_per_step_record(tmp_path):
 def losses(out):
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f]
+
+
+def test_resume_keeps_the_checkpoints_kernel_and_kept_chunks():
+    """--attn-kernel auto and --keep-activations auto take a resumed checkpoint's values, as --grad-pages auto does:
+    the kernels round differently and kept chunks sum the head's gradients earlier, so choosing again (free memory
+    may differ) would break the exact resume. Given values stay; checkpoints from before auto recorded the old
+    defaults (triton, 0)."""
+    from checkpoint import resume_settings
+
+    ckpt = {"args": {"params_dtype": "float32", "grad_pages": "float32", "attn_kernel": "triton",
+                     "keep_activations": 0}}
+    args = settings("--model", "small", "--seq", "65536", "--attn", "dense", auto=True)
+    assert (args.attn_kernel, args.keep_activations) == ("auto", "auto")
+    resume_settings(args, ckpt, "run/ckpt.pt")
+    assert (args.attn_kernel, args.keep_activations) == ("triton", 0)
+    args = settings("--model", "small", "--seq", "65536", "--attn", "dense", "--attn-kernel", "sdpa",
+                    "--keep-activations", "3", auto=True)
+    resume_settings(args, ckpt, "run/ckpt.pt")
+    assert (args.attn_kernel, args.keep_activations) == ("sdpa", 3)
