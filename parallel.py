@@ -31,6 +31,15 @@ from cli import UserError
 from tensor_parallel import TensorParallel
 
 
+def least_memory(memory, device):
+    """plan.Memory (device and host bytes) as the least over the ranks of the default group. Every rank plans on its
+    own, and what the plan chooses from free memory (the weights' precision, offload, the kept chunks) must agree:
+    a rank keeping another number of chunks would issue its collectives in another order."""
+    t = torch.tensor([memory.device, memory.host], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return dataclasses.replace(memory, device=int(t[0]), host=int(t[1]))
+
+
 @dataclass
 class Layout:
     rank: int  # in the world
@@ -89,6 +98,10 @@ class Layout:
         t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
         dist.all_reduce(t, group=self.dp_group)
         return t.item() / self.dp
+
+    def least_memory(self, memory):
+        """plan.Memory with every rank's least free memory (least_memory below)."""
+        return least_memory(memory, self.device)
 
     def any(self, flag: bool) -> bool:
         """Whether any rank raised its flag (Ctrl-C reaches ranks at different moments; all must stop together)."""

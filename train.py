@@ -301,6 +301,8 @@ def run_rank(args, data, device, layout):
         raise UserError(f"data {data.path} has vocab_size {data.vocab_size}, the model only {cfg.vocab_size}")
     parallel.check(layout, cfg, args)
     memory = planner.measure(device, args.host_memory)
+    if layout:  # the same choices on every rank
+        memory = layout.least_memory(memory)
     plan, suggestions = plan_and_choose(cfg, args, memory)  # before anything is allocated on the device
     if layout:  # one rank's share: its pages (1 / cp) and its tensor-parallel share of the weights and state
         plan = layout.rank_plan(plan, cfg, args, memory)

@@ -295,6 +295,16 @@ def check_context_parallel_sparse():
     return out
 
 
+def check_least_memory(rank):
+    """Each rank's plan.Memory differs; least_memory gives every rank the least of each (so that the plan's choices
+    agree across ranks)."""
+    import parallel
+    from plan import Memory
+    mine = Memory(device=(100 - rank) * 2**30, host=(50 + rank) * 2**30, on_gpu=True, host_available=7)
+    least = parallel.least_memory(mine, torch.device("cpu"))
+    return [least.device, least.host, least.on_gpu, least.host_available]
+
+
 def worker(rank, ports, out_dir):
     import time
     t0 = time.perf_counter()
@@ -319,6 +329,7 @@ def worker(rank, ports, out_dir):
     t_sparse = time.perf_counter()
     results["cp_sparse"] = check_context_parallel_sparse()
     results["time_cp_sparse"] = time.perf_counter() - t_sparse
+    results["least_memory"] = check_least_memory(rank)
     dist.destroy_process_group()
     results["time_checks"] = time.perf_counter() - t0
 
@@ -397,6 +408,11 @@ def job(tmp_path_factory):
         with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
             results.append(json.load(f))
     return results, out_dir
+
+
+def test_every_rank_plans_with_the_least_memory(job):
+    for results in job[0]:
+        assert results["least_memory"] == [(100 - (WORLD - 1)) * 2**30, 50 * 2**30, True, 7]
 
 
 @pytest.mark.parametrize("check", ["tp_dense_untied", "tp_sparse_tied", "tp_lora", "tp_optimizer_state", "dp", "cp",
