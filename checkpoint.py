@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 import finetune
 import plan as planner
+from attention import ATTN_KERNELS
 from cli import UserError, chunked
 from model import ModelConfig
 
@@ -73,7 +74,7 @@ def resume_settings(args, ckpt, ckpt_path):
     # so an exact resume keeps them too (checkpoints from before auto: the old defaults, recorded as given)
     if chunked(args) and args.keep_activations == "auto" and isinstance(had.get("keep_activations"), int):
         args.keep_activations = had["keep_activations"]
-    if chunked(args) and args.attn_kernel == "auto" and had.get("attn_kernel") in ("triton", "sdpa"):
+    if chunked(args) and args.attn_kernel == "auto" and had.get("attn_kernel") in set(ATTN_KERNELS) - {"auto"}:
         args.attn_kernel = had["attn_kernel"]
     if args.moments is None and args.params_dtype == "bfloat16":
         args.moments, args.moments_why = had.get("moments"), "the checkpoint's"

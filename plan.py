@@ -416,16 +416,17 @@ def attn_kernel_auto(cfg: ModelConfig, args) -> tuple[str, str | None]:
     name = getattr(args, "attn_kernel", "triton")
     if name != "auto":
         return name, None
-    size = args.batch * args.chunk * cfg.hidden_size
-    kernel = kernel_name(name, "cuda" if str(args.device).startswith("cuda") else "cpu", size)
-    if kernel == "sdpa" and (args.sparse or args.dtype == "float32"):  # SDPAKernel would hand every part to Triton
-        kernel = "triton"
+    # where SDPAKernel would hand every part to Triton anyway (or run the CPU op), triton with the reason
     why = ("not a GPU" if not str(args.device).startswith("cuda") else
            "sparse attention: Triton's parts" if args.sparse else
-           "fp32 compute: the fused ops take bf16" if args.dtype == "float32" else
-           f"batch x chunk x hidden {size:,} < {SDPA_AUTO_MIN_TOKENS_X_HIDDEN:,}: host-bound, Triton is faster"
-           if kernel == "triton" else "gather + cuDNN for dense bf16 chunks on a GPU")
-    return kernel, why
+           "fp32 compute: the fused ops take bf16" if args.dtype == "float32" else None)
+    if why:
+        return "triton", why
+    size = args.batch * args.chunk * cfg.hidden_size
+    if kernel_name(name, "cuda", size) == "triton":
+        return "triton", (f"batch x chunk x hidden {size:,} < {SDPA_AUTO_MIN_TOKENS_X_HIDDEN:,}: host-bound, Triton is "
+                          f"faster")
+    return "sdpa", "gather + cuDNN for dense bf16 chunks on a GPU"
 
 
 def plan_auto(cfg: ModelConfig, args, memory: Memory):
