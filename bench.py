@@ -144,6 +144,9 @@ def parse_args(argv=None):
     k.add_argument("--batch", type=int, default=1)
     k.add_argument("--repeats", type=int, default=5)
     k.add_argument("--no-sdpa", action="store_true", help="skip SDPA (and the correctness check)")
+    k.add_argument("--chunk-only", action="store_true",
+                   help="time the kernels on the chunk-at-the-end call only, not also on the whole sequence (SDPA's "
+                        "whole-sequence call, the baseline, still runs)")
     k.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing each kernel's point, profile one more forward+backward and print the top ROWS ops")
     k.add_argument("--kernels", type=lambda t: t.split(","), default=["triton"],

@@ -35,6 +35,12 @@ def attention_flops(batch, heads, head_dim, q_len, kv_len):
 
 FWD_BWD = 3.5  # forward+backward FLOPs / forward FLOPs (see attention_flops)
 
+# Each kernel point is timed two ways (bench_lib.timed), both reported, ratios each against SDPA timed the same way:
+# "queued" (keys without suffix): the GPU's own time, the host's launches enqueued ahead of it, as in a training step
+# where the host runs ahead; "isolated" (suffix _isolated): the call alone on an idle GPU, the host's launch latency
+# counted wherever the GPU waits for it (the issue's first measurements, and RESULTS up to the fourteenth session).
+TIMINGS = (("queued", ""), ("isolated", "_isolated"))
+
 # --kernels: the paged kernels measured against SDPA, each through the kernel interface attend uses, and their rows'
 # impl. triton: kernels/paged_attention.py; sdpa*: kernels/gather_sdpa.py's SDPAKernel (issue #18: pages gathered
 # into contiguous K/V, then PyTorch's fused ops). sdpa: the op for the device (cuDNN on CUDA, the CPU flash op on a
@@ -75,27 +81,54 @@ def bench_kernel(args, device, rec):
         fwd_flops = attention_flops(B, H, D, T, T)
         base = dict(mode="kernel", length=T, batch=B, heads=H, kv_heads=Hkv, head_dim=D, dtype="bfloat16")
 
+        def time_fwd_bwd(fwd, fwd_bwd, flops, raw=None):
+            """Median times and TFLOP/s of fwd and fwd_bwd, each timed both ways (TIMINGS), with their ratios to
+            SDPA's full causal call at this length (its TFLOP/s the same way) once that has run. raw: a dict given
+            the unrounded (fwd, fwd+bwd) TFLOP/s per timing mode."""
+            out = {}
+            for mode, sfx in TIMINGS:
+                t_fwd, _ = timed(fwd, device, args.warmup, args.repeats, events=mode)
+                t_fb, _ = timed(fwd_bwd, device, args.warmup, args.repeats, events=mode)
+                fwd_ms, fb_ms = statistics.median(t_fwd) * 1e3, statistics.median(t_fb) * 1e3
+                tf = (flops / fwd_ms / 1e9, FWD_BWD * flops / fb_ms / 1e9)
+                bwd_tf = (FWD_BWD - 1) * flops / max(fb_ms - fwd_ms, 1e-9) / 1e9  # (fwd+bwd) - fwd
+                if raw is not None:
+                    raw[mode] = tf
+                out.update({f"fwd_ms{sfx}": r(fwd_ms, 3), f"fwdbwd_ms{sfx}": r(fb_ms, 3),
+                            f"fwd_tflops{sfx}": r(tf[0], 1), f"fwdbwd_tflops{sfx}": r(tf[1], 1),
+                            f"bwd_tflops{sfx}": r(bwd_tf, 1)})
+                if "tflops" in ref:  # TFLOP/s as a fraction of SDPA's at this length (its full causal call)
+                    sdpa_fwd, sdpa_fb = ref["tflops"][mode]
+                    sdpa_fb_ms = FWD_BWD * fwd_flops / sdpa_fb / 1e9
+                    sdpa_bwd = (FWD_BWD - 1) * fwd_flops / (sdpa_fb_ms - fwd_flops / sdpa_fwd / 1e9) / 1e9
+                    out.update({f"fwd_vs_sdpa{sfx}": r(tf[0] / sdpa_fwd, 3),
+                                f"bwd_vs_sdpa{sfx}": r(bwd_tf / sdpa_bwd, 3),
+                                f"fwdbwd_vs_sdpa{sfx}": r(tf[1] / sdpa_fb, 3)})
+            return out
+
         # --- SDPA on contiguous [B, H, T, D] copies; its output is also the reference for the kernel
         ref = {}
 
         def sdpa_body():
             qs, ks, vs, dos = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))
-            with torch.no_grad():
-                t_fwd, o = timed(lambda: F.scaled_dot_product_attention(qs, ks, vs, **sdpa_kw), device,
-                                 args.warmup, args.repeats, events=True)
-            ref["o"] = o.transpose(1, 2)  # [B, T, H, D]
+
+            def fwd():
+                with torch.no_grad():
+                    return F.scaled_dot_product_attention(qs, ks, vs, **sdpa_kw)
+
+            ref["o"] = fwd().transpose(1, 2)  # [B, T, H, D]
             qs.requires_grad_(), ks.requires_grad_(), vs.requires_grad_()
 
             def fwd_bwd():  # autograd.grad: no accumulation into .grad between repeats
                 o = F.scaled_dot_product_attention(qs, ks, vs, **sdpa_kw)
                 return torch.autograd.grad(o, (qs, ks, vs), dos)
 
-            t_fb, (dq, dk, dv) = timed(fwd_bwd, device, args.warmup, args.repeats, events=True)
+            dq, dk, dv = fwd_bwd()
             ref.update(dq=dq.transpose(1, 2), dk=dk.transpose(1, 2), dv=dv.transpose(1, 2))
-            fwd_ms, fb_ms = statistics.median(t_fwd) * 1e3, statistics.median(t_fb) * 1e3
-            ref["tflops"] = (fwd_flops / fwd_ms / 1e9, FWD_BWD * fwd_flops / fb_ms / 1e9)  # for the kernels' ratios
-            return dict(fwd_ms=r(fwd_ms, 3), fwdbwd_ms=r(fb_ms, 3), fwd_tflops=r(fwd_flops / fwd_ms / 1e9, 1),
-                        fwdbwd_tflops=r(FWD_BWD * fwd_flops / fb_ms / 1e9, 1))
+            ref_tflops = {}
+            out = time_fwd_bwd(fwd, fwd_bwd, fwd_flops, raw=ref_tflops)
+            ref["tflops"] = ref_tflops  # for the kernels' ratios
+            return out
 
         if not args.no_sdpa:
             rec.emit(run_point(dict(base, impl="sdpa", config="full", q_len=T, page_size=None), sdpa_body, device))
@@ -105,17 +138,6 @@ def bench_kernel(args, device, rec):
             return dict(dq_rel_err=r(rel_err(dq, ref["dq"]), 6),
                         dk_rel_err=r(rel_err(gather_pages(dk_pages, table, 0, T), ref["dk"]), 6),
                         dv_rel_err=r(rel_err(gather_pages(dv_pages, table, 0, T), ref["dv"]), 6))
-
-        def time_fwd_bwd(fwd, fwd_bwd, flops):
-            t_fwd, _ = timed(fwd, device, args.warmup, args.repeats, events=True)
-            t_fb, _ = timed(fwd_bwd, device, args.warmup, args.repeats, events=True)
-            fwd_ms, fb_ms = statistics.median(t_fwd) * 1e3, statistics.median(t_fb) * 1e3
-            out = dict(fwd_ms=r(fwd_ms, 3), fwdbwd_ms=r(fb_ms, 3), fwd_tflops=r(flops / fwd_ms / 1e9, 1),
-                       fwdbwd_tflops=r(FWD_BWD * flops / fb_ms / 1e9, 1))
-            if "tflops" in ref:  # TFLOP/s as a fraction of SDPA's at this length (its full causal call)
-                out.update(fwd_vs_sdpa=r(flops / fwd_ms / 1e9 / ref["tflops"][0], 3),
-                           fwdbwd_vs_sdpa=r(FWD_BWD * flops / fb_ms / 1e9 / ref["tflops"][1], 3))
-            return out
 
         for page_size in args.page_size:
             if T % page_size:
@@ -137,7 +159,8 @@ def bench_kernel(args, device, rec):
             dk_pages = torch.zeros(k_pages.shape, device=device, dtype=torch.float32)
             dv_pages = torch.zeros_like(dk_pages)
 
-            configs = [("full", T)] + ([("chunk", args.chunk)] if args.chunk < T else [])
+            configs = ([] if args.chunk_only and args.chunk < T else [("full", T)]) + (
+                [("chunk", args.chunk)] if args.chunk < T else [])
             for config, C in configs:
                 if over_budget(args):
                     for name in args.kernels:

@@ -86,8 +86,11 @@ def peak_gib(device):
 def timed(fn, device, warmup, repeats, setup=None, budget_s=None, events=False):
     """Call fn `warmup` times untimed, then time up to `repeats` calls (stopping early, after at least one, once the
     timed calls add up to budget_s). setup() runs before every call, outside the timing. Returns (seconds of each
-    timed call, fn's last result). Timing: synchronize, perf_counter, fn, synchronize, perf_counter; or CUDA events
-    around fn with events=True (GPU time of the kernels, without the host's launch latency)."""
+    timed call, fn's last result). Timing: synchronize, perf_counter, fn, synchronize, perf_counter; or on CUDA with
+    events=True, CUDA events around fn on an idle GPU ("isolated": the host's launch latency is in the time wherever
+    the GPU waits for it, as for a call alone); events="queued", the events behind a GPU-side wait long enough for
+    the host to enqueue all of fn first (the GPU's own time, kernels and the gaps between them: a call inside a
+    step whose host runs ahead of the GPU, as triton.testing.do_bench and CUTLASS's profilers time kernels)."""
     result = None
     for _ in range(warmup):  # 0 is allowed for very long points: the first timed call then includes compilation
         if setup:
@@ -100,6 +103,8 @@ def timed(fn, device, warmup, repeats, setup=None, budget_s=None, events=False):
         sync(device)
         if events and device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if events == "queued":
+                _hold_gpu(device, 0.05)  # 50 ms: the host enqueues fn (a few ms at most) behind it
             start.record()
             result = fn()
             end.record()
@@ -115,15 +120,43 @@ def timed(fn, device, warmup, repeats, setup=None, budget_s=None, events=False):
     return times, result
 
 
+_CYCLES_PER_S = {}
+
+
+def _hold_gpu(device, seconds):
+    """Keep the GPU busy for about `seconds` (torch.cuda._sleep spins a kernel for a number of clock cycles; the
+    cycles per second are measured once per device)."""
+    if device not in _CYCLES_PER_S:
+        probe = 10_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(probe)
+        end.record()
+        end.synchronize()
+        _CYCLES_PER_S[device] = probe / max(start.elapsed_time(end) / 1e3, 1e-6)
+    torch.cuda._sleep(int(_CYCLES_PER_S[device] * seconds))
+
+
 def profile_once(fn, device, rows, title):
-    """One more call of fn under torch.profiler: print the kernels taking the most GPU time (what to optimize)."""
+    """One more call of fn under torch.profiler: print the kernels taking the most GPU time (what to optimize), and
+    how the call's wall time compares with the GPU time of its kernels and of its copies (where the GPU waits for
+    the host or for transfers: the wall time the ops do not fill)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
         fn()
         sync(device)
+        wall = time.perf_counter() - t
+    averages = prof.key_averages()
     print(f"--- profile: {title}", flush=True)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+    print(averages.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+    gpu_us = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+    on_gpu = [e for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA")]  # kernels, copies
+    copies = sum(gpu_us(e) for e in on_gpu if e.key.startswith(("Memcpy", "Memset"))) / 1e6
+    kernels = sum(gpu_us(e) for e in on_gpu) / 1e6 - copies
+    print(f"--- profile: {title}: wall {wall:.3f} s (under the profiler), GPU kernels {kernels:.3f} s "
+          f"({kernels / wall:.0%} of wall), copies {copies:.3f} s", flush=True)
 
 
 def env_info(device) -> dict:
@@ -205,7 +238,9 @@ def format_row(d) -> str:
     if d.get("mode") == "kernel":
         errs = " ".join(f"{k[:-8]} {d[k]:.0e}" for k in ("o_rel_err", "dq_rel_err", "dk_rel_err", "dv_rel_err")
                         if d.get(k) is not None)
-        vs = (f" | /sdpa fwd {d['fwd_vs_sdpa']:.2f} f+b {d['fwdbwd_vs_sdpa']:.2f}"
+        vs = (f" | /sdpa fwd {d['fwd_vs_sdpa']:.2f} bwd {_f(d.get('bwd_vs_sdpa'), '.2f')} f+b "
+              f"{d['fwdbwd_vs_sdpa']:.2f} (isolated {_f(d.get('fwd_vs_sdpa_isolated'), '.2f')} "
+              f"{_f(d.get('bwd_vs_sdpa_isolated'), '.2f')} {_f(d.get('fwdbwd_vs_sdpa_isolated'), '.2f')})"
               if d.get("fwd_vs_sdpa") is not None and d.get("fwdbwd_vs_sdpa") is not None else "")
         return (f"kernel {d.get('impl', '?'):>12} {d.get('config', '-'):>5} T {d['length']:>6} "
                 f"q {_f(d.get('q_len'), '>6')} p {_f(d.get('page_size'), '>3')} | fwd {_f(d.get('fwd_ms'), '8.2f')} ms "
