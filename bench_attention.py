@@ -44,18 +44,14 @@ TIMINGS = (("queued", ""), ("isolated", "_isolated"))
 # --kernels: the paged kernels measured against SDPA, each through the kernel interface attend uses, and their rows'
 # impl. triton: kernels/paged_attention.py; sdpa*: kernels/gather_sdpa.py's SDPAKernel (issue #18: pages gathered
 # into contiguous K/V, then PyTorch's fused ops). sdpa: the op for the device (cuDNN on CUDA, the CPU flash op on a
-# CPU); sdpa-cudnn / sdpa-flash: that CUDA op; sdpa-gqa: sdpa with K/V handed to the op with their own heads (native
-# GQA, the candidate against the fold and repeat sdpa does on CUDA).
-KERNEL_IMPL = {"triton": "paged", "sdpa": "gather-sdpa", "sdpa-cudnn": "gather-cudnn", "sdpa-flash": "gather-flash",
-               "sdpa-gqa": "gather-sdpa-gqa"}
+# CPU); sdpa-cudnn / sdpa-flash: that CUDA op.
+KERNEL_IMPL = {"triton": "paged", "sdpa": "gather-sdpa", "sdpa-cudnn": "gather-cudnn", "sdpa-flash": "gather-flash"}
 
 
 def make_kernel(name):
     """The kernel object of a --kernels name."""
     if name == "triton":
         return TritonKernel()
-    if name == "sdpa-gqa":
-        return SDPAKernel(native_gqa=True)
     return SDPAKernel({"sdpa": None, "sdpa-cudnn": "cudnn", "sdpa-flash": "flash"}[name])
 
 

@@ -282,12 +282,15 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
         else:
             _add(plan, "device", "sparse index (page summaries, selections)", summaries + selections + tables,
                  args.seq)
-    if getattr(args, "attn_kernel", "triton") == "sdpa" and not args.sparse:  # sparse parts go to Triton
+    if getattr(args, "attn_kernel", "triton") == "sdpa":
         kv = args.batch * cfg.num_key_value_heads * cfg.head_dim * (SDPA_KV_COMPUTE_COPIES * compute_bytes
                                                                     + SDPA_KV_FP32_COPIES * FP32)
         q = args.batch * args.chunk * cfg.num_attention_heads * cfg.head_dim * SDPA_Q_FP32_COPIES * FP32
         plan.device[SDPA_QUERY_TEMPORARIES] = q
-        if offload:  # a part is at most what the page cache holds
+        if args.sparse:  # each block of q_block queries gathers its own selected history, then the chunk's own K/V
+            blocks = math.ceil(args.chunk / q_block)
+            plan.device[SDPA_TEMPORARIES] = kv * (blocks * min(args.budget, args.seq) + args.chunk)
+        elif offload:  # a part is at most what the page cache holds
             plan.device[SDPA_TEMPORARIES] = kv * min(args.seq, args.cache_tokens + args.chunk)
         else:  # the last chunk's part: the whole sequence
             _add(plan, "device", SDPA_TEMPORARIES, kv * args.seq, args.seq)
@@ -507,9 +510,10 @@ def describe(plan: Plan, memory: Memory, args) -> list[str]:
         attention = f"sparse, {args.budget} tokens per {plan.q_block}-query block" if args.sparse else "dense"
         lines.append(f"  KV/dKV pages {where} (--offload {args.offload}); attention: {attention} (--attn {args.attn})")
         kernel = getattr(args, "attn_kernel", "triton")
-        if kernel == "sdpa":  # say when the choice has no effect: SDPAKernel hands sparse parts to the default
-            lines.append("  attention kernel: the default for every part (--attn-kernel sdpa takes unmasked dense "
-                         "parts only)" if args.sparse else "  attention kernel: sdpa (gather + fused SDPA) for dense "
-                         "parts, the default for packed documents' masked ones (--attn-kernel sdpa)")
+        if kernel == "sdpa":  # say which parts SDPAKernel hands to the default kernel
+            lines.append("  attention kernel: sdpa (gather + fused SDPA) for sparse parts whose query blocks tile "
+                         "the chunk (with bf16 dK/dV pages: one block per chunk), the default for the others "
+                         "(--attn-kernel sdpa)" if args.sparse else "  attention kernel: sdpa (gather + fused SDPA) "
+                         "for dense parts, the default for packed documents' masked ones (--attn-kernel sdpa)")
     lines.append("FITS" if plan.fits else f"REFUSED: {plan.refusal}")
     return lines

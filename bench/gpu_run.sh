@@ -10,10 +10,9 @@
 #   exact         chunked bf16 gradients vs an fp32 full-sequence reference, head_dim 64 and 128, Triton and
 #                 --attn-kernel sdpa, pages on the GPU and offloaded                                         120 s
 #   kernel        paged attention vs SDPA (cuDNN), Qwen2.5-7B heads, 16K/64K, fwd and fwd+bwd                 120 s
-#   kernel-sdpa   issue #18: the Triton paged kernel vs gather + cuDNN (kernels/gather_sdpa.py: sdpa folds the GQA
-#                 groups, sdpa-gqa hands them to cuDNN; flash lost in the fourteenth session), its tests on the GPU
-#                 first, then 28/4 heads x 128 at 16K/64K/256K and 14/2 x 64 at 64K, chunk 4096, then a profile of
-#                 both sdpa routes at 16K                                                                    420 s
+#   kernel-sdpa   issue #18: the Triton paged kernel vs gather + cuDNN (kernels/gather_sdpa.py), its tests on the
+#                 GPU first, then the 4096-query chunk call after 12K/60K/252K of history, 28/4 heads x 128, and
+#                 after 12K/60K, 14/2 x 64 (each timed queued and isolated), then a profile of sdpa at 16K      460 s
 #   step-7b       Qwen2.5-7B at 16K and 32K: chunked vs model.py's full sequence + checkpointing            140 s
 #   step-7b-sdpa  the same with --attn-kernel sdpa, then its dense 128K point (one warm-up step), stage-1 outputs
 #                 kept for stage 2 (--output-cache 28)                                                        340 s
@@ -27,6 +26,8 @@
 #   offload-7b-1m Qwen2.5-7B, one whole sparse step at 1M tokens, pages in pinned host memory               360 s
 #   offload-7b-1m-nockpt  the same without --checkpoint (room on an H200: 47.7 GiB used with it)          360 s
 #   profile-sparse-128k   Qwen2.5-7B sparse at 128K, then the top GPU ops of a profiled step                170 s
+#   sparse-128k   Qwen2.5-7B sparse at 128K (issue #18's line), warmed up, --attn-kernel triton then sdpa
+#                 (sparse parts through gather + cuDNN), the second profiled                                  300 s
 #   profile-1m    the 1M sparse offloaded step's last 16 chunks of stage 2 (--last-chunks), then their top GPU ops 300 s
 #   train-1m      python train.py --seq 1000000 --steps 6 (the README's front door, a few steps)           200 s
 #   fidelity      sparse vs exact gradients of the train-1m model, both selection rules                     100 s
@@ -210,14 +211,15 @@ for name in "$@"; do
         stage kernel-sdpa-tests 60 "$PY" -m pytest -q tests/test_gather_sdpa.py
         # the chunk call only (the issue's acceptance), each point timed queued and isolated (bench_attention.py)
         stage kernel-sdpa 240 "$PY" bench.py kernel --lengths 16384,65536,262144 --page-size 64 --chunk 4096 \
-            --heads 28 --kv-heads 4 --head-dim 128 --kernels triton,sdpa,sdpa-gqa --chunk-only --warmup 1 \
+            --heads 28 --kv-heads 4 --head-dim 128 --kernels triton,sdpa --chunk-only --warmup 1 \
             --repeats 5 --time-budget 230
-        stage kernel-sdpa-d64 60 "$PY" bench.py kernel --lengths 16384,65536 --page-size 64 --chunk 4096 --heads 14 \
-            --kv-heads 2 --head-dim 64 --kernels triton,sdpa,sdpa-gqa --chunk-only --warmup 1 --repeats 5 \
-            --time-budget 55
-        # where the sdpa route's fixed costs go after a short history (0.71 of SDPA after 12K, 0.92 after 60K)
+        stage kernel-sdpa-d64 100 "$PY" bench.py kernel --lengths 16384,65536,262144 --page-size 64 --chunk 4096 \
+            --heads 14 --kv-heads 2 --head-dim 64 --kernels triton,sdpa --chunk-only --warmup 1 --repeats 5 \
+            --time-budget 95
+        # where the sdpa route's time goes after a short history (fifteenth session: 0.26 ms of the forward's
+        # 1.53 ms outside cuDNN, before the fused merge)
         stage kernel-sdpa-profile 60 "$PY" bench.py kernel --lengths 16384 --page-size 64 --chunk 4096 --heads 28 \
-            --kv-heads 4 --head-dim 128 --kernels sdpa,sdpa-gqa --no-sdpa --profile 30 --warmup 1 --repeats 5 ;;
+            --kv-heads 4 --head-dim 128 --kernels sdpa --chunk-only --no-sdpa --profile 30 --warmup 1 --repeats 5 ;;
     step-7b)  # 8192-token chunks and 4 GiB of kept stage-1 outputs: the settings of the README's 16K row
         stage step-7b 140 "${STEP7B[@]}" --lengths 16384,32768 --chunk 8192 --output-cache 4 --warmup 1 --repeats 2 \
             --point-budget 20 --time-budget 130 ;;
@@ -257,6 +259,10 @@ for name in "$@"; do
     profile-sparse-128k)  # issue #18's sparse 128K line (<= 15 s; 20.1 s): the step, then its top GPU ops
         stage profile-sparse-128k 170 "${STEP7B[@]}" --lengths 131072 --chunk 8192 --stores sparse --budget 4096 \
             --warmup 0 --repeats 1 --no-baseline --profile 30 ;;
+    sparse-128k)  # issue #18's sparse 128K line (<= 15 s; ~17.9 s warm with Triton): each kernel warmed up
+        stage sparse-128k 300 bash -c "for kernel in triton sdpa; do extra=; [ \$kernel = sdpa ] && extra='--profile 25'; \
+            ${STEP7B[*]} --lengths 131072 --chunk 8192 --stores sparse --budget 4096 --attn-kernel \$kernel \
+            --warmup 1 --repeats 1 --no-baseline \$extra || exit 1; done" ;;
     profile-1m)  # issue #18's 1M line (<= 150 s; 181 s): the last 16 of the 256 chunks of stage 2 over a random
         # history (--last-chunks: the whole step's memory, 1/16 of stage 2's work), then their top GPU ops
         stage profile-1m 300 "${STEP7B[@]}" --lengths 1048576 --chunk 4096 --stores sparse-offload \

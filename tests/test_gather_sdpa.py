@@ -13,11 +13,14 @@ import torch
 import cli
 from attention import ATTN_KERNELS, Part, ReferenceKernel, SDPAKernel, default_kernel, kernel_name, named_kernel
 from chunk_train import chunked_step
+from kernels.lse_merge import merge_attention, merge_reference
 from kernels.paged_attention import softmax_delta
 from offload import OffloadedKVStore
 from paged_kv import PagedKVStore
+from sparse_attn import SparseConfig
 from test_chunk_train import assert_grads_match, tiny_model
 from test_paged_attention import DEVICE, assert_close, make_problem
+from test_sparse_attn import make_sparse_problem
 
 REF = ReferenceKernel()
 BACKENDS = ["cpu"] if DEVICE == "cpu" else ["cudnn", "flash"]
@@ -49,11 +52,11 @@ def run(kernel, q, do, parts, pass_o=False):
     return o, lse, dq, [(part.dk_pages, part.dv_pages) for part in parts]
 
 
-def compare(p, dtype, backend, make_parts, pass_o, native_gqa=None):
+def compare(p, dtype, backend, make_parts, pass_o):
     """SDPAKernel vs ReferenceKernel on fresh parts from make_parts(): o, lse, dq and every part's dK/dV pages at
     the positions the problem holds (the rest: NaN-poisoned K/V slots, their gradient pages left untouched)."""
     ref = run(REF, p["q"], p["do"], make_parts())
-    got = run(SDPAKernel(backend, native_gqa=native_gqa), p["q"], p["do"], make_parts(), pass_o)
+    got = run(SDPAKernel(backend), p["q"], p["do"], make_parts(), pass_o)
     assert got[0].dtype == p["q"].dtype and got[2].dtype == ref[2].dtype
     assert got[0].is_contiguous() and got[1].is_contiguous()  # as the Triton kernels return them
     for what, a, b in (("o", got[0], ref[0]), ("lse", got[1], ref[1]), ("dq", got[2], ref[2])):
@@ -73,19 +76,16 @@ def compare(p, dtype, backend, make_parts, pass_o, native_gqa=None):
     (1, 12, 20, 6, 2, 32, 8, True),   # ratio 3, head_dim 32, partial pages, kv_len = q_start + C given
 ])
 @pytest.mark.parametrize("pass_o", [True, False], ids=["o", "delta-only"])
-@pytest.mark.parametrize("native_gqa", [True, False], ids=["native-gqa", "fold"])
-def test_one_part_matches_reference(backend, dtype, B, C, hist, H, Hkv, D, page, explicit_kv_len, pass_o,
-                                    native_gqa):
+def test_one_part_matches_reference(backend, dtype, B, C, hist, H, Hkv, D, page, explicit_kv_len, pass_o):
     p = make_problem(B, C, hist, H, Hkv, D, page, dtype, seed=B * 1000 + hist * 10 + H)
     compare(p, dtype, backend, lambda: [part_of(p, p["prefill"], kv_len=hist + C if explicit_kv_len else None)],
-            pass_o, native_gqa)
+            pass_o)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pass_o", [True, False], ids=["o", "delta-only"])
-@pytest.mark.parametrize("native_gqa", [True, False], ids=["native-gqa", "fold"])
-def test_history_only_parts_merged_match_reference(backend, dtype, pass_o, native_gqa):
+def test_history_only_parts_merged_match_reference(backend, dtype, pass_o):
     """The offloaded store's shape of a call: a history-only part (kv_len <= q_start: all visible, no diagonal)
     then the part holding the chunk, merged by out/merge, each backward with the merged lse and delta. The first
     part reads the first 20 positions of the same table as if the queries sat at 28 (kv_len < q_start); the second
@@ -96,18 +96,48 @@ def test_history_only_parts_merged_match_reference(backend, dtype, pass_o, nativ
     def parts():
         return [part_of(p, p["prefill"], kv_len=hist, q_start=hist + 8, holds_chunk=False, last=False),
                 part_of(p, p["prefill"])]
-    compare(p, dtype, backend, parts, pass_o, native_gqa)
+    compare(p, dtype, backend, parts, pass_o)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,C,n_hist,n_sel,Hkv,D,page,q_block", [
+    (2, 32, 6, 3, 2, 16, 8, 8),    # 4 blocks of 8 queries, each its own 3 of 6 history pages (shared pages: the
+                                   # blocks' dK/dV add up in one row), GQA 2:1
+    (1, 24, 4, 2, 1, 32, 8, 32),   # one block (q_block >= C, as the 1M step's q_block = chunk), GQA 4:1
+    (1, 16, 0, 0, 2, 16, 8, 8),    # no history: the diagonal call alone
+])
+@pytest.mark.parametrize("pass_o", [True, False], ids=["o", "delta-only"])
+def test_sparse_part_matches_reference(backend, dtype, B, C, n_hist, n_sel, Hkv, D, page, q_block, pass_o):
+    """A sparse part (a table per batch row, kv head and block of queries: its selected history pages, then the
+    chunk's own): the history call batched over the blocks, each kv head its own pages, then the diagonal; o, lse,
+    dq and the dK/dV pages against the reference kernel on the same part."""
+    H = 4
+    p = make_sparse_problem(B, C, n_hist, n_sel, H, Hkv, D, page, q_block, dtype, seed=n_hist * 100 + C + Hkv)
+    p["touched"] = torch.ones(p["k_pages"].shape[:2], dtype=torch.bool, device=DEVICE)  # untouched: equal prefill
+
+    def parts():
+        return [Part(p["k_pages"], p["v_pages"], p["prefill"][0].clone(), p["prefill"][1].clone(), p["table"],
+                     p["q_start"], q_block=q_block)]
+    compare(p, dtype, backend, parts, pass_o)
 
 
 def test_unsupported_parts_raise_or_fall_back():
-    """Sparse tables, document masks and a table ending inside the chunk are not taken: NotImplementedError, or
-    the fallback kernel's result when one is given."""
+    """Document masks, a table ending inside the chunk, sparse blocks that do not tile the chunk, and several
+    sparse blocks over bf16 gradient pages (their shared pages' sum would round once per block) are not taken:
+    NotImplementedError, or the fallback kernel's result when one is given."""
     p = make_problem(1, 8, 8, 2, 2, 16, 8, torch.float32, seed=3)
     docs = part_of(p, p["prefill"])._replace(doc_start=torch.zeros(1, 8, dtype=torch.int32, device=DEVICE))
     inside = part_of(p, p["prefill"], kv_len=12)
-    for part in (docs, inside):
+    s = make_sparse_problem(1, 12, 3, 2, 2, 2, 16, 8, 8, torch.float32, seed=5)  # blocks of 8 over 12 queries
+    partial = Part(s["k_pages"], s["v_pages"], *s["prefill"], s["table"], s["q_start"], q_block=8)
+    s = make_sparse_problem(1, 16, 3, 2, 2, 2, 16, 8, 8, torch.float32, seed=6)
+    bf16_grads = Part(s["k_pages"], s["v_pages"], *(t.bfloat16() for t in s["prefill"]), s["table"], s["q_start"],
+                      q_block=8)
+    for part, q in ((docs, p["q"]), (inside, p["q"]), (partial, None), (bf16_grads, None)):
         with pytest.raises(NotImplementedError):
-            SDPAKernel("cpu" if DEVICE == "cpu" else "cudnn").forward(p["q"], part)
+            SDPAKernel("cpu" if DEVICE == "cpu" else "cudnn").forward(q if q is not None else torch.randn(
+                1, part.table.shape[2] * 8 - (4 if part is partial else 0), 2, 16, device=DEVICE), part)
     o, lse = SDPAKernel(fallback=REF).forward(p["q"], inside)
     o_ref, lse_ref = REF.forward(p["q"], inside)
     assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
@@ -171,9 +201,68 @@ def test_chunked_step_through_attend_matches_reference_kernel(store):
     assert_grads_match(model, ref_grads)
 
 
+@pytest.mark.parametrize("blocks", [None, (3, 8)], ids=["dense", "blocked"])
+@pytest.mark.parametrize("into", ["new", "in-place"])
+def test_merge_kernel_matches_reference(blocks, into):
+    """kernels/lse_merge.py's fused merge (Triton; the interpreter on a CPU) against merge_reference on fresh
+    random partials: the history's o as the fused ops leave it (a transposed view; blocked: [B * nb, q_block, H, D]),
+    rows seeing nothing in one part or both (lse -inf), written new in bf16 or in place into an fp32 running
+    result (out = the first input). Tolerances: fp32 1e-6 relative (exp and log rounding); bf16 output: its
+    rounding, 2^-8."""
+    g = torch.Generator().manual_seed(1 if blocks else 2)
+    B, H, D = 2, 3, 32
+    nb, qb = blocks or (1, 24)
+    C = nb * qb
+    o1 = torch.randn(B * nb, H, qb, D, generator=g).to(DEVICE).transpose(1, 2)  # [B * nb, qb, H, D] view
+    l1 = torch.randn(B * nb, H, qb, generator=g).to(DEVICE)
+    o2 = torch.randn(B, H, C, D, generator=g).bfloat16().to(DEVICE).transpose(1, 2)
+    l2 = torch.randn(B, H, C, generator=g).to(DEVICE)
+    l1[0, 1, :3] = float("-inf")  # query rows 0..2 of head 1 see nothing in the first part...
+    l2[0, 1, :2] = float("-inf")  # ...and rows 0, 1 nothing at all
+    o1_flat = o1.reshape(B, C, H, D)
+    l1_flat = l1.reshape(B, nb, H, qb).transpose(1, 2).reshape(B, H, C)
+    ref_o, ref_lse = merge_reference(o1_flat, l1_flat, o2, l2)
+    if into == "new":
+        src = (o1, l1) if blocks else (o1_flat, l1_flat)
+        o, lse = merge_attention(*src, o2, l2, dtype=torch.bfloat16, blocks=blocks)
+        assert o.dtype == torch.bfloat16 and o.is_contiguous() and lse.is_contiguous()
+        assert_close(o, ref_o, torch.bfloat16, "o")
+    else:
+        o, lse = o1_flat.contiguous(), l1_flat.clone()  # an fp32 running result, merged into in place
+        merge_attention(o, lse, o2, l2, out=(o, lse))
+        assert (o - ref_o).abs().max() <= 1e-6 * ref_o.abs().max()
+    seen = lse > float("-inf")
+    assert torch.equal(seen, ref_lse > float("-inf")) and not seen[0, 1, :2].any() and seen[0, 1, 2:].all()
+    assert (lse[seen] - ref_lse[seen]).abs().max() <= 1e-6 * ref_lse[seen].abs().max()
+    assert torch.equal(o[0, :2, 1].float(), torch.zeros(2, D, device=DEVICE))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="fp32 chunked steps: the CUDA ops take bf16 only")
+@pytest.mark.parametrize("store", ["paged", "offload"])
+def test_sparse_chunked_step_matches_reference_kernel(store):
+    """A whole sparse chunked fp32 step (16-query blocks selecting 3 of up to 6 history pages; offload: buffers of
+    8 pages) through SDPAKernel: loss and every parameter gradient equal the reference kernel's (rel.
+    1e-5)."""
+    batch, seq, chunk, page = 1, 128, 32, 16
+    model = tiny_model(6)
+    sparse = SparseConfig(budget=3 * page, q_block=16)
+
+    def store_of(kernel):
+        if store == "paged":
+            return lambda m, b, s: PagedKVStore.for_sequence(m, b, s, page, torch.float32, DEVICE, sparse=sparse,
+                                                             kernel=kernel)
+        return lambda m, b, s: OffloadedKVStore.for_sequence(m, b, s, page, torch.float32, DEVICE,
+                                                             cache_tokens=8 * page, sparse=sparse, kernel=kernel)
+    ref_loss, ref_grads = chunked_grads(store_of(REF), model, batch, seq, chunk, page, seed=12)
+    loss, grads = chunked_grads(store_of(SDPAKernel()), model, batch, seq, chunk, page, seed=12)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for n, q in model.named_parameters():
+        q.grad = grads[n]
+    assert_grads_match(model, ref_grads)
+
+
 @pytest.mark.parametrize("backend", ["cudnn", "flash"])
-@pytest.mark.parametrize("native_gqa", [True, False], ids=["native-gqa", "fold"])
-def test_cuda_ops_on_the_meta_device(backend, native_gqa):
+def test_cuda_ops_on_the_meta_device(backend):
     """The CUDA branch without a GPU: the cuDNN / flash ops' meta kernels take this file's arguments (schemas,
     None for undefined tensors, philox placeholders) and give the shapes and dtypes the interface promises, for a
     part with history and diagonal at Qwen2.5-7B's head shapes (28 / 4 heads, head_dim 128)."""
@@ -183,7 +272,7 @@ def test_cuda_ops_on_the_meta_device(backend, native_gqa):
     pages = torch.empty(B * n, page, Hkv, D, dtype=torch.bfloat16, device="meta")
     grads = torch.empty(B * n, page, Hkv, D, dtype=torch.float32, device="meta")
     part = Part(pages, pages, grads, grads, torch.arange(B * n, device="meta").view(B, n).int(), hist)
-    kernel = SDPAKernel(backend, native_gqa=native_gqa)
+    kernel = SDPAKernel(backend)
     o, lse = kernel.forward(q, part)
     assert (o.shape, o.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (B, H, C), torch.float32)
     dq = kernel.backward(q, q, lse, softmax_delta(q, o), part)
