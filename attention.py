@@ -25,13 +25,15 @@ A kernel is an object with
     backward(do, q, lse, delta, part, scale, dq=None, o=None) -> dq
         adds this part's dK/dV into part.dk_pages/dv_pages; dq: an fp32 tensor to accumulate into (+=) or None;
         o: the whole (merged) output delta = rowsum(dO * o) came from, for kernels that form delta themselves
+        (those with needs_delta = False get delta=None from attend)
 `TritonKernel` (kernels/paged_attention.py) and `ReferenceKernel` (plain fp32 PyTorch over the same pages,
 kernels/paged_reference.py); default_kernel picks Triton for CUDA tensors or under TRITON_INTERPRET=1, the
 reference for CPU tensors otherwise (the chunked step on a laptop). `SDPAKernel` (kernels/gather_sdpa.py, issue
 #18): each dense part's pages gathered into contiguous K/V and computed by PyTorch's fused attention ops (cuDNN /
 FlashAttention on CUDA, the CPU flash op on CPUs), measured against Triton with bench.py kernel --kernels
 triton,sdpa: the default for dense parts of large enough chunks on CUDA, where it won (kernel_name's "auto", train.py
-and bench.py step --attn-kernel), with Triton for the parts it does not take.
+and bench.py step --attn-kernel), with Triton for the parts it does not take (document masks, sparse tables of
+several query blocks).
 """
 from typing import NamedTuple, Optional
 
@@ -206,7 +208,8 @@ class _Attention(torch.autograd.Function):
         q, o, lse, *chunk_kv = ctx.saved_tensors
         k, v = chunk_kv or (None, None)
         do = do.to(q.dtype)
-        delta = softmax_delta(do, o)  # [B, H, C], shared by every part
+        # [B, H, C], shared by every part; a kernel that forms it itself from o (SDPAKernel) says so
+        delta = softmax_delta(do, o) if getattr(ctx.kernel, "needs_delta", True) else None
         dq = dk = dv = None
         for j, part in enumerate(ctx.history.parts(q, k, v, backward=True)):
             if j == 0 and not part.last:  # parts accumulate into an fp32 dq

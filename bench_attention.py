@@ -55,6 +55,11 @@ def make_kernel(name):
     return SDPAKernel({"sdpa": None, "sdpa-cudnn": "cudnn", "sdpa-flash": "flash"}[name])
 
 
+def delta_for(kernel, do, o):
+    """delta = rowsum(dO * O) as attend hands it to the kernel: None for kernels that form it themselves."""
+    return softmax_delta(do, o) if getattr(kernel, "needs_delta", True) else None
+
+
 def rel_err(x, ref):
     return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -178,7 +183,7 @@ def bench_kernel(args, device, rec):
                         out["o_rel_err"] = r(rel_err(o, ref["o"][:, q_start:]), 6)
                         if config == "full" and "dq" in ref:
                             dk_pages.zero_(), dv_pages.zero_()
-                            dq = kernel.backward(doc, qc, lse, softmax_delta(doc, o), part, o=o)
+                            dq = kernel.backward(doc, qc, lse, delta_for(kernel, doc, o), part, o=o)
                             out.update(grad_errs(dq, dk_pages, dv_pages, table))
                         del o, lse
 
@@ -187,7 +192,7 @@ def bench_kernel(args, device, rec):
 
                     def fwd_bwd():
                         o, lse = kernel.forward(qc, part)
-                        return kernel.backward(doc, qc, lse, softmax_delta(doc, o), part, o=o)
+                        return kernel.backward(doc, qc, lse, delta_for(kernel, doc, o), part, o=o)
 
                     out.update(time_fwd_bwd(fwd, fwd_bwd, flops))
                     if args.profile and device.type == "cuda":  # where a short history's fixed costs go

@@ -12,28 +12,27 @@ fused calls, merged by log-sum-exp (kernels/lse_merge.py, one fused kernel on CU
     diagonal  the chunk's own keys q_start..q_start+C-1 (present when kv_len = q_start + C): a square C x C call
               with top-left causal masking (square: top-left = bottom-right).
 
-Dense parts (a 2-D table [B, n]) gather each call's keys once for all kv heads. Sparse parts (sparse_attn.py: a
-table per (batch row, kv head, block of q_block queries) [B, Hkv, nb, n], the block's selected history pages, then
-the chunk's own, the same in every block) run the history call with every block of queries as its own batch entry,
-q [B * nb, H, q_block, D] over that block's gathered history [B * nb, Hkv, Nh, D] (each kv head its own pages),
-and the diagonal as in the dense case (the own pages are every block's last columns). Blocks may select the same
-page: their dK/dV then add up through index_put_(accumulate=True), which on CUDA sorts the rows and sums each
-row's contributions in a fixed order (deterministic, unlike index_add_'s atomics), into fp32 gradient pages; with
-bf16 gradient pages and several blocks the part goes to the fallback (the sum would round once per block).
+Dense parts (a 2-D table [B, n]) gather each call's keys for all kv heads alike. Sparse parts of one block of
+queries per chunk (sparse_attn.py with q_block >= the chunk, as the offloaded plan chooses: a table per (batch row,
+kv head) [B, Hkv, 1, n], the selected history pages, then the chunk's own) gather each kv head's history from its
+own pages; the own pages are every kv head's last columns. Sparse parts of several blocks go to the fallback: run
+with every block as its own batch entry of the history call, the 7B's sparse 128K step (64 blocks of 128 queries
+per 8192-token chunk) was slower than Triton's (19.15 s against 18.81 s, bench/RESULTS.md, fifteenth session):
+each block gathers its own 4096 tokens, twice the sequence per chunk, 1.6 s of gathers a step.
 
 GQA (H = Hkv * G query heads): the ops take K/V with their Hkv heads as they are and return dK/dV per kv head,
 summed over the group (cuDNN, flash and the CPU op alike). An earlier form folded the G query heads into the query
 length and repeated the diagonal's K/V: slower on the H200 at every point (bench/RESULTS.md, fifteenth session).
 
-K/V are gathered by one index_select of the flat page rows into [B', n, Hkv, D] (q.dtype) viewed as [B', Hkv, n,
-D] (the [B, S, H, D] memory layout the fused ops take).
+K/V are gathered into [B, n, Hkv, D] (q.dtype) viewed as [B, Hkv, n, D] (the [B, S, H, D] memory layout the fused
+ops take), and their gradients added back into the pages, by kernels/page_copy.py (one Triton launch each).
 
 Backward: each call's gradients with the ops' own backward functions, given the FINAL (merged) lse and the merged
 output (attend passes it as o; without it, one rebuilt from delta, see _out_for_delta): then P = exp(S - lse_final)
 is exactly this call's share of the whole softmax and dS = P * (dP - delta_final), so the partial dq, dK, dV add up
 to the exact gradients, the same identity the Triton kernels and the reference use for several parts. dK/dV are
-added into the pages through the rows they were gathered from (in fp32; bf16 pages: the fp32 sum rounded once, as
-the reference does).
+added into the pages where they were gathered from (in fp32; bf16 pages: the fp32 sum rounded once, as the
+reference does).
 
 Ops (torch >= 2.5; checked on 2.13 CPU, the GPU machines run 2.11):
     CPU    aten::_scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, *, attn_mask, scale)
@@ -55,8 +54,7 @@ functions do not read the philox tensors, and cum_seq_* are None (undefined) for
 ops return them. The CUDA ops take bf16/fp16 only.
 
 Not supported (NotImplementedError, or handed to `fallback` if one is given, e.g. TritonKernel()): packed-document
-masks (doc_start), sparse tables whose blocks do not tile the chunk (C not a multiple of q_block, with several
-blocks) or with bf16 gradient pages and several blocks, and parts whose table ends partway into the chunk's own
+masks (doc_start), sparse tables of several query blocks, and parts whose table ends partway into the chunk's own
 positions (q_start < kv_len < q_start + C; no store makes them). Offloaded parts (history-only parts with kv_len
 <= q_start, then the part holding the chunk) are ordinary parts and supported.
 """
@@ -66,69 +64,18 @@ from typing import NamedTuple
 import torch
 
 from kernels.lse_merge import merge_attention
+from kernels.page_copy import add_rows, gather_rows
+from kernels.paged_attention import softmax_delta
 
 ATEN = torch.ops.aten
 
 
-class Keys(NamedTuple):
-    """Where one fused call's keys sit in the pages: idx, row indices into the pages viewed as [rows, Hkv, D]
-    (per_head False: idx [B', n], every kv head the same positions) or as [rows * Hkv, D] (per_head True: idx
-    [B', n, Hkv], each kv head its own pages: sparse tables). B' is the call's batch (B, or B * blocks).
-    duplicates: a row may occur more than once (blocks selecting the same page)."""
-    idx: torch.Tensor
-    per_head: bool
-    duplicates: bool = False
-
-
-def _positions(table, first, length, page_size):
-    """Flat rows of positions first..first+length-1 of a table [..., n] of pages: [..., length] int64."""
-    pos = torch.arange(first, first + length, device=table.device)
-    return table.long()[..., pos // page_size] * page_size + pos % page_size
-
-
-def dense_keys(table, first, length, page_size):
-    """Positions first..first+length-1 of a 2-D table [B, n]."""
-    return Keys(_positions(table, first, length, page_size), per_head=False)
-
-
-def sparse_history_keys(table, length, page_size, n_kv_heads):
-    """Positions 0..length-1 of every (batch row, kv head, block)'s table [B, Hkv, nb, n] as per-head rows
-    [B * nb, length, Hkv] (row * Hkv + kv head in pages viewed as [rows * Hkv, D])."""
-    B, Hkv, nb, _ = table.shape
-    rows = _positions(table, 0, length, page_size)  # [B, Hkv, nb, length]
-    heads = torch.arange(n_kv_heads, device=table.device).view(1, Hkv, 1, 1)
-    idx = (rows * n_kv_heads + heads).permute(0, 2, 3, 1).reshape(B * nb, length, Hkv)
-    return Keys(idx, per_head=True, duplicates=nb > 1)
-
-
-def _gather(pages, keys, dtype):
-    """pages [num_pages, page_size, Hkv, D] at `keys` -> [B', Hkv, n, D] in dtype (a transposed view of one
-    contiguous [B', n, Hkv, D] index_select: the [B, S, H, D] layout the fused ops read without a copy)."""
-    Hkv, D = pages.shape[2], pages.shape[3]
-    flat = pages.view(-1, D) if keys.per_head else pages.view(-1, Hkv, D)
-    kv = flat.index_select(0, keys.idx.flatten())
-    return kv.view(keys.idx.shape[0], keys.idx.shape[1], Hkv, D).to(dtype).transpose(1, 2)
-
-
-def _add_rows(pages, keys, grad):
-    """pages[keys] += grad [B', Hkv, n, D] (q.dtype), summed in fp32: fp32 pages by index_add_ (rows distinct: each
-    element gets one add) or index_put_(accumulate=True) (duplicates: sorted, each row's adds in a fixed order);
-    bf16 pages (rows distinct) read, added in fp32 and rounded once, as the reference does."""
-    Hkv, D = pages.shape[2], pages.shape[3]
-    flat = pages.view(-1, D) if keys.per_head else pages.view(-1, Hkv, D)
-    rows = keys.idx.flatten()
-    grad = grad.transpose(1, 2)  # [B', n, Hkv, D]
-    if pages.dtype == torch.float32:
-        grad32 = torch.empty(grad.shape, dtype=torch.float32, device=grad.device).copy_(grad)  # one copy
-        grad32 = grad32.view(-1, *flat.shape[1:])
-        if keys.duplicates:
-            flat.index_put_((rows,), grad32, accumulate=True)
-        else:
-            flat.index_add_(0, rows, grad32)
-    else:
-        assert not keys.duplicates, "bf16 gradient pages with duplicate rows go to the fallback (_plan)"
-        summed = flat.index_select(0, rows).float().add_(grad.reshape(-1, *flat.shape[1:]))
-        flat.index_copy_(0, rows, summed.to(pages.dtype))
+class Span(NamedTuple):
+    """The keys of one fused call: positions first..first+n-1 of `table`, [B, n_pages] (dense: all kv heads
+    alike) or [B, Hkv, n_pages] (sparse: each kv head its own pages)."""
+    table: torch.Tensor
+    first: int
+    n: int
 
 
 def _out_for_delta(do, delta):
@@ -188,34 +135,21 @@ OPS = {"cpu": ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_produ
 
 
 class _Plan(NamedTuple):
-    """How SDPAKernel computes a part: `history` keys 0..history-1 of each block's table, visible to all of its
-    queries; `own` keys (0 or C) for the chunk itself, causal; the chunk's C queries in `blocks` blocks of
-    `q_block` (1 block of C for a dense table)."""
+    """How SDPAKernel computes a part: `history` keys 0..history-1 of the table, visible to every query (no mask),
+    and `own` keys (0 or C), the chunk itself (causal)."""
     history: int
     own: int
-    blocks: int
-    q_block: int
-
-
-def _blocked(t, plan):
-    """[B, C, H, ...] (contiguous) -> [B * nb, H, q_block, ...]: each block of queries its own batch entry (a
-    view)."""
-    B, C = t.shape[:2]
-    return t.view(B * plan.blocks, plan.q_block, *t.shape[2:]).transpose(1, 2)
-
-
-def _chunk_view(t, plan, B):
-    """[B * nb, H, q_block, D] (a call's o or dq) -> the [B, nb, q_block, H, D] view whose elements are those of
-    [B, C, H, D]: written through dst.view(B, nb, q_block, H, D)."""
-    return t.view(B, plan.blocks, t.shape[1], plan.q_block, t.shape[3]).transpose(2, 3)
 
 
 class SDPAKernel:
-    """Gather + fused SDPA over dense and sparse parts (see the module docstring). backend: "cpu", "cudnn" or
-    "flash"; None picks "cpu" for CPU tensors and "cudnn" for CUDA ones (what F.scaled_dot_product_attention uses
-    for bf16 on an H100/H200). fallback: a kernel for the parts this one does not take (document masks, sparse
-    tables it cannot batch); None raises NotImplementedError on them. fp32 tensors on CUDA go to the fallback, or
-    raise NotImplementedError without one (the CUDA ops take bf16/fp16)."""
+    """Gather + fused SDPA over dense parts and one-block sparse ones (see the module docstring). backend: "cpu",
+    "cudnn" or "flash"; None picks "cpu" for CPU tensors and "cudnn" for CUDA ones (what
+    F.scaled_dot_product_attention uses for bf16 on an H100/H200). fallback: a kernel for the parts this one does
+    not take (document masks, sparse tables of several query blocks); None raises NotImplementedError on them. fp32
+    tensors on CUDA go to the fallback, or raise NotImplementedError without one (the CUDA ops take bf16/fp16).
+    needs_delta = False: attend may pass delta=None (the fused backward forms rowsum(dO * O) itself from the o it
+    is given); it is computed here for the parts handed to the fallback."""
+    needs_delta = False
 
     def __init__(self, backend=None, fallback=None):
         if backend is not None and backend not in OPS:
@@ -236,46 +170,32 @@ class SDPAKernel:
     def _plan(self, q, part):
         """The part's _Plan, or None if it is not one this kernel takes (with a fallback, fp32 CUDA tensors are not
         taken either: the ops refuse them)."""
-        if part.doc_start is not None:
+        if part.doc_start is not None or (part.table.dim() == 4 and part.table.shape[2] != 1):
             return None
         if self.fallback is not None and q.device.type != "cpu" and q.dtype not in (torch.bfloat16, torch.float16):
             return None
         C = q.shape[1]
         kv_len = part.q_start + C if part.kv_len is None else min(part.kv_len, part.q_start + C)
         history, own = min(part.q_start, kv_len), max(kv_len - part.q_start, 0)
-        if own not in (0, C):
-            return None
-        if part.table.dim() == 2:
-            return _Plan(history, own, 1, C)
-        blocks = part.table.shape[2]
-        if blocks == 1:
-            return _Plan(history, own, 1, C)
-        if C % part.q_block or C // part.q_block != blocks:
-            return None  # a partial last block: the blocks do not tile the chunk
-        if part.dk_pages is not None and part.dk_pages.dtype != torch.float32:
-            return None  # blocks may share pages: their bf16 sum would round once per block
-        return _Plan(history, own, blocks, part.q_block)
+        return _Plan(history, own) if own in (0, C) else None
 
-    def _keys(self, part, plan):
-        """(history Keys or None, own Keys or None) of a part."""
-        page_size, Hkv = part.k_pages.shape[1], part.k_pages.shape[2]
+    @staticmethod
+    def _spans(part, plan):
+        """(history Span or None, own Span or None): a sparse table's history is per kv head; its own pages are
+        every kv head's last columns alike."""
         table = part.table
-        if table.dim() == 2:
-            hist = dense_keys(table, 0, plan.history, page_size) if plan.history else None
-            own = dense_keys(table, plan.history, plan.own, page_size) if plan.own else None
-            return hist, own
-        hist = sparse_history_keys(table, plan.history, page_size, Hkv) if plan.history else None
-        # the own pages: every (kv head, block)'s last columns alike
-        own = dense_keys(table[:, 0, 0], plan.history, plan.own, page_size) if plan.own else None
-        return hist, own
+        dense = table if table.dim() == 2 else table[:, 0, 0]  # [B, n_pages]
+        history = table if table.dim() == 2 else table[:, :, 0]  # [B, n_pages] or [B, Hkv, n_pages]
+        return (Span(history, 0, plan.history) if plan.history else None,
+                Span(dense, plan.history, plan.own) if plan.own else None)
 
     def _unsupported(self, part, what):
         if self.fallback is None:
             raise NotImplementedError(
-                f"SDPAKernel takes parts without doc_start whose blocks tile the chunk (bf16 gradient pages: one "
-                f"block) and kv_len <= q_start or = q_start + C; got q_block={part.q_block}, table "
-                f"{tuple(part.table.shape)}, doc_start {'set' if part.doc_start is not None else 'None'}, q_start "
-                f"{part.q_start}, kv_len {part.kv_len} ({what}); pass fallback=TritonKernel() to hand such parts over")
+                f"SDPAKernel takes parts without doc_start, of one query block (sparse), and kv_len <= q_start or = "
+                f"q_start + C; got q_block={part.q_block}, table {tuple(part.table.shape)}, doc_start "
+                f"{'set' if part.doc_start is not None else 'None'}, q_start {part.q_start}, kv_len {part.kv_len} "
+                f"({what}); pass fallback=TritonKernel() to hand such parts over")
 
     def forward(self, q, part, scale=None, out=None, merge=False):
         plan = self._plan(q, part)
@@ -285,37 +205,27 @@ class SDPAKernel:
         backend = self._backend(q)
         B, C, H, D = q.shape
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        hist, own = self._keys(part, plan)
-        q = q.contiguous()
-        oh = lh = od = ld = None  # the calls' o [B', H, L, D] (q.dtype), lse [B', H, L] fp32
-        if hist is not None:  # every block's queries see all of its history: one unmasked call
-            kh, vh = (_gather(pages, hist, q.dtype) for pages in (part.k_pages, part.v_pages))  # [B*nb, Hkv, Nh, D]
-            oh, lh = _sdpa_forward(backend, _blocked(q, plan), kh, vh, False, scale)
-        if own is not None:  # the chunk's own C keys: a square top-left causal call
-            kd, vd = (_gather(pages, own, q.dtype) for pages in (part.k_pages, part.v_pages))  # [B, Hkv, C, D]
-            od, ld = _sdpa_forward(backend, q.transpose(1, 2), kd, vd, True, scale)
+        calls = []  # (o [B, C, H, D] view, lse [B, H, C]) of the history call, then the diagonal's
+        for span, causal in zip(self._spans(part, plan), (False, True)):
+            if span is not None:  # the history: all visible, no mask; the chunk's own C keys: square, causal
+                k, v = (gather_rows(pages, *span, q.dtype) for pages in (part.k_pages, part.v_pages))  # [B,Hkv,n,D]
+                o, lse = _sdpa_forward(backend, q.transpose(1, 2), k, v, causal, scale)
+                calls.append((o.transpose(1, 2), lse))
         into = out if out is not None and not merge else None  # write straight into out
-        dtype = q.dtype if out is None else torch.float32
-        if oh is not None and od is not None:
-            blocks = (plan.blocks, plan.q_block) if plan.blocks > 1 else None
-            o, lse = merge_attention(oh.transpose(1, 2), lh, od.transpose(1, 2), ld, out=into, dtype=dtype,
-                                     blocks=blocks)
+        if len(calls) == 2:
+            o, lse = merge_attention(*calls[0], *calls[1], out=into, dtype=q.dtype if out is None else torch.float32)
         else:
-            if oh is not None:
-                o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-                o.view(B, plan.blocks, plan.q_block, H, D).copy_(_chunk_view(oh, plan, B))
-                lse = lh.view(B, plan.blocks, H, plan.q_block).transpose(1, 2).reshape(B, H, C)
-            elif od is not None:
-                o, lse = od.transpose(1, 2), ld
+            if calls:
+                o, lse = calls[0]
             else:  # a part of no keys
-                o = torch.zeros(q.shape, dtype=dtype, device=q.device)
+                o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
                 lse = torch.full((B, H, C), float("-inf"), dtype=torch.float32, device=q.device)
             if into is not None:
                 into[0].copy_(o)
                 into[1].copy_(lse)
                 o, lse = into
         if out is None:
-            return o.to(q.dtype).contiguous(), lse.contiguous()
+            return o.contiguous(), lse
         if merge:
             merge_attention(out[0], out[1], o, lse, out=out)
         return out
@@ -324,46 +234,32 @@ class SDPAKernel:
         plan = self._plan(q, part)
         if plan is None:
             self._unsupported(part, "backward")
+            if delta is None:  # attend skipped it (needs_delta): the fallback's kernels read it
+                delta = softmax_delta(do.to(q.dtype), o.to(q.dtype))
             return self.fallback.backward(do, q, lse, delta, part, scale, dq=dq, o=o)
         backend = self._backend(q)
         B, C, H, D = q.shape
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        hist, own = self._keys(part, plan)
         q, do = q.contiguous(), do.to(q.dtype).contiguous()
         # `out` for the ops, which form delta = rowsum(dO * out) themselves: the merged output (attend passes it),
         # or one rebuilt from delta (_out_for_delta); with the merged lse, each call's P is its share of the whole
         # softmax and dS = P * (dP - delta) its exact share of dS
         o = _out_for_delta(do, delta) if o is None else o.to(q.dtype).contiguous()
         lse = lse.float().contiguous()
-        dq_parts = []  # (this call's dq [B*nb, H, q_block, D], its plan)
-        if hist is not None:
-            lse_b = lse if plan.blocks == 1 else lse.view(B, H, plan.blocks, plan.q_block).transpose(1, 2).reshape(
-                B * plan.blocks, H, plan.q_block)
-            kh, vh = (_gather(pages, hist, q.dtype) for pages in (part.k_pages, part.v_pages))
-            gq, gk, gv = _sdpa_backward(backend, _blocked(do, plan), _blocked(q, plan), kh, vh, _blocked(o, plan),
-                                        lse_b, False, scale)
-            dq_parts.append((gq, plan))
-            _add_rows(part.dk_pages, hist, gk)  # [B*nb, Hkv, Nh, D]
-            _add_rows(part.dv_pages, hist, gv)
-        if own is not None:
-            kd, vd = (_gather(pages, own, q.dtype) for pages in (part.k_pages, part.v_pages))
-            gq, gk, gv = _sdpa_backward(backend, do.transpose(1, 2), q.transpose(1, 2), kd, vd, o.transpose(1, 2),
-                                        lse, True, scale)
-            dq_parts.append((gq, _Plan(0, C, 1, C)))
-            _add_rows(part.dk_pages, own, gk)  # [B, Hkv, C, D]
-            _add_rows(part.dv_pages, own, gv)
-        # dq: added into the caller's fp32 dq, or the calls' sum in fp32 rounded once (one call: its own dq)
-        acc = dq
-        if acc is None:
-            dtype = q.dtype if len(dq_parts) == 1 else torch.float32
-            acc = (torch.empty if dq_parts else torch.zeros)(q.shape, dtype=dtype, device=q.device)
-            for j, (g, p) in enumerate(dq_parts):
-                dst = acc.view(B, p.blocks, p.q_block, H, D)
-                if j == 0:
-                    dst.copy_(_chunk_view(g, p, B))
-                else:
-                    dst.add_(_chunk_view(g, p, B))
-            return acc.to(q.dtype)
-        for g, p in dq_parts:
-            acc.view(B, p.blocks, p.q_block, H, D).add_(_chunk_view(g, p, B))
-        return acc
+        qt, dot, ot = q.transpose(1, 2), do.transpose(1, 2), o.transpose(1, 2)  # [B, H, C, D] views
+        grads = []  # each call's dq [B, C, H, D] (a view, q.dtype)
+        for span, causal in zip(self._spans(part, plan), (False, True)):
+            if span is not None:
+                k, v = (gather_rows(pages, *span, q.dtype) for pages in (part.k_pages, part.v_pages))
+                gq, gk, gv = _sdpa_backward(backend, dot, qt, k, v, ot, lse, causal, scale)
+                grads.append(gq.transpose(1, 2))
+                add_rows(part.dk_pages, *span[:2], gk)  # [B, Hkv, n, D] into the pages, summed in fp32
+                add_rows(part.dv_pages, *span[:2], gv)
+        if dq is not None:  # the caller's fp32 sum over parts
+            for g in grads:
+                dq.add_(g)
+            return dq
+        if not grads:
+            return torch.zeros_like(q)
+        # one call: its dq; two: their sum (an elementwise op on bf16 inputs computes in fp32 and rounds once)
+        return grads[0].contiguous() if len(grads) == 1 else torch.add(*grads, out=torch.empty_like(q))

@@ -46,7 +46,7 @@ def run(kernel, q, do, parts, pass_o=False):
             kernel.forward(q, part, out=(o, lse), merge=j > 0)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     o = o.to(q.dtype)
-    delta = softmax_delta(do, o)
+    delta = softmax_delta(do, o) if getattr(kernel, "needs_delta", True) or not pass_o else None  # as attend does
     for part in parts:
         dq = kernel.backward(do, q, lse, delta, part, dq=dq, o=o if pass_o else None)
     return o, lse, dq, [(part.dk_pages, part.dv_pages) for part in parts]
@@ -101,43 +101,68 @@ def test_history_only_parts_merged_match_reference(backend, dtype, pass_o):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,C,n_hist,n_sel,Hkv,D,page,q_block", [
-    (2, 32, 6, 3, 2, 16, 8, 8),    # 4 blocks of 8 queries, each its own 3 of 6 history pages (shared pages: the
-                                   # blocks' dK/dV add up in one row), GQA 2:1
-    (1, 24, 4, 2, 1, 32, 8, 32),   # one block (q_block >= C, as the 1M step's q_block = chunk), GQA 4:1
-    (1, 16, 0, 0, 2, 16, 8, 8),    # no history: the diagonal call alone
+@pytest.mark.parametrize("B,C,n_hist,n_sel,Hkv,D,page", [
+    (2, 32, 6, 3, 2, 16, 8),   # 3 of 6 history pages per (batch row, kv head), GQA 2:1
+    (1, 24, 4, 2, 1, 32, 8),   # GQA 4:1, head_dim 32, a partial own page
+    (1, 16, 0, 0, 2, 16, 8),   # no history: the diagonal call alone
 ])
 @pytest.mark.parametrize("pass_o", [True, False], ids=["o", "delta-only"])
-def test_sparse_part_matches_reference(backend, dtype, B, C, n_hist, n_sel, Hkv, D, page, q_block, pass_o):
-    """A sparse part (a table per batch row, kv head and block of queries: its selected history pages, then the
-    chunk's own): the history call batched over the blocks, each kv head its own pages, then the diagonal; o, lse,
-    dq and the dK/dV pages against the reference kernel on the same part."""
+def test_sparse_part_matches_reference(backend, dtype, B, C, n_hist, n_sel, Hkv, D, page, pass_o):
+    """A sparse part of one query block (q_block >= C, as the offloaded plan chooses): each kv head's history from
+    its own selected pages, then the chunk's own pages; o, lse, dq and the dK/dV pages against the reference kernel
+    on the same part."""
     H = 4
-    p = make_sparse_problem(B, C, n_hist, n_sel, H, Hkv, D, page, q_block, dtype, seed=n_hist * 100 + C + Hkv)
+    p = make_sparse_problem(B, C, n_hist, n_sel, H, Hkv, D, page, C, dtype, seed=n_hist * 100 + C + Hkv)
     p["touched"] = torch.ones(p["k_pages"].shape[:2], dtype=torch.bool, device=DEVICE)  # untouched: equal prefill
 
     def parts():
         return [Part(p["k_pages"], p["v_pages"], p["prefill"][0].clone(), p["prefill"][1].clone(), p["table"],
-                     p["q_start"], q_block=q_block)]
+                     p["q_start"], q_block=C)]
     compare(p, dtype, backend, parts, pass_o)
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_head", [False, True], ids=["dense", "per-head"])
+def test_page_copy_kernels_match_reference(grad_dtype, per_head):
+    """kernels/page_copy.py's Triton gather and add (the interpreter on a CPU) against their PyTorch references
+    on fresh random pages: positions 5..5+n-1 of a shuffled table (shared by the kv heads, or one per kv head),
+    bf16 pages into bf16; a gradient as the fused backward returns it (a transposed view) added into fp32 or bf16 pages. The
+    gather is a copy: exact. The add: fp32 exact to rounding; bf16 pages: both round the fp32 sum once (1 ulp)."""
+    from kernels.page_copy import add_rows, add_rows_reference, gather_rows, gather_rows_reference
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, D, page, n_pages, n = 2, 3, 32, 16, 12, 40
+    pages = torch.randn(n_pages * B, page, Hkv, D, generator=g).to(torch.bfloat16).to(DEVICE)  # the K/V pool's
+    own = torch.randperm(n_pages * B, generator=g).view(B, n_pages)  # each batch row its own pages
+    heads = Hkv if per_head else 1  # per head: each kv head 4 of its row's pages, in its own order
+    table = torch.stack([own[b, torch.randperm(n_pages, generator=g)[:4]] for b in range(B) for _ in range(heads)])
+    table = table.view(B, heads, 4)[:, 0] if not per_head else table.view(B, Hkv, 4)
+    table = table.to(torch.int32).to(DEVICE)
+    got, ref = gather_rows(pages, table, 5, n, torch.bfloat16), gather_rows_reference(pages, table, 5, n,
+                                                                                   torch.bfloat16)
+    assert got.shape == (B, Hkv, n, D) and torch.equal(got, ref)
+    assert got.transpose(1, 2).is_contiguous()  # the [B, S, H, D] layout the fused ops read
+    grad = torch.randn(B, n, Hkv, D, generator=g).to(torch.bfloat16).to(DEVICE).transpose(1, 2)
+    base = torch.randn(pages.shape, generator=g).to(grad_dtype).to(DEVICE)
+    got, ref = base.clone(), base.clone()
+    add_rows(got, table, 5, grad)
+    add_rows_reference(ref, table, 5, grad)
+    tol = 0 if grad_dtype == torch.float32 else 2**-7
+    assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+    assert (got != base).sum() > 0.9 * grad.numel()  # the positions were written...
+    assert (got != base).sum() <= grad.numel()  # ...and nothing else
+
+
 def test_unsupported_parts_raise_or_fall_back():
-    """Document masks, a table ending inside the chunk, sparse blocks that do not tile the chunk, and several
-    sparse blocks over bf16 gradient pages (their shared pages' sum would round once per block) are not taken:
+    """Document masks, a table ending inside the chunk, and sparse tables of several query blocks are not taken:
     NotImplementedError, or the fallback kernel's result when one is given."""
     p = make_problem(1, 8, 8, 2, 2, 16, 8, torch.float32, seed=3)
     docs = part_of(p, p["prefill"])._replace(doc_start=torch.zeros(1, 8, dtype=torch.int32, device=DEVICE))
     inside = part_of(p, p["prefill"], kv_len=12)
-    s = make_sparse_problem(1, 12, 3, 2, 2, 2, 16, 8, 8, torch.float32, seed=5)  # blocks of 8 over 12 queries
-    partial = Part(s["k_pages"], s["v_pages"], *s["prefill"], s["table"], s["q_start"], q_block=8)
-    s = make_sparse_problem(1, 16, 3, 2, 2, 2, 16, 8, 8, torch.float32, seed=6)
-    bf16_grads = Part(s["k_pages"], s["v_pages"], *(t.bfloat16() for t in s["prefill"]), s["table"], s["q_start"],
-                      q_block=8)
-    for part, q in ((docs, p["q"]), (inside, p["q"]), (partial, None), (bf16_grads, None)):
+    s = make_sparse_problem(1, 16, 3, 2, 2, 2, 16, 8, 8, torch.float32, seed=6)  # two blocks of 8 queries
+    blocks = Part(s["k_pages"], s["v_pages"], *s["prefill"], s["table"], s["q_start"], q_block=8)
+    for part, q in ((docs, p["q"]), (inside, p["q"]), (blocks, s["q"])):
         with pytest.raises(NotImplementedError):
-            SDPAKernel("cpu" if DEVICE == "cpu" else "cudnn").forward(q if q is not None else torch.randn(
-                1, part.table.shape[2] * 8 - (4 if part is partial else 0), 2, 16, device=DEVICE), part)
+            SDPAKernel("cpu" if DEVICE == "cpu" else "cudnn").forward(q, part)
     o, lse = SDPAKernel(fallback=REF).forward(p["q"], inside)
     o_ref, lse_ref = REF.forward(p["q"], inside)
     assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
@@ -201,34 +226,28 @@ def test_chunked_step_through_attend_matches_reference_kernel(store):
     assert_grads_match(model, ref_grads)
 
 
-@pytest.mark.parametrize("blocks", [None, (3, 8)], ids=["dense", "blocked"])
 @pytest.mark.parametrize("into", ["new", "in-place"])
-def test_merge_kernel_matches_reference(blocks, into):
+def test_merge_kernel_matches_reference(into):
     """kernels/lse_merge.py's fused merge (Triton; the interpreter on a CPU) against merge_reference on fresh
-    random partials: the history's o as the fused ops leave it (a transposed view; blocked: [B * nb, q_block, H, D]),
-    rows seeing nothing in one part or both (lse -inf), written new in bf16 or in place into an fp32 running
+    random partials: o as the fused ops leave it (a transposed view of [B, H, C, D]), rows seeing nothing in one
+    part or both (lse -inf), written new in bf16 or in place into an fp32 running
     result (out = the first input). Tolerances: fp32 1e-6 relative (exp and log rounding); bf16 output: its
     rounding, 2^-8."""
-    g = torch.Generator().manual_seed(1 if blocks else 2)
-    B, H, D = 2, 3, 32
-    nb, qb = blocks or (1, 24)
-    C = nb * qb
-    o1 = torch.randn(B * nb, H, qb, D, generator=g).to(DEVICE).transpose(1, 2)  # [B * nb, qb, H, D] view
-    l1 = torch.randn(B * nb, H, qb, generator=g).to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    B, H, D, C = 2, 3, 32, 24
+    o1 = torch.randn(B, H, C, D, generator=g).to(DEVICE).transpose(1, 2)  # [B, C, H, D] views
+    l1 = torch.randn(B, H, C, generator=g).to(DEVICE)
     o2 = torch.randn(B, H, C, D, generator=g).bfloat16().to(DEVICE).transpose(1, 2)
     l2 = torch.randn(B, H, C, generator=g).to(DEVICE)
     l1[0, 1, :3] = float("-inf")  # query rows 0..2 of head 1 see nothing in the first part...
     l2[0, 1, :2] = float("-inf")  # ...and rows 0, 1 nothing at all
-    o1_flat = o1.reshape(B, C, H, D)
-    l1_flat = l1.reshape(B, nb, H, qb).transpose(1, 2).reshape(B, H, C)
-    ref_o, ref_lse = merge_reference(o1_flat, l1_flat, o2, l2)
+    ref_o, ref_lse = merge_reference(o1, l1, o2, l2)
     if into == "new":
-        src = (o1, l1) if blocks else (o1_flat, l1_flat)
-        o, lse = merge_attention(*src, o2, l2, dtype=torch.bfloat16, blocks=blocks)
+        o, lse = merge_attention(o1, l1, o2, l2, dtype=torch.bfloat16)
         assert o.dtype == torch.bfloat16 and o.is_contiguous() and lse.is_contiguous()
         assert_close(o, ref_o, torch.bfloat16, "o")
     else:
-        o, lse = o1_flat.contiguous(), l1_flat.clone()  # an fp32 running result, merged into in place
+        o, lse = o1.contiguous(), l1.clone()  # an fp32 running result, merged into in place
         merge_attention(o, lse, o2, l2, out=(o, lse))
         assert (o - ref_o).abs().max() <= 1e-6 * ref_o.abs().max()
     seen = lse > float("-inf")
@@ -240,12 +259,12 @@ def test_merge_kernel_matches_reference(blocks, into):
 @pytest.mark.skipif(DEVICE != "cpu", reason="fp32 chunked steps: the CUDA ops take bf16 only")
 @pytest.mark.parametrize("store", ["paged", "offload"])
 def test_sparse_chunked_step_matches_reference_kernel(store):
-    """A whole sparse chunked fp32 step (16-query blocks selecting 3 of up to 6 history pages; offload: buffers of
-    8 pages) through SDPAKernel: loss and every parameter gradient equal the reference kernel's (rel.
-    1e-5)."""
+    """A whole sparse chunked fp32 step (one selection per 32-token chunk per kv head, 3 of up to 6 history pages;
+    offload: buffers of 8 pages) through SDPAKernel: loss and every parameter gradient equal the reference
+    kernel's (rel. 1e-5)."""
     batch, seq, chunk, page = 1, 128, 32, 16
     model = tiny_model(6)
-    sparse = SparseConfig(budget=3 * page, q_block=16)
+    sparse = SparseConfig(budget=3 * page, q_block=chunk)
 
     def store_of(kernel):
         if store == "paged":
