@@ -287,9 +287,10 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
                                                                     + SDPA_KV_FP32_COPIES * FP32)
         q = args.batch * args.chunk * cfg.num_attention_heads * cfg.head_dim * SDPA_Q_FP32_COPIES * FP32
         plan.device[SDPA_QUERY_TEMPORARIES] = q
-        if args.sparse:  # each block of q_block queries gathers its own selected history, then the chunk's own K/V
-            blocks = math.ceil(args.chunk / q_block)
-            plan.device[SDPA_TEMPORARIES] = kv * (blocks * min(args.budget, args.seq) + args.chunk)
+        if args.sparse:  # one query block per chunk: its selected history, then the chunk's own K/V (with several
+            # blocks SDPAKernel hands the parts to Triton, which gathers nothing)
+            if q_block >= args.chunk:
+                plan.device[SDPA_TEMPORARIES] = kv * (min(args.budget, args.seq) + args.chunk)
         elif offload:  # a part is at most what the page cache holds
             plan.device[SDPA_TEMPORARIES] = kv * min(args.seq, args.cache_tokens + args.chunk)
         else:  # the last chunk's part: the whole sequence
@@ -511,9 +512,8 @@ def describe(plan: Plan, memory: Memory, args) -> list[str]:
         lines.append(f"  KV/dKV pages {where} (--offload {args.offload}); attention: {attention} (--attn {args.attn})")
         kernel = getattr(args, "attn_kernel", "triton")
         if kernel == "sdpa":  # say which parts SDPAKernel hands to the default kernel
-            lines.append("  attention kernel: sdpa (gather + fused SDPA) for sparse parts whose query blocks tile "
-                         "the chunk (with bf16 dK/dV pages: one block per chunk), the default for the others "
-                         "(--attn-kernel sdpa)" if args.sparse else "  attention kernel: sdpa (gather + fused SDPA) "
+            lines.append("  attention kernel: sdpa (gather + fused SDPA) for sparse parts of one query block per "
+                         "chunk, the default for sparse parts of several (--attn-kernel sdpa)" if args.sparse else "  attention kernel: sdpa (gather + fused SDPA) "
                          "for dense parts, the default for packed documents' masked ones (--attn-kernel sdpa)")
     lines.append("FITS" if plan.fits else f"REFUSED: {plan.refusal}")
     return lines

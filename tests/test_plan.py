@@ -58,7 +58,8 @@ def test_plan_matches_the_pool_and_parameter_sizes():
 def test_sdpa_kernel_temporaries_are_planned():
     """--attn-kernel sdpa gathers a dense part's K/V (the whole history on the GPU pool; at most the page cache and
     the chunk offloaded) and keeps fp32 outputs per query; with sparse attention every block of queries gathers
-    its own selected history (budget tokens), then the chunk's own K/V: not growing with --seq.
+    its selected history (budget tokens), then the chunk's own K/V, where a chunk is one query block (several:
+    the parts go to Triton, nothing added): not growing with --seq.
     The 7B at 128K, chunk 8192, bf16: 1.18 GiB planned (measured on the H200: 1.53 GiB above the Triton step)."""
     argv = ("--model", "qwen2.5-7b", "--seq", "131072", "--chunk", "8192", "--dtype", "bfloat16", "--attn", "dense")
     cfg = preset("qwen2.5-7b")
@@ -78,12 +79,13 @@ def test_sdpa_kernel_temporaries_are_planned():
     gpu = planner.Memory(device=140 * GIB, host=120 * GIB, on_gpu=True)
     text = "\n".join(planner.describe(planner.plan_run(cfg, args, gpu), gpu, args))
     assert "attention kernel: sdpa (gather + fused SDPA) for dense parts" in text, text
-    args.sparse = True  # 8192 / 128 blocks, each 4096 tokens of history gathered, then the chunk's 8192
-    sparse = planner.parts(cfg, args)
-    assert sparse.device[planner.SDPA_TEMPORARIES] == per_token * (64 * 4096 + 8192)
+    args.sparse = True  # one 8192-query block: 4096 tokens of selected history gathered, then the chunk's 8192
+    sparse = planner.parts(cfg, args, q_block=8192)
+    assert sparse.device[planner.SDPA_TEMPORARIES] == per_token * (4096 + 8192)
     assert planner.SDPA_TEMPORARIES not in sparse.growing
+    assert planner.SDPA_TEMPORARIES not in planner.parts(cfg, args, q_block=128).device  # 64 blocks: Triton's
     text = "\n".join(planner.describe(planner.plan_run(cfg, args, gpu), gpu, args))
-    assert "attention kernel: sdpa (gather + fused SDPA) for sparse parts" in text, text
+    assert "attention kernel: sdpa (gather + fused SDPA) for sparse parts of one query block" in text, text
 
 
 def test_attn_kernel_auto_is_sdpa_for_large_dense_bf16_chunks_on_a_gpu():
