@@ -31,21 +31,24 @@ def _table_strides(table):
 
 
 @triton.jit
-def _page_rows(T, b, h, pos, ok, stride_tb, stride_th, stride_tn, PAGE_SIZE: tl.constexpr):
-    """Row of each position in the pages viewed as [num_pages * page_size, Hkv, D]."""
+def _tile(T, first, n, stride_tb, stride_th, stride_tn, N_KV_HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """This program's (batch row b, kv head h, positions' indices i [BLOCK_N], valid mask, their page rows: row of
+    each position in the pages viewed as [num_pages * page_size, Hkv, D])."""
+    bh = tl.program_id(1)
+    b, h = bh // N_KV_HEADS, bh % N_KV_HEADS
+    i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = i < n
+    pos = first + i
     page = tl.load(T + b * stride_tb + h * stride_th + (pos // PAGE_SIZE) * stride_tn, mask=ok, other=0)
-    return page.to(tl.int64) * PAGE_SIZE + pos % PAGE_SIZE
+    return b, h, i, ok, page.to(tl.int64) * PAGE_SIZE + pos % PAGE_SIZE
 
 
 @triton.jit
 def _gather_kernel(P, T, O, first, n, stride_tb, stride_th, stride_tn, stride_ob, stride_on, stride_oh,
                    N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid: (cdiv(n, BLOCK_N), B * N_KV_HEADS); a program copies BLOCK_N positions of one (batch row, kv head)
-    bh = tl.program_id(1)
-    b, h = bh // N_KV_HEADS, bh % N_KV_HEADS
-    i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = i < n
-    rows = _page_rows(T, b, h, first + i, ok, stride_tb, stride_th, stride_tn, PAGE_SIZE)
+    b, h, i, ok, rows = _tile(T, first, n, stride_tb, stride_th, stride_tn, N_KV_HEADS, PAGE_SIZE, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     x = tl.load(P + (rows * N_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None])
     tl.store(O + b * stride_ob + i[:, None] * stride_on + h * stride_oh + d[None, :], x.to(O.dtype.element_ty),
@@ -56,11 +59,7 @@ def _gather_kernel(P, T, O, first, n, stride_tb, stride_th, stride_tn, stride_ob
 def _add_kernel(P, T, G, first, n, stride_tb, stride_th, stride_tn, stride_gb, stride_gh, stride_gn,
                 N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid as _gather_kernel's; each page row is read, added to in fp32 and written by one program only
-    bh = tl.program_id(1)
-    b, h = bh // N_KV_HEADS, bh % N_KV_HEADS
-    i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = i < n
-    rows = _page_rows(T, b, h, first + i, ok, stride_tb, stride_th, stride_tn, PAGE_SIZE)
+    b, h, i, ok, rows = _tile(T, first, n, stride_tb, stride_th, stride_tn, N_KV_HEADS, PAGE_SIZE, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     g = tl.load(G + b * stride_gb + h * stride_gh + i[:, None] * stride_gn + d[None, :], mask=ok[:, None])
     ptrs = P + (rows * N_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :]

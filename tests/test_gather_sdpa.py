@@ -207,19 +207,24 @@ def chunked_grads(store_of, model, batch, seq, chunk, page, seed):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="fp32 chunked steps: the CUDA ops take bf16 only")
 @pytest.mark.parametrize("store", ["paged", "offload"])
-def test_chunked_step_through_attend_matches_reference_kernel(store):
-    """A whole chunked fp32 step (batch 2, partial last chunk and page; offload: history in parts of 32 tokens)
-    with SDPAKernel in the store: loss and every parameter gradient equal the reference kernel's (rel. 1e-5)."""
-    batch, seq, chunk, page = 2, 72, 32, 16
+@pytest.mark.parametrize("attn", ["dense", "sparse"])
+def test_chunked_step_through_attend_matches_reference_kernel(store, attn):
+    """A whole chunked fp32 step with SDPAKernel in the store: loss and every parameter gradient equal the reference
+    kernel's (rel. 1e-5). Dense: batch 2, partial last chunk and page; offload: history in parts of 32 tokens.
+    Sparse: one selection per 32-token chunk and kv head, 3 of up to 6 history pages; offload: buffers of 8 pages."""
+    sparse = SparseConfig(budget=48, q_block=32) if attn == "sparse" else None
+    batch, seq, cache, seed = (2, 72, 32, 11) if sparse is None else (1, 128, 128, 12)
+    chunk, page = 32, 16
     model = tiny_model(5)
 
     def store_of(kernel):
         if store == "paged":
-            return lambda m, b, s: PagedKVStore.for_sequence(m, b, s, page, torch.float32, DEVICE, kernel=kernel)
+            return lambda m, b, s: PagedKVStore.for_sequence(m, b, s, page, torch.float32, DEVICE, sparse=sparse,
+                                                             kernel=kernel)
         return lambda m, b, s: OffloadedKVStore.for_sequence(m, b, s, page, torch.float32, DEVICE,
-                                                             cache_tokens=2 * page, kernel=kernel)
-    ref_loss, ref_grads = chunked_grads(store_of(REF), model, batch, seq, chunk, page, seed=11)
-    loss, grads = chunked_grads(store_of(SDPAKernel()), model, batch, seq, chunk, page, seed=11)
+                                                             cache_tokens=cache, sparse=sparse, kernel=kernel)
+    ref_loss, ref_grads = chunked_grads(store_of(REF), model, batch, seq, chunk, page, seed=seed)
+    loss, grads = chunked_grads(store_of(SDPAKernel()), model, batch, seq, chunk, page, seed=seed)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
     for n, q in model.named_parameters():
         q.grad = grads[n]
@@ -254,30 +259,6 @@ def test_merge_kernel_matches_reference(into):
     assert torch.equal(seen, ref_lse > float("-inf")) and not seen[0, 1, :2].any() and seen[0, 1, 2:].all()
     assert (lse[seen] - ref_lse[seen]).abs().max() <= 1e-6 * ref_lse[seen].abs().max()
     assert torch.equal(o[0, :2, 1].float(), torch.zeros(2, D, device=DEVICE))
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="fp32 chunked steps: the CUDA ops take bf16 only")
-@pytest.mark.parametrize("store", ["paged", "offload"])
-def test_sparse_chunked_step_matches_reference_kernel(store):
-    """A whole sparse chunked fp32 step (one selection per 32-token chunk per kv head, 3 of up to 6 history pages;
-    offload: buffers of 8 pages) through SDPAKernel: loss and every parameter gradient equal the reference
-    kernel's (rel. 1e-5)."""
-    batch, seq, chunk, page = 1, 128, 32, 16
-    model = tiny_model(6)
-    sparse = SparseConfig(budget=3 * page, q_block=chunk)
-
-    def store_of(kernel):
-        if store == "paged":
-            return lambda m, b, s: PagedKVStore.for_sequence(m, b, s, page, torch.float32, DEVICE, sparse=sparse,
-                                                             kernel=kernel)
-        return lambda m, b, s: OffloadedKVStore.for_sequence(m, b, s, page, torch.float32, DEVICE,
-                                                             cache_tokens=8 * page, sparse=sparse, kernel=kernel)
-    ref_loss, ref_grads = chunked_grads(store_of(REF), model, batch, seq, chunk, page, seed=12)
-    loss, grads = chunked_grads(store_of(SDPAKernel()), model, batch, seq, chunk, page, seed=12)
-    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
-    for n, q in model.named_parameters():
-        q.grad = grads[n]
-    assert_grads_match(model, ref_grads)
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "flash"])
