@@ -18,21 +18,27 @@ from sparse_attn import SparseConfig
 # ------------------------------------------------------------------------------------------------ 1. step
 
 
-def partial_step(model, idx, tgt, chunk, store, last_chunks, compute_dtype, checkpoint):
-    """A probe for lengths whose whole step takes longer than a benchmark can wait (a dense 7B step at 1M tokens is
-    ~45 min): stage 1's result, every layer's K/V of all but the last chunk, is written as random values - the
-    memory of a real step, not its compute - and then the last `last_chunks` chunks of stage 2 run for real over
-    that history. Peak memory (GPU and host) is the whole step's; the time is that of its most expensive chunks."""
+def fill_random_history(model, idx, chunk, store, compute_dtype):
+    """The setup of a partial step (--last-chunks), a probe for lengths whose whole step takes longer than a benchmark
+    can wait (a dense 7B step at 1M tokens is ~45 min): stage 1's result, every layer's K/V of all but the last
+    chunk, written as random values - the memory of a real step, not its compute."""
     B, T = idx.shape
     cfg = model.config
     store.reset()
-    chunks = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
     g = torch.Generator(device=idx.device).manual_seed(0)
-    for s, e in chunks[:-1]:
+    for _ in list(range(0, T, chunk))[:-1]:  # every chunk but the last (those are whole chunks)
         for layer in range(cfg.num_hidden_layers):
-            kv = torch.randn(B, e - s, cfg.num_key_value_heads, cfg.head_dim, device=idx.device, dtype=compute_dtype,
+            kv = torch.randn(B, chunk, cfg.num_key_value_heads, cfg.head_dim, device=idx.device, dtype=compute_dtype,
                              generator=g)
             store.append(layer, kv, kv)
+
+
+def partial_step(model, idx, tgt, chunk, store, last_chunks, compute_dtype, checkpoint):
+    """The last `last_chunks` chunks of stage 2, run for real over the history fill_random_history wrote (the
+    caller's setup, outside the timing). Peak memory (GPU and host) is the whole step's; the time is that of its
+    most expensive chunks."""
+    T = idx.shape[1]
+    chunks = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
     total = torch.zeros((), device=idx.device)
     with fp32_gradients(model):
         for s, e in chunks[::-1][:last_chunks]:
@@ -160,9 +166,14 @@ def bench_step(args, device, rec):
                 def step():
                     return full_sequence_step(model, idx, tgt, bf16, checkpoint=True)
 
-            times, loss = timed(step, device, args.warmup, args.repeats, setup=zero_grads,
-                                budget_s=args.point_budget)
+            def setup():  # outside the timing; a partial step's history is written afresh each time
+                zero_grads()
+                if args.last_chunks and store is not None:
+                    fill_random_history(model, idx, args.chunk, store, bf16)
+
+            times, loss = timed(step, device, args.warmup, args.repeats, setup=setup, budget_s=args.point_budget)
             if args.profile and device.type == "cuda":
+                setup()
                 profile_once(step, device, args.profile, f"{path} T {length}")
             step_s = statistics.median(times)
             moved = getattr(store, "bytes_moved", None)
