@@ -282,15 +282,14 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
         else:
             _add(plan, "device", "sparse index (page summaries, selections)", summaries + selections + tables,
                  args.seq)
-    if getattr(args, "attn_kernel", "triton") == "sdpa":
+    # SDPAKernel takes dense parts and sparse ones of one query block per chunk (several: Triton's, no temporaries)
+    if getattr(args, "attn_kernel", "triton") == "sdpa" and (not args.sparse or q_block >= args.chunk):
         kv = args.batch * cfg.num_key_value_heads * cfg.head_dim * (SDPA_KV_COMPUTE_COPIES * compute_bytes
                                                                     + SDPA_KV_FP32_COPIES * FP32)
         q = args.batch * args.chunk * cfg.num_attention_heads * cfg.head_dim * SDPA_Q_FP32_COPIES * FP32
         plan.device[SDPA_QUERY_TEMPORARIES] = q
-        if args.sparse:  # one query block per chunk: its selected history, then the chunk's own K/V (with several
-            # blocks SDPAKernel hands the parts to Triton, which gathers nothing)
-            if q_block >= args.chunk:
-                plan.device[SDPA_TEMPORARIES] = kv * (min(args.budget, args.seq) + args.chunk)
+        if args.sparse:  # the block's selected history, then the chunk's own K/V
+            plan.device[SDPA_TEMPORARIES] = kv * (min(args.budget, args.seq) + args.chunk)
         elif offload:  # a part is at most what the page cache holds
             plan.device[SDPA_TEMPORARIES] = kv * min(args.seq, args.cache_tokens + args.chunk)
         else:  # the last chunk's part: the whole sequence

@@ -83,7 +83,8 @@ def test_sdpa_kernel_temporaries_are_planned():
     sparse = planner.parts(cfg, args, q_block=8192)
     assert sparse.device[planner.SDPA_TEMPORARIES] == per_token * (4096 + 8192)
     assert planner.SDPA_TEMPORARIES not in sparse.growing
-    assert planner.SDPA_TEMPORARIES not in planner.parts(cfg, args, q_block=128).device  # 64 blocks: Triton's
+    blocks = planner.parts(cfg, args, q_block=128).device  # 64 blocks: Triton's parts, nothing gathered
+    assert planner.SDPA_TEMPORARIES not in blocks and planner.SDPA_QUERY_TEMPORARIES not in blocks
     text = "\n".join(planner.describe(planner.plan_run(cfg, args, gpu), gpu, args))
     assert "attention kernel: sdpa (gather + fused SDPA) for sparse parts of one query block" in text, text
 
