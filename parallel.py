@@ -225,7 +225,7 @@ def from_env(tp: int, device: torch.device, cp: int = 1) -> Layout | None:
 
 def check(layout: Layout | None, cfg, args):
     """What the layout cannot do with this run, as a UserError, before any model is built. Under --tp > 1, bf16
-    weights take fp32 AdamW moments only (the plan's auto choice is limited to them: plan.TP_MOMENTS)."""
+    weights take fp32 AdamW moments only (the plan's auto choice is limited to them: plan_auto.TP_MOMENTS)."""
     if layout is not None and layout.cp > 1:
         context_parallel.check(args)
     if layout is None or layout.tp == 1:

@@ -1,5 +1,5 @@
 """
-What would make a refused plan fit: each change of the command line re-planned on its own (plan.plan_auto), then the
+What would make a refused plan fit: each change of the command line re-planned on its own (plan_auto.plan_auto), then the
 smallest combination when no single change does. `--plan` prints them; train.py's refusal names the first that fits.
 
     candidates   --keep-activations 0 (if given), --offload on, a smaller --chunk, --grad-pages bfloat16,
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from cli import LORA_TARGETS, chunked
 from model import ModelConfig
-from plan import Memory, Plan, plan_auto, summary
+from plan import Memory, Plan, summary
+from plan_auto import plan_auto
 
 LORA_SUGGESTED_RANK = 16
 

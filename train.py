@@ -35,6 +35,7 @@ import finetune
 import optim
 import parallel
 import plan as planner
+import plan_auto
 import plan_suggest
 import plots
 from attention import named_kernel
@@ -246,11 +247,11 @@ def check_device(device):
 
 
 def plan_and_choose(cfg, args, memory):
-    """planner.plan_auto, its choices (--params-dtype, --moments, --grad-pages, --attn-kernel, --keep-activations)
+    """plan_auto.plan_auto, its choices (--params-dtype, --moments, --grad-pages, --attn-kernel, --keep-activations)
     written into args (so that the checkpoint records them and --resume keeps them); for a refused plan also the
     suggestions, re-planned from the settings as given. Returns (plan, suggestions)."""
     given = copy.copy(args)
-    plan, chosen = planner.plan_auto(cfg, args, memory)
+    plan, chosen = plan_auto.plan_auto(cfg, args, memory)
     for name in ("params_dtype", "moments", "grad_pages", "attn_kernel", "keep_activations", "moments_why",
                  "precision_why"):
         setattr(args, name, getattr(chosen, name))

@@ -526,6 +526,7 @@ def test_cp_refusals_and_rank_plan(tmp_path, capsys, monkeypatch):
 
     import context_parallel
     import plan as planner
+    import plan_auto
     import train
     from cli import UserError
     from model import ModelConfig
@@ -549,7 +550,7 @@ def test_cp_refusals_and_rank_plan(tmp_path, capsys, monkeypatch):
     assert auto.params_dtype == "auto"
     squeezed = argparse.Namespace(**{**vars(args), "dtype": "bfloat16", "params_dtype": "auto", "moments": None,
                                      "tp": 2})
-    assert planner._precision_options(squeezed) == [("float32", None), ("bfloat16", "fp32")]
+    assert plan_auto._precision_options(squeezed) == [("float32", None), ("bfloat16", "fp32")]
     for moments in ("bf16", "int8"):
         with pytest.raises(UserError, match=f"--tp 2 with --moments {moments}: not supported"):
             parallel.check(tp2, cfg, argparse.Namespace(optimizer="adamw", params_dtype="bfloat16", lora_rank=None,

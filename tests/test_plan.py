@@ -6,13 +6,14 @@ import torch
 
 import cli
 import plan as planner
+import plan_auto
 from model import Model, preset
 
 GIB = 2**30
 
 
 def settings(*argv, gpu=True, auto=False):
-    """cli's resolved arguments, as train.py hands them to planner.plan_auto; unless `auto`, with what plan_auto
+    """cli's resolved arguments, as train.py hands them to plan_auto.plan_auto; unless `auto`, with what plan_auto
     leaves to the plan fixed at fp32 (weights, dK/dV pages), as plan_run and parts take them."""
     args = cli.parse_args([*argv, "--device", "cuda" if gpu else "cpu"])
     cli.check_values(args)
@@ -98,7 +99,7 @@ def test_attn_kernel_auto_is_sdpa_for_large_dense_bf16_chunks_on_a_gpu():
 
     def choose(*argv, gpu_run=True):
         args = settings("--dtype", "bfloat16", "--attn", "dense", *argv, gpu=gpu_run, auto=True)
-        plan, chosen = planner.plan_auto(preset(args.model), args, gpu)
+        plan, chosen = plan_auto.plan_auto(preset(args.model), args, gpu)
         return chosen.attn_kernel, [w for w in chosen.precision_why if w.startswith("--attn-kernel")], plan
 
     seven_b = ("--model", "qwen2.5-7b", "--seq", "131072", "--chunk", "8192")
@@ -159,17 +160,17 @@ def test_keep_activations_auto_takes_half_of_what_the_output_cache_leaves():
         assert plan.device.get(planner.KEPT_ACTIVATIONS, 0) == kept * chunk
         assert plan.device[planner.OUTPUT_CACHE] == cache * (7 - kept) // 7  # the kept chunks' outputs dropped
     roomy = planner.Memory(device=1000 * GIB, host=100 * GIB, on_gpu=True)
-    plan, chosen = planner.plan_auto(cfg, settings(*argv, auto=True), roomy)
+    plan, chosen = plan_auto.plan_auto(cfg, settings(*argv, auto=True), roomy)
     assert plan.keep_activations == chosen.keep_activations == 7  # 8 chunks: every one but the last
     assert plan.device[planner.OUTPUT_CACHE] == 0
     assert "--keep-activations 7 (auto: the output cache first, then half of what is left)" in chosen.precision_why
-    plan, chosen = planner.plan_auto(cfg, settings(*argv, "--offload", "on", auto=True), roomy)
+    plan, chosen = plan_auto.plan_auto(cfg, settings(*argv, "--offload", "on", auto=True), roomy)
     assert chosen.keep_activations == 0 and planner.KEPT_ACTIVATIONS not in plan.device
     assert "--keep-activations 0 (auto: pages offloaded)" in chosen.precision_why
     # sparse attention: none (slower at 1M on the H200 with them); a given number is kept
-    plan, chosen = planner.plan_auto(cfg, settings(*argv[:-1], "sparse", auto=True), roomy)
+    plan, chosen = plan_auto.plan_auto(cfg, settings(*argv[:-1], "sparse", auto=True), roomy)
     assert chosen.keep_activations == 0 and "--keep-activations 0 (auto: sparse attention)" in chosen.precision_why
-    plan, chosen = planner.plan_auto(cfg, settings(*argv[:-1], "sparse", "--keep-activations", "2", auto=True), roomy)
+    plan, chosen = plan_auto.plan_auto(cfg, settings(*argv[:-1], "sparse", "--keep-activations", "2", auto=True), roomy)
     assert chosen.keep_activations == 2 and plan.device[planner.KEPT_ACTIVATIONS] == 2 * chunk
 
 

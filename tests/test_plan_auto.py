@@ -9,6 +9,7 @@ import torch
 
 import cli
 import plan as planner
+import plan_auto
 import plan_suggest
 import train
 from model import preset
@@ -26,7 +27,7 @@ def test_7b_at_1m_fits_with_the_default_flags():
     host: auto picks bf16 weights with the most precise moments that fit and bf16 dK/dV pages (112 GiB pinned)."""
     args = settings(*SEVEN_B, auto=True)
     assert (args.params_dtype, args.grad_pages, args.moments) == ("auto", "auto", None)
-    plan, chosen = planner.plan_auto(preset("qwen2.5-7b"), args, H200)
+    plan, chosen = plan_auto.plan_auto(preset("qwen2.5-7b"), args, H200)
     assert plan.fits and plan.offload
     assert (chosen.params_dtype, chosen.moments, chosen.grad_pages) == ("bfloat16", "bf16", "bfloat16")
     assert chosen.precision_why == ["--params-dtype bfloat16 (auto: fp32 weights do not fit)",
@@ -37,7 +38,7 @@ def test_7b_at_1m_fits_with_the_default_flags():
     assert plan.host["KV/dKV pages"] == 114_688 * 2**20  # 112 GiB
     assert args.params_dtype == "auto"  # plan_auto leaves the given settings alone
     # a small model at the same length keeps fp32 everywhere on the GPU side; the pages still go bf16 to fit
-    plan, chosen = planner.plan_auto(preset("qwen2.5-0.5b"), settings("--model", "qwen2.5-0.5b", "--seq", "262144",
+    plan, chosen = plan_auto.plan_auto(preset("qwen2.5-0.5b"), settings("--model", "qwen2.5-0.5b", "--seq", "262144",
                                                                       auto=True), H200)
     assert plan.fits and (chosen.params_dtype, chosen.grad_pages) == ("float32", "float32")
 
@@ -46,7 +47,7 @@ def test_refused_plan_suggests_changes_that_each_re_plan():
     """fp32 weights and pages given: REFUSED; each suggestion is the plan of that change alone."""
     cfg = preset("qwen2.5-7b")
     args = settings(*SEVEN_B, "--params-dtype", "float32", "--grad-pages", "float32")
-    plan, _ = planner.plan_auto(cfg, args, H200)
+    plan, _ = plan_auto.plan_auto(cfg, args, H200)
     assert not plan.fits
     found = {s.flags.split()[0] + (" " + s.flags.split()[1] if s.flags.startswith("--grad") else ""): s
              for s in plan_suggest.suggest(cfg, args, H200, plan)}
@@ -60,11 +61,11 @@ def test_refused_plan_suggests_changes_that_each_re_plan():
     # fp32 pages alone (weights left to the plan): the host limits the length; the longest --seq fits, and 1024
     # tokens more does not
     pages = settings(*SEVEN_B, "--grad-pages", "float32", auto=True)
-    refused, _ = planner.plan_auto(cfg, pages, H200)
+    refused, _ = plan_auto.plan_auto(cfg, pages, H200)
     longest = [s for s in plan_suggest.suggest(cfg, pages, H200, refused) if s.flags.startswith("--seq")][0]
     seq = int(longest.flags.split()[1])
     assert 600_000 < seq < 1_000_000 and longest.plan.fits
-    assert not planner.plan_auto(cfg, plan_suggest.with_changes(pages, seq=seq + 1024), H200)[0].fits
+    assert not plan_auto.plan_auto(cfg, plan_suggest.with_changes(pages, seq=seq + 1024), H200)[0].fits
     # no single change fits: the smallest combination that does is offered, and fits
     combined = [s for s in plan_suggest.suggest(cfg, args, H200, plan) if s.plan.fits and " --" in s.flags]
     assert combined and "--grad-pages bfloat16" in combined[0].flags, [s.flags for s in combined]
@@ -78,7 +79,7 @@ def test_kept_activations_are_the_first_suggestion_to_give_back():
     cfg = preset("qwen2.5-0.5b")
     args = settings("--model", "qwen2.5-0.5b", "--seq", "262144", "--chunk", "16384", "--attn", "dense",
                     "--keep-activations", "15", auto=True)
-    plan, _ = planner.plan_auto(cfg, args, H200)
+    plan, _ = plan_auto.plan_auto(cfg, args, H200)
     assert not plan.fits and plan.device[planner.KEPT_ACTIVATIONS] > 139 * GIB
     first = plan_suggest.suggest(cfg, args, H200, plan)[0]
     assert first.flags == "--keep-activations 0" and first.plan.fits
@@ -89,7 +90,7 @@ def test_lora_at_the_longest_length_is_suggested_on_the_host_limit():
     """LoRA's 7B fits the GPU easily; the host's pages limit the length, which the suggestion names."""
     cfg = preset("qwen2.5-7b")
     args = settings("--model", "qwen2.5-7b", "--seq", "2097152", "--lora-rank", "16", auto=True)
-    plan, chosen = planner.plan_auto(cfg, args, H200)
+    plan, chosen = plan_auto.plan_auto(cfg, args, H200)
     assert not plan.fits and "pinned host memory" in plan.refusal
     seq = [s for s in plan_suggest.suggest(cfg, args, H200, plan) if s.flags.startswith("--seq")][0]
     assert seq.plan.fits and 1_000_000 < int(seq.flags.split()[1]) < 1_100_000, seq.flags
@@ -100,7 +101,7 @@ def test_lora_base_is_bf16_and_fp32_weights_count_their_autocast_copies():
     for a chunk (autocast saves the cast for the input gradient: 14 GiB for 7B, measured on the H200)."""
     cfg = preset("qwen2.5-7b")
     args = settings("--model", "qwen2.5-7b", "--seq", "1048576", "--lora-rank", "16", auto=True)
-    plan, chosen = planner.plan_auto(cfg, args, H200)
+    plan, chosen = plan_auto.plan_auto(cfg, args, H200)
     assert plan.fits and chosen.params_dtype == "bfloat16"
     assert "--params-dtype bfloat16 (auto: LoRA: the frozen base in bf16)" in chosen.precision_why
     assert not any("autocast" in name for name in plan.device)
