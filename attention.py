@@ -40,13 +40,14 @@ from typing import NamedTuple, Optional
 import torch
 
 from kernels.gather_sdpa import SDPAKernel
+from kernels.lse_merge import merge_reference
 from kernels.paged_attention import _interpreting, paged_attention_forward, softmax_delta
 from kernels.paged_attention_backward import paged_attention_backward
 from kernels.paged_reference import gather_pages, paged_attention_reference, paged_attention_reference_backward
 
 # SDPAKernel: re-exported from kernels/gather_sdpa.py, next to the other kernels
 __all__ = ["Part", "OnePart", "TritonKernel", "ReferenceKernel", "SDPAKernel", "default_kernel", "kernel_name",
-           "named_kernel", "attention_forward", "attend"]
+           "named_kernel", "delta_for", "attention_forward", "attend"]
 
 
 class Part(NamedTuple):
@@ -106,10 +107,7 @@ class ReferenceKernel:
         if out is None:
             return o.to(q.dtype), lse
         if merge:  # o = (o_old e^lse_old + o e^lse) / (e^lse_old + e^lse), in a numerically safe form
-            lse_all = torch.logaddexp(out[1], lse)
-            shift = lse_all.masked_fill(lse_all == float("-inf"), 0.0)  # rows no part so far shows anything: 0
-            w_old, w_new = (torch.exp(x - shift).transpose(1, 2)[..., None] for x in (out[1], lse))
-            o, lse = out[0].float() * w_old + o * w_new, lse_all
+            return merge_reference(out[0], out[1], o, lse, out=out)
         out[0].copy_(o)
         out[1].copy_(lse)
         return out
@@ -160,6 +158,12 @@ def named_kernel(name, device, tokens_x_hidden=0):
     return SDPAKernel(fallback=default_kernel(device))
 
 
+def delta_for(kernel, do, o):
+    """delta = rowsum(dO * O) [B, H, C] as the kernel's backward takes it: None for a kernel that forms it itself
+    from the o it is given (needs_delta = False: SDPAKernel)."""
+    return softmax_delta(do, o) if getattr(kernel, "needs_delta", True) else None
+
+
 def attention_forward(history, q, k, v, kernel, scale=None, merge=None):
     """(o [B, C, H, D] q.dtype, lse [B, H, C] fp32) of q over every part of `history`, merged by log-sum-exp. A
     single part writes o directly; several merge in an fp32 o. Every part is consumed (a streaming store finishes
@@ -208,8 +212,7 @@ class _Attention(torch.autograd.Function):
         q, o, lse, *chunk_kv = ctx.saved_tensors
         k, v = chunk_kv or (None, None)
         do = do.to(q.dtype)
-        # [B, H, C], shared by every part; a kernel that forms it itself from o (SDPAKernel) says so
-        delta = softmax_delta(do, o) if getattr(ctx.kernel, "needs_delta", True) else None
+        delta = delta_for(ctx.kernel, do, o)  # [B, H, C], shared by every part
         dq = dk = dv = None
         for j, part in enumerate(ctx.history.parts(q, k, v, backward=True)):
             if j == 0 and not part.last:  # parts accumulate into an fp32 dq

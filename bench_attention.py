@@ -8,12 +8,11 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from attention import Part, SDPAKernel, TritonKernel, named_kernel
+from attention import Part, SDPAKernel, TritonKernel, delta_for, named_kernel
 from bench_lib import (build_model, free_memory, full_sequence_step, over_budget, profile_once, r, random_tokens,
                        run_point, timed)
 from chunk_train import chunked_step
 from data import TokenData
-from kernels.paged_attention import softmax_delta
 from kernels.paged_reference import gather_pages
 from model import Model, ModelConfig
 from offload import OffloadedKVStore
@@ -55,11 +54,6 @@ def make_kernel(name):
     return SDPAKernel({"sdpa": None, "sdpa-cudnn": "cudnn", "sdpa-flash": "flash"}[name])
 
 
-def delta_for(kernel, do, o):
-    """delta = rowsum(dO * O) as attend hands it to the kernel: None for kernels that form it themselves."""
-    return softmax_delta(do, o) if getattr(kernel, "needs_delta", True) else None
-
-
 def rel_err(x, ref):
     return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -83,28 +77,23 @@ def bench_kernel(args, device, rec):
         base = dict(mode="kernel", length=T, batch=B, heads=H, kv_heads=Hkv, head_dim=D, dtype="bfloat16")
 
         def time_fwd_bwd(fwd, fwd_bwd, flops, raw=None):
-            """Median times and TFLOP/s of fwd and fwd_bwd, each timed both ways (TIMINGS), with their ratios to
-            SDPA's full causal call at this length (its TFLOP/s the same way) once that has run. raw: a dict given
-            the unrounded (fwd, fwd+bwd) TFLOP/s per timing mode."""
+            """Median times and TFLOP/s of fwd, fwd_bwd and their difference (the backward), each timed both ways
+            (TIMINGS), with their ratios to SDPA's full causal call at this length (timed the same way) once that has
+            run. raw: a dict given the unrounded (fwd, bwd, fwd+bwd) TFLOP/s per timing mode."""
             out = {}
             for mode, sfx in TIMINGS:
                 t_fwd, _ = timed(fwd, device, args.warmup, args.repeats, events=mode)
                 t_fb, _ = timed(fwd_bwd, device, args.warmup, args.repeats, events=mode)
                 fwd_ms, fb_ms = statistics.median(t_fwd) * 1e3, statistics.median(t_fb) * 1e3
-                tf = (flops / fwd_ms / 1e9, FWD_BWD * flops / fb_ms / 1e9)
-                bwd_tf = (FWD_BWD - 1) * flops / max(fb_ms - fwd_ms, 1e-9) / 1e9  # (fwd+bwd) - fwd
+                tf = (flops / fwd_ms / 1e9, (FWD_BWD - 1) * flops / max(fb_ms - fwd_ms, 1e-9) / 1e9,
+                      FWD_BWD * flops / fb_ms / 1e9)
                 if raw is not None:
                     raw[mode] = tf
-                out.update({f"fwd_ms{sfx}": r(fwd_ms, 3), f"fwdbwd_ms{sfx}": r(fb_ms, 3),
-                            f"fwd_tflops{sfx}": r(tf[0], 1), f"fwdbwd_tflops{sfx}": r(tf[1], 1),
-                            f"bwd_tflops{sfx}": r(bwd_tf, 1)})
+                out.update({f"fwd_ms{sfx}": r(fwd_ms, 3), f"fwdbwd_ms{sfx}": r(fb_ms, 3)})
+                out.update({f"{part}_tflops{sfx}": r(x, 1) for part, x in zip(("fwd", "bwd", "fwdbwd"), tf)})
                 if "tflops" in ref:  # TFLOP/s as a fraction of SDPA's at this length (its full causal call)
-                    sdpa_fwd, sdpa_fb = ref["tflops"][mode]
-                    sdpa_fb_ms = FWD_BWD * fwd_flops / sdpa_fb / 1e9
-                    sdpa_bwd = (FWD_BWD - 1) * fwd_flops / (sdpa_fb_ms - fwd_flops / sdpa_fwd / 1e9) / 1e9
-                    out.update({f"fwd_vs_sdpa{sfx}": r(tf[0] / sdpa_fwd, 3),
-                                f"bwd_vs_sdpa{sfx}": r(bwd_tf / sdpa_bwd, 3),
-                                f"fwdbwd_vs_sdpa{sfx}": r(tf[1] / sdpa_fb, 3)})
+                    out.update({f"{part}_vs_sdpa{sfx}": r(x / sdpa, 3)
+                                for part, x, sdpa in zip(("fwd", "bwd", "fwdbwd"), tf, ref["tflops"][mode])})
             return out
 
         # --- SDPA on contiguous [B, H, T, D] copies; its output is also the reference for the kernel

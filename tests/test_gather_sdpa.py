@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import cli
-from attention import ATTN_KERNELS, Part, ReferenceKernel, SDPAKernel, default_kernel, kernel_name, named_kernel
+from attention import (ATTN_KERNELS, Part, ReferenceKernel, SDPAKernel, default_kernel, delta_for, kernel_name,
+                       named_kernel)
 from chunk_train import chunked_step
 from kernels.lse_merge import merge_attention, merge_reference
 from kernels.paged_attention import softmax_delta
@@ -46,7 +47,7 @@ def run(kernel, q, do, parts, pass_o=False):
             kernel.forward(q, part, out=(o, lse), merge=j > 0)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     o = o.to(q.dtype)
-    delta = softmax_delta(do, o) if getattr(kernel, "needs_delta", True) or not pass_o else None  # as attend does
+    delta = delta_for(kernel, do, o) if pass_o else softmax_delta(do, o)  # as attend hands it
     for part in parts:
         dq = kernel.backward(do, q, lse, delta, part, dq=dq, o=o if pass_o else None)
     return o, lse, dq, [(part.dk_pages, part.dv_pages) for part in parts]
