@@ -419,8 +419,8 @@ def describe(plan: Plan, memory: Memory, args) -> list[str]:
         lines.append(f"  KV/dKV pages {where} (--offload {args.offload}); attention: {attention} (--attn {args.attn})")
         kernel = getattr(args, "attn_kernel", "triton")
         if kernel == "sdpa":  # say which parts SDPAKernel hands to the default kernel
-            lines.append("  attention kernel: sdpa (gather + fused SDPA) for sparse parts of one query block per "
-                         "chunk, the default for sparse parts of several (--attn-kernel sdpa)" if args.sparse else "  attention kernel: sdpa (gather + fused SDPA) "
-                         "for dense parts, the default for packed documents' masked ones (--attn-kernel sdpa)")
+            parts = ("sparse parts of one query block per chunk, the default for sparse parts of several" if args.sparse
+                     else "dense parts, the default for packed documents' masked ones")
+            lines.append(f"  attention kernel: sdpa (gather + fused SDPA) for {parts} (--attn-kernel sdpa)")
     lines.append("FITS" if plan.fits else f"REFUSED: {plan.refusal}")
     return lines

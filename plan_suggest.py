@@ -1,5 +1,5 @@
 """
-What would make a refused plan fit: each change of the command line re-planned on its own (plan_auto.plan_auto), then the
+What would make a refused plan fit: each change of the command line re-planned on its own (plan_auto.py), then the
 smallest combination when no single change does. `--plan` prints them; train.py's refusal names the first that fits.
 
     candidates   --keep-activations 0 (if given), --offload on, a smaller --chunk, --grad-pages bfloat16,

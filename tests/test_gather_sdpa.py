@@ -127,8 +127,9 @@ def test_sparse_part_matches_reference(backend, dtype, B, C, n_hist, n_sel, Hkv,
 def test_page_copy_kernels_match_reference(grad_dtype, per_head):
     """kernels/page_copy.py's Triton gather and add (the interpreter on a CPU) against their PyTorch references
     on fresh random pages: positions 5..5+n-1 of a shuffled table (shared by the kv heads, or one per kv head),
-    bf16 pages into bf16; a gradient as the fused backward returns it (a transposed view) added into fp32 or bf16 pages. The
-    gather is a copy: exact. The add: fp32 exact to rounding; bf16 pages: both round the fp32 sum once (1 ulp)."""
+    bf16 pages into bf16; a gradient as the fused backward returns it (a transposed view) added into fp32 or bf16
+    pages. The gather is a copy: exact. The add: fp32 exact to rounding; bf16 pages: both round the fp32 sum once
+    (1 ulp)."""
     from kernels.page_copy import add_rows, add_rows_reference, gather_rows, gather_rows_reference
     g = torch.Generator().manual_seed(3)
     B, Hkv, D, page, n_pages, n = 2, 3, 32, 16, 12, 40
