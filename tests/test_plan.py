@@ -170,7 +170,8 @@ def test_keep_activations_auto_takes_half_of_what_the_output_cache_leaves():
     # sparse attention: none (slower at 1M on the H200 with them); a given number is kept
     plan, chosen = plan_auto.plan_auto(cfg, settings(*argv[:-1], "sparse", auto=True), roomy)
     assert chosen.keep_activations == 0 and "--keep-activations 0 (auto: sparse attention)" in chosen.precision_why
-    plan, chosen = plan_auto.plan_auto(cfg, settings(*argv[:-1], "sparse", "--keep-activations", "2", auto=True), roomy)
+    given = settings(*argv[:-1], "sparse", "--keep-activations", "2", auto=True)
+    plan, chosen = plan_auto.plan_auto(cfg, given, roomy)
     assert chosen.keep_activations == 2 and plan.device[planner.KEPT_ACTIVATIONS] == 2 * chunk
 
 

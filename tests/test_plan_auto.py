@@ -38,8 +38,8 @@ def test_7b_at_1m_fits_with_the_default_flags():
     assert plan.host["KV/dKV pages"] == 114_688 * 2**20  # 112 GiB
     assert args.params_dtype == "auto"  # plan_auto leaves the given settings alone
     # a small model at the same length keeps fp32 everywhere on the GPU side; the pages still go bf16 to fit
-    plan, chosen = plan_auto.plan_auto(preset("qwen2.5-0.5b"), settings("--model", "qwen2.5-0.5b", "--seq", "262144",
-                                                                      auto=True), H200)
+    small = settings("--model", "qwen2.5-0.5b", "--seq", "262144", auto=True)
+    plan, chosen = plan_auto.plan_auto(preset("qwen2.5-0.5b"), small, H200)
     assert plan.fits and (chosen.params_dtype, chosen.grad_pages) == ("float32", "float32")
 
 
