@@ -278,14 +278,16 @@ def parts(cfg: ModelConfig, args, offload=False, q_block=DEFAULT_Q_BLOCK) -> Pla
         else:
             _add(plan, "device", "sparse index (page summaries, selections)", summaries + selections + tables,
                  args.seq)
-    # SDPAKernel takes dense parts and sparse ones of one query block per chunk (several: Triton's, no temporaries)
-    if getattr(args, "attn_kernel", "triton") == "sdpa" and (not args.sparse or q_block >= args.chunk):
+    # SDPAKernel: dense parts, and sparse ones (of several query blocks per chunk: the history is Triton's, the
+    # chunk's own K/V are gathered for the fused op's diagonal call)
+    if getattr(args, "attn_kernel", "triton") == "sdpa":
         kv = args.batch * cfg.num_key_value_heads * cfg.head_dim * (SDPA_KV_COMPUTE_COPIES * compute_bytes
                                                                     + SDPA_KV_FP32_COPIES * FP32)
         q = args.batch * args.chunk * cfg.num_attention_heads * cfg.head_dim * SDPA_Q_FP32_COPIES * FP32
         plan.device[SDPA_QUERY_TEMPORARIES] = q
-        if args.sparse:  # the block's selected history, then the chunk's own K/V
-            plan.device[SDPA_TEMPORARIES] = kv * (min(args.budget, args.seq) + args.chunk)
+        if args.sparse:  # the block's selected history (one block per chunk), then the chunk's own K/V
+            history = min(args.budget, args.seq) if q_block >= args.chunk else 0
+            plan.device[SDPA_TEMPORARIES] = kv * (history + args.chunk)
         elif offload:  # a part is at most what the page cache holds
             plan.device[SDPA_TEMPORARIES] = kv * min(args.seq, args.cache_tokens + args.chunk)
         else:  # the last chunk's part: the whole sequence
@@ -419,8 +421,9 @@ def describe(plan: Plan, memory: Memory, args) -> list[str]:
         lines.append(f"  KV/dKV pages {where} (--offload {args.offload}); attention: {attention} (--attn {args.attn})")
         kernel = getattr(args, "attn_kernel", "triton")
         if kernel == "sdpa":  # say which parts SDPAKernel hands to the default kernel
-            parts = ("sparse parts of one query block per chunk, the default for sparse parts of several" if args.sparse
-                     else "dense parts, the default for packed documents' masked ones")
+            parts = ("sparse parts of one query block per chunk and the chunk's own keys of the others, the default "
+                     "for their history" if args.sparse else "dense parts, the default for packed documents' masked "
+                     "ones")
             lines.append(f"  attention kernel: sdpa (gather + fused SDPA) for {parts} (--attn-kernel sdpa)")
     lines.append("FITS" if plan.fits else f"REFUSED: {plan.refusal}")
     return lines

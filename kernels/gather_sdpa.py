@@ -15,10 +15,12 @@ fused calls, merged by log-sum-exp (kernels/lse_merge.py, one fused kernel on CU
 Dense parts (a 2-D table [B, n]) gather each call's keys for all kv heads alike. Sparse parts of one block of
 queries per chunk (sparse_attn.py with q_block >= the chunk, as the offloaded plan chooses: a table per (batch row,
 kv head) [B, Hkv, 1, n], the selected history pages, then the chunk's own) gather each kv head's history from its
-own pages; the own pages are every kv head's last columns. Sparse parts of several blocks go to the fallback: run
-with every block as its own batch entry of the history call, the 7B's sparse 128K step (64 blocks of 128 queries
-per 8192-token chunk) was slower than Triton's (19.15 s against 18.81 s, bench/RESULTS.md, fifteenth session):
-each block gathers its own 4096 tokens, twice the sequence per chunk, 1.6 s of gathers a step.
+own pages; the own pages are every kv head's last columns. Sparse parts of several blocks (the in-GPU store's
+default, 128-query blocks) split the same way, but their history call goes to the fallback kernel (Triton reads
+each block's pages in place) and only the diagonal to the fused op: run with every block as its own batch entry
+of a fused history call, the 7B's sparse 128K step was slower than Triton's (19.15 s against 18.81 s,
+bench/RESULTS.md, fifteenth session): each block gathers its own 4096 tokens, twice the sequence per chunk, 1.6 s
+of gathers a step. The diagonal is half of that step's attention FLOPs and needs no gather per block.
 
 GQA (H = Hkv * G query heads): the ops take K/V with their Hkv heads as they are and return dK/dV per kv head,
 summed over the group (cuDNN, flash and the CPU op alike). An earlier form folded the G query heads into the query
@@ -54,12 +56,12 @@ functions do not read the philox tensors, and cum_seq_* are None (undefined) for
 ops return them. The CUDA ops take bf16/fp16 only.
 
 Not supported (NotImplementedError, or handed to `fallback` if one is given, e.g. TritonKernel()): packed-document
-masks (doc_start), sparse tables of several query blocks, and parts whose table ends partway into the chunk's own
-positions (q_start < kv_len < q_start + C; no store makes them). Offloaded parts (history-only parts with kv_len
-<= q_start, then the part holding the chunk) are ordinary parts and supported.
+masks (doc_start), and parts whose table ends partway into the chunk's own positions (q_start < kv_len < q_start +
+C; no store makes them). Sparse parts of several query blocks need a fallback for their history. Offloaded parts
+(history-only parts with kv_len <= q_start, then the part holding the chunk) are ordinary parts and supported.
 """
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -136,17 +138,19 @@ OPS = {"cpu": ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_produ
 
 class _Plan(NamedTuple):
     """How SDPAKernel computes a part: `history` keys 0..history-1 of the table, visible to every query (no mask),
-    and `own` keys (0 or C), the chunk itself (causal)."""
+    and `own` keys (0 or C), the chunk itself (causal). history_part: the part restricted to its history, for the
+    fallback kernel (sparse tables of several query blocks), or None: the history goes to the fused op too."""
     history: int
     own: int
+    history_part: Optional[tuple] = None  # an attention.Part
 
 
 class SDPAKernel:
-    """Gather + fused SDPA over dense parts and one-block sparse ones (see the module docstring). backend: "cpu",
-    "cudnn" or "flash"; None picks "cpu" for CPU tensors and "cudnn" for CUDA ones (what
-    F.scaled_dot_product_attention uses for bf16 on an H100/H200). fallback: a kernel for the parts this one does
-    not take (document masks, sparse tables of several query blocks); None raises NotImplementedError on them. fp32
-    tensors on CUDA go to the fallback, or raise NotImplementedError without one (the CUDA ops take bf16/fp16).
+    """Gather + fused SDPA over dense parts and sparse ones (see the module docstring). backend: "cpu", "cudnn" or
+    "flash"; None picks "cpu" for CPU tensors and "cudnn" for CUDA ones (what F.scaled_dot_product_attention uses
+    for bf16 on an H100/H200). fallback: a kernel for the parts this one does not take (document masks) and for
+    the history of sparse tables of several query blocks; None raises NotImplementedError on them. fp32 tensors on
+    CUDA go to the fallback, or raise NotImplementedError without one (the CUDA ops take bf16/fp16).
     needs_delta = False: attend may pass delta=None (the fused backward forms rowsum(dO * O) itself from the o it
     is given); it is computed here for the parts handed to the fallback."""
     needs_delta = False
@@ -169,33 +173,41 @@ class SDPAKernel:
 
     def _plan(self, q, part):
         """The part's _Plan, or None if it is not one this kernel takes (with a fallback, fp32 CUDA tensors are not
-        taken either: the ops refuse them)."""
-        if part.doc_start is not None or (part.table.dim() == 4 and part.table.shape[2] != 1):
+        taken either: the ops refuse them; without one, no sparse table of several query blocks)."""
+        blocks = part.table.dim() == 4 and part.table.shape[2] != 1
+        if part.doc_start is not None or (blocks and self.fallback is None):
             return None
         if self.fallback is not None and q.device.type != "cpu" and q.dtype not in (torch.bfloat16, torch.float16):
             return None
         C = q.shape[1]
         kv_len = part.q_start + C if part.kv_len is None else min(part.kv_len, part.q_start + C)
         history, own = min(part.q_start, kv_len), max(kv_len - part.q_start, 0)
-        return _Plan(history, own) if own in (0, C) else None
+        if own not in (0, C):
+            return None
+        if blocks and history:  # each block's selected pages, columns 0..history / page_size - 1 of its table
+            n_pages = -(-history // part.k_pages.shape[1])
+            return _Plan(history, own, part._replace(table=part.table[..., :n_pages], kv_len=history,
+                                                     holds_chunk=False))
+        return _Plan(history, own)
 
     @staticmethod
     def _spans(part, plan):
         """(history Span or None, own Span or None): a sparse table's history is per kv head; its own pages are
-        every kv head's last columns alike."""
+        every kv head's last columns alike. No history Span where the fallback computes the history."""
         table = part.table
         dense = table if table.dim() == 2 else table[:, 0, 0]  # [B, n_pages]
         history = table if table.dim() == 2 else table[:, :, 0]  # [B, n_pages] or [B, Hkv, n_pages]
-        return (Span(history, 0, plan.history) if plan.history else None,
+        return (Span(history, 0, plan.history) if plan.history and plan.history_part is None else None,
                 Span(dense, plan.history, plan.own) if plan.own else None)
 
     def _unsupported(self, part, what):
         if self.fallback is None:
             raise NotImplementedError(
-                f"SDPAKernel takes parts without doc_start, of one query block (sparse), and kv_len <= q_start or = "
-                f"q_start + C; got q_block={part.q_block}, table {tuple(part.table.shape)}, doc_start "
-                f"{'set' if part.doc_start is not None else 'None'}, q_start {part.q_start}, kv_len {part.kv_len} "
-                f"({what}); pass fallback=TritonKernel() to hand such parts over")
+                f"SDPAKernel takes parts without doc_start, and kv_len <= q_start or = q_start + C, sparse ones of "
+                f"several query blocks only with a fallback for their history; got q_block={part.q_block}, table "
+                f"{tuple(part.table.shape)}, doc_start {'set' if part.doc_start is not None else 'None'}, q_start "
+                f"{part.q_start}, kv_len {part.kv_len} ({what}); pass fallback=TritonKernel() to hand such parts "
+                f"over")
 
     def forward(self, q, part, scale=None, out=None, merge=False):
         plan = self._plan(q, part)
@@ -206,6 +218,8 @@ class SDPAKernel:
         B, C, H, D = q.shape
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         calls = []  # (o [B, C, H, D] view, lse [B, H, C]) of the history call, then the diagonal's
+        if plan.history_part is not None:  # several query blocks: each block's history pages read in place
+            calls.append(self.fallback.forward(q, plan.history_part, scale))
         for span, causal in zip(self._spans(part, plan), (False, True)):
             if span is not None:  # the history: all visible, no mask; the chunk's own C keys: square, causal
                 k, v = (gather_rows(pages, *span, q.dtype) for pages in (part.k_pages, part.v_pages))  # [B,Hkv,n,D]
@@ -248,6 +262,11 @@ class SDPAKernel:
         lse = lse.float().contiguous()
         qt, dot, ot = q.transpose(1, 2), do.transpose(1, 2), o.transpose(1, 2)  # [B, H, C, D] views
         grads = []  # each call's dq [B, C, H, D] (a view, q.dtype)
+        if plan.history_part is not None:  # the fallback reads delta; dq: into the caller's fp32 sum, or its own
+            delta = softmax_delta(do, o) if delta is None else delta
+            g = self.fallback.backward(do, q, lse, delta, plan.history_part, scale, dq=dq, o=o)
+            if dq is None:
+                grads.append(g)
         for span, causal in zip(self._spans(part, plan), (False, True)):
             if span is not None:
                 k, v = (gather_rows(pages, *span, q.dtype) for pages in (part.k_pages, part.v_pages))

@@ -53,11 +53,12 @@ def run(kernel, q, do, parts, pass_o=False):
     return o, lse, dq, [(part.dk_pages, part.dv_pages) for part in parts]
 
 
-def compare(p, dtype, backend, make_parts, pass_o):
-    """SDPAKernel vs ReferenceKernel on fresh parts from make_parts(): o, lse, dq and every part's dK/dV pages at
-    the positions the problem holds (the rest: NaN-poisoned K/V slots, their gradient pages left untouched)."""
+def compare(p, dtype, backend, make_parts, pass_o, fallback=None):
+    """SDPAKernel (with `fallback`) vs ReferenceKernel on fresh parts from make_parts(): o, lse, dq and every
+    part's dK/dV pages at the positions the problem holds (the rest: NaN-poisoned K/V slots, their gradient pages
+    left untouched)."""
     ref = run(REF, p["q"], p["do"], make_parts())
-    got = run(SDPAKernel(backend), p["q"], p["do"], make_parts(), pass_o)
+    got = run(SDPAKernel(backend, fallback), p["q"], p["do"], make_parts(), pass_o)
     assert got[0].dtype == p["q"].dtype and got[2].dtype == ref[2].dtype
     assert got[0].is_contiguous() and got[1].is_contiguous()  # as the Triton kernels return them
     for what, a, b in (("o", got[0], ref[0]), ("lse", got[1], ref[1]), ("dq", got[2], ref[2])):
@@ -102,24 +103,28 @@ def test_history_only_parts_merged_match_reference(backend, dtype, pass_o):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,C,n_hist,n_sel,Hkv,D,page", [
-    (2, 32, 6, 3, 2, 16, 8),   # 3 of 6 history pages per (batch row, kv head), GQA 2:1
-    (1, 24, 4, 2, 1, 32, 8),   # GQA 4:1, head_dim 32, a partial own page
-    (1, 16, 0, 0, 2, 16, 8),   # no history: the diagonal call alone
+@pytest.mark.parametrize("B,C,n_hist,n_sel,Hkv,D,page,q_block", [
+    (2, 32, 6, 3, 2, 16, 8, 32),  # one block: 3 of 6 history pages per (batch row, kv head), GQA 2:1
+    (1, 24, 4, 2, 1, 32, 8, 24),  # GQA 4:1, head_dim 32, a partial own page
+    (1, 16, 0, 0, 2, 16, 8, 16),  # no history: the diagonal call alone
+    (2, 32, 6, 3, 2, 16, 16, 16),  # two blocks, each its own 3 pages: the history through the fallback
+    (1, 40, 5, 2, 2, 32, 16, 16),  # three blocks, the last partial, head_dim 32 (Triton pages: >= 16 tokens)
 ])
 @pytest.mark.parametrize("pass_o", [True, False], ids=["o", "delta-only"])
-def test_sparse_part_matches_reference(backend, dtype, B, C, n_hist, n_sel, Hkv, D, page, pass_o):
-    """A sparse part of one query block (q_block >= C, as the offloaded plan chooses): each kv head's history from
-    its own selected pages, then the chunk's own pages; o, lse, dq and the dK/dV pages against the reference kernel
-    on the same part."""
+def test_sparse_part_matches_reference(backend, dtype, B, C, n_hist, n_sel, Hkv, D, page, q_block, pass_o):
+    """A sparse part: each kv head's (and block's) history from its own selected pages, then the chunk's own
+    pages; o, lse, dq and the dK/dV pages against the reference kernel on the same part. One query block per chunk
+    (q_block >= C, as the offloaded plan chooses): all of it through the fused op. Several (the in-GPU store's
+    default): the history through the fallback (the device's default kernel: Triton, or its interpreter here),
+    merged with the fused op's diagonal."""
     H = 4
-    p = make_sparse_problem(B, C, n_hist, n_sel, H, Hkv, D, page, C, dtype, seed=n_hist * 100 + C + Hkv)
+    p = make_sparse_problem(B, C, n_hist, n_sel, H, Hkv, D, page, q_block, dtype, seed=n_hist * 100 + C + q_block)
     p["touched"] = torch.ones(p["k_pages"].shape[:2], dtype=torch.bool, device=DEVICE)  # untouched: equal prefill
 
     def parts():
         return [Part(p["k_pages"], p["v_pages"], p["prefill"][0].clone(), p["prefill"][1].clone(), p["table"],
-                     p["q_start"], q_block=C)]
-    compare(p, dtype, backend, parts, pass_o)
+                     p["q_start"], q_block=q_block)]
+    compare(p, dtype, backend, parts, pass_o, fallback=default_kernel(DEVICE) if q_block < C else None)
 
 
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
@@ -155,8 +160,9 @@ def test_page_copy_kernels_match_reference(grad_dtype, per_head):
 
 
 def test_unsupported_parts_raise_or_fall_back():
-    """Document masks, a table ending inside the chunk, and sparse tables of several query blocks are not taken:
-    NotImplementedError, or the fallback kernel's result when one is given."""
+    """Document masks, a table ending inside the chunk, and (without a fallback for their history) sparse tables
+    of several query blocks are not taken: NotImplementedError, or the fallback kernel's result when one is
+    given."""
     p = make_problem(1, 8, 8, 2, 2, 16, 8, torch.float32, seed=3)
     docs = part_of(p, p["prefill"])._replace(doc_start=torch.zeros(1, 8, dtype=torch.int32, device=DEVICE))
     inside = part_of(p, p["prefill"], kv_len=12)
@@ -165,9 +171,10 @@ def test_unsupported_parts_raise_or_fall_back():
     for part, q in ((docs, p["q"]), (inside, p["q"]), (blocks, s["q"])):
         with pytest.raises(NotImplementedError):
             SDPAKernel("cpu" if DEVICE == "cpu" else "cudnn").forward(q, part)
-    o, lse = SDPAKernel(fallback=REF).forward(p["q"], inside)
-    o_ref, lse_ref = REF.forward(p["q"], inside)
-    assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+    for part in (docs, inside):
+        o, lse = SDPAKernel(fallback=REF).forward(p["q"], part)
+        o_ref, lse_ref = REF.forward(p["q"], part)
+        assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
 
 
 def test_named_kernel_hands_what_sdpa_does_not_take_to_the_default():

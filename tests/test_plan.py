@@ -60,7 +60,7 @@ def test_sdpa_kernel_temporaries_are_planned():
     """--attn-kernel sdpa gathers a dense part's K/V (the whole history on the GPU pool; at most the page cache and
     the chunk offloaded) and keeps fp32 outputs per query; with sparse attention every block of queries gathers
     its selected history (budget tokens), then the chunk's own K/V, where a chunk is one query block (several:
-    the parts go to Triton, nothing added): not growing with --seq.
+    the history goes to Triton, the chunk's own K/V are gathered): not growing with --seq.
     The 7B at 128K, chunk 8192, bf16: 1.18 GiB planned (measured on the H200: 1.53 GiB above the Triton step)."""
     argv = ("--model", "qwen2.5-7b", "--seq", "131072", "--chunk", "8192", "--dtype", "bfloat16", "--attn", "dense")
     cfg = preset("qwen2.5-7b")
@@ -84,8 +84,9 @@ def test_sdpa_kernel_temporaries_are_planned():
     sparse = planner.parts(cfg, args, q_block=8192)
     assert sparse.device[planner.SDPA_TEMPORARIES] == per_token * (4096 + 8192)
     assert planner.SDPA_TEMPORARIES not in sparse.growing
-    blocks = planner.parts(cfg, args, q_block=128).device  # 64 blocks: Triton's parts, nothing gathered
-    assert planner.SDPA_TEMPORARIES not in blocks and planner.SDPA_QUERY_TEMPORARIES not in blocks
+    blocks = planner.parts(cfg, args, q_block=128).device  # 64 blocks: Triton's history, the chunk's own gathered
+    assert blocks[planner.SDPA_TEMPORARIES] == per_token * 8192
+    assert blocks[planner.SDPA_QUERY_TEMPORARIES] == per_query * 8192
     text = "\n".join(planner.describe(planner.plan_run(cfg, args, gpu), gpu, args))
     assert "attention kernel: sdpa (gather + fused SDPA) for sparse parts of one query block" in text, text
 
