@@ -131,6 +131,33 @@ def _sdpa_backward(backend, do, q, k, v, o, lse, causal, scale):
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def _grouped_backward(backend, do, q, k, v, o, lse, causal, scale):
+    """_sdpa_backward with GQA's group sums of dK/dV formed in fp32: do, q, o [B, H, L, D], k, v [B, Hkv, S, D]
+    -> (dq [B, L, H, D] view, dk, dv [B, Hkv, S, D]). The ops' own GQA rounds something per query head before its
+    group sum: on the H200, cuDNN's dK/dV came out 1.23x as far from fp32 as with these routes (dq and o alike),
+    and the chunked step's bf16 error ratio rose 1-3% (bench/RESULTS.md, sixteenth session). So:
+        history (no mask)  the G query heads of a group folded into the query length: [B, Hkv, G * L, D] queries
+                           against the group's K/V, one dK/dV per kv head, summed inside the op.
+        diagonal (causal)  K/V repeated to the H query heads (a fold would mix the heads' causal masks), each
+                           head's dK/dV summed over its group in fp32 (its own C keys: small next to a history).
+    """
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    if G == 1:
+        gq, gk, gv = _sdpa_backward(backend, do, q, k, v, o, lse, causal, scale)
+        return gq.transpose(1, 2), gk, gv
+    if causal:
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # [B, H, S, D]
+        gq, gk, gv = _sdpa_backward(backend, do, q, k, v, o, lse, True, scale)
+        return gq.transpose(1, 2), *(g.unflatten(1, (Hkv, G)).sum(2, dtype=torch.float32) for g in (gk, gv))
+
+    def fold(t):  # [B, H, L, D] -> [B, Hkv, G * L, D] (a copy), query heads h = kv head * G + g
+        return t.reshape(B, Hkv, G * L, D)
+    gq, gk, gv = _sdpa_backward(backend, fold(do), fold(q), k, v, fold(o), lse.reshape(B, Hkv, G * L), False, scale)
+    return gq.unflatten(2, (G, L)).permute(0, 3, 1, 2, 4).flatten(2, 3), gk, gv  # dq [B, L, H, D]
+
+
 OPS = {"cpu": ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"),
        "cudnn": ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward"),
        "flash": ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")}
@@ -270,8 +297,8 @@ class SDPAKernel:
         for span, causal in zip(self._spans(part, plan), (False, True)):
             if span is not None:
                 k, v = (gather_rows(pages, *span, q.dtype) for pages in (part.k_pages, part.v_pages))
-                gq, gk, gv = _sdpa_backward(backend, dot, qt, k, v, ot, lse, causal, scale)
-                grads.append(gq.transpose(1, 2))
+                gq, gk, gv = _grouped_backward(backend, dot, qt, k, v, ot, lse, causal, scale)
+                grads.append(gq)
                 add_rows(part.dk_pages, *span[:2], gk)  # [B, Hkv, n, D] into the pages, summed in fp32
                 add_rows(part.dv_pages, *span[:2], gv)
         if dq is not None:  # the caller's fp32 sum over parts

@@ -75,31 +75,41 @@ def _dq_kernel(Q, DO, DQ, LSE, DELTA, K, V, PT, DOC, q_start, C, kv_len, qk_scal
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, DOC, lo, hi, q_start, C, qk_scale, stride_qm, offs_d,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                HAS_DOC: tl.constexpr):
-    """One query head's contribution to a resident kv tile, over query tiles lo..hi.
+def _dkdv_tile(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, DOC, m0, q_start, C, qk_scale, stride_qm, offs_d,
+               BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+               HAS_DOC: tl.constexpr):
+    """One query head's tile of queries m0..m0+BLOCK_M-1 added into a resident kv tile's dk, dv [BLOCK_N, D].
     Q, DO point at (b, h) of [B, C, H, D]; LSE, DELTA at row (b, h) of [B, H, C]; DOC (HAS_DOC) at the queries'
     first visible positions of (b, kv head), positions kv_pos being in the same coordinates.
     Works on transposed scores sT [BLOCK_N, BLOCK_M] so dk/dv come out as [BLOCK_N, D]."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < C
+    q_offs = offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    do = tl.load(DO + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    # padded rows (>= C) get lse = +inf, so their P, and hence dS, are exactly 0
+    lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    pT = tl.exp2(_mm(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
+    if MASKED:
+        ok = kv_pos[:, None] <= (q_start + offs_m)[None, :]
+        if HAS_DOC:
+            ok = ok & (kv_pos[:, None] >= tl.load(DOC + offs_m, mask=row_ok, other=0)[None, :])
+        pT = tl.where(ok, pT, 0.0)
+    dv += _mm(pT.to(do.dtype), do, DOT_PREC, UPCAST)
+    dsT = pT * (_mm(v, tl.trans(do), DOT_PREC, UPCAST) - delta[None, :])
+    dk += _mm(dsT.to(q.dtype), q, DOT_PREC, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, DOC, lo, hi, q_start, C, qk_scale, stride_qm, offs_d,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                HAS_DOC: tl.constexpr):
+    """One query head's contribution to a resident kv tile, over query tiles lo..hi (see _dkdv_tile)."""
     for m0 in range(lo, hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < C
-        q_offs = offs_m[:, None] * stride_qm + offs_d[None, :]
-        q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-        do = tl.load(DO + q_offs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-        # padded rows (>= C) get lse = +inf, so their P, and hence dS, are exactly 0
-        lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * _LOG2E
-        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
-        pT = tl.exp2(_mm(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
-        if MASKED:
-            ok = kv_pos[:, None] <= (q_start + offs_m)[None, :]
-            if HAS_DOC:
-                ok = ok & (kv_pos[:, None] >= tl.load(DOC + offs_m, mask=row_ok, other=0)[None, :])
-            pT = tl.where(ok, pT, 0.0)
-        dv += _mm(pT.to(do.dtype), do, DOT_PREC, UPCAST)
-        dsT = pT * (_mm(v, tl.trans(do), DOT_PREC, UPCAST) - delta[None, :])
-        dk += _mm(dsT.to(q.dtype), q, DOT_PREC, UPCAST)
+        dk, dv = _dkdv_tile(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, DOC, m0, q_start, C, qk_scale, stride_qm,
+                            offs_d, BLOCK_M, MASKED, DOT_PREC, UPCAST, HAS_DOC)
     return dk, dv
 
 
@@ -154,33 +164,42 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, DO
     # [m_lo, m_mid) cross the diagonal; from m_mid on, every query sees the whole kv tile.
     m_lo = tl.maximum(n0 - q_start, 0) // BLOCK_M * BLOCK_M
     m_mid = tl.minimum((tl.maximum(n0 + BLOCK_N - 1 - q_start, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, C)
-    for g in range(GROUP):  # the query heads sharing this kv head, in a fixed order
-        h = kvh * GROUP + g
-        q_base = b.to(tl.int64) * stride_qb + h * stride_qh
-        row = (b * (N_KV_HEADS * GROUP) + h) * C
-        doc = DOC + b * stride_db + kvh * stride_dh
-        if SPARSE:
-            for j in range(i, run_end):  # the blocks that selected this page, in increasing order
-                m0 = tl.load(QBLOCKS + j) * Q_BLOCK
-                if HAS_DOC:  # the page's positions in this block's table
-                    pos = tl.load(COLS + j) * PAGE_SIZE + kv_pos
-                else:
-                    pos = kv_pos
-                dk, dv = _dkdv_inner(dk, dv, k, v, pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m0,
-                                     tl.minimum(m0 + Q_BLOCK, C), q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M,
-                                     HAS_DOC, DOT_PREC, UPCAST, HAS_DOC)
-        elif HAS_DOC:
-            q_end = tl.load(QEND + bk * n_tiles + tl.program_id(0)).to(tl.int32)
-            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m_lo,
-                                 q_end, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST,
-                                 HAS_DOC)
-        else:
-            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m_lo,
-                                 m_mid, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST,
-                                 HAS_DOC)
-            dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m_mid,
-                                 C, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, False, DOT_PREC, UPCAST,
-                                 HAS_DOC)
+    doc = DOC + b * stride_db + kvh * stride_dh
+    if SPARSE:
+        # One flat loop over (selecting block, query head, query tile), in that order: a run's blocks hold a
+        # query tile or two each, and nested loops that short left the compiler's software pipelining nothing to
+        # overlap (the loads of one tile behind the matmuls of the last)
+        TILES = GROUP * (Q_BLOCK // BLOCK_M)  # query tiles per selecting block (a constexpr)
+        for t in range(0, (run_end - i) * TILES):
+            j = i + t // TILES  # the blocks that selected this page, in increasing order
+            g = t % TILES // (Q_BLOCK // BLOCK_M)
+            m0 = tl.load(QBLOCKS + j) * Q_BLOCK + t % (Q_BLOCK // BLOCK_M) * BLOCK_M
+            if HAS_DOC:  # the page's positions in this block's table
+                pos = tl.load(COLS + j) * PAGE_SIZE + kv_pos
+            else:
+                pos = kv_pos
+            h = kvh * GROUP + g
+            q_base = b.to(tl.int64) * stride_qb + h * stride_qh
+            row = (b * (N_KV_HEADS * GROUP) + h) * C
+            dk, dv = _dkdv_tile(dk, dv, k, v, pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m0,
+                                q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, HAS_DOC, DOT_PREC, UPCAST, HAS_DOC)
+    else:
+        for g in range(GROUP):  # the query heads sharing this kv head, in a fixed order
+            h = kvh * GROUP + g
+            q_base = b.to(tl.int64) * stride_qb + h * stride_qh
+            row = (b * (N_KV_HEADS * GROUP) + h) * C
+            if HAS_DOC:
+                q_end = tl.load(QEND + bk * n_tiles + tl.program_id(0)).to(tl.int32)
+                dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m_lo,
+                                     q_end, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST,
+                                     HAS_DOC)
+            else:
+                dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m_lo,
+                                     m_mid, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, True, DOT_PREC, UPCAST,
+                                     HAS_DOC)
+                dk, dv = _dkdv_inner(dk, dv, k, v, kv_pos, Q + q_base, DO + q_base, LSE + row, DELTA + row, doc, m_mid,
+                                     C, q_start, C, qk_scale, stride_qm, offs_d, BLOCK_M, False, DOT_PREC, UPCAST,
+                                     HAS_DOC)
     # read-modify-write (+=) of this tile's rows of the gradient pages, summed in fp32
     offs = grows[:, None] + kvh * stride_gkvh + offs_d[None, :]
     ok = ok[:, None]
