@@ -25,6 +25,10 @@ of gathers a step. The diagonal is half of that step's attention FLOPs and needs
 GQA (H = Hkv * G query heads): the ops take K/V with their Hkv heads as they are and return dK/dV per kv head,
 summed over the group (cuDNN, flash and the CPU op alike). An earlier form folded the G query heads into the query
 length and repeated the diagonal's K/V: slower on the H200 at every point (bench/RESULTS.md, fifteenth session).
+cuDNN's own group sum costs some accuracy: its dK/dV lie 1.23x as far from fp32 as the fold's (dq and o alike),
+and the chunked step's bf16 error ratio averages 1.014 over three seeds against 1.000 with a folded backward. A
+folded backward after short histories was slow (2 kv heads' key tiles do not fill the GPU) and repeated K/V there
+were no more exact than cuDNN's sum (bench/RESULTS.md, sixteenth session), so the backward stays native.
 
 K/V are gathered into [B, n, Hkv, D] (q.dtype) viewed as [B, Hkv, n, D] (the [B, S, H, D] memory layout the fused
 ops take), and their gradients added back into the pages, by kernels/page_copy.py (one Triton launch each).
@@ -131,35 +135,6 @@ def _sdpa_backward(backend, do, q, k, v, o, lse, causal, scale):
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def _grouped_backward(backend, do, q, k, v, o, lse, causal, scale, fold):
-    """_sdpa_backward with GQA's group sums of dK/dV formed in fp32: do, q, o [B, H, L, D], k, v [B, Hkv, S, D]
-    -> (dq [B, L, H, D] view, dk, dv [B, Hkv, S, D]). The ops' own GQA rounds something per query head before its
-    group sum: on the H200, cuDNN's dK/dV came out 1.23x as far from fp32 as with the routes below (dq and o
-    alike), and the chunked step's bf16 error ratio rose 1-3% (bench/RESULTS.md, sixteenth session). So either
-        fold    (history calls, no mask, with `fold`) the G query heads of a group folded into the query length:
-                [B, Hkv, G * L, D] queries against the group's K/V, one dK/dV per kv head, summed inside the op.
-                Its parallelism is the kv heads' key tiles: too few after a short history.
-        repeat  (the causal diagonal: a fold would mix the heads' causal masks; short histories) K/V repeated to
-                the H query heads, each head's dK/dV summed over its group in fp32.
-    """
-    B, H, L, D = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv
-    if G == 1:
-        gq, gk, gv = _sdpa_backward(backend, do, q, k, v, o, lse, causal, scale)
-        return gq.transpose(1, 2), gk, gv
-    if causal or not fold:
-        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # [B, H, S, D]
-        gq, gk, gv = _sdpa_backward(backend, do, q, k, v, o, lse, causal, scale)
-        return gq.transpose(1, 2), *(g.unflatten(1, (Hkv, G)).sum(2, dtype=torch.float32) for g in (gk, gv))
-
-    def folded(t):  # [B, H, L, D] -> [B, Hkv, G * L, D] (a copy), query heads h = kv head * G + g
-        return t.reshape(B, Hkv, G * L, D)
-    gq, gk, gv = _sdpa_backward(backend, folded(do), folded(q), k, v, folded(o), lse.reshape(B, Hkv, G * L), False,
-                                scale)
-    return gq.unflatten(2, (G, L)).permute(0, 3, 1, 2, 4).flatten(2, 3), gk, gv  # dq [B, L, H, D]
-
-
 OPS = {"cpu": ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"),
        "cudnn": ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward"),
        "flash": ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")}
@@ -180,30 +155,17 @@ class SDPAKernel:
     for bf16 on an H100/H200). fallback: a kernel for the parts this one does not take (document masks) and for
     the history of sparse tables of several query blocks; None raises NotImplementedError on them. fp32 tensors on
     CUDA go to the fallback, or raise NotImplementedError without one (the CUDA ops take bf16/fp16).
-    fold_min_tiles: how history calls sum GQA groups in the backward (see _fold).
     needs_delta = False: attend may pass delta=None (the fused backward forms rowsum(dO * O) itself from the o it
     is given); it is computed here for the parts handed to the fallback."""
     needs_delta = False
 
-    def __init__(self, backend=None, fallback=None, fold_min_tiles=None):
+    def __init__(self, backend=None, fallback=None):
         if backend is not None and backend not in OPS:
             raise ValueError(f"SDPAKernel: backend must be one of {', '.join(OPS)}, got {backend!r}")
         missing = [name for name in OPS.get(backend, ()) if not hasattr(ATEN, name)]  # an older torch
         if missing:
             raise NotImplementedError(f"SDPAKernel({backend!r}): torch {torch.__version__} lacks {missing}")
-        self.backend, self.fallback, self.fold_min_tiles = backend, fallback, fold_min_tiles
-
-    def _fold(self, k):
-        """Whether a history call's backward folds the query heads (see _grouped_backward): when its kv heads' key
-        tiles (128 keys) fill the GPU twice over (fold_min_tiles; None: 2 x the SMs, 0 off CUDA). After 12K of
-        history the fold left head_dim 64's backward at 0.71 of SDPA against 0.87 for cuDNN's own GQA (2 kv heads:
-        192 tiles for 132 SMs); repeating K/V there is cheap."""
-        minimum = self.fold_min_tiles
-        if minimum is None and k.device.type != "cuda":
-            minimum = 0
-        elif minimum is None:
-            minimum = 2 * torch.cuda.get_device_properties(k.device).multi_processor_count
-        return k.shape[0] * k.shape[1] * -(-k.shape[2] // 128) >= minimum
+        self.backend, self.fallback = backend, fallback
 
     def _backend(self, q):
         backend = self.backend or ("cpu" if q.device.type == "cpu" else "cudnn")
@@ -312,8 +274,8 @@ class SDPAKernel:
         for span, causal in zip(self._spans(part, plan), (False, True)):
             if span is not None:
                 k, v = (gather_rows(pages, *span, q.dtype) for pages in (part.k_pages, part.v_pages))
-                gq, gk, gv = _grouped_backward(backend, dot, qt, k, v, ot, lse, causal, scale, self._fold(k))
-                grads.append(gq)
+                gq, gk, gv = _sdpa_backward(backend, dot, qt, k, v, ot, lse, causal, scale)
+                grads.append(gq.transpose(1, 2))
                 add_rows(part.dk_pages, *span[:2], gk)  # [B, Hkv, n, D] into the pages, summed in fp32
                 add_rows(part.dv_pages, *span[:2], gv)
         if dq is not None:  # the caller's fp32 sum over parts

@@ -53,12 +53,12 @@ def run(kernel, q, do, parts, pass_o=False):
     return o, lse, dq, [(part.dk_pages, part.dv_pages) for part in parts]
 
 
-def compare(p, dtype, backend, make_parts, pass_o, fallback=None, fold_min_tiles=None):
-    """SDPAKernel (with `fallback`, `fold_min_tiles`) vs ReferenceKernel on fresh parts from make_parts(): o, lse,
-    dq and every part's dK/dV pages at the positions the problem holds (the rest: NaN-poisoned K/V slots, their
-    gradient pages left untouched)."""
+def compare(p, dtype, backend, make_parts, pass_o, fallback=None):
+    """SDPAKernel (with `fallback`) vs ReferenceKernel on fresh parts from make_parts(): o, lse, dq and every
+    part's dK/dV pages at the positions the problem holds (the rest: NaN-poisoned K/V slots, their gradient pages
+    left untouched)."""
     ref = run(REF, p["q"], p["do"], make_parts())
-    got = run(SDPAKernel(backend, fallback, fold_min_tiles), p["q"], p["do"], make_parts(), pass_o)
+    got = run(SDPAKernel(backend, fallback), p["q"], p["do"], make_parts(), pass_o)
     assert got[0].dtype == p["q"].dtype and got[2].dtype == ref[2].dtype
     assert got[0].is_contiguous() and got[1].is_contiguous()  # as the Triton kernels return them
     for what, a, b in (("o", got[0], ref[0]), ("lse", got[1], ref[1]), ("dq", got[2], ref[2])):
@@ -78,13 +78,10 @@ def compare(p, dtype, backend, make_parts, pass_o, fallback=None, fold_min_tiles
     (1, 12, 20, 6, 2, 32, 8, True),   # ratio 3, head_dim 32, partial pages, kv_len = q_start + C given
 ])
 @pytest.mark.parametrize("pass_o", [True, False], ids=["o", "delta-only"])
-@pytest.mark.parametrize("fold", [True, False], ids=["fold", "repeat"])
-def test_one_part_matches_reference(backend, dtype, B, C, hist, H, Hkv, D, page, explicit_kv_len, pass_o, fold):
-    """One dense part; the backward's history call with the query heads folded into the query length, or with K/V
-    repeated to them (fold_min_tiles 0 or beyond any problem here)."""
+def test_one_part_matches_reference(backend, dtype, B, C, hist, H, Hkv, D, page, explicit_kv_len, pass_o):
     p = make_problem(B, C, hist, H, Hkv, D, page, dtype, seed=B * 1000 + hist * 10 + H)
     compare(p, dtype, backend, lambda: [part_of(p, p["prefill"], kv_len=hist + C if explicit_kv_len else None)],
-            pass_o, fold_min_tiles=0 if fold else 2**30)
+            pass_o)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -274,19 +271,17 @@ def test_merge_kernel_matches_reference(into):
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "flash"])
-@pytest.mark.parametrize("fold", [True, False], ids=["fold", "repeat"])
-def test_cuda_ops_on_the_meta_device(backend, fold):
+def test_cuda_ops_on_the_meta_device(backend):
     """The CUDA branch without a GPU: the cuDNN / flash ops' meta kernels take this file's arguments (schemas,
     None for undefined tensors, philox placeholders) and give the shapes and dtypes the interface promises, for a
-    part with history and diagonal at Qwen2.5-7B's head shapes (28 / 4 heads, head_dim 128), the history's
-    backward folded or repeated."""
+    part with history and diagonal at Qwen2.5-7B's head shapes (28 / 4 heads, head_dim 128)."""
     B, C, hist, H, Hkv, D, page = 1, 64, 128, 28, 4, 128, 16
     n = (hist + C) // page
     q = torch.empty(B, C, H, D, dtype=torch.bfloat16, device="meta")
     pages = torch.empty(B * n, page, Hkv, D, dtype=torch.bfloat16, device="meta")
     grads = torch.empty(B * n, page, Hkv, D, dtype=torch.float32, device="meta")
     part = Part(pages, pages, grads, grads, torch.arange(B * n, device="meta").view(B, n).int(), hist)
-    kernel = SDPAKernel(backend, fold_min_tiles=0 if fold else 2**30)
+    kernel = SDPAKernel(backend)
     o, lse = kernel.forward(q, part)
     assert (o.shape, o.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (B, H, C), torch.float32)
     dq = kernel.backward(q, q, lse, softmax_delta(q, o), part)
