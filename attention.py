@@ -31,8 +31,8 @@ kernels/paged_reference.py); default_kernel picks Triton for CUDA tensors or und
 reference for CPU tensors otherwise (the chunked step on a laptop). `SDPAKernel` (kernels/gather_sdpa.py, issue
 #18): each dense part's pages gathered into contiguous K/V and computed by PyTorch's fused attention ops (cuDNN /
 FlashAttention on CUDA, the CPU flash op on CPUs), measured against Triton with bench.py kernel --kernels
-triton,sdpa: the default for dense parts of large enough chunks on CUDA, where it won (kernel_name's "auto", train.py
-and bench.py step --attn-kernel), with Triton for the parts it does not take (document masks, sparse tables of
+triton,sdpa: the default for large enough chunks on CUDA, where it won (kernel_name's "auto", train.py and bench.py
+step --attn-kernel), with Triton for the parts it does not take (document masks, the history of sparse tables of
 several query blocks).
 """
 from typing import NamedTuple, Optional
@@ -150,9 +150,10 @@ def kernel_name(name, device, tokens_x_hidden):
 
 
 def named_kernel(name, device, tokens_x_hidden=0):
-    """--attn-kernel's kernel: "triton", the default above; "sdpa", SDPAKernel for the dense parts (pages gathered,
-    then cuDNN on CUDA) with the default kernel for the parts it does not take (sparse tables, document masks, fp32
-    on CUDA); "auto", kernel_name's choice for the device and the chunk's batch x tokens x hidden size."""
+    """--attn-kernel's kernel: "triton", the default above; "sdpa", SDPAKernel (pages gathered, then cuDNN on
+    CUDA) with the default kernel for the parts it does not take (document masks, the history of sparse tables of
+    several query blocks, fp32 on CUDA); "auto", kernel_name's choice for the device and the chunk's batch x tokens
+    x hidden size."""
     if kernel_name(name, device, tokens_x_hidden) == "triton":
         return default_kernel(device)
     return SDPAKernel(fallback=default_kernel(device))

@@ -179,11 +179,11 @@ def parse_args(argv=None, description=None) -> argparse.Namespace:
     chunk.add_argument("--attn-kernel", default="auto", choices=["auto", "triton", "sdpa"],  # attention.ATTN_KERNELS
                        help="the chunked path's attention kernel: triton (kernels/paged_attention.py), or sdpa: each "
                             "dense part's pages gathered, then PyTorch's fused op (cuDNN on CUDA; kernels/"
-                            "gather_sdpa.py), Triton for sparse and document-masked parts; the 7B 128K step in 35 s on "
-                            "an H200 with every stage-1 attention output kept, Triton's 52-63 s (bench/RESULTS.md); "
-                            "auto: the plan's choice, sdpa for dense bf16 attention on a GPU in chunks of batch x "
-                            "tokens x hidden >= 2^22 (smaller ones are host-bound, where Triton is faster), else "
-                            "triton (default: %(default)s)")
+                            "gather_sdpa.py), Triton for document-masked parts and the history of sparse blocks; "
+                            "the 7B 128K step in 35 s on an H200 with every stage-1 attention output kept, Triton's "
+                            "52-63 s (bench/RESULTS.md); auto: the plan's choice, sdpa for bf16 attention on a GPU in "
+                            "chunks of batch x tokens x hidden >= 2^22 (smaller ones are host-bound, where Triton is "
+                            "faster), else triton (default: %(default)s)")
     chunk.add_argument("--keep-activations", type=_count_or_auto, default=None, metavar="N",
                        help="the N chunks before the last run stage 1 with grad and keep their activations, so stage 2 "
                             "runs only their backward: N chunk forwards fewer per step for N chunks' activations of "

@@ -5,7 +5,7 @@ The settings a run leaves to its memory plan, chosen before anything is allocate
                           fits (with LoRA: the frozen base in bf16 first)
     --grad-pages auto     fp32 dK/dV pages when they fit, else bf16 (tried before the weights give up precision:
                           they carry the gradient of the whole history)
-    --attn-kernel auto    sdpa for dense bf16 attention on a GPU in chunks large enough not to be host-bound
+    --attn-kernel auto    sdpa for bf16 attention on a GPU in chunks large enough not to be host-bound
                           (attn_kernel_auto: attention.kernel_name's rule, with its reasons)
     --keep-activations auto   plan.plan_run's own choice from the memory it leaves (plan._keep_auto), reported here
 
@@ -46,9 +46,10 @@ def attn_kernel_auto(cfg: ModelConfig, args) -> tuple[str, str | None]:
     name = getattr(args, "attn_kernel", "triton")
     if name != "auto":
         return name, None
-    # where SDPAKernel would hand every part to Triton anyway (or run the CPU op), triton with the reason
+    # where SDPAKernel would hand every part to Triton anyway (or run the CPU op), triton with the reason. Sparse
+    # attention goes to sdpa too: the chunk's own keys through cuDNN (the 7B's sparse 128K step: 17.3 s against
+    # 18.3 s), and the offloaded plan's one-block parts whole (bench/RESULTS.md, sixteenth session)
     why = ("not a GPU" if not str(args.device).startswith("cuda") else
-           "sparse attention: Triton's parts" if args.sparse else
            "fp32 compute: the fused ops take bf16" if args.dtype == "float32" else None)
     if why:
         return "triton", why
@@ -56,7 +57,7 @@ def attn_kernel_auto(cfg: ModelConfig, args) -> tuple[str, str | None]:
     if kernel_name(name, "cuda", size) == "triton":
         return "triton", (f"batch x chunk x hidden {size:,} < {SDPA_AUTO_MIN_TOKENS_X_HIDDEN:,}: host-bound, Triton is "
                           f"faster")
-    return "sdpa", "gather + cuDNN for dense bf16 chunks on a GPU"
+    return "sdpa", "gather + cuDNN for bf16 chunks on a GPU"
 
 
 def plan_auto(cfg: ModelConfig, args, memory: Memory):

@@ -33,7 +33,7 @@ def test_7b_at_1m_fits_with_the_default_flags():
     assert chosen.precision_why == ["--params-dtype bfloat16 (auto: fp32 weights do not fit)",
                                     "--moments bf16 (the most precise whose plan fits)",
                                     "--grad-pages bfloat16 (auto: fp32 dK/dV pages do not fit)",
-                                    "--attn-kernel triton (auto: sparse attention: Triton's parts)",
+                                    "--attn-kernel sdpa (auto: gather + cuDNN for bf16 chunks on a GPU)",
                                     "--keep-activations 0 (auto: pages offloaded)"]
     assert plan.host["KV/dKV pages"] == 114_688 * 2**20  # 112 GiB
     assert args.params_dtype == "auto"  # plan_auto leaves the given settings alone
@@ -55,7 +55,7 @@ def test_refused_plan_suggests_changes_that_each_re_plan():
     assert "--seq" not in found  # fp32 weights + AdamW exceed the GPU at any length: no length is offered
     for flags, changes in (("--grad-pages bfloat16", dict(grad_pages="bfloat16")),
                            ("--lora-rank", dict(lora_rank=16, lora_alpha=32.0, lora_targets=cli.LORA_TARGETS))):
-        direct = planner.plan_run(cfg, plan_suggest.with_changes(args, **changes), H200)
+        direct, _ = plan_auto.plan_auto(cfg, plan_suggest.with_changes(args, **changes), H200)
         assert found[flags].plan.device == direct.device and found[flags].plan.host == direct.host
     assert not found["--grad-pages bfloat16"].plan.fits  # fp32 weights + AdamW still exceed the GPU
     # fp32 pages alone (weights left to the plan): the host limits the length; the longest --seq fits, and 1024
