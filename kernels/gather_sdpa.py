@@ -26,9 +26,10 @@ GQA (H = Hkv * G query heads): the ops take K/V with their Hkv heads as they are
 summed over the group (cuDNN, flash and the CPU op alike). An earlier form folded the G query heads into the query
 length and repeated the diagonal's K/V: slower on the H200 at every point (bench/RESULTS.md, fifteenth session).
 cuDNN's own group sum costs some accuracy: its dK/dV lie 1.23x as far from fp32 as the fold's (dq and o alike),
-and the chunked step's bf16 error ratio averages 1.014 over three seeds against 1.000 with a folded backward. A
-folded backward after short histories was slow (2 kv heads' key tiles do not fill the GPU) and repeated K/V there
-were no more exact than cuDNN's sum (bench/RESULTS.md, sixteenth session), so the backward stays native.
+and the chunked step's bf16 error ratio averages 1.014 over three seeds against 1.000 with the history's backward
+folded (the diagonal's K/V repeated). A folded backward after short histories was slow (2 kv heads' key tiles do
+not fill the GPU), and repeated K/V there were no more exact than cuDNN's sum (bench/RESULTS.md, sixteenth
+session), so the backward stays native.
 
 K/V are gathered into [B, n, Hkv, D] (q.dtype) viewed as [B, Hkv, n, D] (the [B, S, H, D] memory layout the fused
 ops take), and their gradients added back into the pages, by kernels/page_copy.py (one Triton launch each).
