@@ -189,10 +189,8 @@ class SDPAKernel:
         history, own = min(part.q_start, kv_len), max(kv_len - part.q_start, 0)
         if own not in (0, C):
             return None
-        if blocks and history:  # each block's selected pages, columns 0..history / page_size - 1 of its table
-            n_pages = -(-history // part.k_pages.shape[1])
-            return _Plan(history, own, part._replace(table=part.table[..., :n_pages], kv_len=history,
-                                                     holds_chunk=False))
+        if blocks and history:  # each block's selected pages: positions 0..history-1 of its table
+            return _Plan(history, own, part._replace(kv_len=history, holds_chunk=False))
         return _Plan(history, own)
 
     @staticmethod
