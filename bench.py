@@ -122,9 +122,9 @@ def parse_args(argv=None):
     s.add_argument("--cache-tokens", type=int, default=65536, help="offload: tokens per GPU cache buffer")
     s.add_argument("--attn-kernel", default="auto", choices=ATTN_KERNELS,
                    help="the chunked path's attention kernel: triton (kernels/paged_attention.py) or sdpa "
-                        "(kernels/gather_sdpa.py for dense parts, Triton for the sparse ones; issue #18); auto: sdpa "
-                        "on CUDA for chunks of batch x tokens x hidden >= 2^22, triton otherwise (attention."
-                        "kernel_name) (default: %(default)s)")
+                        "(kernels/gather_sdpa.py; Triton for document masks and the history of sparse blocks; issue "
+                        "#18); auto: sdpa on CUDA for chunks of batch x tokens x hidden >= 2^22, triton otherwise "
+                        "(attention.kernel_name) (default: %(default)s)")
     s.add_argument("--grad-pages", default="float32", choices=["float32", "bfloat16"], help="dK/dV page dtype")
     s.add_argument("--last-chunks", type=int, default=0, metavar="N",
                    help="probe: random history instead of stage 1, then only the last N chunks of stage 2 "
@@ -152,8 +152,7 @@ def parse_args(argv=None):
     k.add_argument("--kernels", type=lambda t: t.split(","), default=["triton"],
                    help="paged kernels to measure, comma-separated: triton (kernels/paged_attention.py), sdpa "
                         "(kernels/gather_sdpa.py: pages gathered, then PyTorch's fused op for the device: cuDNN on "
-                        "CUDA), sdpa-cudnn, sdpa-flash (that CUDA op; issue #18), sdpa-gqa (sdpa with K/V handed "
-                        "to the op with their own heads: native GQA, no fold or repeat)")
+                        "CUDA), sdpa-cudnn, sdpa-flash (that CUDA op; issue #18)")
 
     e = sub.add_parser("exact", parents=[common], help="gradient exactness vs an fp32 full-sequence reference")
     e.add_argument("--model", type=lambda t: t.split(","), default=["small", "small-d128"],

@@ -83,8 +83,8 @@ def bench_step(args, device, rec):
           f"checkpoint {args.checkpoint}, bf16 compute on {device}", flush=True)
 
     # the chunked path's attention kernel: Triton, or sdpa with Triton for the parts it does not take (document masks,
-    # sparse tables of several query blocks);
-    # recorded by its concrete name (auto: sdpa on CUDA for chunks of batch x tokens x hidden >= 2^22)
+    # the history of sparse tables of several query blocks); recorded by its concrete name (auto: sdpa on CUDA for
+    # chunks of batch x tokens x hidden >= 2^22)
     size = args.batch * args.chunk * model.config.hidden_size
     kernel = named_kernel(args.attn_kernel, device, size)
     base = dict(mode="step", model=args.model, attn_kernel=kernel_name(args.attn_kernel, device, size),

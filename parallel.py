@@ -100,7 +100,7 @@ class Layout:
         return t.item() / self.dp
 
     def least_memory(self, memory):
-        """plan.Memory with every rank's least free memory (least_memory below)."""
+        """plan.Memory with every rank's least free memory (the module's least_memory)."""
         return least_memory(memory, self.device)
 
     def any(self, flag: bool) -> bool:
