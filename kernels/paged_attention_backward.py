@@ -114,9 +114,9 @@ def _dkdv_inner(dk, dv, k, v, kv_pos, Q, DO, LSE, DELTA, DOC, lo, hi, q_start, C
 
 
 @triton.jit
-def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, DOC, COLS, QEND, q_start, C, kv_len,
-                 n_pool, qk_scale, sm_scale, stride_qb, stride_qm, stride_qh, stride_page, stride_tok, stride_kvh,
-                 stride_gpage, stride_gtok, stride_gkvh, stride_ptb, stride_db, stride_dh, n_tiles,
+def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, ORDER, DOC, COLS, QEND, q_start, C,
+                 kv_len, n_pool, qk_scale, sm_scale, stride_qb, stride_qm, stride_qh, stride_page, stride_tok,
+                 stride_kvh, stride_gpage, stride_gtok, stride_gkvh, stride_ptb, stride_db, stride_dh, n_tiles,
                  N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPARSE: tl.constexpr, HAS_DOC: tl.constexpr):
@@ -128,14 +128,15 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, DO
     #   [n] int64 = (b * N_KV_HEADS + kv head) * n_pool + physical page, sorted, one entry per (block, page)
     #   selection; QBLOCKS [n] the selecting block of each entry, RUN_END [n] one past the last entry with the same
     #   key. The first entry of each run owns the page's tile and loops over the run's blocks, whose queries all
-    #   see the whole page; programs of the other entries do no work and write nothing.
+    #   see the whole page; programs of the other entries load nothing and write nothing. Program p takes entry
+    #   ORDER[p]: the owners of the longest runs first, so that no long loop starts last and runs alone.
     # HAS_DOC (packed documents): DOC [B, (Hkv,) C] each query's first visible position of the table; a sparse
     #   entry's page sits at positions COLS[j] * PAGE_SIZE.. of its block's table, and every tile is masked. Dense:
     #   QEND [B * N_KV_HEADS, n_tiles] counts the queries whose documents start at or before the tile's end
     #   (doc starts are nondecreasing), so the loop over query tiles stops there.
     offs_d = tl.arange(0, HEAD_DIM)
     if SPARSE:
-        i = tl.program_id(0)
+        i = tl.load(ORDER + tl.program_id(0))
         n0 = tl.program_id(1) * BLOCK_N
         key = tl.load(KEYS + i)
         owner = (i == 0) | (tl.load(KEYS + tl.maximum(i - 1, 0)) != key)
@@ -147,6 +148,7 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, DO
         # history pages are full: all rows for the owner, none for the others (a [BLOCK_N] vector built by
         # addition: the interpreter rejects masks made by and-ing a vector with a scalar)
         ok = tl.zeros([BLOCK_N], tl.int32) + owner.to(tl.int32) > 0
+        load_len = tl.where(owner, kv_len, 0)  # a sparse entry's rows are all there, none for non-owners
     else:
         n0 = tl.program_id(0) * BLOCK_N
         bk = tl.program_id(1)
@@ -154,10 +156,11 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, DO
         rows = _page_rows(pt_row, n0, kv_len, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
         grows = _page_rows(pt_row, n0, kv_len, stride_gpage, stride_gtok, PAGE_SIZE, BLOCK_N)
         ok = n0 + tl.arange(0, BLOCK_N) < kv_len
+        load_len = kv_len
     b, kvh = bk // N_KV_HEADS, bk % N_KV_HEADS
     kv_pos = n0 + tl.arange(0, BLOCK_N)
-    k, v = _load_kv(K + kvh * stride_kvh, V + kvh * stride_kvh, rows, n0, kv_len, offs_d, BLOCK_N,
-                    not SPARSE)  # [BLOCK_N, D]
+    k, v = _load_kv(K + kvh * stride_kvh, V + kvh * stride_kvh, rows, n0, load_len, offs_d, BLOCK_N,
+                    True)  # [BLOCK_N, D]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     # Dense: query tiles ending before position n0 see none of this tile: start at m_lo. Tiles in
@@ -216,15 +219,20 @@ def selection_index(history_table, n_pool):
     """The inverse of a sparse selection, for the dK/dV kernel: which query blocks read each history page.
     history_table [B, n_kv_heads, n_blocks, n] int32 physical pages (no page twice in a row) ->
     keys [B * n_kv_heads * n_blocks * n] int64 = (b * n_kv_heads + kv head) * n_pool + page, sorted; the block of
-    each entry; one past the last entry with the same key; and the entry's column (the page's place in its
-    block's table). Built on the device without a host sync."""
+    each entry; one past the last entry with the same key; the entry's column (the page's place in its block's
+    table); and the order in which the kernel's programs take the entries: each run's first entry (its owner) by
+    the run's length, longest first, then the rest. Built on the device without a host sync."""
     B, Hkv, nb, n = history_table.shape
     bk = torch.arange(B * Hkv, device=history_table.device).view(B, Hkv, 1, 1)
     keys = (bk * n_pool + history_table.long()).flatten()
-    keys, order = torch.sort(keys, stable=True)  # stable: blocks in increasing order within a page's run
-    blocks = (order // n % nb).to(torch.int32)
+    keys, entry = torch.sort(keys, stable=True)  # stable: blocks in increasing order within a page's run
+    blocks = (entry // n % nb).to(torch.int32)
     run_end = torch.searchsorted(keys, keys, right=True)
-    return keys, blocks, run_end, (order % n).to(torch.int32)
+    first = torch.searchsorted(keys, keys)  # the run's first entry
+    index = torch.arange(keys.numel(), device=keys.device)
+    owned = torch.where(first == index, run_end - index, 0)  # each owner's loop length, in blocks; 0 for the rest
+    order = torch.sort(owned, descending=True, stable=True).indices.to(torch.int32)
+    return keys, blocks, run_end, (entry % n).to(torch.int32), order
 
 
 def _doc_bounds(doc, shift, n_kv_heads, tiles, bn):
@@ -295,10 +303,10 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
     kv_args = (q, do, lse, delta, k_pages, v_pages, dk_pages, dv_pages)
     n_hist = q_start // page_size if sparse else 0
     if n_hist:  # the selected history pages, each by the blocks that chose it
-        keys, blocks, run_end, cols = selection_index(page_table[..., :n_hist], k_pages.shape[0])
+        keys, blocks, run_end, cols, order = selection_index(page_table[..., :n_hist], k_pages.shape[0])
         bn_page = min(bn, page_size)  # a program owns (a part of) one selected page
         _dkdv_kernel[(keys.numel(), page_size // bn_page)](
-            *kv_args, page_table, keys, blocks, run_end, doc, cols, keys, q_start, C, kv_len, k_pages.shape[0],
+            *kv_args, page_table, keys, blocks, run_end, order, doc, cols, keys, q_start, C, kv_len, k_pages.shape[0],
             scale * LOG2E, scale, *strides, 0, stride_db, stride_dh, 0, N_KV_HEADS=n_kv_heads,
             GROUP=H // n_kv_heads, Q_BLOCK=q_block, BLOCK_M=bm, BLOCK_N=bn_page, **common, SPARSE=True,
             HAS_DOC=has_doc, num_warps=warps, num_stages=stages)
@@ -307,7 +315,7 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
         shift, tiles = n_hist * page_size, triton.cdiv(kv_len - n_hist * page_size, bn)
         doc_own, q_end = (_doc_bounds(doc, shift, n_kv_heads, tiles, bn) if has_doc else (doc, table))
         _dkdv_kernel[(tiles, B * n_kv_heads)](
-            *kv_args, table, table, table, table, doc_own, table, q_end, q_start - shift, C, kv_len - shift, 1,
+            *kv_args, table, table, table, table, table, doc_own, table, q_end, q_start - shift, C, kv_len - shift, 1,
             scale * LOG2E, scale, *strides, table.stride(0), *((C * n_kv_heads, C) if has_doc else (0, 0)), tiles,
             N_KV_HEADS=n_kv_heads, GROUP=H // n_kv_heads, Q_BLOCK=bm, BLOCK_M=bm, BLOCK_N=bn, **common,
             SPARSE=False, HAS_DOC=has_doc, num_warps=warps, num_stages=stages)
