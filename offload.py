@@ -35,16 +35,18 @@ GPU instead of copied (so gradients start at zero every step, whatever the pinne
 
 Sparse attention (sparse=SparseConfig(...), sparse_attn.py). Only the selected pages move. The page summaries stay
 on the GPU (they are what selection reads); each (layer, chunk) selection is copied to host memory when it is made
-- the one host sync per call, in stage 1 - and stage 2 reuses it. A part is then the union of the pages that a
-range of selection columns names (each block's selected pages are sorted, so column j of every block is its j-th
-page): all columns in one part when their union fits a buffer, else as many columns per part as fit. Each part
-comes with a 4-D page table mapping every block's selected pages in those columns to the buffer's slots, which
-the kernels read like PagedKVStore's (q_start = the part's columns x page_size: all of them visible). Parts of
-one call may share pages; in a backward the next part's gradient pages then load only after this part's
-write-back, so a page's gradient adds up across parts exactly as it would in one. Selected pages lie scattered over
-the pool: they move by a gather (scatter) kernel that reads (writes) the pinned pool in place. With one
-selection per chunk (q_block = chunk) a call needs at most n_kv_heads x budget pages; with small blocks the union
-of their choices can cover most of the history, and PCIe sets the pace (bench/RESULTS.md).
+- the one host sync per call, in stage 1 - and stage 2 reuses it. Each kv head selects its own pages, and only
+those rows move: a part holds, per kv head, the union of the pages that a range of selection columns names for it
+(each block's selected pages are sorted, so column j of every block is its j-th page), slot i holding in head h's
+rows head h's i-th page; all columns in one part when the largest union fits a buffer, else as many columns per
+part as fit. Each part comes with a 4-D page table mapping every block's selected pages in those columns to the
+buffer's slots, which the kernels read like PagedKVStore's (q_start = the part's columns x page_size: all of them
+visible). Parts of one call may share pages; in a backward the next part's gradient pages then load only after
+this part's write-back, so a page's gradient adds up across parts exactly as it would in one. Selected pages lie
+scattered over the pool: a kernel reads (writes) each (page, kv head)'s rows in the pinned pool in place, and a
+gradient page is dirty per kv head. With one selection per chunk (q_block = chunk) a call moves budget pages' rows
+per kv head; with small blocks the union of their choices can cover most of the history, and PCIe sets the pace
+(bench/RESULTS.md).
 
 On a CPU-only machine the same code runs with every tensor on the CPU and no streams: the bookkeeping is tested
 there (with the plain-PyTorch reference kernel where the kernel is not the point), the asynchrony on the GPU
@@ -70,8 +72,8 @@ NUM_BUFFERS = 3  # GPU cache buffers: one computing, one loading, one writing ba
 @dataclass(frozen=True, eq=False)
 class BufferLoad:
     """Pages of one layer that go through one buffer together (offload_plan.py plans them). rows[b]: batch row b's
-    logical page indices in slot order (its i-th page in slot b * cap + i), the last `own` of them the chunk's own
-    pages: their K/V come from the compute stream, not the host, and in a backward their gradient (what later
+    logical page indices in slot order (its i-th page in slot b * cap + i) - [n] whole pages, or for a sparse part
+    [Hkv, n], each kv head's own pages (-1: an empty slot) - the last `own` of them the chunk's own pages: their K/V come from the compute stream, not the host, and in a backward their gradient (what later
     chunks accumulated) loads like the history's but goes to autograd instead of back to the host. A sparse load
     has `table` [B, Hkv, n_blocks, n_cols] int32 on the device, the buffer slots of each block's selected pages
     in its columns (then of the own pages, in the last part)."""
@@ -92,7 +94,16 @@ class BufferLoad:
 
     def history_rows(self, b):
         """Batch row b's rows that are history pages (all but the own ones)."""
-        return self.rows[b][:len(self.rows[b]) - self.own]
+        return self.rows[b][..., :self.n_history(b)]
+
+    def n_history(self, b):
+        """How many of batch row b's slots hold history pages (the own pages follow them)."""
+        return self.rows[b].shape[-1] - self.own
+
+
+def _physical(table, rows):
+    """Physical pages of logical ones (rows: any shape, -1 = none, kept)."""
+    return np.where(rows >= 0, table[np.maximum(rows, 0)], -1) if rows.size else table[rows]
 
 
 class _Buffer:
@@ -168,21 +179,22 @@ class _BufferCache:
     def _load(self, buf, load):
         cap, pool, streams = self.cache_pages, self.pool, self.streams
         streams.wait(streams.h2d, *buf.busy)
-        if len(load.history_rows(0)):
+        if load.n_history(0):
             streams.wait(streams.h2d, self.kv_written[load.layer])
         if load.backward:
             streams.wait(streams.h2d, self.grad_written[load.layer])
         with streams.on(streams.h2d):
             for b in range(self.batch):
                 # the own pages' K/V come from the compute stream (and in a forward may not be appended yet)
-                history = self.tables[load.layer][b][load.history_rows(b)]
-                pool.copy_in("k", buf.k[b * cap:b * cap + len(history)], history)
-                pool.copy_in("v", buf.v[b * cap:b * cap + len(history)], history)
+                table = self.tables[load.layer][b]
+                history = _physical(table, load.history_rows(b))
+                pool.copy_in("k", buf.k[b * cap:b * cap + load.n_history(b)], history)
+                pool.copy_in("v", buf.v[b * cap:b * cap + load.n_history(b)], history)
                 if load.backward:  # gradient pages never written back this step are zero: no copy
-                    pages = self.tables[load.layer][b][load.rows[b]]
-                    slots = slice(b * cap, b * cap + len(pages))
-                    pool.copy_in("dk", buf.dk[slots], pages, pool.dirty[pages])
-                    pool.copy_in("dv", buf.dv[slots], pages, pool.dirty[pages])
+                    pages = _physical(table, load.rows[b])
+                    slots = slice(b * cap, b * cap + pages.shape[-1])
+                    pool.copy_in("dk", buf.dk[slots], pages, pool.dirty_of(pages))
+                    pool.copy_in("dv", buf.dv[slots], pages, pool.dirty_of(pages))
         buf.load, buf.loaded, buf.busy = load, streams.record(streams.h2d), []
 
     def write_back(self, buf):
@@ -191,9 +203,9 @@ class _BufferCache:
         streams.wait(streams.d2h, streams.record(None))
         with streams.on(streams.d2h):
             for b in range(self.batch):
-                pages = self.tables[load.layer][b][load.history_rows(b)]
-                self.pool.dirty[pages] = True
-                slots = slice(b * cap, b * cap + len(pages))
+                pages = _physical(self.tables[load.layer][b], load.history_rows(b))
+                self.pool.mark_dirty(pages)
+                slots = slice(b * cap, b * cap + pages.shape[-1])
                 self.pool.copy_out("dk", buf.dk[slots], pages)
                 self.pool.copy_out("dv", buf.dv[slots], pages)
         self.grad_written[load.layer] = streams.record(streams.d2h)
@@ -393,7 +405,7 @@ class OffloadedKVStore:
             self.streams.wait(None, buf.loaded)
             yield load, buf
             buf.busy = [self.streams.record(None)]
-            if load.backward and len(load.history_rows(0)):  # the own pages' gradient goes to autograd
+            if load.backward and load.n_history(0):  # the own pages' gradient goes to autograd
                 self.cache.write_back(buf)
             buf.load = None
             buf = self.cache.fetch(todo[j + 1], avoid=buf) if late else nxt
@@ -412,7 +424,7 @@ class OffloadedKVStore:
             if load.own:  # the chunk's k, v [B, C, Hkv, D] into its pages' slots (on the compute stream; the
                 for src, dst in ((k, buf.k), (v, buf.v)):  # kernels ignore positions past the chunk)
                     for b in range(q.shape[0]):
-                        first = b * self.cache_pages + len(load.history_rows(b))
+                        first = b * self.cache_pages + load.n_history(b)
                         dst[first:first + load.own].flatten(0, 1)[:C] = src[b]
             doc = None
             if load.table is None:

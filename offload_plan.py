@@ -10,10 +10,13 @@ joining it cut an offloaded 0.5B step at 32K by 16%, bench/RESULTS.md).
 
   dense    consecutive ranges of logical pages, the last holding the last cap - own history pages and the own pages
   sparse   column ranges of the chunk's selection [B, Hkv, n_blocks, n] (each block's selected pages sorted, so
-           column j of every block is its j-th page): a part holds the union of the pages its columns name, all
-           columns in one part when the union fits beside the own pages, else as many per part as fit. `slots`
-           maps every block's selected pages of those columns (then the own pages) to the buffer's slots: the
-           kernels' 4-D page table. Parts may share pages (`shares_next`): a backward then loads the next part's
+           column j of every block is its j-th page): a part holds, per kv head, the union of the pages its
+           columns name for that head, all columns in one part when the largest union fits beside the own pages,
+           else as many per part as fit. Slot i of a buffer holds in kv head h's rows head h's i-th page: each kv
+           head selects its own pages, and moving only the rows it reads moves up to Hkv x fewer bytes than whole
+           pages (the 7B at 1M: 4 kv heads, nearly disjoint choices). `slots` maps every block's selected pages of
+           those columns (then the own pages, whole in every head) to the buffer's slots: the kernels' 4-D page
+           table. Parts may share pages (`shares_next`, per kv head): a backward then loads the next part's
            gradient pages only after this one's write-back, so a page's gradient adds up across parts.
 """
 from typing import NamedTuple
@@ -53,9 +56,10 @@ def dense_ranges(history, own, cap, first=0) -> list[tuple[int, int]]:
 
 
 class SparsePart(NamedTuple):
-    """One part of a sparse call: selection columns [c0, c1), each batch row's pages (sorted union, then the own
-    ones in the last part), the own page count, slots [B, Hkv, n_blocks, n_cols (+ own)] and whether a page of it
-    is also in the next part."""
+    """One part of a sparse call: selection columns [c0, c1); per batch row an int64 [Hkv, n_slots] array, each kv
+    head's pages in slot order (its sorted union, -1 in the slots it leaves empty, then the own pages in the last
+    part); the own page count; slots [B, Hkv, n_blocks, n_cols (+ own)]; and whether a (kv head, page) of it is
+    also in the next part."""
     columns: tuple
     rows: list
     own: int
@@ -66,36 +70,48 @@ class SparsePart(NamedTuple):
 def sparse_split(selection, first_own, own, cap) -> list[SparsePart]:
     """The column split of a selection [B, Hkv, n_blocks, n] (logical history pages, each block's sorted) of a
     chunk whose own pages are first_own..first_own + own - 1, into buffers of `cap` pages per batch row (slot
-    b * cap + i: row b's i-th page). Raises ValueError if one column of every (kv head, block) and the own pages
-    cannot share a buffer."""
+    b * cap + i: row b's i-th slot, holding in kv head h's rows head h's i-th page). Raises ValueError if one
+    column of every block and the own pages cannot share a buffer."""
     B, Hkv, nb, n = selection.shape
-    room = cap - own  # history pages per part, so that the last part has room for the own pages
-    if Hkv * nb > room:
-        raise ValueError(f"sparse attention needs one page per kv head and query block in a cache buffer beside the "
-                         f"chunk's {own} pages ({Hkv} x {nb} = {Hkv * nb} pages) but a buffer holds {cap}: raise "
-                         f"cache_tokens")
-    sel = np.asarray(selection).reshape(B, Hkv * nb, n)
+    room = cap - own  # history slots per part, so that the last part has room for the own pages
+    if nb > room:
+        raise ValueError(f"sparse attention needs one page per query block in a cache buffer beside the chunk's "
+                         f"{own} pages ({nb} blocks) but a buffer holds {cap}: raise cache_tokens")
+    sel = np.asarray(selection)
 
-    def union(c0, c1):  # per batch row, the sorted pages that columns [c0, c1) name
-        return [np.unique(sel[b, :, c0:c1]) for b in range(B)]
+    def union(c0, c1):  # per (batch row, kv head), the sorted pages that columns [c0, c1) name
+        return [[np.unique(sel[b, h, :, c0:c1]) for h in range(Hkv)] for b in range(B)]
+
+    def widest(rows):
+        return max(len(pages) for row in rows for pages in row)
 
     parts, c0 = [], 0
     while c0 < n:
-        c1, rows = n, union(c0, n)  # usually all the remaining columns fit
-        if max(map(len, rows)) > room:  # else the most that do (one always does, checked above)
+        c1, heads = n, union(c0, n)  # usually all the remaining columns fit
+        if widest(heads) > room:  # else the most that do (one always does, checked above)
             lo, hi = c0 + 1, n - 1
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if max(map(len, union(c0, mid))) <= room else (lo, mid - 1)
-            c1, rows = lo, union(c0, lo)
-        slots = np.stack([np.searchsorted(rows[b], sel[b, :, c0:c1]) + b * cap
-                          for b in range(B)]).reshape(B, Hkv, nb, c1 - c0)
+                lo, hi = (mid, hi) if widest(union(c0, mid)) <= room else (lo, mid - 1)
+            c1, heads = lo, union(c0, lo)
+        slots = np.stack([np.stack([np.searchsorted(heads[b][h], sel[b, h, :, c0:c1]) for h in range(Hkv)])
+                          + b * cap for b in range(B)])  # [B, Hkv, nb, c1 - c0]
+        rows = []
+        for b in range(B):
+            row = np.full((Hkv, max(map(len, heads[b]))), -1, dtype=np.int64)
+            for h, pages in enumerate(heads[b]):
+                row[h, :len(pages)] = pages
+            rows.append(row)
         n_own = own if c1 == n else 0
-        if n_own:  # the chunk's pages follow the union in each row's slots, and every block's table
-            own_slots = np.stack([b * cap + len(rows[b]) + np.arange(own) for b in range(B)])
+        if n_own:  # the chunk's pages follow the history slots in each row, and every block's table
+            own_slots = np.stack([b * cap + rows[b].shape[1] + np.arange(own) for b in range(B)])
             slots = np.concatenate([slots, np.broadcast_to(own_slots[:, None, None], (B, Hkv, nb, own))], 3)
-            rows = [np.concatenate([r, np.arange(first_own, first_own + own)]) for r in rows]
+            rows = [np.concatenate([r, np.broadcast_to(np.arange(first_own, first_own + own), (Hkv, own))], 1)
+                    for r in rows]
         parts.append(SparsePart((c0, c1), rows, n_own, slots.astype(np.int32), False))
         c0 = c1
-    return [p._replace(shares_next=j + 1 < len(parts) and any(
-        np.intersect1d(a, b).size for a, b in zip(p.rows, parts[j + 1].rows))) for j, p in enumerate(parts)]
+
+    def shared(a, b):  # a (batch row, kv head) page in both parts
+        return any(np.intersect1d(x[x >= 0], y[y >= 0]).size for ra, rb in zip(a.rows, b.rows)
+                   for x, y in zip(ra, rb))
+    return [p._replace(shares_next=j + 1 < len(parts) and shared(p, parts[j + 1])) for j, p in enumerate(parts)]

@@ -9,15 +9,18 @@ The pool is split into one contiguous range per (layer, batch row), each with it
 layer come out consecutive, so a part of the history moves in one copy per tensor, not one per chunk.
 
 Pages move by one copy per run of consecutive host pages (copy engines, no GPU cores) when there are few runs, as
-in dense parts; scattered pages, as in sparse parts, by one gather (scatter) kernel that reads (writes) the pinned
-pool in place through its device view: per-page copies cost 10-20 us of host time each and reach 0.8-1.5 GB/s at
-16 KB pages, the kernel ~45 GB/s (bench/RESULTS.md). Copies are issued on the caller's current stream.
+in dense parts; scattered pages by one gather (scatter) kernel that reads (writes) the pinned pool in place through
+its device view: per-page copies cost 10-20 us of host time each and reach 0.8-1.5 GB/s at 16 KB pages, the kernel
+~45 GB/s (bench/RESULTS.md). Sparse parts name pages per kv head ([Hkv, n] arrays, offload_plan.py): those move
+only the named kv head's rows of each page (kernels/page_copy.copy_page_heads). A gradient page is "dirty" per kv
+head, once that head's rows were written back. Copies are issued on the caller's current stream.
 """
 import weakref
 
 import numpy as np
 import torch
 
+from kernels.page_copy import copy_page_heads
 from offload_plan import runs
 from paged_kv import OutOfPages, PageAllocator, to_device
 
@@ -64,7 +67,9 @@ class PinnedPagePool:
                              for name in ("k", "v", "dk", "dv")}
         self.allocators = [[PageAllocator(per_row, (layer * batch + b) * per_row) for b in range(batch)]
                            for layer in range(num_layers)]
-        self.dirty = np.zeros(num_pages, dtype=bool)  # gradient page written back since it was allocated
+        self.n_kv_heads = page_shape[1]
+        # [num_pages, Hkv]: the gradient page's rows of that kv head written back since it was allocated
+        self.dirty = np.zeros((num_pages, self.n_kv_heads), dtype=bool)
         self.bytes_moved = {"h2d": 0, "d2h": 0}  # counters for benchmarks
 
     def num_free(self) -> int:
@@ -93,11 +98,46 @@ class PinnedPagePool:
     def _indices(self, ids):
         return to_device(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), self.device)
 
+    def _slots(self, n):
+        """[n, Hkv] int64 on the device: slot j for every kv head (made there: no upload)."""
+        return torch.arange(n, device=self.device).view(n, 1).expand(n, self.n_kv_heads).contiguous()
+
+    def _heads(self, pages):
+        """The kv head of each entry of a per-head [Hkv, n] page array."""
+        return np.broadcast_to(np.arange(self.n_kv_heads)[:, None], pages.shape)
+
+    def dirty_of(self, pages):
+        """Whether each (page, kv head) was written back: [n, Hkv] for whole pages [n], [Hkv, n] for per-head
+        pages [Hkv, n] (-1, no page: False)."""
+        if pages.ndim == 1:
+            return self.dirty[pages]
+        return self.dirty[np.maximum(pages, 0), self._heads(pages)] & (pages >= 0)
+
+    def mark_dirty(self, pages):
+        """Record a write-back of whole pages [n], or of per-head pages [Hkv, n] (-1: none)."""
+        if pages.ndim == 1:
+            self.dirty[pages] = True
+        else:
+            self.dirty[pages[pages >= 0], self._heads(pages)[pages >= 0]] = True
+
     def copy_in(self, name, dst, pages, load=None):
-        """dst[i] = pool `name`[pages[i]] (buffer slots <- host pages), or zero where load[i] is False."""
-        src, load = getattr(self, name), np.ones(len(pages), dtype=bool) if load is None else load
-        if len(pages) == 0:
+        """Buffer slots dst[i] <- host pages: whole pages pages [n] (load: None, or [n, Hkv] whether each kv head's
+        rows load; the others are zeroed), or per kv head pages [Hkv, n] (slot i of head h <- head h's rows of page
+        pages[h, i]; zero where that is -1 or load [Hkv, n] is False)."""
+        if pages.shape[-1] == 0:
             return
+        if pages.ndim == 1:
+            if load is None or (load.all(1) | ~load.any(1)).all():  # each page loads whole or not at all
+                return self._copy_pages_in(name, dst, pages, None if load is None else load[:, 0])
+            pages, load = np.broadcast_to(pages, (self.n_kv_heads, len(pages))), load.T
+        load = pages >= 0 if load is None else load & (pages >= 0)
+        copy_page_heads(self.device_views[name], self._indices(np.where(load, pages, -1).T), dst,
+                        self._slots(pages.shape[1]))
+        self.bytes_moved["h2d"] += int(load.sum()) * dst[0].nbytes // self.n_kv_heads
+
+    def _copy_pages_in(self, name, dst, pages, load=None):
+        """dst[i] = pool `name`[pages[i]], or zero where load[i] is False."""
+        src, load = getattr(self, name), np.ones(len(pages), dtype=bool) if load is None else load
         page_runs = runs(pages, load)
         if len(page_runs) <= self.max_copies:
             for i, page, count, copy in page_runs:
@@ -114,7 +154,12 @@ class PinnedPagePool:
         self.bytes_moved["h2d"] += int(load.sum()) * dst[0].nbytes
 
     def copy_out(self, name, src, pages):
-        """pool `name`[pages[i]] = src[i] (host pages <- buffer slots)."""
+        """Host pages <- buffer slots: pool `name`[pages[i]] = src[i] for whole pages [n]; for per-head pages
+        [Hkv, n], head h's rows of page pages[h, i] = those of slot i (nothing where it is -1)."""
+        if pages.ndim == 2:
+            copy_page_heads(src, self._slots(pages.shape[1]), self.device_views[name], self._indices(pages.T))
+            self.bytes_moved["d2h"] += int((pages >= 0).sum()) * src[0].nbytes // self.n_kv_heads
+            return
         dst, page_runs = getattr(self, name), runs(pages)
         if len(page_runs) <= self.max_copies:
             for i, page, count, _ in page_runs:

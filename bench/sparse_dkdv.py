@@ -6,9 +6,10 @@ of 64 tokens (4096 of 122880 tokens). The selections range from independent per 
 so the spread of those loops is what varies. With --configs, the dK/dV launch configs (BLOCK_M, BLOCK_N, warps,
 stages) of the sweep in bench/RESULTS.md (sixteenth session) as well, set through the launcher's tile table. With
 --order, the dK/dV programs also take their entries in key order (as before the seventeenth session) beside the
-default, the owners of the longest runs first. Last, each compiled kernel's registers per thread and spills.
+default, the owners of the longest runs first. With --sweep, the forward's and dQ's launch configs on independent
+selections (SWEEP). Last, each compiled kernel's registers per thread and spills.
 
-    PYTHONPATH=. python bench/sparse_dkdv.py [--configs] [--order]
+    PYTHONPATH=. python bench/sparse_dkdv.py [--configs] [--order] [--sweep]
 
 Median of 5 after a warm-up; TF/s count two matmuls in the forward and 2.5x that in the backward.
 """
@@ -16,12 +17,15 @@ import sys
 
 import torch
 
+import kernels.paged_attention as pa
 import kernels.paged_attention_backward as bw
 from kernels.paged_attention import _fwd_kernel as fwd_kernel, paged_attention_forward
 from kernels.paged_attention_backward import paged_attention_backward
 
 B, C, H, HKV, D, PAGE, Q_BLOCK, N_HIST, N_SEL = 1, 8192, 28, 4, 128, 64, 128, 1920, 64
 CONFIGS = [(64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]  # beside the default
+SWEEP = {"fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
+         "dq": [(128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 3)]}
 
 
 def selection_table(shared):
@@ -69,6 +73,26 @@ def median_ms(fn, repeats=5):
     return sorted(times)[repeats // 2]
 
 
+def sweep(q, do, o, lse, k_pages, v_pages, dk_pages, dv_pages, table, history, flops):
+    """The forward's and dQ's launch configs (SWEEP), each through its launcher's tile table: the forward timed
+    alone, dQ inside the backward (dK/dV's config unchanged)."""
+    for kind, module in (("fwd", pa), ("dq", bw)):
+        default_tiles = module._tiles
+        for config in SWEEP[kind]:
+            module._tiles = lambda k, *args, config=config: config if k == kind else default_tiles(k, *args)
+            if kind == "fwd":
+                ms = median_ms(lambda: paged_attention_forward(q, k_pages, v_pages, table, history, kv_len=history,
+                                                               q_block=Q_BLOCK))
+                tf = flops / ms / 1e9
+            else:
+                ms = median_ms(lambda: paged_attention_backward(do, q, o, lse, k_pages, v_pages, table, history,
+                                                                dk_pages, dv_pages, kv_len=history, q_block=Q_BLOCK))
+                tf = 2.5 * flops / ms / 1e9
+            print(f"shared  0 {kind} config {config}: {'fwd' if kind == 'fwd' else 'bwd (dq + dK/dV)'} "
+                  f"{ms:.2f} ms {tf:.0f} TF/s", flush=True)
+        module._tiles = default_tiles
+
+
 def main():
     k_pages, v_pages = (torch.randn(N_HIST, PAGE, HKV, D, device="cuda").bfloat16() for _ in range(2))
     dk_pages, dv_pages = (torch.zeros(N_HIST, PAGE, HKV, D, device="cuda").bfloat16() for _ in range(2))
@@ -93,6 +117,8 @@ def main():
                       f"{flops / fwd / 1e9:.0f} TF/s, bwd (dq + dK/dV) {bwd:.2f} ms "
                       f"{2.5 * flops / bwd / 1e9:.0f} TF/s", flush=True)
         bw._tiles, bw.selection_index = default_tiles, default_index
+        if shared == 0 and "--sweep" in sys.argv:
+            sweep(q, do, o, lse, k_pages, v_pages, dk_pages, dv_pages, table, history, flops)
     for fn in (fwd_kernel, bw._dq_kernel, bw._dkdv_kernel):
         for name, regs, spills, shared_bytes in compiled_kernels(fn):
             print(f"{name}: {regs} registers per thread, {spills} spilled, {shared_bytes} bytes of shared memory")

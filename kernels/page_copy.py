@@ -7,6 +7,10 @@
     add_rows     pages at those positions += grad [B, Hkv, n, D] (any strides: what the fused backward returns),
                  summed in fp32 and rounded once into the pages' dtype (fp32 or bf16)
 
+    copy_page_heads  kv head h's rows of page src_pages[j, h] of one pool -> its rows of page dst_pages[j, h] of
+                 another: the offloaded store's per-head moves between pinned host pages and its GPU buffers
+                 (offload.py), where each kv head of a sparse call has its own selected pages
+
 The table is [B, n_pages] (dense: every kv head reads the same pages) or [B, Hkv, n_pages] (sparse, one block of
 queries per chunk: each kv head its own selected pages). add_rows assumes no position's page repeats within the
 call (true of both: a table lists distinct pages).
@@ -67,6 +71,24 @@ def _add_kernel(P, T, G, first, n, stride_tb, stride_th, stride_tn, stride_gb, s
     tl.store(ptrs, (old.to(tl.float32) + g.to(tl.float32)).to(P.dtype.element_ty), mask=ok[:, None])
 
 
+@triton.jit
+def _copy_heads_kernel(S, D, SRC, DST, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
+    # grid: (n, N_KV_HEADS); program (j, h) copies page SRC[j, h]'s rows of kv head h ([PAGE_SIZE, HEAD_DIM], one
+    # row every N_KV_HEADS) into page DST[j, h]'s: zeros where SRC is -1, nothing where DST is -1
+    j, h = tl.program_id(0), tl.program_id(1)
+    src = tl.load(SRC + j * N_KV_HEADS + h).to(tl.int64)
+    dst = tl.load(DST + j * N_KV_HEADS + h).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    zero = tl.zeros([BLOCK_R, HEAD_DIM], tl.int64)  # masks from scalars by addition (see _dkdv_kernel)
+    for r0 in range(0, PAGE_SIZE, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        x = tl.load(S + ((src * PAGE_SIZE + r) * N_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(zero + src >= 0) & (zero + dst >= 0), other=0.0)
+        tl.store(D + ((dst * PAGE_SIZE + r) * N_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :],
+                 x.to(D.dtype.element_ty), mask=zero + dst >= 0)
+
+
 def _flat_index(pages, table, first, n):
     """Rows of positions first..first+n-1 in pages viewed as [num_pages * page_size * Hkv, D]: [B, n, Hkv]."""
     page_size, Hkv = pages.shape[1], pages.shape[2]
@@ -125,3 +147,30 @@ def add_rows(pages, table, first, grad):
     if grad.shape[2]:
         _launch(_add_kernel, pages, table, first, grad.shape[2], grad, (grad.stride(0), grad.stride(1),
                                                                         grad.stride(2)))
+
+
+def copy_page_heads_reference(src, src_pages, dst, dst_pages):
+    heads = torch.arange(src.shape[2], device=dst_pages.device).expand_as(dst_pages)
+    keep = dst_pages >= 0
+    pages, into, h = src_pages[keep], dst_pages[keep], heads[keep]
+    rows = src[pages.clamp(min=0).to(src.device), :, h.to(src.device)].to(dst.device)  # [m, page_size, D]
+    rows[pages < 0] = 0
+    dst[into, :, h] = rows.to(dst.dtype)
+
+
+def copy_page_heads(src, src_pages, dst, dst_pages):
+    """For each (j, h): dst[dst_pages[j, h], :, h] = src[src_pages[j, h], :, h] (kv head h's rows of one page),
+    zeros where src_pages is -1, nothing where dst_pages is -1. src, dst: [num_pages, page_size, Hkv, D] of one
+    dtype (either may be a pinned pool's device view, read or written over PCIe); src_pages, dst_pages: int64
+    [n, Hkv] on dst's device. No (page, head) of dst may be named twice."""
+    if src_pages.shape != dst_pages.shape or src_pages.shape[1:] != src.shape[2:3]:
+        raise ValueError(f"src_pages {tuple(src_pages.shape)} and dst_pages {tuple(dst_pages.shape)} must both be "
+                         f"[n, {src.shape[2]}]")
+    if not (_fused(src, dst_pages) and _fused(dst, dst_pages) and src.dtype == dst.dtype):
+        return copy_page_heads_reference(src, src_pages, dst, dst_pages)
+    n, Hkv = src_pages.shape
+    if n:
+        page_size = src.shape[1]
+        _copy_heads_kernel[(n, Hkv)](src, dst, src_pages.contiguous(), dst_pages.contiguous(), N_KV_HEADS=Hkv,
+                                     HEAD_DIM=src.shape[3], PAGE_SIZE=page_size, BLOCK_R=min(page_size, 32),
+                                     num_warps=4)

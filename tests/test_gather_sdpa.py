@@ -159,6 +159,37 @@ def test_page_copy_kernels_match_reference(grad_dtype, per_head):
     assert (got != base).sum() <= grad.numel()  # ...and nothing else
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_copy_page_heads_matches_reference(dtype):
+    """kernels/page_copy.copy_page_heads (Triton; the interpreter on a CPU) against its PyTorch reference and a
+    loop over (j, kv head) on fresh random pools: each kv head's rows of its own pages into other pages, zeros
+    where the source is -1, nothing written where the destination is -1, every other row untouched. A copy:
+    exact."""
+    from kernels.page_copy import copy_page_heads, copy_page_heads_reference
+    g = torch.Generator().manual_seed(5)
+    Hkv, D, page, n_src, n_dst, n = 3, 32, 16, 10, 8, 6
+    src = torch.randn(n_src, page, Hkv, D, generator=g).to(dtype).to(DEVICE)
+    base = torch.randn(n_dst, page, Hkv, D, generator=g).to(dtype).to(DEVICE)
+    src_pages = torch.stack([torch.randperm(n_src, generator=g)[:n] for _ in range(Hkv)], 1)  # [n, Hkv]
+    dst_pages = torch.stack([torch.randperm(n_dst, generator=g)[:n] for _ in range(Hkv)], 1)  # no (page, head) twice
+    src_pages[0, 1] = src_pages[3, 0] = -1  # zeros
+    dst_pages[2, 2] = dst_pages[4, 0] = -1  # skipped
+    src_pages, dst_pages = src_pages.to(DEVICE), dst_pages.to(DEVICE)
+    got, ref = base.clone(), base.clone()
+    copy_page_heads(src, src_pages, got, dst_pages)
+    copy_page_heads_reference(src, src_pages, ref, dst_pages)
+    assert torch.equal(got, ref)
+    expected = base.clone()
+    for j in range(n):
+        for h in range(Hkv):
+            s, d = int(src_pages[j, h]), int(dst_pages[j, h])
+            if d >= 0:
+                expected[d, :, h] = src[s, :, h] if s >= 0 else 0
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="must both be"):
+        copy_page_heads(src, src_pages[:, :2], got, dst_pages[:, :2])
+
+
 def test_unsupported_parts_raise_or_fall_back():
     """Document masks, a table ending inside the chunk, and (without a fallback for their history) sparse tables
     of several query blocks are not taken: NotImplementedError, or the fallback kernel's result when one is

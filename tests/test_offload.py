@@ -64,22 +64,26 @@ def check_split(sel, first_own, own, cap):
     parts = sparse_split(sel, first_own, own, cap)
     assert parts[0].columns[0] == 0 and parts[-1].columns[1] == n
     assert all(a.columns[1] == b.columns[0] for a, b in zip(parts, parts[1:]))  # consecutive column ranges
-    loaded = [set() for _ in range(B)]
+    loaded = [[set() for _ in range(Hkv)] for _ in range(B)]
     for j, p in enumerate(parts):
         c0, c1 = p.columns
         assert p.own == (own if j == len(parts) - 1 else 0)
         assert p.slots.dtype == np.int32 and p.slots.shape == (B, Hkv, nb, c1 - c0 + p.own)
         for b in range(B):
-            assert len(p.rows[b]) <= cap
-            pages = p.rows[b][p.slots[b] - b * cap]  # what each block's table reads through the slots
-            assert np.array_equal(pages[..., :c1 - c0], sel[b, ..., c0:c1])
-            assert (pages[..., c1 - c0:] == np.arange(first_own, first_own + p.own)).all()
-            history = p.rows[b][:len(p.rows[b]) - p.own]
-            assert np.array_equal(history, np.unique(sel[b, ..., c0:c1]))  # exactly the pages named, sorted
-            loaded[b].update(history.tolist())
+            assert p.rows[b].shape[0] == Hkv and p.rows[b].shape[1] <= cap
+            for h in range(Hkv):  # what each block's table reads through the slots: kv head h's rows of them
+                pages = p.rows[b][h][p.slots[b, h] - b * cap]
+                assert np.array_equal(pages[..., :c1 - c0], sel[b, h, :, c0:c1])
+                assert (pages[..., c1 - c0:] == np.arange(first_own, first_own + p.own)).all()
+                history = p.rows[b][h][:p.rows[b].shape[1] - p.own]
+                named = np.unique(sel[b, h, :, c0:c1])  # exactly the pages named for the head, sorted, then empty
+                assert np.array_equal(history[:len(named)], named) and (history[len(named):] == -1).all()
+                loaded[b][h].update(named.tolist())
+            assert max(len(np.unique(sel[b, h, :, c0:c1])) for h in range(Hkv)) == p.rows[b].shape[1] - p.own
         nxt = parts[j + 1] if j + 1 < len(parts) else None
-        assert p.shares_next == (nxt is not None and any(set(p.rows[b]) & set(nxt.rows[b]) for b in range(B)))
-    assert loaded == [set(sel[b].flatten().tolist()) for b in range(B)]  # every selected page, no other
+        assert p.shares_next == (nxt is not None and any(
+            set(p.rows[b][h][p.rows[b][h] >= 0]) & set(nxt.rows[b][h]) for b in range(B) for h in range(Hkv)))
+    assert loaded == [[set(sel[b, h].flatten().tolist()) for h in range(Hkv)] for b in range(B)]  # all, no other
     return parts
 
 
@@ -89,14 +93,18 @@ def test_sparse_split_covers_the_selection_in_buffer_sized_parts():
     sel = np.sort(np.stack([rng.choice(history, n, replace=False) for _ in range(B * Hkv * nb)]), -1)
     sel = sel.reshape(B, Hkv, nb, n)
     assert len(check_split(sel, history, 2, 64)) == 1  # a roomy buffer: one part with every column
-    parts = check_split(sel, history, 2, 8)  # 6 history slots for up to 24 distinct pages: several parts
+    parts = check_split(sel, history, 2, 6)  # 4 history slots for up to 12 distinct pages per head: several parts
     assert len(parts) > 1
     # block 1 is one page ahead of block 0: its column j is block 0's column j + 1
     ahead = np.broadcast_to(np.array([[0, 1, 2, 3], [1, 2, 3, 4]]), (B, 1, 2, n))
     parts = check_split(ahead, 5, 1, 3)  # room for 2 history pages: one column per part, neighbours share a page
     assert len(parts) == n and all(p.shares_next for p in parts[:-1])
+    # the kv heads choose apart: head 1 reads pages 8.. where head 0 reads 0..; each slot serves both heads
+    apart = np.stack([np.broadcast_to(np.arange(4), (2, 4)), np.broadcast_to(np.arange(8, 12), (2, 4))])[None]
+    parts = check_split(apart, 12, 1, 5)  # room for 4 history slots: both heads' 4 pages in one part
+    assert len(parts) == 1 and parts[0].rows[0].shape == (2, 5) and not parts[0].shares_next
     with pytest.raises(ValueError, match="raise cache_tokens"):
-        sparse_split(sel, history, 3, 8)  # 6 (kv head, block) pairs do not fit 8 - 3 slots
+        sparse_split(sel, history, 6, 8)  # 3 blocks do not fit 8 - 6 slots
 
 
 # ------------------------------------------------------------------------------------ the store
@@ -159,7 +167,8 @@ def test_gradient_pages_dirty_only_after_write_back():
     store.reset()
     chunked_step(model, idx, targets, chunk_size=32, page_size=16, store=store)
     # every page but the last chunk's was history to a later chunk, so was written back (then released)
-    assert store.pool.dirty.sum() == model.config.num_hidden_layers * (128 - 32) // 16
+    assert store.pool.dirty.all(1).sum() == model.config.num_hidden_layers * (128 - 32) // 16  # in every kv head
+    assert store.pool.dirty.any(1).sum() == store.pool.dirty.all(1).sum()
 
 
 def test_bf16_gradient_pages_stay_close():
@@ -214,13 +223,13 @@ def test_bad_arguments():
 
 def test_sparse_offload_equals_the_gpu_store():
     """Sparse attention with offloaded pages: two steps of different lengths on one (poisoned) store give the
-    loss and gradients of the in-GPU sparse store, with the same selections. Buffers of 6 pages (4 beside the
-    chunk's own 2) against selections of 4 pages x 4 (kv head, query block) pairs: calls split into several
-    column parts, some sharing pages (gradients added across parts). Scattered pages move by gather/scatter."""
+    loss and gradients of the in-GPU sparse store, with the same selections. Buffers of 4 pages (2 beside the
+    chunk's own 2) against selections of 4 pages x 2 query blocks per kv head: calls split into several column
+    parts, some sharing (kv head, page)s (gradients added across parts). Scattered pages move per kv head."""
     model = tiny_model(7)
     page, chunk, sparse = 16, 32, SparseConfig(budget=64, q_block=16)
     gpu_store = PagedKVStore.for_sequence(model, 2, 160, page, torch.float32, DEVICE, sparse=sparse, kernel=REF)
-    store = OffloadedKVStore.for_sequence(model, 2, 160, page, torch.float32, DEVICE, cache_tokens=6 * page,
+    store = OffloadedKVStore.for_sequence(model, 2, 160, page, torch.float32, DEVICE, cache_tokens=4 * page,
                                           sparse=sparse, kernel=REF)
     store.pool.max_copies = 1  # scattered pages by gather/scatter (a GPU reads the pinned pool in place)
     poison(store)
@@ -236,7 +245,7 @@ def test_sparse_offload_equals_the_gpu_store():
         (ref_loss, ref), (loss, grads) = results
         assert logs[0].keys() == logs[1].keys() and all(torch.equal(logs[0][k], logs[1][k]) for k in logs[0])
         # the selections are the kind the planner splits into several parts, some sharing pages
-        splits = [sparse_split(sel.numpy(), start // page, chunk // page, 6) for (_, start), sel in logs[1].items()
+        splits = [sparse_split(sel.numpy(), start // page, chunk // page, 4) for (_, start), sel in logs[1].items()
                   if start]
         assert any(len(s) > 1 for s in splits) and any(p.shares_next for s in splits for p in s)
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), f"step {step}"
