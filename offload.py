@@ -73,8 +73,9 @@ NUM_BUFFERS = 3  # GPU cache buffers: one computing, one loading, one writing ba
 class BufferLoad:
     """Pages of one layer that go through one buffer together (offload_plan.py plans them). rows[b]: batch row b's
     logical page indices in slot order (its i-th page in slot b * cap + i) - [n] whole pages, or for a sparse part
-    [Hkv, n], each kv head's own pages (-1: an empty slot) - the last `own` of them the chunk's own pages: their K/V come from the compute stream, not the host, and in a backward their gradient (what later
-    chunks accumulated) loads like the history's but goes to autograd instead of back to the host. A sparse load
+    [Hkv, n], each kv head's own pages (-1: an empty slot) - the last `own` of them the chunk's own pages: their
+    K/V come from the compute stream, not the host, and in a backward their gradient (what later chunks
+    accumulated) loads like the history's but goes to autograd instead of back to the host. A sparse load
     has `table` [B, Hkv, n_blocks, n_cols] int32 on the device, the buffer slots of each block's selected pages
     in its columns (then of the own pages, in the last part)."""
     layer: int
