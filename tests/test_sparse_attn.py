@@ -290,6 +290,30 @@ def test_index_bytes_follow_the_rule(rule):
     assert selections == 2 * 4 * 2 * cfg.num_key_value_heads * 4 * 4 * 4  # layers, chunks, rows, kv heads, blocks
 
 
+def test_selection_index_orders_owners_by_their_loops():
+    """paged_attention_backward.selection_index: the inverse of a selection the sparse dK/dV kernel loops over.
+    Every (block, page) entry appears once, grouped by (kv head, page) in key order with its block and column;
+    the programs take each group's first entry (its owner) first, longest group first, then the others."""
+    from kernels.paged_attention_backward import selection_index
+    g = torch.Generator().manual_seed(4)
+    B, Hkv, nb, n, pool = 2, 2, 5, 3, 9
+    table = torch.stack([torch.randperm(pool, generator=g)[:n] for _ in range(B * Hkv * nb)]).view(B, Hkv, nb, n)
+    table[0, 1, :, 0] = 7  # page 7 of (row 0, kv head 1) chosen by every block: the longest loop
+    keys, blocks, run_end, cols, order = selection_index(table.int().to(DEVICE), pool)
+    keys, blocks, run_end, cols, order = (t.cpu() for t in (keys, blocks, run_end, cols, order))
+    expect = sorted((((b * Hkv + h) * pool + int(table[b, h, k, c])), k, c)
+                    for b in range(B) for h in range(Hkv) for k in range(nb) for c in range(n))
+    assert [(int(x), int(k), int(c)) for x, k, c in zip(keys, blocks, cols)] == expect
+    first = torch.searchsorted(keys, keys)
+    assert torch.equal(run_end, torch.searchsorted(keys, keys, right=True))
+    assert sorted(order.tolist()) == list(range(keys.numel()))  # a permutation of the entries
+    owners = int((first == torch.arange(keys.numel())).sum())
+    lengths = (run_end - first)[order.long()]
+    assert (first[order.long()[:owners]] == order[:owners]).all()  # owners first...
+    assert (lengths[:owners].diff() <= 0).all() and lengths[0] == nb  # ...longest loop first
+    assert (first[order.long()[owners:]] != order[owners:]).all()  # then every other entry
+
+
 def test_bad_page_tables():
     B, C, H, Hkv, D, ps = 1, 40, 4, 2, 16, 16
     p = make_sparse_problem(B, C, 3, 2, H, Hkv, D, ps, 16, torch.float32, seed_of("bad"))
