@@ -20,7 +20,7 @@ import weakref
 import numpy as np
 import torch
 
-from kernels.page_copy import copy_page_heads
+from kernels.page_copy import copy_page_heads, copy_page_heads_reference
 from offload_plan import runs
 from paged_kv import OutOfPages, PageAllocator, to_device
 
@@ -67,6 +67,9 @@ class PinnedPagePool:
                              for name in ("k", "v", "dk", "dv")}
         self.allocators = [[PageAllocator(per_row, (layer * batch + b) * per_row) for b in range(batch)]
                            for layer in range(num_layers)]
+        # per-head moves: the Triton kernel on a GPU; on a CPU plain indexing, its reference (the kernel is tested
+        # against it on its own: interpreted per move, it would make every store test crawl)
+        self._copy_heads = copy_page_heads if cuda else copy_page_heads_reference
         self.n_kv_heads = page_shape[1]
         # [num_pages, Hkv]: the gradient page's rows of that kv head written back since it was allocated
         self.dirty = np.zeros((num_pages, self.n_kv_heads), dtype=bool)
@@ -131,8 +134,8 @@ class PinnedPagePool:
                 return self._copy_pages_in(name, dst, pages, None if load is None else load[:, 0])
             pages, load = np.broadcast_to(pages, (self.n_kv_heads, len(pages))), load.T
         load = pages >= 0 if load is None else load & (pages >= 0)
-        copy_page_heads(self.device_views[name], self._indices(np.where(load, pages, -1).T), dst,
-                        self._slots(pages.shape[1]))
+        self._copy_heads(self.device_views[name], self._indices(np.where(load, pages, -1).T), dst,
+                         self._slots(pages.shape[1]))
         self.bytes_moved["h2d"] += int(load.sum()) * dst[0].nbytes // self.n_kv_heads
 
     def _copy_pages_in(self, name, dst, pages, load=None):
@@ -157,7 +160,7 @@ class PinnedPagePool:
         """Host pages <- buffer slots: pool `name`[pages[i]] = src[i] for whole pages [n]; for per-head pages
         [Hkv, n], head h's rows of page pages[h, i] = those of slot i (nothing where it is -1)."""
         if pages.ndim == 2:
-            copy_page_heads(src, self._slots(pages.shape[1]), self.device_views[name], self._indices(pages.T))
+            self._copy_heads(src, self._slots(pages.shape[1]), self.device_views[name], self._indices(pages.T))
             self.bytes_moved["d2h"] += int((pages >= 0).sum()) * src[0].nbytes // self.n_kv_heads
             return
         dst, page_runs = getattr(self, name), runs(pages)
