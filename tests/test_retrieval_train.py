@@ -136,15 +136,24 @@ def test_ctrl_c_keeps_the_finished_steps_and_plots_them(tmp_path):
     import time
     out = str(tmp_path / "run")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.Popen([sys.executable, "retrieval_train.py", "train", "--out", out, "--attn", "dense", *TOY,
-                             "--steps", "100000", "--eval-every", "1000"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the run starts with SIGINT's default action, as a terminal's foreground job does: under a shell that ignores
+    # SIGINT (a background job of a script), Python would keep ignoring it and the run would train on. -X
+    # faulthandler: a run that does not stop prints every thread's stack at SIGABRT (below)
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "retrieval_train.py", "train", "--out", out,
+                             "--attn", "dense", *TOY, "--steps", "100000", "--eval-every", "1000"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = os.path.join(out, "log.jsonl")
     deadline = time.monotonic() + 120
     while not (os.path.exists(log) and open(log).read().count("\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"no exit within 120 s of SIGINT; the run's stacks at SIGABRT:\n{stderr[-6000:]}\n{stdout}")
     assert proc.returncode == 130, stderr[-2000:]
     records = [json.loads(line) for line in open(log)]
     assert len(records) >= 2 and [r["step"] for r in records] == list(range(1, len(records) + 1))
