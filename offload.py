@@ -104,7 +104,7 @@ class BufferLoad:
 
 def _physical(table, rows):
     """Physical pages of logical ones (rows: any shape, -1 = none, kept)."""
-    return np.where(rows >= 0, table[np.maximum(rows, 0)], -1) if rows.size else table[rows]
+    return np.where(rows >= 0, table[np.maximum(rows, 0)], -1)
 
 
 class _Buffer:
@@ -193,9 +193,9 @@ class _BufferCache:
                 pool.copy_in("v", buf.v[b * cap:b * cap + load.n_history(b)], history)
                 if load.backward:  # gradient pages never written back this step are zero: no copy
                     pages = _physical(table, load.rows[b])
-                    slots = slice(b * cap, b * cap + pages.shape[-1])
-                    pool.copy_in("dk", buf.dk[slots], pages, pool.dirty_of(pages))
-                    pool.copy_in("dv", buf.dv[slots], pages, pool.dirty_of(pages))
+                    slots, dirty = slice(b * cap, b * cap + pages.shape[-1]), pool.dirty_of(pages)
+                    pool.copy_in("dk", buf.dk[slots], pages, dirty)
+                    pool.copy_in("dv", buf.dv[slots], pages, dirty)
         buf.load, buf.loaded, buf.busy = load, streams.record(streams.h2d), []
 
     def write_back(self, buf):
