@@ -145,21 +145,18 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, OR
         slot = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         rows = (key % n_pool) * stride_page + slot * stride_tok
         grows = (key % n_pool) * stride_gpage + slot * stride_gtok
-        # history pages are full: all rows for the owner, none for the others (a [BLOCK_N] vector built by
-        # addition: the interpreter rejects masks made by and-ing a vector with a scalar)
-        ok = tl.zeros([BLOCK_N], tl.int32) + owner.to(tl.int32) > 0
-        load_len = tl.where(owner, kv_len, 0)  # a sparse entry's rows are all there, none for non-owners
+        rows_len = tl.where(owner, kv_len, 0)  # history pages are full: all rows for the owner, none for others
     else:
         n0 = tl.program_id(0) * BLOCK_N
         bk = tl.program_id(1)
         pt_row = PT + bk // N_KV_HEADS * stride_ptb
         rows = _page_rows(pt_row, n0, kv_len, stride_page, stride_tok, PAGE_SIZE, BLOCK_N)
         grows = _page_rows(pt_row, n0, kv_len, stride_gpage, stride_gtok, PAGE_SIZE, BLOCK_N)
-        ok = n0 + tl.arange(0, BLOCK_N) < kv_len
-        load_len = kv_len
+        rows_len = kv_len
     b, kvh = bk // N_KV_HEADS, bk % N_KV_HEADS
     kv_pos = n0 + tl.arange(0, BLOCK_N)
-    k, v = _load_kv(K + kvh * stride_kvh, V + kvh * stride_kvh, rows, n0, load_len, offs_d, BLOCK_N,
+    ok = kv_pos < rows_len  # the tile's rows this program reads and writes
+    k, v = _load_kv(K + kvh * stride_kvh, V + kvh * stride_kvh, rows, n0, rows_len, offs_d, BLOCK_N,
                     True)  # [BLOCK_N, D]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
