@@ -34,11 +34,13 @@ attends to a budget of selected history pages; stage 1 stores the selection and 
 is the exact gradient of that sparse-attention model.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from kept_outputs import KeptMLPOutputs
 from model import check_doc_start, trained_tokens
 from paged_kv import PagedKVStore
 from precision import fp32_gradients
@@ -149,12 +151,13 @@ def _slice(doc_start, s, e):
 
 @torch.no_grad()
 def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=None, progress=False,
-            doc_start=None, token_losses=None):
+            doc_start=None, token_losses=None, mlp_outputs=None):
     """Stage 1: append every layer's K/V of idx [B, T] to `store`, chunk by chunk, left to right.
     With `targets`, also run the head and return the summed token loss (evaluation; IGNORE_INDEX targets add
     nothing); without, the last layer stops at its K/V projection and None is returned. token_losses: an fp32
     [B, T] tensor to write each position's loss into (with targets). doc_start [B, T]: document starts (see
-    chunked_step). progress: a bar of its own (True) or a step's StepProgress."""
+    chunked_step). progress: a bar of its own (True) or a step's StepProgress. mlp_outputs: a KeptMLPOutputs
+    installed in the model, told each chunk (it keeps their MLP outputs)."""
     B, T = idx.shape
     last = model.config.num_hidden_layers - 1
     loss_sum = torch.zeros((), device=idx.device)
@@ -162,6 +165,8 @@ def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=
     for s, e in tqdm(_chunks(T, chunk_size), desc="stage 1", leave=False, disable=progress is not True):
         ds = _slice(doc_start, s, e)
         backend = ChunkAttention(store, s, keep_outputs=targets is None, doc_start=ds)
+        if mlp_outputs is not None:
+            mlp_outputs.chunk = (s, e - s)
         with _autocast(model, idx.device, compute_dtype):
             x = model.embed(idx[:, s:e])
             cos, sin = model.rope(s, e - s, idx.device, doc_start=ds)
@@ -184,7 +189,7 @@ def fill_kv(model, idx, store, chunk_size, compute_dtype=torch.float32, targets=
 
 def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dtype=torch.float32, store=None,
                  checkpoint=False, progress=False, doc_start=None, detach_history=False,
-                 keep_activations: int = 0) -> float:
+                 keep_activations: int = 0, mlp_cache_bytes: int = 0) -> float:
     """Forward + backward of the mean token loss over idx/targets [B, T]; gradients accumulate into param.grad
     (fp32 parameters) or param.main_grad (bf16 parameters), in fp32 either way.
 
@@ -201,6 +206,8 @@ def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dty
     not the exact gradient.
     keep_activations: how many chunks before the last keep their forward from stage 1 for stage 2 (module
     docstring); at most chunks - 1 take effect.
+    mlp_cache_bytes: memory for the MLP down projections' outputs that stage 1 keeps so that stage 2 skips those
+    GEMMs (kept_outputs.KeptMLPOutputs; the same gradient); 0 (or checkpoint): none kept.
     Returns the loss (a float)."""
     B, T = idx.shape
     if store is None:
@@ -216,11 +223,22 @@ def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dty
     # n_kept chunks before it run with grad (below), so the no-grad part stops at the first of them
     s_kept = chunks[len(chunks) - 1 - n_kept][0]
     bar = StepProgress(len(chunks) - 1, len(chunks), B * chunk_size, progress)
-    fill_kv(model, idx[:, :s_kept], store, chunk_size, compute_dtype, progress=bar,
-            doc_start=_slice(doc_start, 0, s_kept))
+    # with checkpoint, each layer's forward runs again inside its backward: nothing to keep for
+    mlp_outputs = KeptMLPOutputs(mlp_cache_bytes) if mlp_cache_bytes > 0 and not checkpoint else None
+    with mlp_outputs.installed(model) if mlp_outputs is not None else contextlib.nullcontext():
+        fill_kv(model, idx[:, :s_kept], store, chunk_size, compute_dtype, progress=bar,
+                doc_start=_slice(doc_start, 0, s_kept), mlp_outputs=mlp_outputs)
+        total = _stage_2(model, idx, targets, chunks, n_kept, store, bar, detach_history,
+                         compute_dtype=compute_dtype, checkpoint=checkpoint, n_trained=n_trained,
+                         doc_start=doc_start, mlp_outputs=mlp_outputs)
+    bar.close()
+    return total.item()
 
+
+def _stage_2(model, idx, targets, chunks, n_kept, store, bar, detach_history, **per_chunk):
+    """The kept chunks' forwards (stage 1's order), then every chunk's backward right to left, recomputing the
+    forward of those not kept. Returns the summed loss (a tensor)."""
     total = torch.zeros((), device=idx.device)
-    per_chunk = dict(compute_dtype=compute_dtype, checkpoint=checkpoint, n_trained=n_trained, doc_start=doc_start)
     with fp32_gradients(model):  # the kept forwards too: their weight gradients go where stage 2's go
         kept = {}  # chunk start -> ChunkForward, in stage 1's order (they store their K/V as they run)
         for s, e in chunks[len(chunks) - 1 - n_kept:-1]:
@@ -230,8 +248,7 @@ def chunked_step(model, idx, targets, chunk_size=4096, page_size=64, compute_dty
             forward = kept.pop(s) if s in kept else forward_chunk(model, idx, targets, s, e, store, **per_chunk)
             total += forward.backward(store, detach_history)
             bar.chunk_done(2)
-    bar.close()
-    return total.item()
+    return total
 
 
 @dataclass
@@ -259,13 +276,16 @@ class ChunkForward:
 
 
 def forward_chunk(model, idx, targets, s, e, store, compute_dtype=torch.float32, checkpoint=False, n_trained=None,
-                  doc_start=None) -> ChunkForward:
+                  doc_start=None, mlp_outputs=None) -> ChunkForward:
     """The forward with grad of the chunk [s, e) of idx/targets [B, T] over the store's history (it stores the
     chunk's K/V unless stored), and the loss's sliced head backward: (sum of the chunk's token losses) /
-    n_trained (trained_tokens(targets) of the whole idx if None)."""
+    n_trained (trained_tokens(targets) of the whole idx if None). mlp_outputs: a KeptMLPOutputs installed in the
+    model (the chunk's MLP outputs kept in stage 1 are taken from it)."""
     if n_trained is None:
         n_trained = trained_tokens(targets)
     ds = _slice(doc_start, s, e)
+    if mlp_outputs is not None:
+        mlp_outputs.chunk = (s, e - s)
     with _autocast(model, idx.device, compute_dtype):
         x = model.hidden(idx[:, s:e], attn=ChunkAttention(store, s, doc_start=ds), start_pos=s,
                          checkpoint=checkpoint, doc_start=ds)

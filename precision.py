@@ -46,13 +46,18 @@ class _LinearMainGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        weight_main_grad, bias_main_grad = ctx.main_grads
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # [tokens, out_features]
-        add_matmul_fp32(weight_main_grad, grad_2d.t(), x.reshape(-1, x.shape[-1]))  # [out, in] += dY^T X
-        if bias_main_grad is not None:
-            bias_main_grad += grad_2d.sum(0, dtype=torch.float32)
+        add_linear_main_grads(grad_out, x, *ctx.main_grads)
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None, None
+
+
+def add_linear_main_grads(grad_out, x, weight_main_grad, bias_main_grad=None):
+    """The weight (and bias) gradients of y = x W^T + b added into fp32 main_grad tensors: grad_out [..., out],
+    x [..., in]; W's [out, in] += dY^T X, b's [out] += the sum of dY over tokens, both summed in fp32."""
+    grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # [tokens, out_features]
+    add_matmul_fp32(weight_main_grad, grad_2d.t(), x.reshape(-1, x.shape[-1]))
+    if bias_main_grad is not None:
+        bias_main_grad += grad_2d.sum(0, dtype=torch.float32)
 
 
 class FP32GradLinear(nn.Linear):
