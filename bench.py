@@ -111,6 +111,9 @@ def parse_args(argv=None):
     s.add_argument("--no-baseline", action="store_true", help="skip the full-sequence baseline")
     s.add_argument("--output-cache", type=float, default=0.0,
                    help="GiB of stage-1 attention outputs a GPU store keeps for stage 2 (train.py sizes this itself)")
+    s.add_argument("--mlp-cache", type=float, default=0.0,
+                   help="GiB of stage-1 MLP down-projection outputs kept for stage 2, which then skips those GEMMs "
+                        "(chunked_step's mlp_cache_bytes)")
     s.add_argument("--keep-activations", type=int, default=0, metavar="N",
                    help="the N chunks before the last keep their stage-1 forward for stage 2, which then runs only "
                         "their backward (chunked_step; N chunks' activations more memory, N forwards fewer)")

@@ -89,6 +89,7 @@ def bench_step(args, device, rec):
     kernel = named_kernel(args.attn_kernel, device, size)
     base = dict(mode="step", model=args.model, attn_kernel=kernel_name(args.attn_kernel, device, size),
                 batch=args.batch, chunk=args.chunk, checkpoint=args.checkpoint, output_cache_gib=args.output_cache,
+                mlp_cache_gib=args.mlp_cache,
                 keep_activations=args.keep_activations, params_dtype=args.params_dtype,
                 params_gib=r(param_bytes / GiB), grads_gib=r(grad_bytes / GiB))
     last_time = {}  # path -> (length, median step seconds): predicts the next point's time for --time-budget
@@ -162,7 +163,8 @@ def bench_step(args, device, rec):
                                             args.checkpoint)
                     return chunked_step(model, idx, tgt, args.chunk, page_size, bf16, store=store,
                                         checkpoint=args.checkpoint, progress=args.progress,
-                                        keep_activations=args.keep_activations)
+                                        keep_activations=args.keep_activations,
+                                        mlp_cache_bytes=int(args.mlp_cache * 2**30))
             else:
                 def step():
                     return full_sequence_step(model, idx, tgt, bf16, checkpoint=True)
