@@ -15,7 +15,8 @@ RAM, so their sum is what must fit.
     loss slice                         one slice of Model.loss's logits and their gradients
     chunked path: the KV/dKV page pool (grows with --seq), or offloaded a fixed page cache with the pool on the host;
     sparse attention's page summaries and selections (grow with --seq); --keep-activations' chunks, one chunk's
-    activations each; stage-1 attention outputs kept for stage 2 in part of what is left (OUTPUT_CACHE_SHARE).
+    activations each; stage-1 attention outputs kept for stage 2 in part of what is left (OUTPUT_CACHE_SHARE), then
+    stage-1 MLP outputs in part of the rest (MLP_CACHE_SHARE).
 
     weights, gradients and optimizer state by --params-dtype (state_parts):
       float32               4 + 4 + AdamW 8 (or Adafactor's factors) per parameter
@@ -80,6 +81,12 @@ DEFAULT_Q_BLOCK = 128
 # cache is small, kept chunks gave 1.061x -> 1.118x and 1.022x -> 1.061x (bench/RESULTS.md).
 KEPT_SHARE = 0.5
 OUTPUT_CACHE = "attention outputs kept for stage 2"
+# Stage 1's MLP down-projection outputs, kept so that stage 2 skips those GEMMs (kept_outputs.KeptMLPOutputs), take
+# at most this share of what is left after the output cache and the kept chunks. Per byte they save less than the
+# output cache at long histories (the 7B: 19K FLOPs a byte against ~130K for dense attention outputs at 64K of
+# history), so they come last.
+MLP_CACHE_SHARE = 0.5
+MLP_CACHE = "MLP outputs kept for stage 2"
 KEPT_ACTIVATIONS = "activations of the chunks kept from stage 1 (--keep-activations)"
 # --attn-kernel sdpa (kernels/gather_sdpa.py) at its largest call: per history token of the part, K and V gathered
 # into contiguous tensors and, in the backward, their gradients, in the compute dtype, plus one fp32 copy at a time
@@ -368,7 +375,18 @@ def plan_run(cfg: ModelConfig, args, memory: Memory) -> Plan:
         plan.device[OUTPUT_CACHE] = min(need, int(OUTPUT_CACHE_SHARE * max(0, spare)))
         if getattr(args, "keep_activations", None) == "auto" and not args.sparse:
             _keep_auto(plan, cfg, args, memory, output_bytes)
+        _mlp_cache(plan, cfg, args, memory)
     return plan
+
+
+def _mlp_cache(plan: Plan, cfg: ModelConfig, args, memory: Memory):
+    """The MLP outputs stage 1 keeps: every layer's but the last one's (it stops at its K/V), for the chunks stage 2
+    recomputes, within MLP_CACHE_SHARE of what the plan leaves."""
+    per_token = (cfg.num_hidden_layers - 1) * cfg.hidden_size * DTYPES[args.dtype].itemsize * args.batch
+    need = per_token * max(0, args.seq - args.chunk * (1 + plan.keep_activations))
+    spare = int(USABLE_SHARE * memory.device) - sum(plan.device.values())
+    if need and spare > 0:
+        plan.device[MLP_CACHE] = min(need, int(MLP_CACHE_SHARE * spare))
 
 
 def _keep_auto(plan: Plan, cfg: ModelConfig, args, memory: Memory, output_bytes: int):

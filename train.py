@@ -139,14 +139,15 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=enabled)
 
 
-def train_step(model, x, y, args, device, store, doc_start=None) -> float:
+def train_step(model, x, y, args, device, store, doc_start=None, mlp_cache_bytes=0) -> float:
     """Forward + backward of one batch (doc_start: packed documents, data.Batch); leaves the gradient of the mean
-    loss over the trained tokens in param.grad (bf16 weights: in fp32 param.main_grad, precision.fp32_gradients)."""
+    loss over the trained tokens in param.grad (bf16 weights: in fp32 param.main_grad, precision.fp32_gradients).
+    mlp_cache_bytes: the chunked path's stage-1 MLP outputs kept for stage 2 (the plan's MLP_CACHE)."""
     with fp32_gradients(model):
         if chunked(args):
             return chunked_step(model, x, y, args.chunk, args.page_size, DTYPES[args.dtype], store=store,
                                 progress=args.seq >= 8 * args.chunk, doc_start=doc_start,
-                                keep_activations=args.keep_activations)
+                                keep_activations=args.keep_activations, mlp_cache_bytes=mlp_cache_bytes)
         with autocast(args, device):
             hidden = model.hidden(x, doc_start=doc_start)
             scale = 1.0 / max(trained_tokens(y), 1)
@@ -352,6 +353,8 @@ def run_rank(args, data, device, layout):
     tokens_per_step, step, rates, loss, val_loss = args.seq * args.batch * dp, start, [], float("nan"), None
     mem_label = "mem" if device.type == "cuda" else "rss"  # allocated tensors on a GPU; the whole process on a CPU
     saves = args.save != "never"
+    # a single-device model's down projections (tensor parallelism wraps them; context parallelism splits the chunks)
+    mlp_cache_bytes = 0 if layout else plan.device.get(planner.MLP_CACHE, 0)
     plotted = time.time()  # OUT/*.png (plots.py): at an evaluation PLOT_EVERY_S after the last, and at the end
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", dynamic_ncols=True,
                disable=not main)
@@ -366,7 +369,7 @@ def run_rank(args, data, device, layout):
             if layout:
                 batch = layout.local_batch(batch)
             batch = batch.to(device)
-            loss = train_step(model, batch.x, batch.y, args, device, store, batch.doc_start)
+            loss = train_step(model, batch.x, batch.y, args, device, store, batch.doc_start, mlp_cache_bytes)
             if layout:  # once per step, after every chunk's backward
                 layout.reduce_gradients(model)
                 loss = layout.mean(loss)

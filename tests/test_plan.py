@@ -239,3 +239,22 @@ def test_a_cpu_plan_counts_one_ram_and_labels_it():
     plan = planner.plan_run(preset("tiny"), args, planner.Memory(device=GIB // 100, host=8 * GIB, on_gpu=False))
     assert plan.offload and "of RAM" in plan.refusal
     assert "REFUSED" in planner.describe(plan, ram, args)[-1]
+
+
+def test_mlp_cache_takes_half_of_what_the_output_cache_leaves():
+    """After the output cache, stage 1's MLP outputs (every layer's but the last, for the chunks stage 2
+    recomputes) take MLP_CACHE_SHARE of what is left, at most what the step keeps; none with offloaded pages."""
+    argv = ("--model", "qwen2.5-0.5b", "--seq", "65536", "--chunk", "8192", "--dtype", "bfloat16", "--attn", "sparse")
+    cfg = preset("qwen2.5-0.5b")
+    args = settings(*argv)
+    fixed = planner.parts(cfg, args)
+    cache = planner.PagedKVStore.output_bytes_per_token(cfg, torch.bfloat16) * (65536 - 8192)
+    need = (cfg.num_hidden_layers - 1) * cfg.hidden_size * 2 * (65536 - 8192)
+    for spare, mlp in ((2 * cache, cache // 2), (2 * cache + 3 * need, need)):  # half the rest; all it needs
+        free = (sum(fixed.device.values()) + spare) / planner.USABLE_SHARE
+        plan = planner.plan_run(cfg, args, planner.Memory(device=int(free), host=100 * GIB, on_gpu=True))
+        assert plan.device[planner.OUTPUT_CACHE] == cache
+        assert abs(plan.device[planner.MLP_CACHE] - mlp) <= 1024
+    plan = planner.plan_run(cfg, settings(*argv, "--offload", "on"),
+                            planner.Memory(device=1000 * GIB, host=100 * GIB, on_gpu=True))
+    assert planner.MLP_CACHE not in plan.device
