@@ -18,6 +18,8 @@ keep_activations=N (memory for speed): the N chunks before the last run stage 1 
 forward kept as in any backprop; stage 2 then runs only their backward, in the same right-to-left order, so the
 gradient is the same. Each kept chunk saves a forward of the whole chunk (stage 2's recomputation), for one chunk's
 activations more of memory per kept chunk (with N = chunks - 1 nothing is recomputed: plain backprop, chunk by chunk).
+mlp_cache_bytes=M (memory for speed, finer grained): stage 1 keeps the MLP down projections' outputs within M bytes
+and stage 2's recomputation takes them instead of running those GEMMs (kept_outputs.KeptMLPOutputs).
 
 After the step, the parameters' gradients are those of the mean token loss of the whole batch, as full-sequence
 backprop would compute them, accumulated in fp32 across chunks in either of two set-ups:

@@ -62,8 +62,9 @@ class KeptMLPOutputs:
     Stage 2 recomputes a chunk's forward for its backward. The down projection's output only feeds the residual
     stream, and its backward needs only the projection's input h and weight, so with stage 1's y at hand (the same
     value: recomputation is deterministic, as the stored K/V already assume) stage 2 skips that GEMM: 2 x
-    intermediate FLOPs per element kept, the most of any of a layer's outputs (the 7B: 37.9K per element, 0.45
-    PFLOP of a 128K step for 22 GiB). Chunks keep theirs in stage 1's order while `budget_bytes` allow.
+    intermediate FLOPs per element kept, the most of any of a layer's outputs (the 7B: 37.9K per element; its sparse
+    128K step in 4096-token chunks skips 0.47 PFLOP for 21.3 GiB and ran 0.67-0.78 s faster, bench/RESULTS.md).
+    Chunks keep theirs in stage 1's order while `budget_bytes` allow.
 
     installed(model) routes each layer's mlp.down_proj through this for a step; `chunk` = (start, length) names the
     chunk running now (chunk_train sets it): without grad a call keeps its output, with grad it takes the kept one
