@@ -130,14 +130,9 @@ class _KeptOutputLinear(nn.Module):
         y = self.cache.take(self.layer)
         if y is None:
             return self.base(h)
-        weight, bias = self.base.weight, self.base.bias
-        # where the base's backward would put the parameters' gradients: FP32GradLinear's main_grads, when it uses them
-        main_grads = None
-        has_main = getattr(weight, "main_grad", None) is not None and (
-            bias is None or getattr(bias, "main_grad", None) is not None)
-        if type(self.base) is FP32GradLinear and weight.requires_grad and has_main:
-            main_grads = (weight.main_grad, None if bias is None else bias.main_grad)
-        return _LinearOfKeptOutput.apply(h, weight, bias, _Holder(y), main_grads)
+        # the parameters' gradients go where the base's backward would put them
+        main_grads = self.base.main_grads() if type(self.base) is FP32GradLinear else None
+        return _LinearOfKeptOutput.apply(h, self.base.weight, self.base.bias, _Holder(y), main_grads)
 
 
 class _Holder:

@@ -72,13 +72,21 @@ class FP32GradLinear(nn.Linear):
         swapped.__dict__.update(vars(linear))
         return swapped
 
-    def forward(self, x):
+    def main_grads(self):
+        """(weight's, bias's or None) fp32 main_grad tensors that this call's backward adds into, or None when it
+        runs as nn.Linear (no main_grad, or no gradient wanted)."""
         weight_main_grad = getattr(self.weight, "main_grad", None)
         bias_main_grad = getattr(self.bias, "main_grad", None)
         if (weight_main_grad is None or (self.bias is not None and bias_main_grad is None)
                 or not (torch.is_grad_enabled() and self.weight.requires_grad)):
+            return None
+        return weight_main_grad, bias_main_grad
+
+    def forward(self, x):
+        main_grads = self.main_grads()
+        if main_grads is None:
             return F.linear(x, self.weight, self.bias)
-        return _LinearMainGrad.apply(x, self.weight, self.bias, weight_main_grad, bias_main_grad)
+        return _LinearMainGrad.apply(x, self.weight, self.bias, *main_grads)
 
 
 def low_precision_params(model):
