@@ -14,8 +14,9 @@ The default backend, `DenseAttention`, is causal full-sequence attention through
 Activations are what long-context training runs out of, so the per-token ops save only what their backward needs:
 on the GPU, RMSNorm, RoPE and SwiGLU are fused Triton kernels (kernels/layer_ops.py; the plain formulas here are the
 CPU path and the tests' reference), and `Model.loss` runs the LM head and cross-entropy a slice of tokens at a time,
-backpropagating each slice at once, so a chunk's logits never exist whole. A bf16 layer keeps 5 x hidden +
-2 x intermediate values per token (tests/test_model.py pins this), half of what autograd on the formulas keeps.
+backpropagating each slice at once, so a chunk's logits never exist whole, and its cross-entropy is fused too
+(kernels/cross_entropy.py: no fp32 copy of the logits). A bf16 layer keeps 5 x hidden + 2 x intermediate values
+per token (tests/test_model.py pins this), half of what autograd on the formulas keeps.
 
 Every projection is a plain nn.Linear, called as a module on every path, so hooks, wrappers (LoRA) and module swaps
 from outside (precision.py's fp32 gradient accumulation) see every call. The MLP's down_proj gets h = silu(gate) * up
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from kernels import layer_ops
+from kernels.cross_entropy import token_cross_entropy
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -390,9 +392,8 @@ class Model(nn.Module):
         for a in range(0, T, step):
             xs = x[:, a:a + step].detach().requires_grad_(backward)
             with torch.set_grad_enabled(backward):
-                logits = self.head(xs).float().flatten(0, 1)
-                loss = F.cross_entropy(logits, targets[:, a:a + step].flatten(), reduction="sum",
-                                       ignore_index=IGNORE_INDEX) * scale
+                logits = self.head(xs).flatten(0, 1)  # [slice, vocab], losses in fp32 from any dtype
+                loss = token_cross_entropy(logits, targets[:, a:a + step].flatten(), IGNORE_INDEX).sum() * scale
             del logits
             if backward:
                 with torch.autocast(x.device.type, enabled=False):
@@ -411,9 +412,9 @@ class Model(nn.Module):
         step = max(1, LOSS_SLICE_LOGITS // (B * self.config.vocab_size))
         out = torch.empty(B, T, dtype=torch.float32, device=x.device)
         for a in range(0, T, step):
-            logits = self.head(x[:, a:a + step]).float()  # [B, slice, vocab]
-            out[:, a:a + step] = F.cross_entropy(logits.transpose(1, 2), targets[:, a:a + step], reduction="none",
-                                                 ignore_index=IGNORE_INDEX)
+            logits = self.head(x[:, a:a + step]).flatten(0, 1)  # [B * slice, vocab]
+            out[:, a:a + step] = token_cross_entropy(logits, targets[:, a:a + step].flatten(),
+                                                     IGNORE_INDEX).view(B, -1)
         return out
 
     # -------------------------------------------------------------------------------------------- HF checkpoints
