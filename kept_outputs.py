@@ -64,7 +64,8 @@ class KeptMLPOutputs:
     value: recomputation is deterministic, as the stored K/V already assume) stage 2 skips that GEMM: 2 x
     intermediate FLOPs per element kept, the most of any of a layer's outputs (the 7B: 37.9K per element; its sparse
     128K step in 4096-token chunks skips 0.47 PFLOP for 21.3 GiB and ran 0.67-0.78 s faster, bench/RESULTS.md).
-    Chunks keep theirs in stage 1's order while `budget_bytes` allow.
+    Chunks keep theirs in stage 1's order while `budget_bytes` allow. Stage 2 then skips the SwiGLU forward that
+    feeds those GEMMs too (layer_ops.swiglu_into asks the projection's reads_input()): its backward recomputes h.
 
     installed(model) routes each layer's mlp.down_proj through this for a step; `chunk` = (start, length) names the
     chunk running now (chunk_train sets it): without grad a call keeps its output, with grad it takes the kept one
@@ -105,6 +106,10 @@ class KeptMLPOutputs:
             self._outputs[key] = y
             self.bytes += size
 
+    def holds(self, layer):
+        """Whether an output of the running chunk at `layer` is kept."""
+        return self.chunk is not None and (layer, *self.chunk) in self._outputs
+
     def take(self, layer):
         """The kept output of the running chunk at `layer` (then forgotten: a chunk is recomputed once), or None."""
         y = self._outputs.pop((layer, *self.chunk), None)
@@ -119,6 +124,11 @@ class _KeptOutputLinear(nn.Module):
     def __init__(self, base, cache, layer):
         super().__init__()
         self.base, self.cache, self.layer = base, cache, layer
+
+    def reads_input(self):
+        """False when the coming call returns a kept output (grad on, one kept for this layer and chunk): it reads
+        h only in backward, so layer_ops.swiglu_into need not compute h now."""
+        return not (torch.is_grad_enabled() and self.cache.holds(self.layer))
 
     def forward(self, h):
         if self.cache.chunk is None:

@@ -208,17 +208,19 @@ class SwiGLUFunction(torch.autograd.Function):
     the node until the node's own backward, which runs after every consumer's (autograd's topological order)."""
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, compute=True):
+        # compute=False: the consumer will not read h's values now (swiglu_into): they are left uncomputed and
+        # recomputed_output forms them when a backward unpacks h
         ctx.save_for_backward(gate, up)
         ctx.inputs = ctx.recomputed = None
-        return swiglu_forward(gate, up)
+        return swiglu_forward(gate, up) if compute else torch.empty_like(gate)
 
     @staticmethod
     def backward(ctx, dh):
         gate, up = SwiGLUFunction._saved_inputs(ctx)
         ctx.inputs = ctx.recomputed = None  # every consumer of h is done with it
         dgate, dup, _ = swiglu_backward(gate, up, dh, want_h=False)
-        return dgate, dup
+        return dgate, dup, None
 
     @staticmethod
     def _saved_inputs(node):
@@ -258,8 +260,12 @@ def swiglu_into(consumer, gate, up):
     """consumer(silu(gate) * up) with h never saved for backward: the consumer (a module: its hooks, wrappers and
     weight gradients all see h) saves tokens instead, and backward recomputes h once from gate and up, the only
     tensors this saves. Autograd through the formula would save silu(gate) and h as well, a layer's largest
-    activations. gate, up: contiguous, same shape and dtype."""
-    h = SwiGLUFunction.apply(gate, up)
+    activations. gate, up: contiguous, same shape and dtype.
+    A consumer with reads_input() False (kept_outputs.py: its output is kept from an earlier forward, and h only
+    saved for its backward) gets h uncomputed, where h is part of the graph (so that backward recomputes it)."""
+    graph = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
+    unread = graph and not getattr(consumer, "reads_input", lambda: True)()
+    h = SwiGLUFunction.apply(gate, up, not unread)
     if h.grad_fn is None or h.numel() == 0:  # no graph (no grad needed): nothing is saved
         return consumer(h)
     hooks = _SaveAsRecompute(h)

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from attention import ReferenceKernel
 from chunk_train import chunked_step
 from kept_outputs import KeptMLPOutputs
+from kernels import layer_ops
 from paged_kv import PagedKVStore, ReferenceKVStore
 from precision import allocate_main_grads, fp32_gradients
 from sparse_attn import SparseConfig
@@ -89,10 +90,10 @@ def test_kept_output_adds_into_main_grad():
 
 
 @pytest.mark.parametrize("budget_chunks", [1, 9])
-def test_stage_two_skips_the_kept_down_projections(budget_chunks):
+def test_stage_two_skips_the_kept_down_projections(budget_chunks, monkeypatch):
     """seq 200, chunk 64: 4 chunks, stage 1 runs chunks 0-2 through layers 0..L-2 (the last stops at its K/V).
-    With room for budget_chunks chunks' outputs, the first of them are kept and stage 2 skips their down GEMMs:
-    counted, and the gradients are still the full sequence's."""
+    With room for budget_chunks chunks' outputs, the first of them are kept and stage 2 skips their down GEMMs
+    and the SwiGLU forwards feeding them: counted, and the gradients are still the full sequence's."""
     model = tiny_model(8)
     cfg = model.config
     L, B, T, C = cfg.num_hidden_layers, 1, 200, 64
@@ -101,6 +102,9 @@ def test_stage_two_skips_the_kept_down_projections(budget_chunks):
     ref_loss, ref_grads = full_sequence_grads(model, idx, targets)
     store = ReferenceKVStore.for_sequence(model, B, T, 16, torch.float32, idx.device)
     per_chunk = (L - 1) * B * C * cfg.hidden_size * 4
+    swiglus = []  # SwiGLU forwards: the layer's forward, and its backward's recomputation of h
+    swiglu_forward = layer_ops.swiglu_forward
+    monkeypatch.setattr(layer_ops, "swiglu_forward", lambda *a: swiglus.append(1) or swiglu_forward(*a))
     with DownForwards(model) as count:
         loss = chunked_step(model, idx, targets, chunk_size=C, page_size=16, store=store,
                             mlp_cache_bytes=budget_chunks * per_chunk)
@@ -108,6 +112,7 @@ def test_stage_two_skips_the_kept_down_projections(budget_chunks):
     assert_grads_match(model, ref_grads)
     kept = min(budget_chunks, 3)
     assert count.count == 3 * (L - 1) + 4 * L - kept * (L - 1)
+    assert len(swiglus) == count.count + 4 * L
     assert all(type(block.mlp.down_proj) is torch.nn.Linear for block in model.layers)
 
 
