@@ -35,7 +35,7 @@ triton,sdpa: the default for large enough chunks on CUDA, where it won (kernel_n
 step --attn-kernel), with Triton for the parts it does not take (document masks, the history of sparse tables of
 several query blocks).
 """
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -57,7 +57,10 @@ class Part(NamedTuple):
     chunk's own pages (positions q_start..q_start + C - 1, in every block's table alike); last: no part follows.
     doc_start (packed documents): int32 [B, C], or [B, Hkv, C] where kv heads' tables differ (sparse), each
     query's first visible position of this part's table (keys before it belong to earlier documents; a value
-    past the part hides all of it from that query); None: no document mask (the kernels' plain path)."""
+    past the part hides all of it from that query); None: no document mask (the kernels' plain path).
+    history_index (sparse tables with history columns, for a backward): a function returning the dK/dV kernel's
+    SelectionIndex of them (kernels/paged_attention_backward.py), which a store may build for several layers at
+    once; None: the kernel builds it."""
     k_pages: torch.Tensor
     v_pages: torch.Tensor
     dk_pages: Optional[torch.Tensor]  # None is fine without grad (stage 1)
@@ -69,6 +72,7 @@ class Part(NamedTuple):
     holds_chunk: bool = True
     last: bool = True
     doc_start: Optional[torch.Tensor] = None
+    history_index: Optional[Callable] = None  # sparse: () -> the SelectionIndex of the table's history columns
 
 
 class OnePart:
@@ -93,7 +97,8 @@ class TritonKernel:
     def backward(self, do, q, lse, delta, part, scale=None, dq=None, o=None):  # o: not needed, delta is given
         return paged_attention_backward(do, q, None, lse, part.k_pages, part.v_pages, part.table, part.q_start,
                                         part.dk_pages, part.dv_pages, scale, kv_len=part.kv_len, delta=delta, dq=dq,
-                                        q_block=part.q_block, doc_start=part.doc_start)
+                                        q_block=part.q_block, doc_start=part.doc_start,
+                                        selection=part.history_index() if part.history_index else None)
 
 
 class ReferenceKernel:

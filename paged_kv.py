@@ -29,6 +29,7 @@ its selected history pages and its own chunk. kernel=: the attention kernel (att
 plain-PyTorch reference, the default for CPU tensors without Triton's interpreter).
 """
 
+import functools
 import math
 
 import torch
@@ -194,14 +195,17 @@ class PagedKVStore:
         positions, which then skips the forward kernels. doc_start [B, C]: the queries' document starts
         (absolute positions; see chunk_train.chunked_step), hiding every earlier position."""
         start = self.lengths[layer] - q.shape[1]  # the chunk's first position
-        table, q_start, q_block, doc = self.page_table(layer), start, None, doc_start
+        table, q_start, q_block, doc, index = self.page_table(layer), start, None, doc_start, None
         if self.selector is not None:
             table, q_start = self.selector.page_table(layer, q, table, start, doc_start)  # per kv head and block
             q_block = self.selector.q_block
             if doc_start is not None:  # in the positions of each block's table
                 doc = doc_positions(self.selector.selections[layer][start], doc_start, start, self.page_size,
                                     q_block)
-        history = OnePart(Part(self.k, self.v, self.dk, self.dv, table, q_start, q_block=q_block, doc_start=doc))
+            if q_start and torch.is_grad_enabled():  # the backward's index of the history, for a chunk's layers
+                index = functools.partial(self.selector.history_index, layer, start, self.k.shape[0])
+        history = OnePart(Part(self.k, self.v, self.dk, self.dv, table, q_start, q_block=q_block, doc_start=doc,
+                               history_index=index))
         return self.kept_outputs.attend((layer, start, q.shape[1]), history, q, k, v, self.kernel, keep=keep_output)
 
 

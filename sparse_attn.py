@@ -47,6 +47,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from kernels.paged_attention_backward import selection_indices
+
 
 def block_means(q, counts):
     """q [B, nb, q_block, Hkv, G, D] fp32 (the chunk's queries in blocks, zero past the end), counts [nb] queries
@@ -165,6 +167,7 @@ class PageSelector:
         self.host = host  # keep selections in host memory (offload.py) rather than on the GPU
         self.selections = {}  # layer -> {start: selection}
         self.kernel_tables = {}  # layer -> {start: page table} (page_table)
+        self.history_indices = {}  # start -> {layer: SelectionIndex} built, not yet handed out (history_index)
         self.log = None  # set to a list to record a SelectionCall per attention call (tests)
 
     @staticmethod
@@ -218,6 +221,23 @@ class PageSelector:
             tables[start] = torch.cat([torch.gather(rows, 3, sel.long().clamp(min=0)), rows[..., first:last]], dim=3)
         return tables[start], sel.shape[3] * self.page_size
 
+    def history_index(self, layer, start, n_pool):
+        """The dK/dV kernel's SelectionIndex of the history columns of (layer, chunk start)'s kernel table, over a
+        pool of n_pool pages, handed out once. Built at a chunk's first request for every layer whose table for
+        it exists and has none yet (in a backward, all of the chunk's: its forward ran first), by one sort of
+        them all (paged_attention_backward.selection_indices) rather than one per layer."""
+        built = self.history_indices.setdefault(start, {})
+        if layer not in built:
+            n_hist = self.selections[layer][start].shape[3]
+            layers = [other for other, tables in self.kernel_tables.items() if start in tables and other not in built
+                      and self.selections[other][start].shape == self.selections[layer][start].shape]
+            tables = [self.kernel_tables[other][start][..., :n_hist] for other in layers]
+            built.update(zip(layers, selection_indices(tables, n_pool)))
+        index = built.pop(layer)
+        if not built:
+            del self.history_indices[start]
+        return index
+
     def select(self, q, table, start, doc_start=None):
         """The history pages chunk [start, start + C) attends to, per (batch row, kv head, block of q_block
         queries): [B, Hkv, cdiv(C, q_block), min(n_select, start // page_size)] int64 logical page indices,
@@ -255,6 +275,10 @@ class PageSelector:
         for stored in (self.selections.get(layer, {}), self.kernel_tables.get(layer, {})):
             for start in [start for start in stored if start >= length]:
                 del stored[start]
+        for start in [start for start in self.history_indices if start >= length]:
+            self.history_indices[start].pop(layer, None)
+            if not self.history_indices[start]:
+                del self.history_indices[start]
 
 
 def doc_positions(selection, doc_start, start, page_size, q_block, own=True):

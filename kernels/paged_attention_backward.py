@@ -9,6 +9,7 @@ prefixes). With per-block tables a history page's owner is found through an inve
 page, built on the device by a sort) and loops over those blocks only.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -212,24 +213,47 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, K, V, DK, DV, PT, KEYS, QBLOCKS, RUN_END, OR
 # --------------------------------------------------------------------------------- launchers
 
 
+class SelectionIndex(NamedTuple):
+    """The inverse of a sparse selection, for the dK/dV kernel: which query blocks read each history page. One
+    entry per (batch row, kv head, block, column) of the history table, sorted by key."""
+    keys: torch.Tensor  # [N] int64 (b * n_kv_heads + kv head) * n_pool + physical page, ascending
+    blocks: torch.Tensor  # [N] int32 the block of each entry (increasing within a page's run)
+    run_end: torch.Tensor  # [N] int64 one past the last entry with the same key
+    cols: torch.Tensor  # [N] int32 the entry's column (the page's place in its block's table)
+    order: torch.Tensor  # [N] int32 the order the kernel's programs take the entries: each run's first entry
+    #                      (its owner) by the run's length, longest first, then the rest
+
+
 def selection_index(history_table, n_pool):
-    """The inverse of a sparse selection, for the dK/dV kernel: which query blocks read each history page.
-    history_table [B, n_kv_heads, n_blocks, n] int32 physical pages (no page twice in a row) ->
-    keys [B * n_kv_heads * n_blocks * n] int64 = (b * n_kv_heads + kv head) * n_pool + page, sorted; the block of
-    each entry; one past the last entry with the same key; the entry's column (the page's place in its block's
-    table); and the order in which the kernel's programs take the entries: each run's first entry (its owner) by
-    the run's length, longest first, then the rest. Built on the device without a host sync."""
-    B, Hkv, nb, n = history_table.shape
-    bk = torch.arange(B * Hkv, device=history_table.device).view(B, Hkv, 1, 1)
-    keys = (bk * n_pool + history_table.long()).flatten()
-    keys, entry = torch.sort(keys, stable=True)  # stable: blocks in increasing order within a page's run
-    blocks = (entry // n % nb).to(torch.int32)
+    """The SelectionIndex of history_table [B, n_kv_heads, n_blocks, n] int32 physical pages (no page twice in a
+    row) over a pool of n_pool pages. Built on the device without a host sync."""
+    return selection_indices([history_table], n_pool)[0]
+
+
+def selection_indices(history_tables, n_pool):
+    """selection_index of several tables of one shape (a chunk's layers) with one sort per step instead of one per
+    table: the sorts of a few thousand entries each are latency-bound (~70 us each, two per table: 0.15 s of the 7B's
+    sparse 128K step, bench/RESULTS.md), one of all layers costs about as much as one. Entries are keyed by table
+    first, so each table's entries form one contiguous segment of the sorted arrays."""
+    L = len(history_tables)
+    tables = torch.stack(history_tables)  # [L, B, Hkv, nb, n]
+    _, B, Hkv, nb, n = tables.shape
+    N = B * Hkv * nb * n  # entries per table
+    device = tables.device
+    bk = torch.arange(L * B * Hkv, device=device).view(L, B, Hkv, 1, 1)
+    keys, entry = torch.sort((bk * n_pool + tables.long()).flatten(), stable=True)  # blocks increasing in a run
+    table = entry // N  # = the segment: keys are table-major
+    base = table * N  # each entry's segment start
+    local = entry - base  # the entry within its table
     run_end = torch.searchsorted(keys, keys, right=True)
     first = torch.searchsorted(keys, keys)  # the run's first entry
-    index = torch.arange(keys.numel(), device=keys.device)
+    index = torch.arange(keys.numel(), device=device)
     owned = torch.where(first == index, run_end - index, 0)  # each owner's loop length, in blocks; 0 for the rest
-    order = torch.sort(owned, descending=True, stable=True).indices.to(torch.int32)
-    return keys, blocks, run_end, (entry % n).to(torch.int32), order
+    order = torch.sort(table * (nb + 1) + nb - owned, stable=True).indices  # per table: longest owner first
+    keys = keys - table * (B * Hkv * n_pool)
+    blocks, cols, run_end, order = ((local // n % nb).to(torch.int32), (local % n).to(torch.int32), run_end - base,
+                                    (order - base).to(torch.int32))
+    return [SelectionIndex(*(t[i * N:(i + 1) * N] for t in (keys, blocks, run_end, cols, order))) for i in range(L)]
 
 
 def _doc_bounds(doc, shift, n_kv_heads, tiles, bn):
@@ -245,7 +269,8 @@ def _doc_bounds(doc, shift, n_kv_heads, tiles, bn):
 
 
 def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_start, dk_pages, dv_pages,
-                             scale=None, kv_len=None, delta=None, dq=None, q_block=None, doc_start=None):
+                             scale=None, kv_len=None, delta=None, dq=None, q_block=None, doc_start=None,
+                             selection=None):
     """Backward of paged_attention_forward. Returns dq (q.dtype, q's shape) and ADDS the
     gradients of kv positions 0..kv_len-1 into dk_pages / dv_pages in place (fp32, or bf16
     pages with the sum formed in fp32). With a 4-D (sparse) page table, each history page gets the
@@ -254,7 +279,8 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
     For attention split into parts (see the forward): lse is the merged one, delta
     ([B, H, C] fp32, rowsum(do * o) of the merged o; computed from o if None) is shared by the
     parts, and a given fp32 dq is accumulated into (+=) and returned. doc_start: as in the forward (each query
-    sees no position of the table before its entry)."""
+    sees no position of the table before its entry). selection: the SelectionIndex of a sparse table's history
+    columns, if built already (selection_indices, for a chunk's layers at once); None: built here."""
     q_start, kv_len = _check_inputs(q, k_pages, v_pages, page_table, q_start, kv_len, q_block)
     B, C, H, D = q.shape
     page_size, n_kv_heads = k_pages.shape[1], k_pages.shape[2]
@@ -300,7 +326,9 @@ def paged_attention_backward(do, q, o, lse, k_pages, v_pages, page_table, q_star
     kv_args = (q, do, lse, delta, k_pages, v_pages, dk_pages, dv_pages)
     n_hist = q_start // page_size if sparse else 0
     if n_hist:  # the selected history pages, each by the blocks that chose it
-        keys, blocks, run_end, cols, order = selection_index(page_table[..., :n_hist], k_pages.shape[0])
+        if selection is None:
+            selection = selection_index(page_table[..., :n_hist], k_pages.shape[0])
+        keys, blocks, run_end, cols, order = selection
         bn_page = min(bn, page_size)  # a program owns (a part of) one selected page
         _dkdv_kernel[(keys.numel(), page_size // bn_page)](
             *kv_args, page_table, keys, blocks, run_end, order, doc, cols, keys, q_start, C, kv_len, k_pages.shape[0],

@@ -314,6 +314,20 @@ def test_selection_index_orders_owners_by_their_loops():
     assert (first[order.long()[owners:]] != order[owners:]).all()  # then every other entry
 
 
+def test_selection_indices_of_several_tables_are_each_ones_own():
+    """selection_indices (one sort for a chunk's layers) gives every table the index selection_index gives it."""
+    from kernels.paged_attention_backward import selection_index, selection_indices
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, nb, n, pool = 2, 2, 4, 3, 11
+    tables = [torch.stack([torch.randperm(pool, generator=g)[:n] for _ in range(B * Hkv * nb)]).view(
+        B, Hkv, nb, n).int().to(DEVICE) for _ in range(3)]
+    tables[1][1, 0, :, 2] = 4  # a page every block chose, in one table only
+    for table, got in zip(tables, selection_indices(tables, pool)):
+        want = selection_index(table, pool)  # one table alone: no other segment to keep apart
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_bad_page_tables():
     B, C, H, Hkv, D, ps = 1, 40, 4, 2, 16, 16
     p = make_sparse_problem(B, C, 3, 2, H, Hkv, D, ps, 16, torch.float32, seed_of("bad"))
