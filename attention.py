@@ -43,7 +43,8 @@ from kernels.gather_sdpa import SDPAKernel
 from kernels.lse_merge import merge_reference
 from kernels.paged_attention import _interpreting, paged_attention_forward, softmax_delta
 from kernels.paged_attention_backward import paged_attention_backward
-from kernels.paged_reference import gather_pages, paged_attention_reference, paged_attention_reference_backward
+from kernels.page_copy import gather_rows
+from kernels.paged_reference import paged_attention_reference, paged_attention_reference_backward
 
 # SDPAKernel: re-exported from kernels/gather_sdpa.py, next to the other kernels
 __all__ = ["Part", "OnePart", "TritonKernel", "ReferenceKernel", "SDPAKernel", "default_kernel", "kernel_name",
@@ -192,11 +193,12 @@ def attention_forward(history, q, k, v, kernel, scale=None, merge=None):
     return o.to(q.dtype), lse
 
 
-def _chunk_rows(pages, part, C):
-    """The chunk's own rows [B, C, Hkv, D] of a part's pages: positions q_start.. of its table (every block's
-    table ends with the same own pages)."""
+def _chunk_rows(pages, part, C, dtype):
+    """The chunk's own rows [B, C, Hkv, D] of a part's pages in `dtype`: positions q_start.. of its table (every
+    block's table ends with the same own pages): one gather launch (kernels/page_copy.py), then PyTorch's cast
+    (Triton's interpreter would round toward zero)."""
     table = part.table if part.table.dim() == 2 else part.table[:, 0, 0]
-    return gather_pages(pages, table, part.q_start, C)
+    return gather_rows(pages, table, part.q_start, C, pages.dtype).transpose(1, 2).to(dtype)
 
 
 class _Attention(torch.autograd.Function):
@@ -225,8 +227,8 @@ class _Attention(torch.autograd.Function):
                 dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             dq = ctx.kernel.backward(do, q, lse, delta, part, ctx.scale, dq=dq, o=o)
             if part.holds_chunk:  # now holding what later chunks added for the chunk's pages + its own share
-                dk = _chunk_rows(part.dk_pages, part, q.shape[1]).to(ctx.kv_dtypes[0])
-                dv = _chunk_rows(part.dv_pages, part, q.shape[1]).to(ctx.kv_dtypes[1])
+                dk = _chunk_rows(part.dk_pages, part, q.shape[1], ctx.kv_dtypes[0])
+                dv = _chunk_rows(part.dv_pages, part, q.shape[1], ctx.kv_dtypes[1])
         if ctx.merge is not None:  # a rank without the chunk's pages (or any part) adds zeros to the others' sums
             zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=q.device)  # noqa: E731
             dq, dk, dv = ctx.merge.backward(dq if dq is not None else zeros(q.shape, q.dtype),

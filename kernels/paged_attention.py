@@ -392,7 +392,28 @@ def paged_attention_forward(q, k_pages, v_pages, page_table, q_start, scale=None
     return o, lse
 
 
+@triton.jit
+def _delta_kernel(DO, O, DELTA, n_rows, C, H, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # grid: (cdiv(n_rows, BLOCK_R),) over the rows (b, c, h) of contiguous [B, C, H, D]; DELTA [B, H, C]
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < n_rows
+    offs = rows.to(tl.int64)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    do = tl.load(DO + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    o = tl.load(O + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    b, c, h = rows // (C * H), rows // H % C, rows % H
+    tl.store(DELTA + (b.to(tl.int64) * H + h) * C + c, tl.sum(do * o, 1), mask=ok)
+
+
 def softmax_delta(do, o):
     """rowsum(dO * O) per query and head, [B, H, C] fp32: the softmax backward's correction term, shared by every
-    kv part of a split attention (do, o: [B, C, H, D], o the merged output)."""
-    return (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
+    kv part of a split attention (do, o: [B, C, H, D], o the merged output). One kernel (CUDA, or the interpreter)
+    for contiguous inputs; the formula, four kernels with two fp32 copies, otherwise."""
+    B, C, H, D = o.shape
+    fused = do.is_cuda or (do.device.type == "cpu" and _interpreting())
+    if not (fused and do.shape == o.shape and do.is_contiguous() and o.is_contiguous() and D in _HEAD_DIMS):
+        return (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
+    delta = torch.empty(B, H, C, dtype=torch.float32, device=o.device)
+    rows = B * C * H
+    block_r = min(triton.next_power_of_2(rows), (1 << 16) // D) if _interpreting() else 64
+    _delta_kernel[(triton.cdiv(rows, block_r),)](do, o, delta, rows, C, H, BLOCK_R=block_r, HEAD_DIM=D, num_warps=4)
+    return delta

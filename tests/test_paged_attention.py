@@ -354,3 +354,17 @@ def test_launcher_value_errors(args, match):
                                      a["dk_pages"], a["dv_pages"])
         else:
             paged_attention_forward(a["q"], a["k_pages"], a["v_pages"], a["page_table"], a["q_start"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_delta_matches_formula(dtype):
+    """softmax_delta's kernel (contiguous inputs) = rowsum(dO * O) in fp32 to fp32 rounding, laid out [B, H, C];
+    strided inputs take the formula itself."""
+    g = torch.Generator().manual_seed(seed_of("delta", dtype))
+    do, o = (torch.randn(2, 37, 3, 32, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    want = torch.einsum("bchd,bchd->bhc", do.double(), o.double())
+    got = softmax_delta(do, o)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 37) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    strided = softmax_delta(do.transpose(1, 2).contiguous().transpose(1, 2), o)
+    torch.testing.assert_close(strided, got, rtol=0, atol=1e-5 * want.abs().max().item())
