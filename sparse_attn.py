@@ -51,9 +51,9 @@ from kernels.paged_attention_backward import selection_indices
 
 
 def block_means(q, counts):
-    """q [B, nb, q_block, Hkv, G, D] fp32 (the chunk's queries in blocks, zero past the end), counts [nb] queries
-    per block -> the block-mean query [B, nb, Hkv, G, D]."""
-    return q.sum(2) / counts.view(1, -1, 1, 1, 1)
+    """q [B, nb, q_block, Hkv, G, D] (the chunk's queries in blocks, zero past the end; any float dtype, summed in
+    fp32), counts [nb] queries per block -> the block-mean query [B, nb, Hkv, G, D] fp32."""
+    return q.sum(2, dtype=torch.float32) / counts.view(1, -1, 1, 1, 1)
 
 
 class SelectionRule(Protocol):
@@ -255,9 +255,9 @@ class PageSelector:
             if doc_start is not None:
                 sel = torch.where(eligible, sel, -1).sort(-1).values
             return sel
-        pad = nb * self.q_block - C
-        blocks = torch.nn.functional.pad(q.detach().float(), (0, 0, 0, 0, 0, pad)).view(B, nb, self.q_block, Hkv,
-                                                                                          H // Hkv, D)
+        pad = nb * self.q_block - C  # no fp32 copy of q: block_means sums in fp32
+        blocks = (torch.nn.functional.pad(q.detach(), (0, 0, 0, 0, 0, pad)) if pad else q.detach()).reshape(
+            B, nb, self.q_block, Hkv, H // Hkv, D)
         counts = (C - torch.arange(nb, device=q.device) * self.q_block).clamp(max=self.q_block)
         summaries = self.summaries[table[:, :history].long()].float()  # [B, P, Hkv, *summary_shape]
         scores = self.rule.score(blocks, counts, summaries)  # [B, Hkv, nb, P]
