@@ -10,9 +10,13 @@ backward adds into, and param.grad stays None:
     pass over 2 + 8 bytes per parameter per chunk (bench/RESULTS.md). `fp32_gradients` swaps every nn.Linear of the
     model, wherever it sits (inside a LoRA-style wrapper too), for an `FP32GradLinear` over the same Parameters and
     hooks, and swaps the originals back on exit.
-  - every other parameter (embedding, norms, a tied LM head's weight as the embedding, a wrapper's own weights, the
-    weights of nn.Linear subclasses, whose forward this cannot know): its bf16 gradient arrives in param.grad, and
-    a post-accumulate-grad hook folds it into main_grad.
+  - the token embedding's rows: the rows a call looked up add their gradients into main_grad in fp32
+    (`FP32GradEmbedding`), instead of a bf16 gradient of the whole [vocab, hidden] table, zero but for those rows,
+    that a hook then adds: for the 7B's 152K vocabulary a 1 GB table per chunk and a 5 GB pass over it
+    (~90 ms of its sparse 128K step, bench/RESULTS.md).
+  - every other parameter (norms, a tied LM head's weight as the embedding, a wrapper's own weights, the
+    weights of nn.Linear or nn.Embedding subclasses, whose forward this cannot know): its bf16 gradient arrives in
+    param.grad, and a post-accumulate-grad hook folds it into main_grad.
 
 model.py knows nothing of this: it calls its Linear modules, whatever class they have at the time.
 """
@@ -89,6 +93,48 @@ class FP32GradLinear(nn.Linear):
         return _LinearMainGrad.apply(x, self.weight, self.bias, *main_grads)
 
 
+class _EmbeddingMainGrad(torch.autograd.Function):
+    """rows = weight[idx] whose backward adds dL/d(rows) into the looked-up rows of an fp32 `main_grad`."""
+
+    @staticmethod
+    def forward(ctx, idx, weight, weight_main_grad):
+        ctx.save_for_backward(idx)
+        ctx.main_grad = weight_main_grad
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (idx,) = ctx.saved_tensors
+        rows, grad = idx.flatten(), grad_out.reshape(-1, grad_out.shape[-1]).float()  # [tokens], [tokens, hidden]
+        if ctx.main_grad.is_cuda:  # repeated tokens summed in a fixed order (a sort, not atomics): deterministic
+            ctx.main_grad.index_put_((rows,), grad, accumulate=True)
+        else:  # the CPU's index_add_ is sequential over the index
+            ctx.main_grad.index_add_(0, rows, grad)
+        return None, None, None
+
+
+class FP32GradEmbedding(nn.Embedding):
+    """nn.Embedding whose backward adds the looked-up rows' gradients straight into the fp32 `main_grad` its weight
+    carries; weight.grad stays None on that path. Without main_grad, without grad, or with any of nn.Embedding's
+    options that change the gradient or the lookup (padding_idx, max_norm, scale_grad_by_freq, sparse), it is
+    nn.Embedding."""
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "FP32GradEmbedding":
+        """A module of this class over the very state of `embedding` (as FP32GradLinear.from_linear)."""
+        swapped = cls.__new__(cls)
+        swapped.__dict__.update(vars(embedding))
+        return swapped
+
+    def forward(self, idx):
+        main_grad = getattr(self.weight, "main_grad", None)
+        plain = (self.padding_idx is None and self.max_norm is None and not self.scale_grad_by_freq
+                 and not self.sparse)
+        if main_grad is None or not plain or not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return super().forward(idx)
+        return _EmbeddingMainGrad.apply(idx, self.weight, main_grad)
+
+
 def low_precision_params(model):
     """The trainable parameters that are not fp32 (each tied one once)."""
     return [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
@@ -116,30 +162,35 @@ def _fold_into_main_grad(param):
         param.grad = None
 
 
-def _swap_linears(model, to_class):
-    """Replace every module of exactly class nn.Linear (subclasses keep their own forward) in its parent by
-    to_class.from_linear(it). Returns [(parent, name, original)] to undo it."""
+def _swap_modules(model):
+    """Replace every module of exactly class nn.Linear or nn.Embedding (subclasses keep their own forward) in its
+    parent by its FP32Grad class over the same state. Returns [(parent, name, original)] to undo it."""
     swapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, to_class.from_linear(child))
-                swapped.append((parent, name, child))
+                setattr(parent, name, FP32GradLinear.from_linear(child))
+            elif type(child) is nn.Embedding:
+                setattr(parent, name, FP32GradEmbedding.from_embedding(child))
+            else:
+                continue
+            swapped.append((parent, name, child))
     return swapped
 
 
 @contextlib.contextmanager
 def fp32_gradients(model):
     """While active, low-precision parameters accumulate each backward's gradient in fp32 param.main_grad (created
-    as zeros where missing; existing ones are added to, like param.grad): the model's nn.Linear modules are
-    FP32GradLinear, the other parameters' gradients are folded in by hooks. fp32 models are left alone."""
+    as zeros where missing; existing ones are added to, like param.grad): the model's nn.Linear and nn.Embedding
+    modules are FP32GradLinear and FP32GradEmbedding, the other parameters' gradients are folded in by hooks. fp32
+    models are left alone."""
     params = low_precision_params(model)
     if not params:
         yield
         return
     allocate_main_grads(model)
     hooks = [p.register_post_accumulate_grad_hook(_fold_into_main_grad) for p in params]
-    swapped = _swap_linears(model, FP32GradLinear)
+    swapped = _swap_modules(model)
     try:
         yield
     finally:

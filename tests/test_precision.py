@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Model, preset
-from precision import FP32GradLinear, fp32_gradients
+from precision import FP32GradEmbedding, FP32GradLinear, fp32_gradients
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -43,6 +43,33 @@ def test_fp32_grad_linear_accumulates_main_grad(bias):
         torch.testing.assert_close(layer(xs[0]), plain(xs[0]), rtol=0, atol=0)
 
 
+def test_fp32_grad_embedding_adds_looked_up_rows_into_main_grad():
+    """bf16 FP32GradEmbedding with an fp32 main_grad: two backwards over tokens that repeat add each row's summed
+    gradient into main_grad (fp32 sums of bf16 values; tolerance: fp32 rounding), weight.grad stays None; without
+    grad, or with padding_idx (a gradient rule of nn.Embedding's own), it is nn.Embedding."""
+    torch.manual_seed(2)
+    plain = nn.Embedding(30, 16).to(torch.bfloat16)
+    emb = FP32GradEmbedding.from_embedding(plain)
+    assert emb.weight is plain.weight
+    start = torch.randn(30, 16)
+    emb.weight.main_grad = start.clone()
+    idxs = [torch.tensor([[3, 7, 3, 29], [0, 3, 7, 7]]), torch.tensor([[7, 1, 1, 3], [3, 3, 3, 3]])]
+    gs = [torch.randn(2, 4, 16, dtype=torch.bfloat16) for _ in idxs]
+    for idx, g in zip(idxs, gs):
+        out = emb(idx)
+        torch.testing.assert_close(out, plain.weight[idx], rtol=0, atol=0)
+        out.backward(g)
+    assert emb.weight.grad is None
+    want = start.double().index_add(0, torch.cat(idxs).flatten(), torch.cat(gs).flatten(0, 1).double())
+    torch.testing.assert_close(emb.weight.main_grad.double(), want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(emb(idxs[0]), plain(idxs[0]), rtol=0, atol=0)
+    padded = FP32GradEmbedding.from_embedding(nn.Embedding(30, 16, padding_idx=0).to(torch.bfloat16))
+    padded.weight.main_grad = torch.zeros(30, 16)
+    padded(idxs[0]).backward(gs[0])
+    assert padded.weight.grad is not None and (padded.weight.main_grad == 0).all()
+
+
 def test_fp32_gradients_reach_wrapped_linears(wrap_linears):
     """A bf16 model whose every nn.Linear sits inside a LoRA-like wrapper (trainable A, B) and carries a forward hook:
     under fp32_gradients the wrapped Linears are FP32GradLinear (hooks kept), every parameter's gradient - base
@@ -75,7 +102,9 @@ def test_fp32_gradients_reach_wrapped_linears(wrap_linears):
     fired.clear()
     with fp32_gradients(model):
         assert all(type(model.get_submodule(name)) is FP32GradLinear for name in linears)
+        assert type(model.model.embed_tokens) is FP32GradEmbedding
         loss().backward()
+    assert type(model.model.embed_tokens) is nn.Embedding
     assert sorted(fired) == sorted(linears)  # the hooks moved with the modules
     assert all(model.get_submodule(name) is m for name, m in linears.items())  # and the originals are back
     for n, p in model.named_parameters():
