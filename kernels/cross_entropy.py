@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layer_ops import _check, available
+from kernels import layer_ops
 from kernels.paged_attention import _interpreting
 
-__all__ = ["available", "cross_entropy_reference", "CrossEntropyFunction", "token_cross_entropy"]
+__all__ = ["cross_entropy_reference", "CrossEntropyFunction", "token_cross_entropy"]
 
 
 def cross_entropy_reference(logits, targets, ignore_index=-100):
@@ -92,7 +92,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index=-100):
-        _check("logits", logits)
+        layer_ops._check("logits", logits)
         if logits.dim() != 2:
             raise ValueError(f"logits must be [rows, vocab], got {tuple(logits.shape)}")
         rows, vocab = logits.shape
@@ -123,7 +123,8 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 def token_cross_entropy(logits, targets, ignore_index=-100):
     """Per-row cross-entropies [rows] fp32 of logits [rows, vocab] against targets [rows], differentiable: the fused
-    kernels where they run (CUDA; CPU under TRITON_INTERPRET=1) on contiguous logits, the formula otherwise."""
-    if available(logits) and logits.is_contiguous():
+    kernels where the fused layer ops run (layer_ops.available: CUDA; CPU under TRITON_INTERPRET=1) on contiguous
+    logits, the formula otherwise."""
+    if layer_ops.available(logits) and logits.is_contiguous():
         return CrossEntropyFunction.apply(logits, targets, ignore_index)
     return cross_entropy_reference(logits, targets, ignore_index)
