@@ -259,24 +259,26 @@ for name in "$@"; do
     profile-sparse-128k)  # issue #18's sparse 128K line (<= 15 s; 20.1 s): the step, then its top GPU ops
         stage profile-sparse-128k 170 "${STEP7B[@]}" --lengths 131072 --chunk 8192 --stores sparse --budget 4096 \
             --warmup 0 --repeats 1 --no-baseline --profile 30 ;;
-    sparse-128k)  # issue #18's sparse 128K line (<= 15 s; 14.5 s sdpa, nineteenth session): each kernel warmed up, 4096-token chunks,
-        # every layer's stage-1 attention outputs kept (25 GiB) and the MLP outputs too (22 GiB: stage 2 skips the
-        # down projections' GEMMs)
+    sparse-128k)  # issue #18's sparse 128K line (<= 15 s; 14.5 s sdpa, nineteenth session): each kernel warmed
+        # up, 4096-token chunks, every layer's stage-1 attention outputs kept (25 GiB) and the MLP outputs too (22 GiB:
+        # stage 2 skips the down projections' GEMMs)
         stage sparse-128k 300 bash -c "for kernel in triton sdpa; do extra=; [ \$kernel = sdpa ] && \
             extra='--profile 70'; \
             ${STEP7B[*]} --lengths 131072 --chunk 4096 --stores sparse --budget 4096 --attn-kernel \$kernel \
             --output-cache 25 --mlp-cache 22 --warmup 1 --repeats 1 --no-baseline \$extra || exit 1; done" ;;
-    profile-1m)  # issue #18's 1M line (<= 150 s; 145.0 s in the nineteenth session): the last 16 of the 256 chunks of stage 2 over
-        # a random history (--last-chunks: the whole step's memory, 1/16 of stage 2's work), then their top GPU ops
+    profile-1m)  # issue #18's 1M line (<= 150 s; 145.0 s in the nineteenth session): the last 16 of the 256
+        # chunks of stage 2 over a random history (--last-chunks: the whole step's memory, 1/16 of stage 2's work), then
+        # their top GPU ops
         stage profile-1m 300 "${STEP7B[@]}" --lengths 1048576 --chunk 4096 --stores sparse-offload \
             --grad-pages bfloat16 --budget 4096 --q-block 4096 --last-chunks 16 --warmup 1 --repeats 1 --no-baseline \
             --profile 30 ;;
     offload-7b-1m)  # one selection per 4096-token chunk (q-block = chunk), bf16 dK/dV pages: 112 GiB pinned
         stage offload-7b-1m 360 "${STEP7B[@]}" --lengths 1048576 --chunk 4096 --checkpoint --stores sparse-offload \
             --grad-pages bfloat16 --budget 4096 --q-block 4096 --warmup 0 --repeats 1 --no-baseline ;;
-    offload-7b-1m-nockpt)  # issue #18's 1M line (<= 150 s; 145.0 s in the nineteenth session): the same step without recomputing each
-        # layer inside the chunk. The GPU held 47.7 GiB with --checkpoint; a 4096-token chunk's activations are
-        # ~15 GiB, so the H200 has room, and the recomputation was ~a quarter of the linear layers' FLOPs
+    offload-7b-1m-nockpt)  # issue #18's 1M line (<= 150 s; 145.0 s in the nineteenth session): the same step
+        # without recomputing each layer inside the chunk. The GPU held 47.7 GiB with --checkpoint; a 4096-token chunk's
+        # activations are ~15 GiB, so the H200 has room, and the recomputation was ~a quarter of the linear layers'
+        # FLOPs
         stage offload-7b-1m-nockpt 360 "${STEP7B[@]}" --lengths 1048576 --chunk 4096 --stores sparse-offload \
             --grad-pages bfloat16 --budget 4096 --q-block 4096 --warmup 0 --repeats 1 --no-baseline ;;
     train-1m)
