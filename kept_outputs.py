@@ -99,20 +99,23 @@ class KeptMLPOutputs:
             self._outputs.clear()
             self.bytes, self.chunk = 0, None
 
+    def _key(self, layer):
+        return (layer, *self.chunk)  # the running chunk's (start, length)
+
     def keep(self, layer, y):
         size = y.numel() * y.element_size()
-        key = (layer, *self.chunk)
+        key = self._key(layer)
         if key not in self._outputs and self.bytes + size <= self.budget_bytes:
             self._outputs[key] = y
             self.bytes += size
 
     def holds(self, layer):
         """Whether an output of the running chunk at `layer` is kept."""
-        return self.chunk is not None and (layer, *self.chunk) in self._outputs
+        return self.chunk is not None and self._key(layer) in self._outputs
 
     def take(self, layer):
         """The kept output of the running chunk at `layer` (then forgotten: a chunk is recomputed once), or None."""
-        y = self._outputs.pop((layer, *self.chunk), None)
+        y = self._outputs.pop(self._key(layer), None)
         if y is not None:
             self.bytes -= y.numel() * y.element_size()
         return y

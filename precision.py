@@ -38,6 +38,14 @@ def add_matmul_fp32(out, a, b):
         out.addmm_(a.float(), b.float())
 
 
+def _over_state(cls, module):
+    """A module of class `cls` over the very state of `module`: the same Parameters (ties and optimizer references
+    hold), hooks and flags."""
+    swapped = cls.__new__(cls)
+    swapped.__dict__.update(vars(module))
+    return swapped
+
+
 class _LinearMainGrad(torch.autograd.Function):
     """y = x W^T + b whose backward adds dL/dW, dL/db into fp32 `main_grad` tensors instead of returning them."""
 
@@ -70,11 +78,7 @@ class FP32GradLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FP32GradLinear":
-        """A module of this class over the very state of `linear`: the same Parameters (ties and optimizer
-        references hold), hooks and flags."""
-        swapped = cls.__new__(cls)
-        swapped.__dict__.update(vars(linear))
-        return swapped
+        return _over_state(cls, linear)
 
     def main_grads(self):
         """(weight's, bias's or None) fp32 main_grad tensors that this call's backward adds into, or None when it
@@ -121,10 +125,7 @@ class FP32GradEmbedding(nn.Embedding):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> "FP32GradEmbedding":
-        """A module of this class over the very state of `embedding` (as FP32GradLinear.from_linear)."""
-        swapped = cls.__new__(cls)
-        swapped.__dict__.update(vars(embedding))
-        return swapped
+        return _over_state(cls, embedding)
 
     def forward(self, idx):
         main_grad = getattr(self.weight, "main_grad", None)
@@ -162,19 +163,18 @@ def _fold_into_main_grad(param):
         param.grad = None
 
 
+_FP32_GRAD_CLASSES = {nn.Linear: FP32GradLinear, nn.Embedding: FP32GradEmbedding}
+
+
 def _swap_modules(model):
     """Replace every module of exactly class nn.Linear or nn.Embedding (subclasses keep their own forward) in its
     parent by its FP32Grad class over the same state. Returns [(parent, name, original)] to undo it."""
     swapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, FP32GradLinear.from_linear(child))
-            elif type(child) is nn.Embedding:
-                setattr(parent, name, FP32GradEmbedding.from_embedding(child))
-            else:
-                continue
-            swapped.append((parent, name, child))
+            if type(child) in _FP32_GRAD_CLASSES:
+                setattr(parent, name, _over_state(_FP32_GRAD_CLASSES[type(child)], child))
+                swapped.append((parent, name, child))
     return swapped
 
 
